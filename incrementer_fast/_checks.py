@@ -1,0 +1,136 @@
+"""Argument validation shared by the public ops and the reference.
+
+Every check reads only shapes, dtypes and devices: no host synchronisation is ever added to validate.
+Errors name the argument and the shapes involved.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    check_tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype} with shape {_shape(t)}"
+        )
+
+
+def check_integer(name: str, t: torch.Tensor) -> None:
+    check_tensor(name, t)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype} with shape {_shape(t)}")
+
+
+def check_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {_shape(t)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
+def check_cosine_mask_args(patches, classes, scale, eps) -> None:
+    check_float("patches", patches)
+    check_float("classes", classes)
+    check_ndim("patches", patches, 3, "(B, N, D)")
+    check_ndim("classes", classes, 3, "(B, K, D)")
+    if patches.dtype != classes.dtype:
+        raise TypeError(f"patches ({patches.dtype}) and classes ({classes.dtype}) must have one dtype")
+    pb, _, pd = patches.shape
+    cb, _, cd = classes.shape
+    if pb != cb or pd != cd:
+        raise ValueError(
+            f"patches (B, N, D) = {_shape(patches)} and classes (B, K, D) = {_shape(classes)} "
+            "must agree in B and D"
+        )
+    if isinstance(scale, torch.Tensor):
+        check_float("scale", scale)
+        if scale.dim() != 0:
+            raise ValueError(f"scale must be a Python float or a 0-dim tensor, got shape {_shape(scale)}")
+        check_same_device(patches=patches, classes=classes, scale=scale)
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python float or a 0-dim tensor, got {type(scale).__name__}")
+    else:
+        check_same_device(patches=patches, classes=classes)
+    _check_eps(eps)
+
+
+def _check_eps(eps) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+
+
+def check_fod_loss_args(student, teacher, weight, eps) -> None:
+    check_float("student", student)
+    check_float("teacher", teacher)
+    check_float("weight", weight)
+    if student.dim() < 1:
+        raise ValueError(f"student must have shape (..., D), got shape {_shape(student)}")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student {_shape(student)} and teacher {_shape(teacher)} must have the same shape (..., D)"
+        )
+    if weight.shape != student.shape[:-1]:
+        raise ValueError(
+            f"weight must have shape (...) = {_shape(student)[:-1]}, one weight per vector of "
+            f"student {_shape(student)}, got {_shape(weight)}"
+        )
+    check_same_device(student=student, teacher=teacher, weight=weight)
+    _check_eps(eps)
+
+
+def check_fod_token_weights_args(labels, num_old, patch_size, bg_weight, ignore_index) -> None:
+    check_integer("labels", labels)
+    check_ndim("labels", labels, 3, "(B, H, W)")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    _, h, w = labels.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(
+            f"labels (B, H, W) = {_shape(labels)}: H and W must be multiples of patch_size={patch_size}"
+        )
+    if not isinstance(num_old, int) or num_old < 1:
+        raise ValueError(f"num_old must be an int >= 1, got {num_old!r}")
+    if not isinstance(bg_weight, (int, float)) or isinstance(bg_weight, bool):
+        raise TypeError(f"bg_weight must be a float, got {type(bg_weight).__name__}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_cds_dice_args(logits, labels, num_old, ignore_index, smooth) -> None:
+    check_float("logits", logits)
+    check_integer("labels", labels)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (B, C, *spatial), got shape {_shape(logits)}")
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(labels.shape) != expected:
+        raise ValueError(
+            f"labels must have shape (B, *spatial) = {expected} for logits (B, C, *spatial) = "
+            f"{_shape(logits)}, got {_shape(labels)}"
+        )
+    num_classes = logits.shape[1]
+    if not isinstance(num_old, int) or not 1 <= num_old < num_classes:
+        raise ValueError(
+            f"num_old must be an int in [1, C) with C = {num_classes} (logits {_shape(logits)}), got {num_old!r}"
+        )
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(smooth, (int, float)) or isinstance(smooth, bool) or smooth < 0:
+        raise ValueError(f"smooth must be a non-negative float, got {smooth!r}")
+    check_same_device(logits=logits, labels=labels)

@@ -1,0 +1,1 @@
+"""Registration of the fused ops as `torch.library` custom ops in the namespace `incrementer_fast`."""

@@ -1,0 +1,4 @@
+"""Plain-PyTorch references of every op: the spec. Same signatures as the fused ops in `incrementer_fast`."""
+from .core import cds_dice_loss, compute_dtype, cosine_mask, fod_loss, fod_token_weights
+
+__all__ = ["cosine_mask", "fod_loss", "fod_token_weights", "cds_dice_loss", "compute_dtype"]

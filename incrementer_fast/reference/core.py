@@ -1,0 +1,100 @@
+"""Plain-PyTorch references of the core ops: the specification the kernels are tested against.
+
+Notation: x̂ = x / max(‖x‖₂, eps), norms over the last dimension. Everything is computed in float32
+(float64 when the inputs are float64, so that the reference can be evaluated exactly in tests).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._checks import (
+    check_cds_dice_args,
+    check_cosine_mask_args,
+    check_fod_loss_args,
+    check_fod_token_weights_args,
+)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+
+
+def cosine_mask(patches: torch.Tensor, classes: torch.Tensor, scale=1.0, eps: float = 1e-8) -> torch.Tensor:
+    """masks[b, k, n] = scale · ⟨p̂[b, n], ĉ[b, k]⟩ for patches (B, N, D), classes (B, K, D) → (B, K, N)."""
+    check_cosine_mask_args(patches, classes, scale, eps)
+    acc = compute_dtype(patches.dtype)
+    p = _normalize(patches.to(acc), eps)
+    c = _normalize(classes.to(acc), eps)
+    masks = torch.bmm(c, p.transpose(1, 2))
+    if isinstance(scale, torch.Tensor):
+        masks = masks * scale.to(acc)
+    else:
+        masks = masks * scale
+    return masks.to(patches.dtype).contiguous()
+
+
+def fod_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Σ_i w_i·(1 − ⟨ŝ_i, t̂_i⟩) / Σ_i w_i over the vectors i of student/teacher (..., D); 0 when Σ w = 0."""
+    check_fod_loss_args(student, teacher, weight, eps)
+    acc = compute_dtype(student.dtype)
+    s = _normalize(student.to(acc), eps)
+    t = _normalize(teacher.to(acc), eps)
+    w = weight.detach().to(acc)
+    cos = (s * t).sum(-1)
+    numerator = (w * (1.0 - cos)).sum()
+    denominator = w.sum()
+    nonzero = denominator != 0
+    # where() on both sides: the unused branch must not produce NaN gradients when Σ w = 0.
+    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1.0), 0.0)
+
+
+def fod_token_weights(
+    labels: torch.Tensor, num_old: int, patch_size: int, bg_weight: float, ignore_index: int = 255
+) -> torch.Tensor:
+    """Per-patch FOD weights (B, N) from image-resolution labels (B, H, W), patches in row-major order.
+
+    0 for a patch holding any new-class pixel (num_old ≤ label ≠ ignore_index); otherwise the mean over its
+    pixels of 1 (old class: 1 ≤ label < num_old) or bg_weight (background 0, or ignore_index).
+    """
+    check_fod_token_weights_args(labels, num_old, patch_size, bg_weight, ignore_index)
+    b, h, w = labels.shape
+    p = patch_size
+    tiles = labels.reshape(b, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(b, (h // p) * (w // p), p * p)
+    not_ignored = tiles != ignore_index
+    is_new = not_ignored & (tiles >= num_old)
+    is_old = not_ignored & (tiles >= 1) & (tiles < num_old)
+    per_pixel = torch.where(is_old, 1.0, float(bg_weight))
+    weights = per_pixel.mean(-1)
+    return torch.where(is_new.any(-1), 0.0, weights)
+
+
+def cds_dice_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_old: int, ignore_index: int = 255, smooth: float = 1.0
+) -> torch.Tensor:
+    """CDS old/new dice loss of logits (B, C, *spatial) against labels (B, *spatial); float32 0-dim.
+
+    P = softmax over C; P_new = Σ_{c ≥ num_old} P_c, P_old = Σ_{c < num_old} P_c; over each image's valid
+    pixels, dice(P, M) = 1 − (2·Σ P·M + smooth) / (Σ P + Σ M + smooth); loss = mean over the batch of
+    dice(P_new, M_new) + dice(P_old, M_old).
+    """
+    check_cds_dice_args(logits, labels, num_old, ignore_index, smooth)
+    acc = compute_dtype(logits.dtype)
+    batch = logits.shape[0]
+    probs = torch.softmax(logits.to(acc), dim=1)
+    p_new = probs[:, num_old:].sum(1).reshape(batch, -1)
+    p_old = probs[:, :num_old].sum(1).reshape(batch, -1)
+    flat_labels = labels.reshape(batch, -1)
+    valid = (flat_labels != ignore_index).to(acc)
+    m_new = valid * (flat_labels >= num_old).to(acc)
+    m_old = valid * (flat_labels < num_old).to(acc)
+
+    def dice(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        intersection = (p * m).sum(1)
+        return 1.0 - (2.0 * intersection + smooth) / ((p * valid).sum(1) + m.sum(1) + smooth)
+
+    return (dice(p_new, m_new) + dice(p_old, m_old)).mean()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv in the repository root and install the pinned stack and the package into it.
+# torch 2.14.1 + torchvision 0.29.1 are the pair that pip takes from local wheels on our machines and that
+# timm can import together (PyPI torchvision fails beside the CPU-only torch 2.13 file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install -q -e ".[test]"

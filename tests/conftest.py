@@ -1,0 +1,44 @@
+"""Shared test configuration: hypothesis profiles and the relative-norm error used by parity tests.
+
+Profiles: `ci` (default; derandomised, few examples, so the suite is reproducible and fits the 10-minute
+budget on 2 cores) and `thorough` (random, many examples) for local runs:
+    HYPOTHESIS_PROFILE=thorough pytest tests
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=300,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Devices the parity tests run on: always the CPU (reference path, or the kernels under the interpreter),
+# and CUDA when present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    config.addinivalue_line("markers", "slow: a longer test (training runs, DDP)")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
