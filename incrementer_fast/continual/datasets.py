@@ -1,0 +1,420 @@
+"""Segmentation datasets (Pascal VOC 2012 aug, ADE20K, the built-in synthetic one) and their transforms.
+
+A dataset yields ``(image, label)``: with a ``transform``, whatever it returns (the transforms here give a
+normalised float32 image (3, H, W) and an int64 label (H, W)); without one, the image as float32 in
+[0, 1] and the label as int64, at full resolution. ``label_transform`` (the trainer passes the step's
+remap from ``scenarios``) is applied to the label tensor last.
+
+Label values are checked as they are read: a value that is neither a class (``0..num_classes-1``) nor
+the void 255 raises ValueError naming the file, as does an unreadable image or label, or an image and a
+label of different sizes. A wrong layout raises FileNotFoundError naming the exact missing path.
+
+``image_labels()`` reads every label map once to list the label values each image holds (what
+``scenarios.select_images`` filters on) and caches the result as JSON in a cache folder, keyed by the ids,
+paths, sizes and modification times of the label files: editing or replacing a label file invalidates it.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .scenarios import IGNORE_INDEX, atomic_write_json, num_classes as _num_classes
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+
+
+def default_cache_dir() -> Path:
+    """``$INCREMENTER_FAST_CACHE``, else ``$XDG_CACHE_HOME/incrementer_fast``, else
+    ``~/.cache/incrementer_fast``: outside the data root, which may be read-only."""
+    if os.environ.get("INCREMENTER_FAST_CACHE"):
+        return Path(os.environ["INCREMENTER_FAST_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "incrementer_fast"
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def load_image(path) -> Image.Image:
+    """An RGB PIL image; ValueError naming the file if it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def load_label(path, num_classes: int) -> Image.Image:
+    """A single-channel label map (mode L or P) whose values are classes or 255; ValueError naming the
+    file otherwise."""
+    label = _read_label(path)
+    _check_values(np.asarray(label), num_classes, path)
+    return label
+
+
+def _read_label(path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            label = im.copy()
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read label {path}: {e}") from e
+    if label.mode not in ("L", "P"):
+        raise ValueError(
+            f"label {path} has mode {label.mode}: expected a single-channel 8-bit index PNG (mode L or P)"
+        )
+    return label
+
+
+def _check_values(arr: np.ndarray, num_classes: int, path) -> np.ndarray:
+    """The label values present in ``arr`` (sorted); ValueError naming ``path`` if any is out of range."""
+    present = np.flatnonzero(np.bincount(arr.reshape(-1), minlength=256))
+    bad = [int(v) for v in present if v >= num_classes and v != IGNORE_INDEX]
+    if bad:
+        raise ValueError(
+            f"label {path} holds values {bad} outside the classes 0..{num_classes - 1} and the void "
+            f"{IGNORE_INDEX}"
+        )
+    return present
+
+
+def _label_values(path, num_classes: int) -> list[int]:
+    return [int(v) for v in _check_values(np.asarray(_read_label(path)), num_classes, path)]
+
+
+def to_tensors(image: Image.Image, label: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 (3, H, W) in [0, 1], int64 (H, W)), no resizing or normalisation."""
+    img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    lab = torch.from_numpy(np.array(label, dtype=np.uint8)).long()
+    return img, lab
+
+
+def _normalise(img: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.as_tensor(mean, dtype=img.dtype).view(3, 1, 1)
+    std = torch.as_tensor(std, dtype=img.dtype).view(3, 1, 1)
+    return (img - mean) / std
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        size = (size, size)
+    h, w = (int(s) for s in size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    return h, w
+
+
+class TrainTransform:
+    """Random scale, pad, random crop and horizontal flip (the DeepLab/MiB training augmentation).
+
+    The image is rescaled by a factor drawn uniformly from ``scale`` (bilinear; the label with nearest
+    neighbour, so no new label value appears), padded to at least the crop size (the image with zeros
+    after normalisation, i.e. the mean colour; the label with 255, ignored), cropped at a random offset
+    to ``crop_size`` and flipped left-right with probability 1/2, then normalised with ``mean``/``std``.
+    Randomness comes from torch's global RNG, so a seeded run (and DataLoader workers, which torch seeds
+    per worker) is reproducible. A class, not a closure, so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, crop_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.5, 2.0)):
+        self.crop = _pair(crop_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        lo, hi = (float(s) for s in scale)
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
+        self.scale = (lo, hi)
+
+    def __call__(self, image: Image.Image, label: Image.Image):
+        lo, hi = self.scale
+        factor = lo + (hi - lo) * float(torch.rand(()))
+        w, h = image.size
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        image = image.resize(size, Image.BILINEAR)
+        label = label.resize(size, Image.NEAREST)
+        img, lab = to_tensors(image, label)
+        img = _normalise(img, self.mean, self.std)
+        ch, cw = self.crop
+        pad_h, pad_w = max(ch - img.shape[1], 0), max(cw - img.shape[2], 0)
+        if pad_h or pad_w:
+            img = torch.nn.functional.pad(img, (0, pad_w, 0, pad_h), value=0.0)
+            lab = torch.nn.functional.pad(lab, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        top = int(torch.randint(0, img.shape[1] - ch + 1, ()))
+        left = int(torch.randint(0, img.shape[2] - cw + 1, ()))
+        img = img[:, top:top + ch, left:left + cw]
+        lab = lab[top:top + ch, left:left + cw]
+        if float(torch.rand(())) < 0.5:
+            img, lab = img.flip(-1), lab.flip(-1)
+        return img.contiguous(), lab.contiguous()
+
+
+class ValTransform:
+    """Resize the shorter side to ``size`` (bilinear image, nearest label) and centre-crop a
+    ``size`` x ``size`` square, then normalise. ``size=None`` keeps the full image (for batch size 1 or
+    sliding-window evaluation). Deterministic."""
+
+    def __init__(self, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.size = None if size is None else _pair(size)[0]
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image: Image.Image, label: Image.Image):
+        if self.size is not None:
+            s = self.size
+            w, h = image.size
+            factor = s / min(w, h)
+            size = (max(s, round(w * factor)), max(s, round(h * factor)))
+            image = image.resize(size, Image.BILINEAR)
+            label = label.resize(size, Image.NEAREST)
+            left, top = (size[0] - s) // 2, (size[1] - s) // 2
+            image = image.crop((left, top, left + s, top + s))
+            label = label.crop((left, top, left + s, top + s))
+        img, lab = to_tensors(image, label)
+        return _normalise(img, self.mean, self.std), lab
+
+
+def train_transform(crop_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.5, 2.0)) -> TrainTransform:
+    """The training transform: see ``TrainTransform``."""
+    return TrainTransform(crop_size, mean, std, scale)
+
+
+def val_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ValTransform:
+    """The validation transform: see ``ValTransform``."""
+    return ValTransform(size, mean, std)
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """A list of (image, label) files with checked loading, a label-value index and subsets.
+
+    Subclasses set ``num_classes`` (label values including the background) and fill ``ids`` with paths
+    through ``_set_files``. ``ids`` is the list of image ids in dataset order.
+    """
+
+    num_classes: int = 0
+    class_names: tuple[str, ...] | None = None
+
+    def __init__(self, transform=None, label_transform=None, cache_dir=None):
+        self.transform = transform
+        self.label_transform = label_transform
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.ids: list[str] = []
+        self._images: dict[str, Path] = {}
+        self._labels: dict[str, Path] = {}
+
+    def _set_files(self, ids, images: dict, labels: dict) -> None:
+        self.ids = list(ids)
+        self._images, self._labels = images, labels
+
+    def image_path(self, image_id: str) -> Path:
+        return self._images[image_id]
+
+    def label_path(self, image_id: str) -> Path:
+        return self._labels[image_id]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        image = load_image(self._images[image_id])
+        label = load_label(self._labels[image_id], self.num_classes)
+        if image.size != label.size:
+            raise ValueError(
+                f"image {self._images[image_id]} is {image.size[0]}x{image.size[1]} but its label "
+                f"{self._labels[image_id]} is {label.size[0]}x{label.size[1]}"
+            )
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        else:
+            image, label = to_tensors(image, label)
+        if self.label_transform is not None:
+            label = self.label_transform(label)
+        return image, label
+
+    def subset(self, ids) -> "SegmentationDataset":
+        """A shallow copy restricted to ``ids`` (in the given order); its ``transform`` and
+        ``label_transform`` can be changed without touching this dataset. Unknown ids: KeyError."""
+        ids = list(ids)
+        unknown = [i for i in ids if i not in self._images]
+        if unknown:
+            raise KeyError(f"{len(unknown)} ids are not in this dataset, e.g. {unknown[:3]}")
+        sub = copy.copy(self)
+        sub.ids = ids
+        return sub
+
+    def _labels_cache_key(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(json.dumps({"v": 1, "class": type(self).__name__, "num_classes": self.num_classes}).encode())
+        for image_id in self.ids:
+            path = self._labels[image_id]
+            st = path.stat()
+            digest.update(json.dumps([image_id, str(path.resolve()), st.st_size, st.st_mtime_ns]).encode())
+        return digest.hexdigest()
+
+    def image_labels(self) -> dict[str, list[int]]:
+        """Image id -> sorted label values present in its label map (0 and 255 included when present),
+        for the ids of this dataset. Read once (threaded), then cached in ``cache_dir``."""
+        key = self._labels_cache_key()
+        path = self.cache_dir / f"labels-{type(self).__name__}-{key[:32]}.json"
+        if path.exists():
+            try:
+                with open(path, encoding="utf-8") as f:
+                    cached = json.load(f)
+                if cached.get("key") == key:
+                    return {i: cached["labels"][i] for i in self.ids}
+            except (OSError, json.JSONDecodeError, KeyError):
+                pass  # unreadable or foreign: recompute and overwrite
+        paths = [self._labels[i] for i in self.ids]
+        workers = min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # PNG decoding releases the GIL
+            values = list(pool.map(lambda p: _label_values(p, self.num_classes), paths))
+        labels = dict(zip(self.ids, values))
+        atomic_write_json(path, {"key": key, "labels": labels})
+        return labels
+
+
+def _first_existing(candidates: list[Path]) -> Path | None:
+    return next((c for c in candidates if c.exists()), None)
+
+
+class VOCSegmentation(SegmentationDataset):
+    """Pascal VOC 2012 with the SBD-augmented labels (``SegmentationClassAug``), 21 classes.
+
+    Accepted layouts (``root`` is the folder you pass):
+
+    - images: ``root/VOCdevkit/VOC2012/JPEGImages`` (standard), ``root/PascalVOC12/JPEGImages`` (MiB) or
+      ``root/JPEGImages`` (``root`` is the VOC2012 folder itself); ``<id>.jpg``, or ``<id>.png``;
+    - labels: ``SegmentationClassAug/<id>.png`` beside ``JPEGImages``, or ``root/SegmentationClassAug``
+      (PLOP);
+    - split lists: ``train`` reads ``train_aug.txt`` (10,582 ids), ``val`` reads ``val.txt`` (1,449),
+      from ``ImageSets/Segmentation/`` or ``splits/`` beside ``JPEGImages`` (MiB), or ``root/list/``
+      (PLOP) or ``root/splits/``. A line is an id, or ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``
+      (MiB/PLOP/DeepLab lists); only the id is used, files are looked up in the folders above.
+
+    Every listed image and label must exist: otherwise FileNotFoundError naming the first missing file.
+    """
+
+    num_classes = _num_classes("voc")
+    class_names = VOC_CLASSES
+    _SPLIT_FILES = {"train": "train_aug.txt", "val": "val.txt"}
+
+    def __init__(self, root, split: str = "train", transform=None, label_transform=None, cache_dir=None):
+        super().__init__(transform, label_transform, cache_dir)
+        if split not in self._SPLIT_FILES:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.root, self.split = Path(root), split
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data root not found: {self.root}")
+        voc_candidates = [self.root / "VOCdevkit" / "VOC2012", self.root / "PascalVOC12", self.root]
+        voc = next((c for c in voc_candidates if (c / "JPEGImages").is_dir()), None)
+        if voc is None:
+            raise FileNotFoundError(
+                f"VOC images folder not found: {voc_candidates[0] / 'JPEGImages'} "
+                f"(also tried {', '.join(str(c / 'JPEGImages') for c in voc_candidates[1:])})"
+            )
+        label_candidates = [voc / "SegmentationClassAug", self.root / "SegmentationClassAug"]
+        label_dir = _first_existing(label_candidates)
+        if label_dir is None:
+            raise FileNotFoundError(
+                f"VOC label folder not found: {label_candidates[0]} (also tried {label_candidates[1]})"
+            )
+        list_name = self._SPLIT_FILES[split]
+        list_candidates = [voc / "ImageSets" / "Segmentation" / list_name, voc / "splits" / list_name,
+                           self.root / "list" / list_name, self.root / "splits" / list_name]
+        list_file = _first_existing(list_candidates)
+        if list_file is None:
+            raise FileNotFoundError(
+                f"VOC split list not found: {list_candidates[0]} "
+                f"(also tried {', '.join(map(str, list_candidates[1:]))})"
+            )
+        ids = []
+        for line in list_file.read_text().splitlines():
+            fields = line.split()
+            if fields:
+                ids.append(Path(fields[0]).stem)
+        if not ids:
+            raise ValueError(f"split list {list_file} lists no image")
+        images, labels = {}, {}
+        image_dir = voc / "JPEGImages"
+        for image_id in ids:
+            jpg, png = image_dir / f"{image_id}.jpg", image_dir / f"{image_id}.png"
+            images[image_id] = jpg if jpg.exists() else png if png.exists() else _require(jpg, "image")
+            labels[image_id] = _require(label_dir / f"{image_id}.png", "label")
+        self._set_files(ids, images, labels)
+
+
+class ADE20KSegmentation(SegmentationDataset):
+    """ADE20K SceneParsing (``ADEChallengeData2016``), 151 label values.
+
+    Layout: ``root/ADEChallengeData2016/{images,annotations}/{training,validation}`` (or ``root`` being
+    ``ADEChallengeData2016`` itself); ``split`` "train" reads ``training``, "val" ``validation``. Ids are
+    the image file stems in sorted order (20,210 / 2,000), as MiB and PLOP list them.
+
+    Annotation value 0 ("other": pixels outside the 150 classes) is the background class 0 of the
+    scenario, as in MiB's and PLOP's training; values 1..150 are the classes. (For evaluation, MiB's
+    loader additionally ignores 0, PLOP's keeps it as background; we keep it, so background IoU is
+    reported on ADE like on VOC.)
+    """
+
+    num_classes = _num_classes("ade")
+    _SPLIT_DIRS = {"train": "training", "val": "validation"}
+
+    def __init__(self, root, split: str = "train", transform=None, label_transform=None, cache_dir=None):
+        super().__init__(transform, label_transform, cache_dir)
+        if split not in self._SPLIT_DIRS:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.root, self.split = Path(root), split
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data root not found: {self.root}")
+        ade = self.root / "ADEChallengeData2016"
+        if not ade.is_dir() and (self.root / "images").is_dir():
+            ade = self.root
+        sub = self._SPLIT_DIRS[split]
+        image_dir = _require(ade / "images" / sub, "ADE20K images folder")
+        label_dir = _require(ade / "annotations" / sub, "ADE20K annotations folder")
+        files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not files:
+            raise FileNotFoundError(f"no images in {image_dir}")
+        ids = [p.stem for p in files]
+        images = {p.stem: p for p in files}
+        labels = {i: _require(label_dir / f"{i}.png", "label") for i in ids}
+        self._set_files(ids, images, labels)
+
+
+def build_dataset(name: str, root, split: str, transform=None, label_transform=None, cache_dir=None):
+    """The dataset ``name`` ("voc", "ade" or "synthetic") at ``root`` for ``split`` ("train" or "val").
+
+    For "synthetic", a root without a synthetic dataset gets one generated with the default parameters
+    (``generate_synthetic(root)``); call ``generate_synthetic`` first for other sizes or seeds.
+    """
+    if name == "voc":
+        return VOCSegmentation(root, split, transform, label_transform, cache_dir)
+    if name == "ade":
+        return ADE20KSegmentation(root, split, transform, label_transform, cache_dir)
+    if name == "synthetic":
+        from .synthetic import SyntheticSegmentation, generate_synthetic, read_manifest
+
+        if read_manifest(root) is None:
+            generate_synthetic(root)
+        return SyntheticSegmentation(root, split, transform, label_transform, cache_dir)
+    raise ValueError(f"unknown dataset {name!r}: expected 'voc', 'ade' or 'synthetic'")
