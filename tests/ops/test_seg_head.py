@@ -1,0 +1,313 @@
+"""Parity tests of the fused segmentation head (seg_head_loss, entropy_histogram, pseudo_label) against the
+float64 reference, which materialises the upsampled logits.
+
+Run twice: normally (CPU tensors take the op's plain-PyTorch path, whose backward is written out, so it is
+checked here against autograd of the spec) and with TRITON_INTERPRET=1 (the Triton kernels run through the
+interpreter); on a CUDA machine every test also runs on the GPU. Shapes stay small (h, w ≤ 8, H, W ≤ 24):
+the interpreter runs every Triton op in Python.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_rel
+from hypothesis import given
+from hypothesis import strategies as st
+
+import incrementer_fast as inc
+from incrementer_fast import reference
+from incrementer_fast.reference.seg_head import teacher_prediction
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOATS = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "transposed", "strided"]
+IGNORE = 255
+
+
+def make_masks(shape, dtype, device, layout, scale, generator):
+    """Patch-resolution masks of logical shape (B, K, h, w) in the given memory layout."""
+    batch, num_classes, h, w = shape
+    if layout == "channels_last":
+        physical, to_logical = (batch, h, w, num_classes), lambda t: t.permute(0, 3, 1, 2)
+    elif layout == "transposed":
+        physical, to_logical = (batch, num_classes, w, h), lambda t: t.transpose(2, 3)
+    elif layout == "strided":
+        physical, to_logical = (batch, 2 * num_classes, h, w), lambda t: t[:, ::2]
+    else:
+        physical, to_logical = shape, lambda t: t
+    data = torch.randn(physical, generator=generator, dtype=torch.float64) * scale
+    masks = to_logical(data.to(dtype).to(device))
+    assert masks.shape == tuple(shape)
+    return masks
+
+
+def make_labels(shape, num_classes, kind, dtype, device, generator, transposed=False):
+    """Labels (B, H, W) in [0, K) with ~20 % ignored, plus the edge cases all-ignore image / batch."""
+    labels = torch.randint(0, num_classes, shape, generator=generator)
+    labels[torch.rand(shape, generator=generator) < 0.2] = IGNORE
+    if kind == "all_ignore_image":
+        labels[0] = IGNORE
+    elif kind == "all_ignore":
+        labels[:] = IGNORE
+    elif kind == "background_heavy":  # PLOP's case: most pixels are background (label 0)
+        labels[torch.rand(shape, generator=generator) < 0.6] = 0
+    labels = labels.to(dtype)
+    if transposed:
+        labels = labels.transpose(1, 2).contiguous().transpose(1, 2)
+    return labels.to(device)
+
+
+def reference_loss_and_grad(masks, labels, num_old, weights, **kwargs):
+    """(ce, dice, grad of masks for the loss weights[0]·ce + weights[1]·dice), all in float64."""
+    leaf = masks.detach().double().requires_grad_(True)
+    image_weight = kwargs.pop("image_weight", None)
+    if image_weight is not None:
+        image_weight = image_weight.double()
+    ce, dice = reference.seg_head_loss(leaf, labels, num_old, image_weight=image_weight, **kwargs)
+    (grad,) = torch.autograd.grad(weights[0] * ce + weights[1] * dice, leaf)
+    return ce.detach(), dice.detach(), grad
+
+
+def fused_loss_and_grad(masks, labels, num_old, weights, **kwargs):
+    leaf = masks.detach().requires_grad_(True)
+    ce, dice = inc.seg_head_loss(leaf, labels, num_old, **kwargs)
+    (grad,) = torch.autograd.grad(weights[0] * ce + weights[1] * dice, leaf)
+    return ce, dice, grad
+
+
+@st.composite
+def seg_head_cases(draw):
+    num_classes = draw(st.sampled_from([2, 3, 5, 7, 16, 31, 40]))
+    h = draw(st.integers(1, 8))
+    w = draw(st.integers(1, 8))
+    factor = draw(st.sampled_from(["one", "integer", "any"]))
+    if factor == "one":
+        height, width = h, w
+    elif factor == "integer":
+        multiple = draw(st.integers(2, 3))
+        height, width = h * multiple, w * multiple
+    else:  # H, W not multiples of h, w (down-sampling included)
+        height = draw(st.integers(1, 24))
+        width = draw(st.integers(1, 24))
+    return dict(
+        batch=draw(st.integers(1, 3)),
+        num_classes=num_classes,
+        num_old=draw(st.integers(1, num_classes - 1)),
+        h=h, w=w, height=height, width=width,
+        dtype=draw(st.sampled_from(FLOATS)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        scale=draw(st.sampled_from([0.0, 1.0, 8.0])),
+        labels_kind=draw(st.sampled_from(["random", "all_ignore_image", "all_ignore", "background_heavy"])),
+        labels_dtype=draw(st.sampled_from([torch.int64, torch.int32, torch.uint8])),
+        labels_transposed=draw(st.booleans()),
+        new_class_weight=draw(st.sampled_from([1.0, 0.3, 2.5, 0.0])),
+        smooth=draw(st.sampled_from([1.0, 0.5])),
+        use_image_weight=draw(st.booleans()),
+        weights=draw(st.sampled_from([(1.0, 1.0), (0.7, 0.0), (0.0, 1.3)])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=seg_head_cases())
+def test_seg_head_loss_matches_reference(device, case):
+    generator = torch.Generator().manual_seed(case["seed"])
+    shape = (case["batch"], case["num_classes"], case["h"], case["w"])
+    dtype = case["dtype"]
+    masks = make_masks(shape, dtype, device, case["layout"], case["scale"], generator)
+    labels = make_labels(
+        (case["batch"], case["height"], case["width"]), case["num_classes"], case["labels_kind"],
+        case["labels_dtype"], device, generator, case["labels_transposed"],
+    )
+    image_weight = torch.rand(case["batch"], generator=generator).to(device) if case["use_image_weight"] else None
+    kwargs = dict(new_class_weight=case["new_class_weight"], smooth=case["smooth"], image_weight=image_weight)
+    ce, dice, grad = fused_loss_and_grad(masks, labels, case["num_old"], case["weights"], **kwargs)
+    ref_ce, ref_dice, ref_grad = reference_loss_and_grad(masks, labels, case["num_old"], case["weights"], **kwargs)
+
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert ce.shape == () and dice.shape == () and ce.dtype == dice.dtype == expected_dtype
+    assert grad.dtype == dtype and grad.shape == masks.shape
+    # ce and dice are computed from the (exactly representable) low-precision masks in fp32: fp32 bounds.
+    bound_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_close_rel(ce, ref_ce, bound_dtype, "ce")
+    assert_close_rel(dice, ref_dice, bound_dtype, "dice")
+    assert_close_rel(grad, ref_grad, dtype, "grad of masks")
+    if case["labels_kind"] == "all_ignore":
+        assert ce.item() == 0.0 and torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seg_head_loss_ade_classes(device):
+    """K = 151 (ADE20K): more than one class chunk on the GPU; tiny spatial size."""
+    generator = torch.Generator().manual_seed(3)
+    masks = make_masks((2, 151, 3, 2), torch.float32, device, "contiguous", 4.0, generator)
+    labels = make_labels((2, 7, 5), 151, "random", torch.int64, device, generator)
+    kwargs = dict(new_class_weight=2.0, image_weight=torch.tensor([0.25, 1.0], device=device))
+    ce, dice, grad = fused_loss_and_grad(masks, labels, 101, (1.0, 0.5), **kwargs)
+    ref_ce, ref_dice, ref_grad = reference_loss_and_grad(masks, labels, 101, (1.0, 0.5), **kwargs)
+    assert_close_rel(ce, ref_ce, torch.float32, "ce")
+    assert_close_rel(dice, ref_dice, torch.float32, "dice")
+    assert_close_rel(grad, ref_grad, torch.float32, "grad of masks")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seg_head_loss_is_cross_entropy_without_image_weight(device):
+    """Without image weights ce is exactly F.cross_entropy(weight=…, ignore_index=…) on upsampled logits."""
+    generator = torch.Generator().manual_seed(5)
+    masks = make_masks((2, 6, 4, 3), torch.float64, device, "contiguous", 2.0, generator)
+    labels = make_labels((2, 9, 10), 6, "random", torch.int64, device, generator)
+    ce, _ = inc.seg_head_loss(masks, labels, 4, new_class_weight=0.3)
+    logits = F.interpolate(masks, (9, 10), mode="bilinear", align_corners=False)
+    weight = torch.tensor([1, 1, 1, 1, 0.3, 0.3], dtype=torch.float64, device=device)
+    expected = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE)
+    assert_close_rel(ce, expected, torch.float64, "ce")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seg_head_loss_all_ignored_is_zero_not_nan(device):
+    masks = torch.randn(2, 4, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.full((2, 5, 5), IGNORE, device=device)
+    ce, dice = inc.seg_head_loss(masks, labels, 2)
+    (ce + dice).backward()
+    assert ce.item() == 0.0
+    assert torch.isfinite(dice) and torch.count_nonzero(masks.grad) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seg_head_loss_is_deterministic(device):
+    generator = torch.Generator().manual_seed(11)
+    masks = make_masks((2, 19, 5, 6), torch.float32, device, "channels_last", 3.0, generator)
+    labels = make_labels((2, 17, 23), 19, "random", torch.int64, device, generator)
+    first = fused_loss_and_grad(masks, labels, 10, (1.0, 1.0), new_class_weight=2.0)
+    second = fused_loss_and_grad(masks, labels, 10, (1.0, 1.0), new_class_weight=2.0)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_seg_head_loss_gradcheck():
+    generator = torch.Generator().manual_seed(7)
+    # 12 mask values: the numerical Jacobian takes 24 forward passes (slow under the interpreter).
+    masks = make_masks((2, 3, 2, 1), torch.float64, "cpu", "transposed", 1.5, generator).requires_grad_(True)
+    labels = make_labels((2, 5, 4), 3, "random", torch.int64, "cpu", generator)
+    image_weight = torch.tensor([0.5, 2.0], dtype=torch.float64)
+
+    def loss(m):
+        return inc.seg_head_loss(m, labels, 1, new_class_weight=1.7, smooth=0.5, image_weight=image_weight)
+
+    assert torch.autograd.gradcheck(loss, (masks,))
+
+
+def test_seg_head_ops_opcheck():
+    generator = torch.Generator().manual_seed(9)
+    masks = make_masks((2, 5, 3, 4), torch.float32, "cpu", "transposed", 2.0, generator).requires_grad_(True)
+    labels = make_labels((2, 7, 6), 5, "background_heavy", torch.int64, "cpu", generator)
+    torch.library.opcheck(torch.ops.incrementer_fast.seg_head_sums.default, (masks, labels, 3, IGNORE))
+    sums, pixel_stats = torch.ops.incrementer_fast.seg_head_sums(masks.detach(), labels, 3, IGNORE)
+    grad_sums = torch.randn(2, 8).expand(2, 8)
+    torch.library.opcheck(
+        torch.ops.incrementer_fast.seg_head_sums_backward.default,
+        (grad_sums, masks.detach(), labels, pixel_stats, 3, IGNORE),
+    )
+    teacher = masks.detach()
+    torch.library.opcheck(torch.ops.incrementer_fast.plop_entropy_histogram.default, (teacher, labels, 10))
+    thresholds = torch.full((5,), 0.5)
+    torch.library.opcheck(torch.ops.incrementer_fast.plop_pseudo_label.default, (teacher, labels, thresholds, IGNORE))
+
+
+@st.composite
+def teacher_cases(draw):
+    num_classes = draw(st.sampled_from([2, 3, 6, 17, 40]))
+    return dict(
+        batch=draw(st.integers(1, 3)),
+        num_classes=num_classes,
+        h=draw(st.integers(1, 8)), w=draw(st.integers(1, 8)),
+        height=draw(st.integers(1, 24)), width=draw(st.integers(1, 24)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        scale=draw(st.sampled_from([0.0, 1.0, 6.0])),
+        labels_transposed=draw(st.booleans()),
+        num_bins=draw(st.sampled_from([1, 7, 100])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=teacher_cases())
+def test_teacher_statistics_match_reference(device, case):
+    """Histogram and pseudo-labels of the fused path equal the reference's exactly (float64 teacher)."""
+    generator = torch.Generator().manual_seed(case["seed"])
+    shape = (case["batch"], case["num_classes"], case["h"], case["w"])
+    teacher = make_masks(shape, torch.float64, device, case["layout"], case["scale"], generator)
+    labels = make_labels(
+        (case["batch"], case["height"], case["width"]), case["num_classes"] + 3, "background_heavy",
+        torch.int64, device, generator, case["labels_transposed"],
+    )
+    histogram = inc.entropy_histogram(teacher, labels, num_bins=case["num_bins"])
+    expected_histogram = reference.entropy_histogram(teacher, labels, num_bins=case["num_bins"])
+    assert histogram.dtype == torch.int64
+    assert torch.equal(histogram, expected_histogram)
+    assert histogram.sum() == (labels == 0).sum()
+
+    thresholds = (torch.rand(case["num_classes"], generator=generator) * 0.8 + 0.1).to(device)
+    pseudo, factor = inc.pseudo_label(teacher, labels, thresholds, min_image_factor=0.05)
+    expected_pseudo, expected_factor = reference.pseudo_label(teacher, labels, thresholds, min_image_factor=0.05)
+    assert pseudo.dtype == torch.int64 and factor.dtype == torch.float64
+    assert torch.equal(pseudo, expected_pseudo)
+    assert torch.equal(factor, expected_factor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pseudo_label_low_precision_differs_only_at_the_threshold(device, dtype):
+    """In fp32 arithmetic a pixel may flip only where its entropy is within rounding of its threshold."""
+    generator = torch.Generator().manual_seed(13)
+    teacher = make_masks((2, 151, 3, 4), dtype, device, "contiguous", 3.0, generator)
+    labels = make_labels((2, 11, 13), 160, "background_heavy", torch.int64, device, generator)
+    thresholds = (torch.rand(151, generator=generator) * 0.5 + 0.3).to(device)
+    pseudo, factor = inc.pseudo_label(teacher, labels, thresholds)
+    expected, expected_factor = reference.pseudo_label(teacher.double(), labels, thresholds)
+    prediction, entropy = teacher_prediction(teacher.double(), (11, 13))
+    near_threshold = (entropy - thresholds.double()[prediction]).abs() < 1e-5
+    assert torch.equal(pseudo[~near_threshold], expected[~near_threshold])
+    background = labels == 0
+    allowed = (near_threshold & background).sum((1, 2)) / background.sum((1, 2)) + 1e-6
+    assert ((factor.double() - expected_factor).abs() <= allowed).all()
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda m, l: inc.seg_head_loss(m[0], l, 2), ValueError, ["masks", "(B, K, h, w)"]),
+        (lambda m, l: inc.seg_head_loss(m, l.float(), 2), TypeError, ["labels"]),
+        (lambda m, l: inc.seg_head_loss(m.long(), l, 2), TypeError, ["masks"]),
+        (lambda m, l: inc.seg_head_loss(m, l[:1], 2), ValueError, ["masks", "labels", "batch"]),
+        (lambda m, l: inc.seg_head_loss(m, l, 4), ValueError, ["num_old", "K = 4"]),
+        (lambda m, l: inc.seg_head_loss(m, l, 0), ValueError, ["num_old"]),
+        (lambda m, l: inc.seg_head_loss(m, l, 2, new_class_weight=-1.0), ValueError, ["new_class_weight"]),
+        (lambda m, l: inc.seg_head_loss(m, l, 2, smooth=-1.0), ValueError, ["smooth"]),
+        (lambda m, l: inc.seg_head_loss(m, l, 2, image_weight=torch.ones(3)), ValueError, ["image_weight", "(2,)"]),
+        (lambda m, l: inc.entropy_histogram(m, l, num_bins=0), ValueError, ["num_bins"]),
+        (lambda m, l: inc.entropy_histogram(m[:, :1], l), ValueError, ["teacher_masks", "K_old"]),
+        (lambda m, l: inc.pseudo_label(m, l, torch.ones(3)), ValueError, ["thresholds", "(4,)"]),
+        (lambda m, l: inc.pseudo_label(m, l, torch.ones(4, dtype=torch.long)), TypeError, ["thresholds"]),
+        (lambda m, l: inc.plop_thresholds(torch.ones(4, 3)), TypeError, ["histogram"]),
+        (lambda m, l: inc.plop_thresholds(torch.ones(4, dtype=torch.long)), ValueError, ["histogram"]),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(call, error, words):
+    masks = torch.randn(2, 4, 3, 3)
+    labels = torch.zeros(2, 6, 6, dtype=torch.long)
+    with pytest.raises(error) as info:
+        call(masks, labels)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_seg_head_loss_bf16_cuda_matches_reference():
+    generator = torch.Generator().manual_seed(17)
+    masks = make_masks((4, 151, 16, 16), torch.bfloat16, "cuda", "contiguous", 3.0, generator)
+    labels = make_labels((4, 128, 96), 151, "random", torch.int64, "cuda", generator)
+    ce, dice, grad = fused_loss_and_grad(masks, labels, 101, (1.0, 1.0), new_class_weight=2.0)
+    ref_ce, ref_dice, ref_grad = reference_loss_and_grad(masks, labels, 101, (1.0, 1.0), new_class_weight=2.0)
+    assert_close_rel(ce, ref_ce, torch.float32, "ce")
+    assert_close_rel(dice, ref_dice, torch.float32, "dice")
+    assert_close_rel(grad, ref_grad, torch.bfloat16, "grad of masks")
