@@ -45,6 +45,18 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
 
+def check_ignore_index(labels: torch.Tensor, ignore_index) -> None:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        # A value the labels cannot hold would silently wrap (uint8 labels and ignore_index=-1 → 255).
+        raise ValueError(
+            f"ignore_index={ignore_index} cannot be stored in labels of dtype {labels.dtype} "
+            f"(range [{info.min}, {info.max}])"
+        )
+
+
 def check_cosine_mask_args(patches, classes, scale, eps) -> None:
     check_float("patches", patches)
     check_float("classes", classes)
@@ -109,8 +121,7 @@ def check_fod_token_weights_args(labels, num_old, patch_size, bg_weight, ignore_
         raise ValueError(f"num_old must be an int >= 1, got {num_old!r}")
     if not isinstance(bg_weight, (int, float)) or isinstance(bg_weight, bool):
         raise TypeError(f"bg_weight must be a float, got {type(bg_weight).__name__}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(labels, ignore_index)
 
 
 def check_cds_dice_args(logits, labels, num_old, ignore_index, smooth) -> None:
@@ -129,8 +140,7 @@ def check_cds_dice_args(logits, labels, num_old, ignore_index, smooth) -> None:
         raise ValueError(
             f"num_old must be an int in [1, C) with C = {num_classes} (logits {_shape(logits)}), got {num_old!r}"
         )
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(labels, ignore_index)
     if not isinstance(smooth, (int, float)) or isinstance(smooth, bool) or smooth < 0:
         raise ValueError(f"smooth must be a non-negative float, got {smooth!r}")
     check_same_device(logits=logits, labels=labels)
