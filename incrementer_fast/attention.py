@@ -1,0 +1,221 @@
+"""Multi-head attention for the Incrementer model, routed per call to xformers or PyTorch's SDPA.
+
+Backends
+--------
+* ``"xformers"``: ``xformers.ops.memory_efficient_attention`` — CUDA only (xformers ships no CPU
+  operator). It takes (B, M, heads, Dh) while SDPA takes (B, heads, M, Dh): :func:`attention` keeps the
+  SDPA layout at its interface and transposes views (no copy; xformers only needs the last stride to be 1).
+* ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, on any device.
+* ``"auto"``: xformers for CUDA tensors in float16/bfloat16 when xformers is installed, SDPA otherwise.
+  float32 stays on SDPA: xformers' float32 kernels (cutlass) live in its C++ extension, which a wheel built
+  for another torch cannot load (0.0.35 on this stack's torch: only its half-precision flash kernels,
+  served through PyTorch's own ops, remain), and SDPA's float32 memory-efficient kernel is as fast.
+  Training runs under bf16 autocast on CUDA, so the fast path is the half-precision one anyway.
+
+The choice is made per call: the ``backend`` argument when given (the model passes its ``attention=``
+option), else the environment variable ``INCREMENTER_ATTENTION`` (``auto|xformers|sdpa``), else
+``"auto"``. Under ``torch.compile`` the variable is read while tracing, so set it before the first
+compiled call. A forced choice that cannot run (xformers on CPU, or not installed) raises
+:class:`RuntimeError`; it never falls back silently.
+
+torch.compile
+-------------
+SDPA traces natively. Dynamo breaks on ``memory_efficient_attention`` (its operator dispatch is Python
+code with device queries: facebookresearch/xformers#765, #1107), so the xformers call is wrapped as the
+custom op ``incrementer_fast::xformers_attention`` with a fake implementation and an autograd formula
+whose backward is another custom op. The backward recomputes the forward under autograd and asks xformers
+for the gradients: it costs one extra attention forward per backward, but relies only on xformers' stable
+public API (the shape of the log-sum-exp its lower-level API returns differs between its kernels, which a
+fake implementation would have to know). This path cannot be exercised without a GPU; it is written to
+run on one and the CUDA tests in tests/test_attention.py check it there.
+
+Attention dropout (``dropout_p > 0``) on xformers uses ``memory_efficient_attention``'s own autograd
+(the dropout mask lives in xformers' RNG state, which the non-autograd API does not expose): correct in
+eager mode, but a graph break under torch.compile. The Incrementer model's default attention dropout is
+0 for that reason (see incrementer_fast/model.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
+
+ENV_VAR = "INCREMENTER_ATTENTION"
+BACKENDS = ("auto", "xformers", "sdpa")
+XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # accepted when forced
+XFORMERS_AUTO_DTYPES = (torch.float16, torch.bfloat16)  # chosen by "auto" (see the module docstring)
+
+# Whether xformers can be imported, decided once without importing it (importing it is slow and pulls in
+# its CUDA extensions); the import itself happens in the custom op's implementation, on first CUDA use.
+XFORMERS_INSTALLED = importlib.util.find_spec("xformers") is not None
+
+
+def _check_backend_name(backend: str, source: str) -> str:
+    name = backend.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    return name
+
+
+def requested_backend(backend: Optional[str] = None) -> str:
+    """The requested backend name: ``backend`` if given, else ``$INCREMENTER_ATTENTION``, else ``"auto"``."""
+    if backend is not None:
+        return _check_backend_name(backend, "attention backend")
+    return _check_backend_name(os.environ.get(ENV_VAR, "auto"), f"environment variable {ENV_VAR}")
+
+
+def resolve_backend(device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
+    """``"xformers"`` or ``"sdpa"``: the backend that runs attention on tensors of ``device`` and ``dtype``.
+
+    Raises RuntimeError when xformers is forced but cannot run there.
+    """
+    requested = requested_backend(backend)
+    device = torch.device(device)
+    if requested == "sdpa":
+        return "sdpa"
+    if requested == "auto":
+        usable = XFORMERS_INSTALLED and device.type == "cuda" and dtype in XFORMERS_AUTO_DTYPES
+        return "xformers" if usable else "sdpa"
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"attention backend 'xformers' was forced (argument or {ENV_VAR}) but the tensors are on "
+            f"{device}: xformers' memory_efficient_attention has no CPU operator. Use 'sdpa' or 'auto'."
+        )
+    if not XFORMERS_INSTALLED:
+        raise RuntimeError(
+            f"attention backend 'xformers' was forced (argument or {ENV_VAR}) but xformers is not "
+            "installed: `pip install xformers`, or use 'sdpa' or 'auto'."
+        )
+    if dtype not in XFORMERS_DTYPES:
+        raise RuntimeError(f"attention backend 'xformers' supports float16, bfloat16 and float32, got {dtype}")
+    return "xformers"
+
+
+def _import_xformers_ops():
+    try:
+        import xformers.ops as xops
+    except ImportError as error:  # installed (find_spec saw it) but broken, e.g. built for another torch
+        raise RuntimeError(f"xformers is installed but cannot be imported: {error}") from error
+    return xops
+
+
+@torch.library.custom_op("incrementer_fast::xformers_attention", mutates_args=())
+def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√Dh)·v for q (B, Mq, H, Dh), k (B, Mk, H, Dh), v (B, Mk, H, Dv) → (B, Mq, H, Dv)."""
+    return _import_xformers_ops().memory_efficient_attention(q, k, v)
+
+
+@_xformers_attention.register_fake
+def _(q, k, v):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("incrementer_fast::xformers_attention_backward", mutates_args=())
+def _xformers_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of _xformers_attention; recomputes the forward (see the module docstring for why)."""
+    xops = _import_xformers_ops()
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = xops.memory_efficient_attention(*inputs)
+        # contiguous(): the upstream gradient may be a stride-0 expansion (the gradient of a .sum()), and
+        # xformers needs a unit last stride; a no-op in the usual case.
+        dq, dk, dv = torch.autograd.grad(out, inputs, grad_out.contiguous())
+    return dq, dk, dv
+
+
+@_xformers_attention_backward.register_fake
+def _(grad_out, q, k, v):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    q, k, v = ctx.saved_tensors
+    return torch.ops.incrementer_fast.xformers_attention_backward(grad_out, q, k, v)
+
+
+_xformers_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, heads, M, Dh), got shape {tuple(t.shape)}")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
+        raise ValueError(f"q, k and v must agree in B and heads (layout (B, heads, M, Dh)); got {shapes}")
+    if q.shape[-1] != k.shape[-1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"q and k must agree in Dh and k and v in M; got {shapes}")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q·kᵀ/√Dh)·v with q (B, heads, Mq, Dh), k (B, heads, Mk, Dh), v (B, heads, Mk, Dv).
+
+    Returns (B, heads, Mq, Dv). ``backend``: ``"auto" | "xformers" | "sdpa"`` or None for
+    ``$INCREMENTER_ATTENTION`` (default ``"auto"``); see the module docstring. ``dropout_p`` drops attention
+    probabilities (pass 0 in eval mode).
+    """
+    _check_qkv(q, k, v)
+    if resolve_backend(q.device, q.dtype, backend) == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if dropout_p > 0.0:
+        out = _import_xformers_ops().memory_efficient_attention(q, k, v, p=dropout_p)
+    else:
+        out = torch.ops.incrementer_fast.xformers_attention(q, k, v)
+    return out.transpose(1, 2)
+
+
+class Attention(TimmAttention):
+    """timm's ``Attention`` (same constructor, parameters and state-dict keys) computing through
+    :func:`attention`.
+
+    Passed to timm's ViT as ``attn_layer=`` and used by the decoder's blocks. ``backend`` (None: the
+    environment variable, then auto) is set per module by the model's ``attention=`` option.
+    """
+
+    backend: Optional[str] = None
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError(
+                "incrementer_fast.attention.Attention attends over all tokens; attn_mask and is_causal "
+                "are not supported"
+            )
+        batch, tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        x = attention(q, k, v, backend=self.backend, dropout_p=dropout_p)
+        x = x.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        norm = getattr(self, "norm", None)  # timm < 1.0.20 has no scale_norm
+        if norm is not None:
+            x = norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+__all__ = ["ENV_VAR", "BACKENDS", "Attention", "attention", "requested_backend", "resolve_backend"]
