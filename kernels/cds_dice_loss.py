@@ -20,7 +20,7 @@ pixels:
 
     dice_k = 1 − (2·I_k + smooth) / (Q_k + T_k + smooth),   loss = (1/B) Σ_b (dice_new + dice_old).
 
-Stage 1 (`_cds_dice_partials_kernel`, grid (n_chunks, B)): each program owns a contiguous run of S-tiles of
+Stage 1 (`_cds_dice_partials_kernel`, grid (n_chunks·B,)): each program owns a contiguous run of S-tiles of
 one image, keeps the six sums per pixel lane in registers across its tiles and writes six scalars to
 partials (6, B, n_chunks). Stage 2 (`_cds_dice_finalize_kernel`, one program) adds the partials in a fixed
 order into stats (6, B), forms the per-image dice and the batch mean. No atomics: two runs give bitwise the
@@ -42,7 +42,7 @@ dx_c = P_c (d_c − Σ_j P_j d_j) = P_c (d_c − a·P_new − b·P_old) simplifi
     dx_c = P_c · P_old · (a − b)    for c ≥ num_old,
     dx_c = −P_c · P_new · (a − b)   for c < num_old,
 
-a form without cancellation. The backward kernel (grid (n_tiles, B)) loads the six stats of its image and
+a form without cancellation. The backward kernel (grid (n_tiles·B,)) loads the six stats of its image and
 g (a pointer, so a 0-dim or stride-0 upstream gradient costs no host sync), recomputes the softmax of its
 tile and writes the gradient once. When the channels fit one chunk (next_pow2(C) ≤ MAX_ONE_CHUNK) the tile
 stays in registers and the logits are read once; above that a first sweep finds max and sums and a second
@@ -56,7 +56,8 @@ with two dims (≥ 3 spatial dims permuted in a non-mergeable way) are logits an
 contiguous layout first (one extra read and write of the logits, and of the gradient in the backward).
 All index arithmetic that multiplies by a stride is in int64 (B·C·S may exceed 2^31); every load and store
 is masked; sums accumulate in float32 (float64 for float64 logits). Block sizes are fixed per C (no
-autotuning), so the interpreter runs exactly the configuration a GPU runs.
+autotuning), so the interpreter runs exactly the configuration a GPU runs. Grids are one flat axis (pixel
+tile or chunk fastest, then the image): CUDA caps grid axes 1 and 2 at 65535, which a batch axis would hit.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ import struct
 import torch
 import triton
 import triton.language as tl
+
+from . import device_guard
 
 # Channels up to this many (after rounding to a power of two) are held as one register tile; above it the
 # kernels sweep chunks of CHUNK_C channels (C ≈ 151 for ADE20K would otherwise pad to 256 lanes).
@@ -97,8 +100,9 @@ def _cds_dice_partials_kernel(
     BLOCK_S: tl.constexpr,  # pixels per tile
     SPATIAL_2D: tl.constexpr,  # two merged spatial dims; False: one (pixel · inner stride, no div/mod)
 ):
-    chunk = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    # Flat grid, chunk fastest: a separate batch axis (grid axis 1) would fail on CUDA for B > 65535.
+    chunk = tl.program_id(0) % n_chunks
+    image = (tl.program_id(0) // n_chunks).to(tl.int64)
     acc_dtype = partials_ptr.dtype.element_ty
     logits_image = logits_ptr + image * stride_xb
     labels_image = labels_ptr + image * stride_yb
@@ -159,7 +163,7 @@ def _cds_dice_partials_kernel(
         prob_old += tl.where(valid, p_old, 0.0)
         count_old += label_old.to(acc_dtype)
 
-    # The grid is exactly (n_chunks, B): these six scalar addresses are always inside partials.
+    # The grid is exactly n_chunks·B programs: these six scalar addresses are always inside partials.
     plane = B * n_chunks
     out = partials_ptr + image * n_chunks + chunk
     tl.store(out, tl.sum(inter_new, axis=0))
@@ -230,6 +234,7 @@ def _cds_dice_backward_kernel(
     S_inner,  # size of the inner merged spatial dim (read only when SPATIAL_2D)
     num_old,  # classes [0, num_old) are old, [num_old, C) new
     ignore_index,  # label value that marks an ignored pixel
+    n_tiles,  # cdiv(S, BLOCK_S): programs per image
     smooth_hi,  # smooth = smooth_hi + smooth_lo (see the finalize kernel)
     smooth_lo,
     stride_xb, stride_xc, stride_xo, stride_xi,  # logits strides
@@ -240,8 +245,9 @@ def _cds_dice_backward_kernel(
     ONE_CHUNK: tl.constexpr,  # BLOCK_C ≥ C: keep the tile in registers, read the logits once
     SPATIAL_2D: tl.constexpr,  # two merged spatial dims; False: one (pixel · inner stride, no div/mod)
 ):
-    tile = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    # Flat grid, tile fastest: a separate batch axis (grid axis 1) would fail on CUDA for B > 65535.
+    tile = tl.program_id(0) % n_tiles
+    image = (tl.program_id(0) // n_tiles).to(tl.int64)
     acc_dtype = stats_ptr.dtype.element_ty
     smooth = tl.cast(smooth_hi, acc_dtype) + tl.cast(smooth_lo, acc_dtype)
 
@@ -447,21 +453,22 @@ def cds_dice_loss_forward(
     partials = torch.empty((NUM_STATS, batch, n_chunks), dtype=acc, device=logits.device)
     stats = torch.empty((NUM_STATS, batch), dtype=acc, device=logits.device)
     loss = torch.empty((), dtype=acc, device=logits.device)
-    if batch:
-        _cds_dice_partials_kernel[(n_chunks, batch)](
-            logits, labels, partials,
-            batch, num_classes, num_pixels, s_inner, num_old, ignore_index,
-            n_tiles, n_chunks, tiles_per_chunk,
-            logits.stride(0), logits.stride(1), stride_xo, stride_xi,
-            labels.stride(0), stride_yo, stride_yi,
-            BLOCK_C=block_c, BLOCK_S=block_s, SPATIAL_2D=spatial_2d, num_warps=_num_warps(block_c, block_s),
-        )  # fmt: skip
     smooth_hi, smooth_lo = _split_smooth(smooth)
     block_b = min(16, triton.next_power_of_2(max(batch, 1)))
     block_t = min(128, triton.next_power_of_2(n_chunks))
-    _cds_dice_finalize_kernel[(1,)](
-        partials, stats, loss, batch, n_chunks, smooth_hi, smooth_lo, BLOCK_B=block_b, BLOCK_T=block_t
-    )
+    with device_guard(logits.device):  # launch on the tensors' GPU, not the current one
+        if batch:
+            _cds_dice_partials_kernel[(n_chunks * batch,)](
+                logits, labels, partials,
+                batch, num_classes, num_pixels, s_inner, num_old, ignore_index,
+                n_tiles, n_chunks, tiles_per_chunk,
+                logits.stride(0), logits.stride(1), stride_xo, stride_xi,
+                labels.stride(0), stride_yo, stride_yi,
+                BLOCK_C=block_c, BLOCK_S=block_s, SPATIAL_2D=spatial_2d, num_warps=_num_warps(block_c, block_s),
+            )  # fmt: skip
+        _cds_dice_finalize_kernel[(1,)](
+            partials, stats, loss, batch, n_chunks, smooth_hi, smooth_lo, BLOCK_B=block_b, BLOCK_T=block_t
+        )
     return loss, stats
 
 
@@ -496,15 +503,16 @@ def cds_dice_loss_backward(
     block_c, block_s, one_chunk = _blocks(num_classes, block_c, block_s)
     n_tiles = triton.cdiv(num_pixels, block_s)
     smooth_hi, smooth_lo = _split_smooth(smooth)
-    _cds_dice_backward_kernel[(n_tiles, batch)](
-        logits, labels, out, stats, grad_loss,
-        batch, num_classes, num_pixels, s_inner, num_old, ignore_index, smooth_hi, smooth_lo,
-        logits.stride(0), logits.stride(1), stride_xo, stride_xi,
-        labels.stride(0), stride_yo, stride_yi,
-        out.stride(0), out.stride(1), stride_go, stride_gi,
-        BLOCK_C=block_c, BLOCK_S=block_s, ONE_CHUNK=one_chunk, SPATIAL_2D=spatial_2d,
-        num_warps=_num_warps(block_c, block_s),
-    )  # fmt: skip
+    with device_guard(logits.device):  # launch on the tensors' GPU, not the current one
+        _cds_dice_backward_kernel[(n_tiles * batch,)](
+            logits, labels, out, stats, grad_loss,
+            batch, num_classes, num_pixels, s_inner, num_old, ignore_index, n_tiles, smooth_hi, smooth_lo,
+            logits.stride(0), logits.stride(1), stride_xo, stride_xi,
+            labels.stride(0), stride_yo, stride_yi,
+            out.stride(0), out.stride(1), stride_go, stride_gi,
+            BLOCK_C=block_c, BLOCK_S=block_s, ONE_CHUNK=one_chunk, SPATIAL_2D=spatial_2d,
+            num_warps=_num_warps(block_c, block_s),
+        )  # fmt: skip
     if out is not grad:
         grad.copy_(out.view(grad.shape))
     return grad

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import INTERPRET
+from . import device_guard
 
 _TL_DTYPE = {
     torch.float16: tl.float16,
@@ -350,15 +351,16 @@ def cosine_mask_forward(patches: torch.Tensor, classes: torch.Tensor, scale: tor
     def grid(meta):
         return (batch * triton.cdiv(num_patches, meta["BLOCK_N"]) * triton.cdiv(num_classes, meta["BLOCK_K"]),)
 
-    _forward_kernel[grid](
-        patches, classes, scale, masks,
-        num_patches, num_classes, dim,
-        *patches.stride(), *classes.stride(),
-        EPS=eps,
-        DOT_DTYPE=_TL_DTYPE[_dot_dtype(patches.dtype)],
-        DOT_PRECISION=_dot_precision(patches.dtype),
-        ACC_DTYPE=_TL_DTYPE[_acc_dtype(patches.dtype)],
-    )
+    with device_guard(patches.device):  # launch on the tensors' GPU, not the current one
+        _forward_kernel[grid](
+            patches, classes, scale, masks,
+            num_patches, num_classes, dim,
+            *patches.stride(), *classes.stride(),
+            EPS=eps,
+            DOT_DTYPE=_TL_DTYPE[_dot_dtype(patches.dtype)],
+            DOT_PRECISION=_dot_precision(patches.dtype),
+            ACC_DTYPE=_TL_DTYPE[_acc_dtype(patches.dtype)],
+        )
     return masks
 
 
@@ -392,17 +394,18 @@ def cosine_mask_backward(
     norm_c = torch.empty((batch, num_classes), dtype=acc_dtype, device=device)
     sigma_p = torch.empty((batch, num_patches), dtype=acc_dtype, device=device)
     sigma_c_partial = torch.empty((batch, num_n_tiles, num_classes), dtype=acc_dtype, device=device)
-    _backward_stats_kernel[(batch * num_n_tiles,)](
-        grad, patches, classes,
-        norm_p, norm_c, sigma_p, sigma_c_partial,
-        num_patches, num_classes, dim,
-        *grad.stride(), *patches.stride(), *classes.stride(),
-        EPS=eps,
-        DOT_DTYPE=_TL_DTYPE[dot_dtype],
-        DOT_PRECISION=_dot_precision(patches.dtype),
-        ACC_DTYPE=_TL_DTYPE[acc_dtype],
-        BLOCK_N=_STATS_BLOCK_N,
-    )
+    with device_guard(device):  # launch on the tensors' GPU, not the current one
+        _backward_stats_kernel[(batch * num_n_tiles,)](
+            grad, patches, classes,
+            norm_p, norm_c, sigma_p, sigma_c_partial,
+            num_patches, num_classes, dim,
+            *grad.stride(), *patches.stride(), *classes.stride(),
+            EPS=eps,
+            DOT_DTYPE=_TL_DTYPE[dot_dtype],
+            DOT_PRECISION=_dot_precision(patches.dtype),
+            ACC_DTYPE=_TL_DTYPE[acc_dtype],
+            BLOCK_N=_STATS_BLOCK_N,
+        )
     # Fixed-order reductions of the per-tile partials: deterministic, no atomics.
     sigma_c = sigma_c_partial.sum(dim=1)
     grad_scale = sigma_c.sum()
@@ -420,16 +423,17 @@ def cosine_mask_backward(
         def grid(meta):
             return (batch * triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(dim, meta["BLOCK_D"]),)
 
-        _backward_input_kernel[grid](
-            grad, x, y, norm_x, norm_y, sigma_x, scale, grad_x,
-            rows, other_rows, dim,
-            stride_gb, stride_gr, stride_gj,
-            *x.stride(), *y.stride(),
-            EPS=eps,
-            DOT_DTYPE=kernel_dot_dtype,
-            ACC_DTYPE=_TL_DTYPE[acc_dtype],
-            SPLIT_DOT=split,
-        )
+        with device_guard(device):
+            _backward_input_kernel[grid](
+                grad, x, y, norm_x, norm_y, sigma_x, scale, grad_x,
+                rows, other_rows, dim,
+                stride_gb, stride_gr, stride_gj,
+                *x.stride(), *y.stride(),
+                EPS=eps,
+                DOT_DTYPE=kernel_dot_dtype,
+                ACC_DTYPE=_TL_DTYPE[acc_dtype],
+                SPLIT_DOT=split,
+            )
 
     if need_patches:
         launch(patches, classes, norm_p, norm_c, sigma_p, grad_patches, stride_gn, stride_gk)

@@ -15,7 +15,7 @@ The kernels gather the four K-vectors of a pixel from the masks (a few KB per im
 and interpolate in registers; the interpolation weights are computed in the accumulation dtype exactly as
 PyTorch does (scale n/N in that dtype).
 
-Forward: per-image sums (`_seg_head_sums_kernel`, grid (n_tiles, B))
+Forward: per-image sums (`_seg_head_sums_kernel`, grid (n_tiles·B,))
 --------------------------------------------------------------------
 One program owns BLOCK_P pixels of one image and sweeps the classes in chunks of BLOCK_K with an online
 softmax: running max m and the masses L_old = Σ_{c<num_old} e^{z_c−m}, L_new = Σ_{c≥num_old} e^{z_c−m}
@@ -64,7 +64,7 @@ rows touch a high-res row) instead of being stored (B·K·H·W values);
 the gradient is written once, in order: bitwise deterministic. The dot runs in full precision
 (input_precision="ieee"; float64 for float64 masks), since TF32 would cost three decimal digits.
 
-PLOP teacher statistics (`_teacher_histogram_kernel`, `_pseudo_label_kernel`, grid (n_tiles, B))
+PLOP teacher statistics (`_teacher_histogram_kernel`, `_pseudo_label_kernel`, grid (n_tiles·B,))
 ------------------------------------------------------------------------------------------------
 Per pixel of the upsampled teacher: the argmax (first index on ties, as torch.argmax) and the normalised
 entropy e = H(p)/log K with H(p) = log L − T/L, L = Σ e^{z_c−m}, T = Σ e^{z_c−m}·(z_c−m) (online over
@@ -75,7 +75,9 @@ exact and order-independent, so the counts are deterministic. The pseudo-label k
 (int64) and per-tile counts of label-0 pixels and of those that took a pseudo-label (B, n_tiles, 2).
 
 All index arithmetic that multiplies by a stride is int64; every load and store is masked; any strides
-of masks and labels are read in place; sums accumulate in float32 (float64 for float64 masks).
+of masks and labels are read in place; sums accumulate in float32 (float64 for float64 masks). Every grid
+is one flat axis (its fastest index first, the image last): CUDA caps grid axes 1 and 2 at 65535, which a
+batch (or low-res row) axis would hit.
 """
 from __future__ import annotations
 
@@ -84,6 +86,8 @@ import triton
 import triton.language as tl
 
 from incrementer_fast._dispatch import INTERPRET
+
+from . import device_guard
 
 NUM_SUMS = 8  # see the module docstring: CE·M_old, CE·M_new, M_old, M_new, P_new·M_new, P_new·valid, P_old·M_old, P_old·valid
 # Forward / teacher kernels: BLOCK_P pixels × BLOCK_K classes per step: 32 × 128 fp32 values per gathered
@@ -159,8 +163,9 @@ def _seg_head_sums_kernel(
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_K: tl.constexpr,  # classes per chunk
 ):
-    tile = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    # Flat grid, tile fastest: a separate batch axis (grid axis 1) would fail on CUDA for B > 65535.
+    tile = tl.program_id(0) % n_tiles
+    image = (tl.program_id(0) // n_tiles).to(tl.int64)
     num_pixels = tl.cast(H, tl.int64) * W
     pixels = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     in_image = pixels < num_pixels
@@ -232,6 +237,7 @@ def _seg_head_sums_backward_kernel(
     K, h, w, H, W,
     num_old,
     ignore_index,
+    n_k_blocks,  # cdiv(K, BLOCK_K)
     n_xl_blocks,  # cdiv(w, BLOCK_XL)
     stride_mb, stride_mk, stride_my, stride_mx,  # masks strides
     stride_lb, stride_ly, stride_lx,  # labels strides
@@ -241,10 +247,14 @@ def _seg_head_sums_backward_kernel(
     BLOCK_X: tl.constexpr,  # window pixels per step (≥ 16)
     BLOCK_XL: tl.constexpr,  # low-res columns per program (≥ 16)
 ):
-    k_block = tl.program_id(0) // n_xl_blocks
-    xl_block = tl.program_id(0) % n_xl_blocks
-    low_row = tl.program_id(1).to(tl.int64)
-    image = tl.program_id(2).to(tl.int64)
+    # Flat grid, (class chunk, column block) fastest, then the low-res row, then the image: rows and images on
+    # grid axes 1 and 2 would fail on CUDA beyond 65535 (large batches).
+    pid = tl.program_id(0)
+    xl_block = pid % n_xl_blocks
+    k_block = (pid // n_xl_blocks) % n_k_blocks
+    row_and_image = pid // (n_xl_blocks * n_k_blocks)
+    low_row = (row_and_image % h).to(tl.int64)
+    image = (row_and_image // h).to(tl.int64)
     num_pixels = tl.cast(H, tl.int64) * W
 
     classes = k_block.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -253,7 +263,7 @@ def _seg_head_sums_backward_kernel(
     low_cols = xl_block.to(tl.int64) * BLOCK_XL + tl.arange(0, BLOCK_XL)
     in_low_cols = low_cols < w
 
-    # Scalar loads, in bounds by construction (the grid's last dim is exactly B; slots 0..7 of 8).
+    # Scalar loads, in bounds by construction (the grid has exactly B images; slots 0..7 of 8).
     grad_image = grad_sums_ptr + image * stride_gb
     g_ce_old = tl.load(grad_image).to(ACC_DTYPE)
     g_ce_new = tl.load(grad_image + stride_gs).to(ACC_DTYPE)
@@ -395,14 +405,15 @@ def _teacher_histogram_kernel(
     histogram_ptr,  # (K, num_bins) contiguous int32, zero-initialised: output (integer atomic adds)
     K, h, w, H, W,
     num_bins,  # entropy bins over [0, 1]
+    n_tiles,  # cdiv(H·W, BLOCK_P)
     stride_mb, stride_mk, stride_my, stride_mx,
     stride_lb, stride_ly, stride_lx,
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(0) % n_tiles  # flat grid, tile fastest (see the sums kernel)
+    image = (tl.program_id(0) // n_tiles).to(tl.int64)
     num_pixels = tl.cast(H, tl.int64) * W
     pixels = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     in_image = pixels < num_pixels
@@ -436,8 +447,8 @@ def _pseudo_label_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    image = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(0) % n_tiles  # flat grid, tile fastest (see the sums kernel)
+    image = (tl.program_id(0) // n_tiles).to(tl.int64)
     num_pixels = tl.cast(H, tl.int64) * W
     pixels = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     in_image = pixels < num_pixels
@@ -484,12 +495,13 @@ def seg_head_sums(
     partials = torch.empty((batch, n_tiles, NUM_SUMS), dtype=acc, device=masks.device)
     pixel_stats = torch.empty((batch, 3, height, width), dtype=acc, device=masks.device)
     if batch * height * width > 0:
-        _seg_head_sums_kernel[(n_tiles, batch)](
-            masks, labels, partials, pixel_stats,
-            num_classes, h, w, height, width, num_old, ignore_index, n_tiles,
-            *masks.stride(), *labels.stride(),
-            ACC_DTYPE=_tl_dtype(masks.dtype), BLOCK_P=FWD_BLOCK_P, BLOCK_K=block_k, num_warps=4,
-        )
+        with device_guard(masks.device):  # launch on the tensors' GPU, not the current one
+            _seg_head_sums_kernel[(n_tiles * batch,)](
+                masks, labels, partials, pixel_stats,
+                num_classes, h, w, height, width, num_old, ignore_index, n_tiles,
+                *masks.stride(), *labels.stride(),
+                ACC_DTYPE=_tl_dtype(masks.dtype), BLOCK_P=FWD_BLOCK_P, BLOCK_K=block_k, num_warps=4,
+            )
     # Fixed-order reduction over the tiles: deterministic.
     return partials.sum(1), pixel_stats
 
@@ -512,13 +524,14 @@ def seg_head_sums_backward(
     n_xl_blocks = triton.cdiv(w, block_xl)
     block_k = _class_block(num_classes, 16, BWD_BLOCK_K)
     n_k_blocks = triton.cdiv(num_classes, block_k)
-    _seg_head_sums_backward_kernel[(n_k_blocks * n_xl_blocks, h, batch)](
-        masks, labels, pixel_stats, grad_sums, grad_masks,
-        num_classes, h, w, height, width, num_old, ignore_index, n_xl_blocks,
-        *masks.stride(), *labels.stride(), *grad_sums.stride(),
-        ACC_DTYPE=_tl_dtype(masks.dtype), BLOCK_K=block_k, BLOCK_X=BWD_BLOCK_X, BLOCK_XL=block_xl,
-        num_warps=4,
-    )
+    with device_guard(masks.device):  # launch on the tensors' GPU, not the current one
+        _seg_head_sums_backward_kernel[(n_k_blocks * n_xl_blocks * h * batch,)](
+            masks, labels, pixel_stats, grad_sums, grad_masks,
+            num_classes, h, w, height, width, num_old, ignore_index, n_k_blocks, n_xl_blocks,
+            *masks.stride(), *labels.stride(), *grad_sums.stride(),
+            ACC_DTYPE=_tl_dtype(masks.dtype), BLOCK_K=block_k, BLOCK_X=BWD_BLOCK_X, BLOCK_XL=block_xl,
+            num_warps=4,
+        )
     return grad_masks
 
 
@@ -529,13 +542,14 @@ def teacher_histogram(teacher_masks: torch.Tensor, labels: torch.Tensor, num_bin
     histogram = torch.zeros((num_classes, num_bins), dtype=torch.int32, device=teacher_masks.device)
     n_tiles = triton.cdiv(height * width, FWD_BLOCK_P)
     if batch * n_tiles > 0:
-        _teacher_histogram_kernel[(n_tiles, batch)](
-            teacher_masks, labels, histogram,
-            num_classes, h, w, height, width, num_bins,
-            *teacher_masks.stride(), *labels.stride(),
-            ACC_DTYPE=_tl_dtype(teacher_masks.dtype), BLOCK_P=FWD_BLOCK_P,
-            BLOCK_K=_class_block(num_classes, 2, FWD_BLOCK_K), num_warps=4,
-        )
+        with device_guard(teacher_masks.device):  # launch on the tensors' GPU, not the current one
+            _teacher_histogram_kernel[(n_tiles * batch,)](
+                teacher_masks, labels, histogram,
+                num_classes, h, w, height, width, num_bins, n_tiles,
+                *teacher_masks.stride(), *labels.stride(),
+                ACC_DTYPE=_tl_dtype(teacher_masks.dtype), BLOCK_P=FWD_BLOCK_P,
+                BLOCK_K=_class_block(num_classes, 2, FWD_BLOCK_K), num_warps=4,
+            )
     return histogram.to(torch.int64)
 
 
@@ -549,11 +563,12 @@ def pseudo_label(
     pseudo = torch.empty((batch, height, width), dtype=torch.int64, device=teacher_masks.device)
     counts = torch.zeros((batch, n_tiles, 2), dtype=torch.int32, device=teacher_masks.device)
     if batch * n_tiles > 0:
-        _pseudo_label_kernel[(n_tiles, batch)](
-            teacher_masks, labels, thresholds, pseudo, counts,
-            num_classes, h, w, height, width, ignore_index, n_tiles,
-            *teacher_masks.stride(), *labels.stride(), thresholds.stride(0),
-            ACC_DTYPE=_tl_dtype(teacher_masks.dtype), BLOCK_P=FWD_BLOCK_P,
-            BLOCK_K=_class_block(num_classes, 2, FWD_BLOCK_K), num_warps=4,
-        )
+        with device_guard(teacher_masks.device):  # launch on the tensors' GPU, not the current one
+            _pseudo_label_kernel[(n_tiles * batch,)](
+                teacher_masks, labels, thresholds, pseudo, counts,
+                num_classes, h, w, height, width, ignore_index, n_tiles,
+                *teacher_masks.stride(), *labels.stride(), thresholds.stride(0),
+                ACC_DTYPE=_tl_dtype(teacher_masks.dtype), BLOCK_P=FWD_BLOCK_P,
+                BLOCK_K=_class_block(num_classes, 2, FWD_BLOCK_K), num_warps=4,
+            )
     return pseudo, counts.sum(1, dtype=torch.int64)
