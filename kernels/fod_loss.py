@@ -52,13 +52,13 @@ reference, gradients of rows with ‖x‖ < eps scale as 1/eps and overflow fp16
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from incrementer_fast.reference.core import compute_dtype
+
+from . import device_guard
 
 # Elements of one (BLOCK_M × BLOCK_D) tile per tensor: 4096 fp32 values over 8 warps is 16 registers per
 # thread per tensor, enough bytes in flight per SM to saturate HBM without spilling in the backward.
@@ -286,11 +286,6 @@ def _num_warps(block_m: int, block_d: int) -> int:
     return 8 if block_m * block_d >= 2048 else 4
 
 
-def _device_guard(device: torch.device):
-    """Launch on the tensors' GPU even when it is not the current one (Triton launches on the current one)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _layout_args(student, teacher, weight):
     student, teacher, weight, inner_size, strides = row_layout(student, teacher, weight)
     (so, si), (to, ti), (wo, wi) = strides
@@ -311,7 +306,7 @@ def fod_loss_forward(
     partials = torch.empty((2, num_programs), dtype=acc, device=student.device)
     loss = torch.empty((), dtype=acc, device=student.device)
     weight_sum = torch.empty((), dtype=acc, device=student.device)
-    with _device_guard(student.device):
+    with device_guard(student.device):
         _fod_loss_fwd_kernel[(num_programs,)](
             student, teacher, weight, partials, num_rows, dim, *layout,
             EPS=float(eps), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_num_warps(block_m, block_d),
@@ -344,7 +339,7 @@ def fod_loss_backward(
     block_m, block_d = _block_sizes(num_rows, dim)
     student, teacher, weight, layout = _layout_args(student, teacher, weight)
     grid = (triton.cdiv(num_rows, block_m),)
-    with _device_guard(device):
+    with device_guard(device):
         _fod_loss_bwd_kernel[grid](
             grad_loss, weight_sum, student, teacher, weight,
             # an unrequested gradient's pointer is never dereferenced (its store is compiled out)
