@@ -1,0 +1,245 @@
+"""The ``incrementer-fast`` command (also ``python -m incrementer_fast``).
+
+    incrementer-fast train --dataset voc --data-root DATA --task 15-1 --setting overlapped \\
+        --method incrementer --out runs/voc-15-1 [--step K] [--resume] [--epochs N] [...]
+    incrementer-fast demo [--out DIR]
+
+``train`` has one option per field of ``TrainConfig`` (``--lambda-visual 1.0``, ``--no-use-fod``, ...; the
+help text is the field's documentation). Its defaults are ``TrainConfig``'s, or the demo preset for
+``--dataset synthetic``; with ``--resume`` they are the run directory's ``config.json`` and any option given
+must agree with it. Under ``torchrun`` every process runs this same command.
+
+``demo`` is the main job on the embedded default: the synthetic dataset generated into ``DIR/data``, a tiny
+ViT on the CPU, every step of the demo task for ``incrementer`` and ``finetune`` (``DIR/incrementer``,
+``DIR/finetune``), then the old / new / all mIoU table of both.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+from .continual.config import RESUMABLE_FIELDS, TrainConfig
+
+
+class CommandError(Exception):
+    """A user error reported as ``error: ...`` without a traceback."""
+
+
+# ------------------------------------------------------------------------------------ config options
+def _field_docs() -> dict[str, str]:
+    """Field name → the docstring written under it in TrainConfig's source."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _option_parser(hint):
+    """(value type, whether None is allowed) of an annotation such as ``int | None``."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    docs = _field_docs()
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    demo = TrainConfig.demo()
+    group = parser.add_argument_group("training configuration (TrainConfig; defaults: paper scale, or the demo "
+                                      "preset for --dataset synthetic)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        base, optional = _option_parser(hints[f.name])
+        default_text = f"default {getattr(defaults, f.name)!r}"
+        if getattr(demo, f.name) != getattr(defaults, f.name):
+            default_text += f"; synthetic {getattr(demo, f.name)!r}"
+        help_text = f"{docs.get(f.name, '')} ({default_text})".replace("%", "%%")
+        if base is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+
+        def convert(text: str, base=base, optional=optional, name=flag):
+            if optional and text.lower() == "none":
+                return None
+            try:
+                return base(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{name} expects {base.__name__}, got {text!r}") from None
+
+        convert.__name__ = base.__name__
+        group.add_argument(flag, dest=f.name, type=convert, default=argparse.SUPPRESS,
+                           metavar=base.__name__.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, stored: dict | None = None) -> TrainConfig:
+    """TrainConfig from the options given on the command line over the base (stored config.json when
+    resuming, else the dataset's defaults); ``CommandError`` for invalid values or stored-config clashes."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if stored is not None:
+        clashes = [f"--{k.replace('_', '-')} {v!r} (the run has {stored.get(k)!r})" for k, v in given.items()
+                   if stored.get(k) != v and k not in RESUMABLE_FIELDS]
+        if clashes:
+            raise CommandError("--resume continues a run with its own configuration; these options differ: "
+                               + ", ".join(clashes))
+        values = {**stored, **given}
+    else:
+        dataset = given.get("dataset", TrainConfig.dataset)
+        base = TrainConfig.demo().to_dict() if dataset == "synthetic" else TrainConfig().to_dict()
+        if dataset == "ade" and "task" not in given:
+            base["task"] = "100-50"
+        values = {**base, **given}
+    try:
+        config = TrainConfig.from_dict(values)
+        config.accumulation_steps(int(os.environ.get("WORLD_SIZE", "1")))
+    except (TypeError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    if config.dataset != "synthetic" and config.data_root is None:
+        raise CommandError(f"--data-root is required for --dataset {config.dataset}")
+    return config
+
+
+def _check_step(config: TrainConfig, step: int | None) -> None:
+    from .continual.run import scenario_task
+
+    try:
+        steps = len(scenario_task(config))
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    if step is not None and not 0 <= step < steps:
+        raise CommandError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has {steps} "
+                           f"steps, 0..{steps - 1}")
+
+
+# ------------------------------------------------------------------------------------ commands
+def _train(args: argparse.Namespace) -> int:
+    from .continual.run import run_scenario
+
+    out = Path(args.out)
+    stored = None
+    if args.resume and (out / "config.json").exists():
+        stored = json.loads((out / "config.json").read_text())["config"]
+    config = config_from_args(args, stored)
+    _check_step(config, args.step)
+    run_scenario(config, out, step=args.step, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def demo_table(results: dict[str, list[dict]]) -> str:
+    """Old / new / all mIoU (%) per step, one column group per method, and the constant-prediction
+    reference of the new classes (``chance``: the mean share of their pixels, the same for every method)."""
+    methods = list(results)
+    steps = sorted({r["step"] for records in results.values() for r in records})
+
+    def cell(value):
+        return "   -" if value is None else f"{100 * value:4.1f}"
+
+    header = f"{'step':>4}  {'classes':<8}" + "".join(f" | {m:^16}" for m in methods) + " | chance"
+    sub = f"{'':>4}  {'':<8}" + "".join(f" | {'old':>4} {'new':>5} {'all':>5}" for _ in methods) + " |   new"
+    lines = [header, sub, "-" * len(sub)]
+    for step in steps:
+        row = None
+        cells = []
+        for m in methods:
+            record = next((r for r in results[m] if r["step"] == step), None)
+            row = row or record
+            if record is None:
+                cells.append(f" | {'':>16}")
+            else:
+                cells.append(f" | {cell(record['miou_old'])} {cell(record['miou_new']):>5} "
+                             f"{cell(record['miou_all']):>5}")
+        classes = row["classes"]
+        span = f"{classes[0]}-{classes[-1]}" if len(classes) > 1 else str(classes[0])
+        chance = f" | {cell(row.get('chance_miou_new')):>5}"
+        lines.append(f"{step:>4}  {span:<8}" + "".join(cells) + chance)
+    return "\n".join(lines)
+
+
+def run_demo(out, *, resume: bool = False, progress: bool = True, log=print, **overrides) -> dict[str, list[dict]]:
+    """The demo: synthetic data in ``out/data``; ``incrementer`` then ``finetune`` on every step of the demo
+    task. Step 0 (plain CE for both methods, same seed) is trained once and copied into the finetune run."""
+    from .continual.run import copy_finished_step, finished_steps, run_scenario
+
+    out = Path(out)
+    base = TrainConfig.demo(data_root=str(out / "data"), **overrides)
+    results = {}
+    incrementer = dataclasses.replace(base, method="incrementer")
+    results["incrementer"] = run_scenario(incrementer, out / "incrementer", resume=resume, progress=progress,
+                                          log=log)
+    finetune = dataclasses.replace(base, method="finetune")
+    if 0 not in finished_steps(out / "finetune"):
+        copy_finished_step(out / "incrementer", out / "finetune", 0)
+    results["finetune"] = run_scenario(finetune, out / "finetune", resume=True, progress=progress, log=log)
+    return results
+
+
+def _demo(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    results = run_demo(args.out, resume=args.resume, progress=not args.quiet)
+    print()
+    print(f"demo: synthetic task {TrainConfig.demo().task}, mIoU (%) on the validation images of the classes "
+          f"seen so far")
+    print(demo_table(results))
+    print(f"runs in {Path(args.out).resolve()} (metrics.json, miou.png, predictions_step*.png); "
+          f"{time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="incrementer-fast", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo}")
+    train = commands.add_parser("train", help="train a class-incremental scenario (every step, or one)")
+    train.add_argument("--out", required=True, help="run directory (created; holds config.json, metrics, "
+                                                    "checkpoints and figures)")
+    train.add_argument("--step", type=int, default=None,
+                       help="train this step only (the previous step must be finished in --out)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last finished step, with its config.json")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    _add_config_options(train)
+    demo = commands.add_parser("demo", help="the synthetic scenario, tiny ViT, CPU: incrementer vs finetune")
+    demo.add_argument("--out", default="runs/demo", help="where the data and both runs go (default runs/demo)")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .continual.run import RunError
+
+    try:
+        if args.command == "train":
+            return _train(args)
+        return _demo(args)
+    except (CommandError, RunError, FileNotFoundError, FileExistsError, ValueError) as error:
+        # User errors: a bad option (exit 2), or a run directory / data problem (exit 1; the datasets name
+        # the file). --traceback shows where, for the rare ValueError that is a bug.
+        if args.traceback:
+            raise
+        print(f"incrementer-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, CommandError) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

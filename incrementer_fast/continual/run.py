@@ -1,0 +1,410 @@
+"""A whole class-incremental run in one call, with a run directory that survives crashes.
+
+``run_scenario(config, out_dir)`` trains every step of ``config.task`` (or one, ``step=k``) and writes::
+
+    out_dir/config.json            the TrainConfig (plus the launch: world size, accumulation, device)
+    out_dir/metrics.json           [{step, classes, miou_old, miou_new, miou_all, per_class_iou,
+                                     new_fp_rate, ...}, ...] one record per finished step
+    out_dir/metrics.csv            the same, one row per step, one column per class IoU
+    out_dir/step_<k>.pt            the model after step k (Incrementer.save: temporary file, then rename)
+    out_dir/miou.png               old / new / all mIoU per step
+    out_dir/predictions_step<k>.png  image | ground truth | prediction for a few validation images
+    out_dir/cache/                 the per-step image selections (see scenarios.cached_select_images)
+
+A step is *finished* when its checkpoint and its metrics record both exist; the checkpoint is written first,
+so a crash between the two only repeats that step. ``resume=True`` skips the finished steps and continues
+from the last one's checkpoint. Each step's randomness is seeded by (seed, step) alone, so on the CPU a
+resumed run gives the metrics of an uninterrupted one exactly.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here (NCCL on CUDA, gloo on the
+CPU) unless the caller already did; every process trains and evaluates its share, rank 0 alone writes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..model import Incrementer
+from .config import RESUMABLE_FIELDS, TrainConfig
+from .datasets import build_dataset, train_transform, val_transform
+from .metrics import summarize
+from .scenarios import (atomic_write_json, cached_select_images, classes_up_to, get_task, new_classes,
+                        old_classes, remap_eval_labels, select_eval_images)
+from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
+                    seed_everything, train_step)
+
+METRIC_KEYS = ("step", "classes", "miou_old", "miou_new", "miou_all", "per_class_iou", "new_fp_rate")
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as asked (already finished, config mismatch, missing step)."""
+
+
+# ------------------------------------------------------------------------------------ run directory
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"step_{step}.pt"
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.json"
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def finished_steps(out_dir: Path) -> list[int]:
+    """Steps with both a metrics record and a checkpoint."""
+    return sorted(r["step"] for r in read_records(out_dir) if checkpoint_path(out_dir, r["step"]).exists())
+
+
+def _check_resumable(stored: dict, config: TrainConfig, out_dir: Path) -> None:
+    current = config.to_dict()
+    differing = [f"{k}: run has {stored.get(k)!r}, asked {current[k]!r}" for k in current
+                 if k not in RESUMABLE_FIELDS and stored.get(k) != current[k]]
+    if differing:
+        raise RunError(f"{out_dir} was started with another configuration; "
+                       f"resume with the same options or use another --out ({'; '.join(differing)})")
+
+
+def write_metrics(out_dir: Path, records: list[dict], num_classes_total: int) -> None:
+    """metrics.json (atomic) and metrics.csv (atomic), sorted by step."""
+    records = sorted(records, key=lambda r: r["step"])
+    atomic_write_json(Path(out_dir) / "metrics.json", records)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["step", "classes", "miou_old", "miou_new", "miou_all", "new_fp_rate"]
+                    + [f"iou_{c}" for c in range(num_classes_total)])
+    for r in records:
+        ious = list(r["per_class_iou"]) + [None] * (num_classes_total - len(r["per_class_iou"]))
+        writer.writerow([r["step"], " ".join(map(str, r["classes"]))]
+                        + ["" if v is None else f"{v:.6f}" for v in
+                           [r["miou_old"], r["miou_new"], r["miou_all"], r["new_fp_rate"], *ious]])
+    _atomic_write_bytes(Path(out_dir) / "metrics.csv", buffer.getvalue().encode())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def plot_miou(out_dir: Path, records: list[dict]) -> None:
+    """miou.png: old / new / all mIoU (%) per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = sorted(records, key=lambda r: r["step"])
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for key, label in (("miou_old", "old"), ("miou_new", "new"), ("miou_all", "all")):
+        values = [math.nan if r[key] is None else 100 * r[key] for r in records]
+        ax.plot(steps, values, marker="o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(steps)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    temporary = Path(out_dir) / ".miou.png.tmp"
+    fig.savefig(temporary, format="png")
+    plt.close(fig)
+    os.replace(temporary, Path(out_dir) / "miou.png")
+
+
+def _palette() -> np.ndarray:
+    """The VOC colour map (class c → RGB), 255 → white."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for c in range(256):
+        r = g = b = 0
+        value = c
+        for shift in range(7, -1, -1):
+            r |= ((value >> 0) & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[c] = (r, g, b)
+    palette[255] = (255, 255, 255)
+    return palette
+
+
+def save_prediction_grid(path: Path, images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
+                         mean, std) -> None:
+    """One row per image: the image (normalisation undone), its ground truth, the prediction."""
+    from PIL import Image
+
+    palette = _palette()
+    mean = torch.tensor(mean).view(3, 1, 1)
+    std = torch.tensor(std).view(3, 1, 1)
+    rows = []
+    for image, label, prediction in zip(images.cpu(), labels.cpu(), predictions.cpu()):
+        rgb = ((image.float() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        rows.append(np.concatenate([rgb, palette[label.numpy()], palette[prediction.numpy()]], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    zoom = max(1, 512 // grid.shape[1])
+    picture = Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST)
+    temporary = path.with_name(f".{path.name}.tmp")
+    picture.save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+# ------------------------------------------------------------------------------------ demo backbone
+DEMO_BACKBONE = "vit_demo_patch8"
+
+
+def _register_demo_backbone() -> None:
+    """Register ``vit_demo_patch8`` with timm: a plain timm VisionTransformer of ViT-Tiny's width (192,
+    3 heads, MLP 4×) with 4 blocks and 8-pixel patches, for the CPU demo.
+
+    Why not ``vit_tiny_patch16_224``: trained from scratch on the synthetic set on a CPU, its 16-pixel
+    patches leave a 6 × 6 grid on 96² images and 12 blocks learn slowly with SGD — after 4 epochs of step 0
+    it reached 12.7% mIoU (background only, in effect), where this backbone on 64² images (8 × 8 patches)
+    reached 38-43% in the same CPU time (notes in the README).
+    """
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if timm.is_model(DEMO_BACKBONE):
+        return
+
+    def vit_demo_patch8(pretrained: bool = False, **kwargs) -> VisionTransformer:
+        if pretrained:
+            raise ValueError(f"{DEMO_BACKBONE} has no pretrained weights")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)  # timm's factory passes these; a bare VisionTransformer takes none
+        options = dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0)
+        options.update(kwargs)
+        return VisionTransformer(**options)
+
+    register_model(vit_demo_patch8)
+
+
+_register_demo_backbone()
+
+
+# ------------------------------------------------------------------------------------ data
+def resolve_data_root(config: TrainConfig, out_dir: Path) -> Path:
+    if config.data_root is not None:
+        return Path(config.data_root)
+    if config.dataset == "synthetic":
+        return Path(out_dir) / "data"
+    raise ValueError(f"--data-root is required for dataset {config.dataset!r}")
+
+
+def prepare_synthetic(config: TrainConfig, root: Path) -> None:
+    """Generate the synthetic dataset into ``root`` unless it is already there (deterministic from
+    ``synthetic_seed``; generate_synthetic refuses a folder holding another dataset)."""
+    from .synthetic import generate_synthetic
+
+    generate_synthetic(root, seed=config.synthetic_seed, num_train=config.synthetic_train_images,
+                       num_val=config.synthetic_val_images, image_size=config.synthetic_image_size)
+
+
+def scenario_task(config: TrainConfig) -> list[list[int]]:
+    """The steps to train: the named task, or for ``joint`` all its classes in one step."""
+    task = get_task(config.dataset, config.task)
+    if config.method == "joint":
+        return [classes_up_to(task, len(task) - 1)]
+    return task
+
+
+def build_model(config: TrainConfig, num_classes: int) -> Incrementer:
+    return Incrementer(
+        config.backbone, num_classes, d_model=config.d_model, n_layers=config.n_layers, scale=config.scale,
+        learnable_scale=config.learnable_scale, new_token_init=config.new_token_init, weights=config.weights,
+        attention=config.attention, drop_path_rate=config.drop_path_rate, dropout=config.dropout,
+        img_size=config.img_size,
+    )
+
+
+# ------------------------------------------------------------------------------------ the run
+def _init_distributed(config: TrainConfig) -> bool:
+    """Initialise the process group of a torchrun launch; True when this call did it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    use_cuda = config.device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resume: bool = False,
+                 progress: bool = True, log=print) -> list[dict]:
+    """Train and evaluate the steps of ``config`` into ``out_dir``; returns the metrics records of the run
+    directory (every finished step). ``step=k`` trains step k only (step k − 1 must be finished there);
+    ``resume=True`` continues a run directory, skipping its finished steps."""
+    out_dir = Path(out_dir)
+    owns_group = _init_distributed(config)
+    try:
+        return _run(config, out_dir, step=step, resume=resume, progress=progress, log=log)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> list[dict]:
+    env = current_dist_env()
+    device = resolve_device(config, env)
+    if log is None or not env.is_main:
+        log = _silent
+    task = scenario_task(config)
+    if step is not None and not 0 <= step < len(task):
+        raise ValueError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has "
+                         f"{len(task)} steps, 0..{len(task) - 1}")
+    accumulation = config.accumulation_steps(env.world_size)
+
+    # Run directory: config.json, resumption checks (every rank reads; rank 0 writes).
+    config_path = out_dir / "config.json"
+    records = read_records(out_dir)
+    done = set(finished_steps(out_dir))
+    if records and not resume and step is None:
+        raise RunError(f"{out_dir} already holds a run (steps {sorted(done)} finished): "
+                       "pass --resume to continue it or choose another --out")
+    if config_path.exists():
+        _check_resumable(json.loads(config_path.read_text())["config"], config, out_dir)
+    if step is not None and step > 0 and (step - 1) not in done:
+        raise RunError(f"--step {step} needs step {step - 1} finished in {out_dir} "
+                       f"(finished: {sorted(done) or 'none'})")
+    launch = dict(world_size=env.world_size, micro_batch_size=config.micro_batch(env.world_size),
+                  accumulation_steps=accumulation, effective_batch_size=config.batch_size,
+                  device=str(device), task_steps=task)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(config_path, {"config": config.to_dict(), "launch": launch})
+        log(f"run {out_dir}: {config.method} on {config.dataset} {config.task} ({config.setting}), "
+            f"{len(task)} steps; effective batch {config.batch_size} = {env.world_size} process(es) × "
+            f"{launch['micro_batch_size']} images × {accumulation} accumulation step(s); device {device}")
+
+    # Data (opened before the model is built, so that a wrong root fails at once).
+    data_root = resolve_data_root(config, out_dir)
+    if config.dataset == "synthetic" and env.is_main:
+        prepare_synthetic(config, data_root)
+    _barrier(env)
+    cache_dir = out_dir / "cache"
+    train_set = build_dataset(config.dataset, data_root, "train", cache_dir=cache_dir)
+    val_set = build_dataset(config.dataset, data_root, "val", cache_dir=cache_dir)
+    steps_to_run = [step] if step is not None else [s for s in range(len(task)) if not (resume and s in done)]
+    if not steps_to_run:
+        log(f"every step of {out_dir} is already finished")
+        return sorted(records, key=lambda r: r["step"])
+
+    # The normalisation comes from the backbone.
+    first = steps_to_run[0]
+    if first == 0:
+        seed_everything(derive_seed(config.seed, "init"))
+        model = build_model(config, len(task[0]))
+    else:
+        model = Incrementer.from_checkpoint(checkpoint_path(out_dir, first - 1), attention=config.attention)
+    mean, std = model.normalization
+    train_set.transform = train_transform(config.crop_size, mean, std,
+                                          scale=(config.train_scale_min, config.train_scale_max))
+    val_set.transform = val_transform(config.val_size, mean, std)
+    train_labels = train_set.image_labels()
+    val_labels = val_set.image_labels()
+
+    for current in steps_to_run:
+        started = time.perf_counter()
+        if current > 0 and model.num_classes != len(classes_up_to(task, current - 1)):
+            model = Incrementer.from_checkpoint(checkpoint_path(out_dir, current - 1), attention=config.attention)
+        model.to(device)
+        # A checkpoint carries its own new-token rule; the run's config decides (they differ only when a
+        # finished step 0 was copied from another run, as the demo and scripts/ablate.py do).
+        model.new_token_init = model.config["new_token_init"] = config.new_token_init
+        teacher = None
+        if current > 0:
+            if config.method == "incrementer":
+                teacher = model.frozen_copy()
+            seed_everything(derive_seed(config.seed, "add_classes", current))
+            model.add_classes(len(task[current]))
+        ids = cached_select_images(cache_dir, train_labels, config.dataset, task, current,
+                                   config.setting == "overlapped")
+        if not ids:
+            raise RunError(f"step {current} of task {config.task!r} has no training image in {data_root}")
+        step_train = train_set.subset(ids)
+        log(f"step {current}: classes {task[current]}, {len(step_train)} training images, "
+                f"{model.num_classes} classes in the model")
+        train_step(model, teacher, step_train, config=config, task=task, step=current, device=device, env=env,
+                   progress=progress, log=log)
+        del teacher
+        eval_ids = select_eval_images(val_labels, config.dataset, task, current)
+        step_val = val_set.subset(eval_ids)
+        matrix = evaluate(model, step_val, config=config, task=task, step=current, device=device, env=env,
+                          progress=progress)
+        summary = summarize(matrix, old_classes(task, current), new_classes(task, current))
+        record = {"step": current, "classes": list(task[current]), **summary,
+                  "chance_miou_new": chance_miou(matrix.mat, new_classes(task, current)),
+                  "val_images": len(step_val), "train_images": len(step_train),
+                  "seconds": round(time.perf_counter() - started, 2)}
+        if env.is_main:
+            model.save(checkpoint_path(out_dir, current))
+            records = [r for r in records if r["step"] != current] + [record]
+            write_metrics(out_dir, records, len(classes_up_to(task, len(task) - 1)))
+            plot_miou(out_dir, records)
+            _visualise(model, step_val, config, task, current, device, out_dir, mean, std)
+            log(f"step {current} done in {record['seconds']:.1f} s: " + format_record(record))
+        _barrier(env)
+    return sorted(records, key=lambda r: r["step"])
+
+
+def chance_miou(matrix: torch.Tensor, classes) -> float | None:
+    """The reference for "above chance": the mean over ``classes`` of the IoU of predicting that class at
+    every pixel, which is the class's share of the evaluated pixels (no constant guess does better)."""
+    ground_truth = matrix.sum(1).double()
+    total = float(ground_truth.sum())
+    if total == 0 or not classes:
+        return None
+    return sum(float(ground_truth[c]) / total for c in classes) / len(classes)
+
+
+def _silent(*_args) -> None:
+    """The log of a quiet run, and of every rank but 0."""
+
+
+def _visualise(model, val_set, config, task, step, device, out_dir, mean, std) -> None:
+    count = min(config.num_visualised, len(val_set))
+    if count == 0:
+        return
+    items = [val_set[i] for i in range(count)]
+    images = torch.stack([image for image, _ in items])
+    labels = torch.stack([torch.as_tensor(label) for _, label in items])
+    predictions = predict(model, images, config, device)
+    model.train()
+    save_prediction_grid(out_dir / f"predictions_step{step}.png", images,
+                         remap_eval_labels(labels.long(), task, step), predictions, mean, std)
+
+
+def _percent(value) -> str:
+    return "  -  " if value is None else f"{100 * value:5.1f}"
+
+
+def format_record(record: dict) -> str:
+    return (f"mIoU old {_percent(record['miou_old'])}, new {_percent(record['miou_new'])}, "
+            f"all {_percent(record['miou_all'])}")
+
+
+def copy_finished_step(source: Path, target: Path, step: int) -> None:
+    """Copy step ``step``'s checkpoint and record from one run directory to another (the demo trains step 0
+    once: it is the same plain-CE training for every method)."""
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint_path(source, step), checkpoint_path(target, step))
+    record = next(r for r in read_records(source) if r["step"] == step)
+    records = [r for r in read_records(target) if r["step"] != step] + [record]
+    atomic_write_json(target / "metrics.json", sorted(records, key=lambda r: r["step"]))

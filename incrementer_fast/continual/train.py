@@ -1,0 +1,461 @@
+"""Training and evaluation of one class-incremental step.
+
+Per step t of a task (the classes of each step, background in step 0):
+
+* the model gets step t's class tokens (``add_classes``, earlier tokens frozen); the teacher is a frozen copy
+  of step t − 1's model;
+* PLOP's per-class entropy thresholds are computed once over step t's training images through the teacher
+  (``entropy_histogram`` summed over the images and over the processes, then ``plop_thresholds``);
+* every micro-batch: the training labels hold step t's classes and 0 elsewhere; background pixels take the
+  teacher's confident prediction, the rest of the background is ignored (``pseudo_label``), and
+
+      L = CE(pseudo-labels; weight w_new on the new classes; ignore 255; PLOP's per-image factor)
+          + λ_v · fod_loss(student visual tokens, teacher's, fod_token_weights(pseudo-labels, K_old, p, β))
+          + λ_c · fod_loss(student class embeddings of the K_old old classes, teacher's, unit weights)
+          + λ_d · cds_dice_loss(same logits, pseudo-labels, K_old)
+
+  (``compute_losses``). FOD's token weights are computed on the pseudo-labels, not the training labels: the
+  training labels hold no old class (old classes are background at step t), the pseudo-labels do, so an
+  old-class patch gets weight 1, a background or uncertain patch β and a patch touching a new class 0.
+  Step 0, ``finetune`` and ``joint`` train with plain CE on the training labels.
+
+Optimisation: SGD + poly schedule per step, learning rate ``lr`` at step 0 and ``lr_incremental`` later,
+bf16 autocast on CUDA, optional ``torch.compile``, DDP when launched by ``torchrun``.
+
+Determinism and world-size independence. Each optimiser update consumes one *effective batch* of
+``batch_size`` images, split into micro-batches of ``micro_batch_size``; process r of W takes the r-th
+contiguous share of the effective batch and accumulates its micro-batches (``EffectiveBatchSampler``). The
+image order is a permutation seeded by (seed, step, epoch); each image's augmentation is seeded by (seed,
+step, epoch, image) (``SeededSamples``), whatever worker loads it; dropout and drop-path are seeded by (seed,
+step, global micro-batch index). So a micro-batch is the same tensor computation on any number of processes,
+and the update — the mean of the micro-batch gradients, by accumulation and by DDP's all-reduce — differs only
+by the order of float additions. ``torch.utils.data.DistributedSampler`` is not used for this reason: it
+deals indices round-robin (and pads the last batch by repeating images), so the micro-batches would change
+with the number of processes. Evaluation shards the validation images the same way without padding, so the
+all-reduced confusion matrix counts each image exactly once.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm.auto import tqdm
+
+from .. import fod_loss, fod_token_weights, cds_dice_loss
+from ..ops import seg_head as fused_seg_head
+from ..reference import seg_head as reference_seg_head
+from .config import TrainConfig
+from .metrics import ConfusionMatrix
+from .scenarios import classes_up_to, remap_eval_labels, remap_train_labels
+
+IGNORE_INDEX = 255
+PLOP_NUM_BINS = 100
+
+
+# ------------------------------------------------------------------------------------ processes, seeds
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def current_dist_env() -> DistEnv:
+    if dist.is_available() and dist.is_initialized():
+        import os
+
+        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistEnv()
+
+
+def resolve_device(config: TrainConfig, env: DistEnv) -> torch.device:
+    """``config.device`` → a device; under DDP each process takes the GPU of its local rank."""
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was requested but CUDA is not available")
+    return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+
+
+def derive_seed(*parts) -> int:
+    """A 32-bit seed from any tuple of ints and strings (stable across processes and Python runs)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (the transforms may use any of them)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------ data order
+class SeededSamples(Dataset):
+    """Wraps a dataset; item ``(tag, index)`` seeds the global generators from (seed, tag, index) before
+    loading ``dataset[index]``, so the random augmentation of an image does not depend on which process or
+    worker loads it, nor on what was loaded before. (It reseeds the global generators of the process that
+    loads: a worker, or the main process when ``num_workers=0`` — training reseeds them per micro-batch.)"""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        tag, index = key
+        seed_everything(derive_seed(self.seed, tag, index))
+        return self.dataset[index]
+
+
+class EffectiveBatchSampler(Sampler):
+    """This process's micro-batches of ``(tag, index)`` keys for ``epochs`` epochs of ``num_images`` images.
+
+    An epoch is ⌈num_images / batch_size⌉ updates over a permutation seeded by (seed, step, epoch), extended
+    cyclically so that every update has ``batch_size`` images. Update u's images are cut into ``world_size``
+    contiguous shares; process ``rank`` yields its share as ``accumulation`` micro-batches of
+    ``micro_batch`` images. The micro-batch with global index u·W·A + rank·A + a is the same on any W.
+    """
+
+    def __init__(self, num_images: int, *, batch_size: int, micro_batch: int, accumulation: int, rank: int,
+                 world_size: int, seed: int, step: int, epochs: int):
+        if num_images <= 0:
+            raise ValueError("no training images for this step: check the task and the dataset")
+        if micro_batch * accumulation * world_size != batch_size:
+            raise ValueError(
+                f"micro_batch {micro_batch} × accumulation {accumulation} × world_size {world_size} "
+                f"must equal batch_size {batch_size}"
+            )
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.micro_batch = micro_batch
+        self.accumulation = accumulation
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.step = step
+        self.epochs = epochs
+        self.updates_per_epoch = math.ceil(num_images / batch_size)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.step, epoch))
+        order = torch.randperm(self.num_images, generator=generator).tolist()
+        needed = self.updates_per_epoch * self.batch_size
+        return (order * math.ceil(needed / self.num_images))[:needed]
+
+    def __iter__(self):
+        share = self.batch_size // self.world_size
+        for epoch in range(self.epochs):
+            order = self.epoch_order(epoch)
+            tag = ("train", self.step, epoch)
+            for update in range(self.updates_per_epoch):
+                start = update * self.batch_size + self.rank * share
+                mine = order[start:start + share]
+                for a in range(self.accumulation):
+                    yield [(tag, i) for i in mine[a * self.micro_batch:(a + 1) * self.micro_batch]]
+
+    def __len__(self) -> int:
+        return self.epochs * self.updates_per_epoch * self.accumulation
+
+
+def shard(num_items: int, env: DistEnv) -> list[int]:
+    """Indices of this process's share of ``num_items`` (rank, rank + W, ...; no padding)."""
+    return list(range(env.rank, num_items, env.world_size))
+
+
+class _Keyed(Dataset):
+    """Items ``(tag, index)`` of a fixed tag, so ``SeededSamples`` can be read by a plain ``DataLoader``."""
+
+    def __init__(self, samples: SeededSamples, tag):
+        self.samples = samples
+        self.tag = tag
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.samples[(self.tag, index)]
+
+
+def _loader(dataset, config: TrainConfig, device: torch.device, **kwargs) -> DataLoader:
+    return DataLoader(
+        dataset,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+        # A private generator: creating an iterator must not consume the global RNG.
+        generator=torch.Generator(),
+        **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------------ losses
+@dataclass
+class LossTerms:
+    """The loss of one micro-batch and its terms (0-dim float32; the unused terms are 0)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    dice: torch.Tensor
+    fod_visual: torch.Tensor
+    fod_class: torch.Tensor
+
+    NAMES = ("total", "ce", "dice", "fod_visual", "fod_class")
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([getattr(self, n).detach().float() for n in self.NAMES])
+
+
+def _reference_seg_loss(masks, labels, num_old, new_class_weight, image_weight):
+    """CE + CDS dice by the plain composition: full-resolution logits F.interpolate → F.cross_entropy
+    (class weights; PLOP's image factor in the numerator) and ``inc.cds_dice_loss``."""
+    logits = F.interpolate(masks.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    weight = torch.ones(masks.shape[1], device=masks.device)
+    weight[num_old:] = new_class_weight
+    if image_weight is None:
+        ce = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX)
+    else:
+        per_pixel = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="none")
+        valid = labels != IGNORE_INDEX
+        denominator = (weight[labels.clamp(max=masks.shape[1] - 1)] * valid).sum()
+        ce = (per_pixel * image_weight[:, None, None]).sum() / denominator.clamp_min(1e-12)
+    dice = cds_dice_loss(logits, labels, num_old, IGNORE_INDEX)
+    return ce, dice
+
+
+def _seg_loss(fused: bool, masks, labels, num_old, new_class_weight, image_weight):
+    if fused:
+        return fused_seg_head.seg_head_loss(masks, labels, num_old, float(new_class_weight), IGNORE_INDEX,
+                                            1.0, image_weight)
+    return _reference_seg_loss(masks, labels, num_old, new_class_weight, image_weight)
+
+
+def make_pseudo_labels(config: TrainConfig, teacher_masks, labels, thresholds):
+    """PLOP's pseudo-labels and per-image factors from the teacher's patch-resolution masks."""
+    ops = fused_seg_head if config.fused_head else reference_seg_head
+    return ops.pseudo_label(teacher_masks, labels, thresholds, IGNORE_INDEX)
+
+
+def compute_losses(config: TrainConfig, student, labels: torch.Tensor, *, num_old: int, patch_size: int,
+                   teacher=None, thresholds: torch.Tensor | None = None) -> LossTerms:
+    """The loss of a micro-batch (see the module docstring).
+
+    ``student``/``teacher``: model outputs (``masks``, ``patch_embeddings``, ``class_embeddings``);
+    ``labels`` (B, H, W): the training labels of the step (its classes, 0 elsewhere, 255 ignored).
+    Without a teacher (step 0, ``finetune``, ``joint``): plain CE on ``labels``. With one: PLOP
+    pseudo-labels from the teacher and ``thresholds`` (K_old,), then CE + λ_d·dice + λ_v·FOD_v + λ_c·FOD_c
+    (terms switched off by ``use_cds`` / ``use_fod`` are reported but not added).
+    ``config.fused_head`` picks the fused ops or the full-resolution reference; both give the same values.
+    """
+    labels = labels.long()
+    if teacher is None:
+        # Plain CE: class weights all 1, so num_old only selects which dice is computed (and dropped).
+        ce, _ = _seg_loss(config.fused_head, student.masks, labels, 1, 1.0, None)
+        zero = torch.zeros((), device=ce.device)
+        return LossTerms(total=ce, ce=ce, dice=zero, fod_visual=zero, fod_class=zero)
+    if thresholds is None:
+        raise ValueError("compute_losses with a teacher needs the PLOP thresholds")
+    with torch.no_grad():
+        pseudo, image_factor = make_pseudo_labels(config, teacher.masks.float(), labels, thresholds)
+    image_weight = image_factor.float() if config.plop_image_factor else None
+    ce, dice = _seg_loss(config.fused_head, student.masks, pseudo, num_old, config.new_class_weight,
+                         image_weight)
+    total = ce
+    if config.use_cds:
+        total = total + config.lambda_dice * dice
+    token_weights = fod_token_weights(pseudo, num_old, patch_size, config.fod_bg_weight, IGNORE_INDEX)
+    fod_visual = fod_loss(student.patch_embeddings.float(), teacher.patch_embeddings.float(), token_weights)
+    student_old = student.class_embeddings[:, :num_old].float()
+    fod_class = fod_loss(student_old, teacher.class_embeddings.float(),
+                         torch.ones(student_old.shape[:2], device=student_old.device))
+    if config.use_fod:
+        total = total + config.lambda_visual * fod_visual + config.lambda_class * fod_class
+    return LossTerms(total=total, ce=ce, dice=dice, fod_visual=fod_visual, fod_class=fod_class)
+
+
+# ------------------------------------------------------------------------------------ PLOP thresholds
+def _autocast(config: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+
+
+@torch.no_grad()
+def plop_thresholds(teacher, train_set, *, config: TrainConfig, task, step: int, device: torch.device,
+                    env: DistEnv) -> torch.Tensor:
+    """PLOP's per-class entropy thresholds over step ``step``'s training images (augmented as in training,
+    with their own seeds), through ``teacher``; histograms summed over the processes."""
+    samples = _Keyed(SeededSamples(train_set, config.seed), ("plop", step))
+    loader = _loader(Subset(samples, shard(len(train_set), env)), config, device,
+                     batch_size=config.eval_batch_size, shuffle=False)
+    ops = fused_seg_head if config.fused_head else reference_seg_head
+    num_old = teacher.num_classes
+    histogram = torch.zeros(num_old, PLOP_NUM_BINS, dtype=torch.int64, device=device)
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = remap_train_labels(labels, task, step).to(device, non_blocking=True).long()
+        with _autocast(config, device):
+            masks = teacher(images).masks
+        histogram += ops.entropy_histogram(masks.float(), labels, PLOP_NUM_BINS)
+    if env.distributed:
+        dist.all_reduce(histogram)
+    return ops.plop_thresholds(histogram, config.plop_min_threshold)
+
+
+# ------------------------------------------------------------------------------------ one step
+def step_learning_rate(config: TrainConfig, step: int) -> float:
+    return config.lr if step == 0 else config.lr_incremental
+
+
+def step_epochs(config: TrainConfig, step: int) -> int:
+    return config.epochs if step == 0 else config.epochs_incremental
+
+
+def num_old_classes(task, step: int) -> int:
+    return 0 if step == 0 else len(classes_up_to(task, step - 1))
+
+
+def make_optimizer(config: TrainConfig, parameters, lr: float) -> torch.optim.Optimizer:
+    """A fresh optimiser per step over the trainable parameters (frozen tokens are not among them)."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: int, device: torch.device,
+               env: DistEnv, progress: bool = True, log=print) -> list[dict]:
+    """Train ``model`` (already holding step ``step``'s classes) on ``train_set`` (step ``step``'s images);
+    ``teacher`` is the frozen previous model (``None`` at step 0 and for ``finetune``/``joint``).
+
+    Returns one summary per epoch (mean loss terms on this process, learning rate, seconds).
+    """
+    distill = teacher is not None
+    num_old = num_old_classes(task, step)
+    micro = config.micro_batch(env.world_size)
+    accumulation = config.accumulation_steps(env.world_size)
+    epochs = step_epochs(config, step)
+    sampler = EffectiveBatchSampler(len(train_set), batch_size=config.batch_size, micro_batch=micro,
+                                    accumulation=accumulation, rank=env.rank, world_size=env.world_size,
+                                    seed=config.seed, step=step, epochs=epochs)
+    loader = _loader(SeededSamples(train_set, config.seed), config, device, batch_sampler=sampler)
+    thresholds = None
+    if distill:
+        teacher.eval()
+        thresholds = plop_thresholds(teacher, train_set, config=config, task=task, step=step, device=device,
+                                     env=env)
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    base_lr = step_learning_rate(config, step)
+    optimizer = make_optimizer(config, parameters, base_lr)
+    network = model
+    if env.distributed:
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = network
+    if config.compile:
+        network = torch.compile(network)
+
+    updates_per_epoch = sampler.updates_per_epoch
+    total_updates = epochs * updates_per_epoch
+    micro_per_epoch = updates_per_epoch * accumulation
+    model.train()
+    summaries: list[dict] = []
+    sums = torch.zeros(len(LossTerms.NAMES), device=device)
+    bar = None
+    epoch_start = time.perf_counter()
+    for micro_index, (images, labels) in enumerate(loader):
+        epoch, in_epoch = divmod(micro_index, micro_per_epoch)
+        update = micro_index // accumulation
+        a = micro_index % accumulation
+        if in_epoch == 0:
+            bar = tqdm(total=updates_per_epoch, desc=f"step {step} epoch {epoch + 1}/{epochs}", leave=False,
+                       disable=not (progress and env.is_main), dynamic_ncols=True)
+            epoch_start = time.perf_counter()
+        if a == 0:
+            lr = base_lr * (1.0 - update / total_updates) ** config.poly_power
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        images = images.to(device, non_blocking=True)
+        labels = remap_train_labels(labels, task, step).to(device, non_blocking=True).long()
+        teacher_out = None
+        if distill:
+            with torch.no_grad(), _autocast(config, device):
+                teacher_out = teacher(images)
+        global_micro = update * env.world_size * accumulation + env.rank * accumulation + a
+        torch.manual_seed(derive_seed(config.seed, "dropout", step, global_micro))
+        last = a == accumulation - 1
+        sync = contextlib.nullcontext() if (last or not env.distributed) else ddp.no_sync()
+        with sync:
+            with _autocast(config, device):
+                student_out = network(images)
+            terms = compute_losses(config, student_out, labels, num_old=num_old, patch_size=model.patch_size,
+                                   teacher=teacher_out, thresholds=thresholds)
+            (terms.total / accumulation).backward()
+        sums += terms.stacked()
+        if last:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+        if in_epoch == micro_per_epoch - 1:
+            bar.close()
+            means = (sums / micro_per_epoch).tolist()
+            sums.zero_()
+            summary = dict(zip(LossTerms.NAMES, means))
+            if not all(math.isfinite(v) for v in means):
+                raise FloatingPointError(
+                    f"step {step} epoch {epoch + 1}: the loss is not finite ({summary}); lower the learning rate")
+            summary.update(epoch=epoch + 1, lr=lr, seconds=time.perf_counter() - epoch_start)
+            summaries.append(summary)
+            if env.is_main and log is not None:
+                terms_text = " ".join(f"{n} {summary[n]:.4f}" for n in LossTerms.NAMES if n == "total" or
+                                      (distill or n == "ce"))
+                log(f"step {step} epoch {epoch + 1}/{epochs}: {terms_text} lr {lr:.2e} "
+                    f"({summary['seconds']:.1f} s)")
+    return summaries
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict(model, images: torch.Tensor, config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """(B, H, W) int64 predictions: argmax of the full-resolution logits."""
+    model.eval()
+    with _autocast(config, device):
+        logits = model.logits(images.to(device, non_blocking=True))
+    return logits.argmax(1)
+
+
+@torch.no_grad()
+def evaluate(model, val_set, *, config: TrainConfig, task, step: int, device: torch.device, env: DistEnv,
+             progress: bool = True) -> ConfusionMatrix:
+    """Dataset-level confusion matrix over the classes seen up to ``step`` (labels by ``remap_eval_labels``),
+    summed over the processes (each validation image is counted once)."""
+    num_classes = len(classes_up_to(task, step))
+    matrix = ConfusionMatrix(num_classes)
+    indices = shard(len(val_set), env)
+    loader = _loader(Subset(val_set, indices), config, device, batch_size=config.eval_batch_size,
+                     shuffle=False)
+    for images, labels in tqdm(loader, desc=f"step {step} eval", leave=False,
+                               disable=not (progress and env.is_main), dynamic_ncols=True):
+        prediction = predict(model, images, config, device)
+        matrix.update(prediction.cpu(), remap_eval_labels(labels, task, step))
+    matrix.all_reduce()
+    model.train()
+    return matrix

@@ -1,0 +1,185 @@
+"""Wiring of the training loss (incrementer_fast/continual/train.py: compute_losses).
+
+Each term's gradient must reach exactly the parameters it should: FOD on the visual tokens reaches the
+patch projection but not the class projection, FOD on the class embeddings the reverse; CE and dice reach
+the new class tokens and the encoder; frozen (old) class tokens and the teacher get nothing. The fused and
+the full-resolution reference paths must give the same loss and gradients, and the pseudo-labels must be
+PLOP's rule applied to the teacher.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import incrementer_fast as inc
+from incrementer_fast.continual.config import TrainConfig
+from incrementer_fast.continual.train import LossTerms, compute_losses
+from incrementer_fast.model import Incrementer
+from incrementer_fast.reference.seg_head import teacher_prediction
+
+from helpers import rel_err
+
+NUM_OLD = 3  # background + 2 classes at step 0
+NUM_NEW = 2
+SIZE = 32  # 2 × 2 patches of 16 pixels
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    values = dict(dataset="synthetic", backbone="vit_tiny_patch16_224", img_size=SIZE, crop_size=SIZE,
+                  val_size=SIZE, device="cpu", num_workers=0, lambda_visual=0.7, lambda_class=0.3,
+                  lambda_dice=0.5, new_class_weight=2.0, fod_bg_weight=0.25)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(student at step 1, teacher = frozen step-0 model), dropout off so two forwards agree."""
+    torch.manual_seed(0)
+    model = Incrementer("vit_tiny_patch16_224", NUM_OLD, img_size=SIZE, dropout=0.0)
+    with torch.no_grad():  # move the step-0 model away from its init, so the teacher is not trivial
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    teacher = model.frozen_copy()
+    model.add_classes(NUM_NEW)
+    model.train()
+    return model, teacher
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=generator)
+    # Training labels of step 1: background 0, new classes 3 and 4, a few ignored pixels.
+    labels = torch.zeros(2, SIZE, SIZE, dtype=torch.long)
+    labels[0, :16, :16] = 3
+    labels[1, 16:, 16:] = 4
+    labels[0, 20:22, :] = 255
+    return images, labels
+
+
+def losses(config, models, batch, thresholds=None):
+    model, teacher = models
+    images, labels = batch
+    with torch.no_grad():
+        teacher_out = teacher(images)
+    if thresholds is None:
+        # Thresholds above 1 (the largest normalised entropy): every background pixel takes the teacher's
+        # prediction. The near-random teacher's entropies are ~0.9-1, so a real threshold would ignore all
+        # background, and PLOP's image factor would then zero the whole CE.
+        thresholds = torch.full((NUM_OLD,), 2.0)
+    student_out = model(images)
+    terms = compute_losses(config, student_out, labels, num_old=NUM_OLD, patch_size=model.patch_size,
+                           teacher=teacher_out, thresholds=thresholds)
+    return terms, student_out, teacher_out
+
+
+def named_grads(model, loss):
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+    return {n: g for n, g in zip(params, grads)}
+
+
+def norm(grads, prefix):
+    selected = [g for n, g in grads.items() if n.startswith(prefix) and g is not None]
+    return sum(float(g.norm()) for g in selected)
+
+
+def test_each_term_reaches_the_parameters_it_should(models, batch):
+    model, teacher = models
+    terms, _, _ = losses(tiny_config(), models, batch)
+    new_tokens = f"class_tokens.{len(model.class_tokens) - 1}"
+    for name in ("ce", "dice", "fod_visual", "fod_class"):
+        value = getattr(terms, name)
+        assert value.requires_grad and float(value.detach()) > 0, f"{name} = {float(value.detach())} is no signal"
+    ce = named_grads(model, terms.ce)
+    dice = named_grads(model, terms.dice)
+    fod_visual = named_grads(model, terms.fod_visual)
+    fod_class = named_grads(model, terms.fod_class)
+    # Segmentation terms train everything that makes the masks: encoder, decoder, new tokens, both projections.
+    for grads, what in ((ce, "ce"), (dice, "dice")):
+        for prefix in ("encoder.", "proj_dec", "blocks.", new_tokens, "proj_patch", "proj_classes"):
+            assert norm(grads, prefix) > 0, f"{what} does not reach {prefix}"
+    # FOD on visual tokens: the patch embeddings use proj_patch, never proj_classes.
+    assert norm(fod_visual, "encoder.") > 0 and norm(fod_visual, "proj_patch") > 0
+    assert fod_visual["proj_classes"] is None or float(fod_visual["proj_classes"].abs().max()) == 0
+    # FOD on old class embeddings: proj_classes and the decoder, never proj_patch.
+    assert norm(fod_class, "proj_classes") > 0 and norm(fod_class, "blocks.") > 0
+    assert fod_class["proj_patch"] is None or float(fod_class["proj_patch"].abs().max()) == 0
+
+
+def test_frozen_tokens_and_teacher_get_no_gradient(models, batch):
+    model, teacher = models
+    assert not model.class_tokens[0].requires_grad
+    terms, _, teacher_out = losses(tiny_config(), models, batch)
+    assert not teacher_out.masks.requires_grad and not teacher_out.patch_embeddings.requires_grad
+    terms.total.backward()
+    try:
+        assert model.class_tokens[0].grad is None
+        assert model.class_tokens[1].grad is not None and float(model.class_tokens[1].grad.norm()) > 0
+        assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def test_total_is_the_weighted_sum_and_switches_drop_terms(models, batch):
+    config = tiny_config()
+    torch.manual_seed(0)
+    full, _, _ = losses(config, models, batch)
+    expected = full.ce + 0.5 * full.dice + 0.7 * full.fod_visual + 0.3 * full.fod_class
+    torch.testing.assert_close(full.total, expected)
+    no_fod, _, _ = losses(dataclasses.replace(config, use_fod=False), models, batch)
+    torch.testing.assert_close(no_fod.total, no_fod.ce + 0.5 * no_fod.dice)
+    no_cds, _, _ = losses(dataclasses.replace(config, use_cds=False), models, batch)
+    torch.testing.assert_close(no_cds.total, no_cds.ce + 0.7 * no_cds.fod_visual + 0.3 * no_cds.fod_class)
+
+
+def test_without_teacher_the_loss_is_plain_cross_entropy(models, batch):
+    model, _ = models
+    images, labels = batch
+    out = model(images)
+    terms = compute_losses(tiny_config(), out, labels, num_old=NUM_OLD, patch_size=16)
+    logits = F.interpolate(out.masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(terms.total, F.cross_entropy(logits, labels, ignore_index=255))
+    assert float(terms.dice) == float(terms.fod_visual) == float(terms.fod_class) == 0.0
+    assert set(LossTerms.NAMES) == {"total", "ce", "dice", "fod_visual", "fod_class"}
+
+
+def test_pseudo_labels_and_fod_weights_follow_plop(models, batch):
+    """Thresholds above 1 (every teacher prediction confident): background pixels take the teacher's argmax, so
+    CE is the weighted CE against those targets; FOD's token weights come from the same pseudo-labels."""
+    model, teacher = models
+    images, labels = batch
+    config = tiny_config(plop_image_factor=False)
+    terms, student_out, teacher_out = losses(config, models, batch, thresholds=torch.full((NUM_OLD,), 2.0))
+    argmax, _ = teacher_prediction(teacher_out.masks, labels.shape[-2:])
+    pseudo = torch.where(labels == 0, argmax, labels)
+    logits = F.interpolate(student_out.masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    weight = torch.tensor([1.0] * NUM_OLD + [2.0] * NUM_NEW)
+    torch.testing.assert_close(terms.ce, F.cross_entropy(logits, pseudo, weight=weight, ignore_index=255))
+    token_weights = inc.fod_token_weights(pseudo, NUM_OLD, 16, 0.25)
+    torch.testing.assert_close(
+        terms.fod_visual, inc.fod_loss(student_out.patch_embeddings, teacher_out.patch_embeddings, token_weights))
+    # Thresholds at the floor: no background pixel is confident, all of them are ignored.
+    low, student_out, _ = losses(config, models, batch, thresholds=torch.zeros(NUM_OLD))
+    logits = F.interpolate(student_out.masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    only_new = torch.where(labels == 0, 255, labels)
+    torch.testing.assert_close(low.ce, F.cross_entropy(logits, only_new, weight=weight, ignore_index=255))
+
+
+@pytest.mark.parametrize("image_factor", [True, False])
+def test_fused_and_reference_paths_agree(models, batch, image_factor):
+    model, _ = models
+    results = {}
+    for fused in (True, False):
+        config = tiny_config(fused_head=fused, plop_image_factor=image_factor)
+        terms, _, _ = losses(config, models, batch)
+        grads = named_grads(model, terms.total)
+        results[fused] = (terms, grads)
+    (fused_terms, fused_grads), (ref_terms, ref_grads) = results[True], results[False]
+    for name in LossTerms.NAMES:
+        assert rel_err(getattr(fused_terms, name), getattr(ref_terms, name)) <= 1e-5, name
+    for name, grad in ref_grads.items():
+        if grad is not None:
+            assert rel_err(fused_grads[name], grad) <= 1e-4, name

@@ -1,0 +1,197 @@
+"""The class-incremental runs end to end on tiny synthetic data (incrementer_fast/continual/{train,run}.py).
+
+Run directory contents, determinism for a seed, resumption after a crash (no finished step lost, same
+metrics as an uninterrupted run), the data order's independence from the number of processes, and — on a
+small fixed-seed run — that ``incrementer`` keeps more old-class mIoU than ``finetune``.
+"""
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from incrementer_fast.cli import run_demo
+from incrementer_fast.continual import run as run_module
+from incrementer_fast.continual.config import TrainConfig
+from incrementer_fast.continual.run import RunError, finished_steps, run_scenario
+from incrementer_fast.continual.train import EffectiveBatchSampler
+
+METRIC_KEYS = ("step", "classes", "miou_old", "miou_new", "miou_all", "per_class_iou", "new_fp_rate")
+
+
+def tiny_config(data_root, **overrides) -> TrainConfig:
+    """3 steps (8-2) on 40 training images of 32² (2 × 2 patches), one epoch per step, effective batch 4 as
+    2 accumulated micro-batches of 2: seconds per run, every code path of a real run."""
+    values = dict(data_root=str(data_root), synthetic_train_images=40, synthetic_val_images=12,
+                  synthetic_image_size=32, img_size=32, crop_size=32, val_size=32, task="8-2", epochs=1,
+                  epochs_incremental=1, batch_size=4, micro_batch_size=2, eval_batch_size=6, num_visualised=2)
+    values.update(overrides)
+    return TrainConfig.demo(**values)
+
+
+def metrics_only(records):
+    """The records without their wall-clock timing."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These runs are tiny: one intra-op thread is as fast as several contending ones, and it keeps the float
+    results independent of the machine's core count. The previous setting is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, data_root):
+    """One uninterrupted run: (run directory, records)."""
+    out = tmp_path_factory.mktemp("baseline")
+    records = run_scenario(tiny_config(data_root), out, progress=False, log=None)
+    return out, records
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_micro_batches_do_not_depend_on_the_number_of_processes(world_size):
+    """The micro-batch with global index u·W·A + r·A + a is the same for every W (here batch 8, micro 2),
+    and an epoch covers every image (10 images: the last update wraps around)."""
+
+    def micro_batches(world):
+        accumulation = 8 // (2 * world)
+        per_rank = [list(EffectiveBatchSampler(10, batch_size=8, micro_batch=2, accumulation=accumulation,
+                                               rank=r, world_size=world, seed=3, step=1, epochs=2))
+                    for r in range(world)]
+        ordered = []
+        for update in range(len(per_rank[0]) // accumulation):
+            for r in range(world):
+                ordered += per_rank[r][update * accumulation:(update + 1) * accumulation]
+        return ordered
+
+    single = micro_batches(1)
+    assert micro_batches(world_size) == single
+    assert len(single) == 2 * 2 * 4  # 2 epochs × 2 updates × 4 micro-batches
+    first_epoch = [index for batch in single[:8] for _, index in batch]
+    assert set(first_epoch) == set(range(10))
+    assert {tag for batch in single for tag, _ in batch} == {("train", 1, 0), ("train", 1, 1)}
+    assert micro_batches(1)[:8] != micro_batches(1)[8:]  # a new order every epoch
+
+
+def test_run_directory_holds_every_artifact(baseline):
+    out, records = baseline
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["classes"] for r in records] == [list(range(9)), [9, 10], [11, 12]]
+    assert json.loads((out / "metrics.json").read_text()) == records
+    for r in records:
+        assert set(METRIC_KEYS) <= set(r)
+        assert len(r["per_class_iou"]) == r["classes"][-1] + 1
+        for value in [r["miou_new"], r["miou_all"], *r["per_class_iou"]]:
+            assert value is None or 0.0 <= value <= 1.0
+    assert records[0]["miou_old"] is None and records[1]["miou_old"] is not None
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["step"] for row in rows] == ["0", "1", "2"] and "iou_12" in rows[0]
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["config"] == tiny_config(stored["config"]["data_root"]).to_dict()
+    assert stored["launch"]["accumulation_steps"] == 2 and stored["launch"]["effective_batch_size"] == 4
+    assert finished_steps(out) == [0, 1, 2]
+    for name in ("miou.png", "predictions_step0.png", "predictions_step2.png"):
+        with Image.open(out / name) as picture:
+            assert picture.size[0] > 0
+    with Image.open(out / "predictions_step2.png") as grid:
+        assert grid.size[0] == 3 * grid.size[1] // 2  # 2 rows of image | ground truth | prediction
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_same_seed_gives_the_same_run(baseline, tmp_path, data_root):
+    out, records = baseline
+    again = run_scenario(tiny_config(data_root), tmp_path, progress=False, log=None)
+    assert metrics_only(again) == metrics_only(records)
+    first = torch.load(out / "step_2.pt", weights_only=True)["state_dict"]
+    second = torch.load(tmp_path / "step_2.pt", weights_only=True)["state_dict"]
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_during_training(baseline, tmp_path, data_root, monkeypatch):
+    _, records = baseline
+    train_step = run_module.train_step
+
+    def crashing_train_step(*args, step, **kwargs):
+        if step == 2:
+            raise Crash("simulated crash while training step 2")
+        return train_step(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_step", crashing_train_step)
+    with pytest.raises(Crash):
+        run_scenario(tiny_config(data_root), tmp_path, progress=False, log=None)
+    assert finished_steps(tmp_path) == [0, 1]
+    monkeypatch.setattr(run_module, "train_step", train_step)
+    with pytest.raises(RunError, match="--resume"):
+        run_scenario(tiny_config(data_root), tmp_path, progress=False, log=None)
+    resumed = run_scenario(tiny_config(data_root), tmp_path, resume=True, progress=False, log=None)
+    assert metrics_only(resumed) == metrics_only(records)
+
+
+def test_resume_after_a_crash_between_checkpoint_and_metrics(baseline, tmp_path, data_root, monkeypatch):
+    """Step 1's checkpoint is written but its record is not: step 1 is unfinished and is trained again."""
+    _, records = baseline
+    write_metrics = run_module.write_metrics
+
+    def crashing_write_metrics(out_dir, step_records, num_classes_total):
+        if any(r["step"] == 1 for r in step_records):
+            raise Crash("simulated crash after the checkpoint of step 1")
+        return write_metrics(out_dir, step_records, num_classes_total)
+
+    monkeypatch.setattr(run_module, "write_metrics", crashing_write_metrics)
+    with pytest.raises(Crash):
+        run_scenario(tiny_config(data_root), tmp_path, progress=False, log=None)
+    assert (tmp_path / "step_1.pt").exists() and finished_steps(tmp_path) == [0]
+    monkeypatch.setattr(run_module, "write_metrics", write_metrics)
+    resumed = run_scenario(tiny_config(data_root), tmp_path, resume=True, progress=False, log=None)
+    assert metrics_only(resumed) == metrics_only(records)
+
+
+def test_resume_refuses_another_configuration_and_skips_finished_runs(baseline, data_root):
+    out, records = baseline
+    with pytest.raises(RunError, match="lr"):
+        run_scenario(tiny_config(data_root, lr=0.5), out, resume=True, progress=False, log=None)
+    assert run_scenario(tiny_config(data_root), out, resume=True, progress=False, log=None) == records
+
+
+def test_single_step_needs_the_previous_one(baseline, tmp_path, data_root):
+    with pytest.raises(RunError, match="needs step 0"):
+        run_scenario(tiny_config(data_root), tmp_path, step=1, progress=False, log=None)
+    with pytest.raises(ValueError, match="out of range"):
+        run_scenario(tiny_config(data_root), tmp_path, step=3, progress=False, log=None)
+
+
+def test_joint_trains_every_class_in_one_step(tmp_path, data_root):
+    records = run_scenario(tiny_config(data_root, method="joint"), tmp_path, progress=False, log=None)
+    assert [(r["step"], r["classes"]) for r in records] == [(0, list(range(13)))]
+    assert len(records[0]["per_class_iou"]) == 13
+
+
+@pytest.mark.slow
+def test_incrementer_keeps_more_old_classes_than_finetune(tmp_path):
+    """The demo's claim on a small fixed-seed run (the demo's code path, smaller data and fewer epochs, one
+    incremental step of 4 classes): distillation + pseudo-labels keep clearly more old-class mIoU than plain
+    finetuning, and the incrementer learns the new classes above the constant-prediction reference."""
+    results = run_demo(tmp_path, progress=False, log=None, task="8-4", synthetic_train_images=240,
+                       synthetic_val_images=40, epochs=4, epochs_incremental=3)
+    incrementer, finetune = results["incrementer"][-1], results["finetune"][-1]
+    assert incrementer["step"] == finetune["step"] == 1
+    assert results["incrementer"][0] == results["finetune"][0]  # step 0 is shared
+    assert incrementer["miou_old"] > finetune["miou_old"] + 0.05, (incrementer, finetune)
+    assert incrementer["miou_new"] > incrementer["chance_miou_new"]
