@@ -33,6 +33,15 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two contending ones on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def models():
     """(student at step 1, teacher = frozen step-0 model), dropout off so two forwards agree."""
