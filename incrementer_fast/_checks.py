@@ -57,7 +57,7 @@ def check_ignore_index(labels: torch.Tensor, ignore_index) -> None:
         )
 
 
-def check_cosine_mask_args(patches, classes, scale, eps) -> None:
+def check_cosine_mask_args(patches, classes, scale, eps, out_dtype=None) -> None:
     check_float("patches", patches)
     check_float("classes", classes)
     check_ndim("patches", patches, 3, "(B, N, D)")
@@ -81,6 +81,10 @@ def check_cosine_mask_args(patches, classes, scale, eps) -> None:
     else:
         check_same_device(patches=patches, classes=classes)
     _check_eps(eps)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"out_dtype must be None or one of float16, bfloat16, float32, float64, got {out_dtype!r}"
+        )
 
 
 def _check_eps(eps) -> None:

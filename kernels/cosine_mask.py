@@ -122,7 +122,7 @@ def _forward_kernel(
     patches_ptr,  # (B, N, D) any strides
     classes_ptr,  # (B, K, D) any strides
     scale_ptr,  # () the scale s, any float dtype
-    masks_ptr,  # (B, K, N) contiguous output, in the inputs' dtype
+    masks_ptr,  # (B, K, N) contiguous output, in the requested out_dtype
     N,  # number of patches
     K,  # number of classes
     D,  # feature size
@@ -340,11 +340,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if _dot_dtype(dtype) == _acc_dtype(dtype) else "tf32"
 
 
-def cosine_mask_forward(patches: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """masks (B, K, N) = scale · ĉ p̂ᵀ for patches (B, N, D), classes (B, K, D), scale a 0-dim tensor."""
+def cosine_mask_forward(
+    patches: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """masks (B, K, N) = scale · ĉ p̂ᵀ in out_dtype for patches (B, N, D), classes (B, K, D), scale 0-dim."""
     batch, num_patches, dim = patches.shape
     num_classes = classes.shape[1]
-    masks = torch.empty((batch, num_classes, num_patches), dtype=patches.dtype, device=patches.device)
+    masks = torch.empty((batch, num_classes, num_patches), dtype=out_dtype, device=patches.device)
     if masks.numel() == 0:
         return masks
 

@@ -24,9 +24,14 @@ def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
 
 
-def cosine_mask(patches: torch.Tensor, classes: torch.Tensor, scale=1.0, eps: float = 1e-8) -> torch.Tensor:
-    """masks[b, k, n] = scale · ⟨p̂[b, n], ĉ[b, k]⟩ for patches (B, N, D), classes (B, K, D) → (B, K, N)."""
-    check_cosine_mask_args(patches, classes, scale, eps)
+def cosine_mask(
+    patches: torch.Tensor, classes: torch.Tensor, scale=1.0, eps: float = 1e-8, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """masks[b, k, n] = scale · ⟨p̂[b, n], ĉ[b, k]⟩ for patches (B, N, D), classes (B, K, D) → (B, K, N).
+
+    Computed in the compute dtype and rounded once to ``out_dtype`` (default: the inputs' dtype).
+    """
+    check_cosine_mask_args(patches, classes, scale, eps, out_dtype)
     acc = compute_dtype(patches.dtype)
     p = _normalize(patches.to(acc), eps)
     c = _normalize(classes.to(acc), eps)
@@ -35,7 +40,7 @@ def cosine_mask(patches: torch.Tensor, classes: torch.Tensor, scale=1.0, eps: fl
         masks = masks * scale.to(acc)
     else:
         masks = masks * scale
-    return masks.to(patches.dtype).contiguous()
+    return masks.to(out_dtype or patches.dtype).contiguous()
 
 
 def fod_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -177,6 +177,54 @@ def test_forward_and_gradients_match_reference(
         assert err <= bound, f"grad scale: error {err:.3e} relative to Σ|dM·raw| > {bound:.1e}"
 
 
+@pytest.mark.parametrize(
+    "dtype, out_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+     (torch.float32, torch.float64), (torch.bfloat16, torch.bfloat16)],
+    ids=str,
+)
+def test_out_dtype(device, dtype, out_dtype):
+    """Masks rounded once to out_dtype (fp32 masks from bf16 inputs keep fp32 resolution near ±scale);
+    the gradients come back in the inputs' dtype, from an upstream gradient in out_dtype."""
+    gen = torch.Generator().manual_seed(11)
+    patches = _make((2, 70, 40), dtype, device, "transposed", gen, [1.0, 3.0]).requires_grad_()
+    classes = _make((2, 9, 40), dtype, device, "contiguous", gen, [1.0, 0.5]).requires_grad_()
+    scale = torch.tensor(10.0, dtype=torch.float32, device=device, requires_grad=True)
+    masks = inc.cosine_mask(patches, classes, scale, out_dtype=out_dtype)
+    assert masks.dtype == out_dtype and masks.is_contiguous()
+    upstream = _upstream("random", masks.shape, out_dtype, device, gen)
+    expected_masks, expected_grads, natural = _expected(patches, classes, scale, 1e-8, upstream)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    # One rounding to out_dtype after an fp32 computation on the (exactly representable) inputs.
+    assert_close_rel(masks, expected_masks, max(out_dtype, compute, key=REL_ERR_BOUND.get), "masks")
+    reference = inc.reference.cosine_mask(patches.detach(), classes.detach(), 10.0, out_dtype=out_dtype)
+    assert reference.dtype == out_dtype
+    grads = torch.autograd.grad(masks, (patches, classes, scale), upstream)
+    for index, name in enumerate(("patches", "classes")):
+        assert grads[index].dtype == dtype, f"grad {name}: dtype {grads[index].dtype}"
+        _assert_grad_close(grads[index], expected_grads[index], natural[index], dtype, f"grad {name}")
+    assert grads[2].dtype == torch.float32
+
+
+def test_out_dtype_compiles_and_passes_opcheck(device):
+    patches, classes = _small_inputs(device, torch.bfloat16)
+    scale = torch.tensor(2.0, device=device)
+    forward = torch.ops.incrementer_fast.cosine_mask.default
+    torch.library.opcheck(forward, (patches.requires_grad_(), classes.requires_grad_(), scale, 1e-8, torch.float32))
+
+    def loss_fn(p, c):
+        return inc.cosine_mask(p, c, 10.0, out_dtype=torch.float32).square().sum()
+
+    eager = torch.autograd.grad(loss_fn(patches, classes), (patches, classes))
+    compiled_fn = torch.compile(loss_fn, fullgraph=True)
+    out = compiled_fn(patches, classes)
+    assert out.dtype == torch.float32
+    compiled = torch.autograd.grad(out, (patches, classes))
+    for got, want in zip(compiled, eager):
+        assert got.dtype == torch.bfloat16
+        assert_close_rel(got, want, torch.bfloat16)
+
+
 def _small_inputs(device, dtype=torch.float32, batch=2, num_patches=5, num_classes=3, dim=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     patches = torch.randn(batch, num_patches, dim, generator=gen, dtype=torch.float64)
@@ -195,7 +243,7 @@ def test_opcheck(device):
         (patches.requires_grad_(), transposed.requires_grad_(), scale.requires_grad_()),
         (patches.detach(), classes, scale.detach()),
     ]:
-        torch.library.opcheck(forward, (p, c, s, 1e-8))
+        torch.library.opcheck(forward, (p, c, s, 1e-8, torch.float32))
     grad = torch.randn(2, 3, 5, device=device)
     ones = torch.ones((), device=device).expand(2, 3, 5)
     for g, need_patches, need_classes in [(grad, True, True), (ones, True, False), (grad, False, True)]:
@@ -289,6 +337,7 @@ def _bad_inputs():
         ((p, c, torch.tensor(2)), TypeError, ["scale"]),
         ((p, c, "2.0"), TypeError, ["scale"]),
         ((p, c, 1.0, -1e-8), ValueError, ["eps"]),
+        ((p, c, 1.0, 1e-8, torch.int32), TypeError, ["out_dtype", "torch.int32"]),
         ((p, c.to(meta), 1.0), ValueError, ["patches on cpu", "classes on meta"]),
         ((p, c, torch.tensor(1.0, device=meta)), ValueError, ["scale on meta"]),
     ]
