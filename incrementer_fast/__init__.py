@@ -4,6 +4,7 @@ Fused ops (Triton on CUDA, the reference on CPU, the kernels through Triton's in
 TRITON_INTERPRET=1 is set before import), the Incrementer model and a class-incremental pipeline.
 """
 from . import reference
+from ._checks import check_labels
 from ._dispatch import backend
 from .ops.cds_dice_loss import cds_dice_loss
 from .ops.cosine_mask import cosine_mask
@@ -20,6 +21,7 @@ __all__ = [
     "IncrementerOutput",
     "attention",
     "backend",
+    "check_labels",
     "reference",
     "cosine_mask",
     "fod_loss",

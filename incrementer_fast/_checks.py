@@ -1,7 +1,8 @@
 """Argument validation shared by the public ops and the reference.
 
-Every check reads only shapes, dtypes and devices: no host synchronisation is ever added to validate.
-Errors name the argument and the shapes involved.
+Every check the ops run reads only shapes, dtypes and devices: no host synchronisation is ever added to
+validate. Errors name the argument and the shapes involved. The one exception is the opt-in
+:func:`check_labels` (exported as ``incrementer_fast.check_labels``), which reads label values.
 """
 from __future__ import annotations
 
@@ -148,3 +149,43 @@ def check_cds_dice_args(logits, labels, num_old, ignore_index, smooth) -> None:
     if not isinstance(smooth, (int, float)) or isinstance(smooth, bool) or smooth < 0:
         raise ValueError(f"smooth must be a non-negative float, got {smooth!r}")
     check_same_device(logits=logits, labels=labels)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> None:
+    """Raise a ValueError naming every label value outside [0, num_classes) that is not ``ignore_index``.
+
+    The ops give such values one defined meaning (the losses treat them as ``ignore_index``, see each op's
+    docstring) and never check them, because a check of the values needs the host to wait for the device.
+    Call this yourself, e.g. once per batch while setting a pipeline up, when a bad label should stop you.
+
+    Args:
+        labels: an integer tensor of any shape (any device).
+        num_classes: the number of classes C; valid labels are 0 … C − 1.
+        ignore_index: the label value of ignored pixels, also accepted.
+
+    Raises:
+        ValueError: naming up to 10 offending values with their counts, the total, and the labels' shape.
+        TypeError: for non-integer labels or a non-int ``num_classes``.
+
+    Examples:
+        >>> check_labels(torch.tensor([[0, 3, 255]]), num_classes=4)   # fine
+        >>> check_labels(torch.tensor([[0, 7, -1]]), num_classes=4)
+        Traceback (most recent call last):
+        ...
+        ValueError: labels (1, 3) hold 2 values outside [0, 4) that are not ignore_index=255: -1 (1×), 7 (1×)
+    """
+    check_integer("labels", labels)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise TypeError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_ignore_index(labels, ignore_index)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if not bool(bad.any()):  # the one host synchronisation, in the common case
+        return
+    values, counts = torch.unique(labels[bad], return_counts=True)
+    values, counts = values.tolist(), counts.tolist()
+    listed = ", ".join(f"{v} ({c}×)" for v, c in zip(values[:10], counts[:10]))
+    more = f", and {len(values) - 10} more distinct values" if len(values) > 10 else ""
+    raise ValueError(
+        f"labels {_shape(labels)} hold {sum(counts)} values outside [0, {num_classes}) that are not "
+        f"ignore_index={ignore_index}: {listed}{more}"
+    )
