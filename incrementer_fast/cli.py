@@ -143,7 +143,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def demo_table(results: dict[str, list[dict]]) -> str:
     """Old / new / all mIoU (%) per step, one column group per method, and the constant-prediction
-    reference of the new classes (``chance``: the mean share of their pixels, the same for every method)."""
+    reference of the new classes (``chance``: the mean share of their pixels, the same for every method).
+    As in the papers' tables, old = the step-0 classes (background included) and new = every class added
+    after step 0 so far (``metrics.summarize``)."""
     methods = list(results)
     steps = sorted({r["step"] for records in results.values() for r in records})
 
@@ -194,7 +196,7 @@ def _demo(args: argparse.Namespace) -> int:
     results = run_demo(args.out, resume=args.resume, progress=not args.quiet)
     print()
     print(f"demo: synthetic task {TrainConfig.demo().task}, mIoU (%) on the validation images of the classes "
-          f"seen so far")
+          f"seen so far; old = step-0 classes (background included), new = the classes added since")
     print(demo_table(results))
     print(f"runs in {Path(args.out).resolve()} (metrics.json, miou.png, predictions_step*.png); "
           f"{time.perf_counter() - started:.0f} s")

@@ -4,7 +4,8 @@ The published description gives no values for w_new, β, λ_v, λ_c, λ_d (nor �
 holds ours. This script shows what each choice does: it trains step 0 once per seed (plain CE, the same for
 every variant), copies it into one run directory per variant, runs the incremental steps of each variant,
 and prints the final step's old / new / all mIoU (%), averaged over the seeds, with finetune (the lower
-bound) and joint (the upper bound) for reference.
+bound) and joint (the upper bound) for reference. Old = the step-0 classes (background included), new =
+every class added after step 0, as in the papers' tables (``metrics.summarize``).
 
     python scripts/ablate.py --out runs/ablate [--seeds 0 1] [--variants full no_fod ...]
 
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from incrementer_fast.continual.config import TrainConfig
+from incrementer_fast.continual.metrics import mean_iou
 from incrementer_fast.continual.run import copy_finished_step, finished_steps, run_scenario
 from incrementer_fast.continual.scenarios import get_task
 
@@ -62,18 +64,14 @@ def overrides_for(name: str, base: TrainConfig) -> dict:
 
 
 def final_split(record: dict, base: TrainConfig) -> dict:
-    """old / new / all mIoU of the task's last step from a final record's per-class IoUs (joint trains one
-    step, so its own record has no old/new split; for the other methods this equals the record's)."""
+    """old / new / all mIoU of the task's last step, as the papers split it (old = step-0 classes, background
+    included; new = every class added after step 0), from the final record's per-class IoUs. For the
+    incremental methods this equals the record's own split; joint trains one step, so its record has none."""
     task = get_task(base.dataset, base.task)
-    new = set(task[-1])
     ious = record["per_class_iou"]
-
-    def mean(classes):
-        values = [ious[c] for c in classes if ious[c] is not None]
-        return statistics.fmean(values) if values else None
-
-    return {"miou_old": mean([c for c in range(len(ious)) if c not in new]), "miou_new": mean(sorted(new)),
-            "miou_all": mean(range(len(ious)))}
+    added = [c for classes in task[1:] for c in classes]
+    return {"miou_old": mean_iou(ious, task[0]), "miou_new": mean_iou(ious, added),
+            "miou_all": mean_iou(ious, task[0] + added)}
 
 
 def run_variant(out: Path, name: str, seed: int, base: TrainConfig) -> dict:

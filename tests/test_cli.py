@@ -123,13 +123,15 @@ def test_module_entry_point_prints_help():
 
 
 def test_demo_table_lists_both_methods_per_step():
-    def record(step, classes, old, new):
-        return {"step": step, "classes": classes, "miou_old": old, "miou_new": new, "miou_all": new,
-                "chance_miou_new": 0.02}
+    def record(step, classes, old, new, all_, chance):
+        return {"step": step, "classes": classes, "miou_old": old, "miou_new": new, "miou_all": all_,
+                "chance_miou_new": chance}
 
-    table = demo_table({"incrementer": [record(0, [0, 1, 2], None, 0.5), record(1, [3], 0.4, 0.3)],
-                        "finetune": [record(0, [0, 1, 2], None, 0.5), record(1, [3], 0.1, 0.35)]})
+    table = demo_table({"incrementer": [record(0, [0, 1, 2], 0.5, None, 0.5, None),
+                                        record(1, [3], 0.4, 0.3, 0.375, 0.02)],
+                        "finetune": [record(0, [0, 1, 2], 0.5, None, 0.5, None),
+                                     record(1, [3], 0.1, 0.35, 0.1625, 0.02)]})
     lines = table.splitlines()
     assert "incrementer" in lines[0] and "finetune" in lines[0]
-    assert lines[3].split() == ["0", "0-2", "|", "-", "50.0", "50.0", "|", "-", "50.0", "50.0", "|", "2.0"]
-    assert lines[4].split() == ["1", "3", "|", "40.0", "30.0", "30.0", "|", "10.0", "35.0", "35.0", "|", "2.0"]
+    assert lines[3].split() == ["0", "0-2", "|", "50.0", "-", "50.0", "|", "50.0", "-", "50.0", "|", "-"]
+    assert lines[4].split() == ["1", "3", "|", "40.0", "30.0", "37.5", "|", "10.0", "35.0", "16.2", "|", "2.0"]

@@ -18,7 +18,8 @@ from incrementer_fast.continual.config import TrainConfig
 from incrementer_fast.continual.run import RunError, finished_steps, run_scenario
 from incrementer_fast.continual.train import EffectiveBatchSampler
 
-METRIC_KEYS = ("step", "classes", "miou_old", "miou_new", "miou_all", "per_class_iou", "new_fp_rate")
+METRIC_KEYS = ("step", "classes", "miou_old", "miou_new", "miou_all", "miou_prev", "miou_step", "per_class_iou",
+               "new_fp_rate")
 
 
 def tiny_config(data_root, **overrides) -> TrainConfig:
@@ -92,9 +93,11 @@ def test_run_directory_holds_every_artifact(baseline):
     for r in records:
         assert set(METRIC_KEYS) <= set(r)
         assert len(r["per_class_iou"]) == r["classes"][-1] + 1
-        for value in [r["miou_new"], r["miou_all"], *r["per_class_iou"]]:
+        for value in [r["miou_old"], r["miou_new"], r["miou_all"], *r["per_class_iou"]]:
             assert value is None or 0.0 <= value <= 1.0
-    assert records[0]["miou_old"] is None and records[1]["miou_old"] is not None
+    # old = step-0 classes at every step, new = the classes added since step 0 (none at step 0)
+    assert records[0]["miou_new"] is None and records[0]["miou_old"] == records[0]["miou_all"]
+    assert records[1]["miou_new"] is not None and records[1]["miou_step"] is not None
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["step"] for row in rows] == ["0", "1", "2"] and "iou_12" in rows[0]

@@ -1,5 +1,5 @@
 """Dataset-level segmentation metrics: a confusion matrix, per-class IoU and the old/new/all mIoU of
-class-incremental segmentation.
+class-incremental segmentation, as MiB, PLOP and Incrementer report them.
 
 The confusion matrix counts pixels over the whole evaluation set (rows: ground truth, columns:
 prediction; pixels whose ground truth is the ignore index are skipped), and IoU is computed once from
@@ -7,13 +7,23 @@ the totals, never averaged over images: the convention of MiB, PLOP and SSUL (th
 ``StreamSegMetrics``). Under DDP each process counts its shard and ``all_reduce`` sums the matrices, so
 the result does not depend on the number of processes.
 
-``summarize`` reports, as MiB/PLOP/SSUL do, the mean IoU over the old classes (the background
-included: it belongs to step 0), over the new classes of the step, and over all classes seen so far.
+Which classes enter a mean: the classes with ground-truth pixels in the evaluated set. MiB's and PLOP's
+``StreamSegMetrics.get_results`` (fcdl94/MiB and arthurdouillard/CVPR2021_PLOP,
+``metrics/stream_metrics.py``) mask the IoU vector with ``gt_sum != 0`` before ``np.mean`` and report
+"X" for the other classes; so a class absent from the ground truth is left out even when it is
+predicted (it is not scored 0), and a class present in the ground truth but never predicted right scores
+0. Their IoU adds ``EPS = 1e-6`` to the denominator; ours does not (for a class with ground truth the
+denominator is at least 1 pixel, so the two differ by less than 1e-6 relative).
+
+The old / new / all split is the papers' ("0-15 | 16-20 | all" for VOC 15-1 in MiB, PLOP, Incrementer),
+at every step: ``miou_old`` over the step-0 classes (the background included), ``miou_new`` over every
+class added after step 0 and seen so far, ``miou_all`` over all classes seen so far. The split at the
+current step is kept as ``miou_prev`` (classes before the step) and ``miou_step`` (the step's classes).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,77 +78,118 @@ class ConfusionMatrix:
         return self
 
     def iou(self) -> torch.Tensor:
-        """Per-class IoU = TP / (TP + FP + FN) as float64 on the CPU; NaN for a class absent from both
-        the ground truth and the predictions (0/0: no evidence either way)."""
+        """Per-class IoU = TP / (TP + FP + FN) as float64 on the CPU; NaN for a class without
+        ground-truth pixels (MiB/PLOP's "X": it enters no mean, even if it was predicted)."""
         return iou_from_matrix(self.mat)
 
 
+
 def iou_from_matrix(mat: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU of an (N, N) count matrix ``mat[gt, pred]`` as float64 on the CPU; NaN for a class
+    whose row is empty (no ground-truth pixel), as MiB/PLOP's ``gt_sum != 0`` mask."""
     mat = mat.detach().to("cpu", torch.float64)
     tp = mat.diagonal()
-    denom = mat.sum(0) + mat.sum(1) - tp
-    return torch.where(denom > 0, tp / denom.clamp_min(1), torch.full_like(tp, math.nan))
+    ground_truth = mat.sum(1)
+    union = ground_truth + mat.sum(0) - tp
+    return torch.where(ground_truth > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
 
 
-def _nanmean(values: Iterable[float]) -> float | None:
-    valid = [v for v in values if not math.isnan(v)]
-    return sum(valid) / len(valid) if valid else None
+def mean_iou(per_class_iou: Sequence[float | None], classes: Iterable[int]) -> float | None:
+    """Mean of ``per_class_iou[c]`` over ``classes``, leaving out the classes without ground truth
+    (``None`` or NaN there); ``None`` when no class is left. ``per_class_iou`` is a record's list (or
+    ``ConfusionMatrix.iou().tolist()``)."""
+    values = []
+    for c in classes:
+        value = per_class_iou[c]
+        if value is not None and not math.isnan(value):
+            values.append(value)
+    return sum(values) / len(values) if values else None
 
 
-def summarize(cm, old_classes: Iterable[int], new_classes: Iterable[int]) -> dict:
+def _check_task(task, step: int, n: int) -> list[list[int]]:
+    steps = [[int(c) for c in classes] for classes in task]
+    if not steps or not isinstance(step, int) or not 0 <= step < len(steps):
+        raise ValueError(f"step {step!r} is out of range for a task of {len(steps)} steps")
+    seen = [c for classes in steps[: step + 1] for c in classes]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"the steps of the task {task!r} overlap")
+    if any(not 0 <= c < n for c in seen):
+        raise ValueError(f"classes {sorted(seen)} out of range for a {n}x{n} confusion matrix")
+    return steps
+
+
+def summarize(cm, task: Sequence[Sequence[int]], step: int) -> dict:
     """Step metrics from a confusion matrix (a ``ConfusionMatrix`` or an (N, N) tensor of counts).
 
-    ``old_classes`` are the classes learned before the step (the background among them from step 1 on;
-    empty at step 0), ``new_classes`` the classes of the step. Returns:
+    ``task`` lists the classes of each step (step 0 holds the background), ``step`` is the step just
+    trained. With base = the step-0 classes, added = the classes of steps 1..``step``, current = the
+    classes of ``step`` and previous = the classes of the steps before it, returns:
 
-    - ``miou_old``, ``miou_new``, ``miou_all``: mean IoU over the old classes (background included), the
-      new classes, and both; fractions in [0, 1]. A class absent from both the ground truth and the
-      predictions has no IoU (NaN) and is left out of every mean, as ``np.nanmean`` does in MiB/PLOP's
-      ``StreamSegMetrics``; a mean over no valid class is ``None``.
+    - ``miou_old``, ``miou_new``, ``miou_all``: mean IoU over base (background included), added
+      (``None`` at step 0) and both, the columns of the papers' tables; fractions in [0, 1].
+    - ``miou_prev``, ``miou_step``: mean IoU over previous (``None`` at step 0) and current: the split
+      of the step itself (at the last step of a one-class-per-step task, ``miou_step`` is the IoU of the
+      last class alone).
     - ``per_class_iou``: the IoU of each seen class, indexed by class (classes are 0..K in label order),
-      a fraction in [0, 1], ``None`` for an absent class (JSON ``null``).
-    - ``new_fp_rate``: the false-positive rate of the new classes taken together: among the pixels whose
-      ground truth is an old class (background included), the fraction predicted as any new class. It
-      measures how far the new classes eat into the old ones, the failure that background shift and
-      missing distillation cause. ``None`` at step 0 (no old class) or when no old-class pixel exists.
-    - ``new_fdr``: the false-discovery rate of the new classes: among the pixels predicted as a new
-      class, the fraction whose ground truth is not that class (1 - pooled precision). ``None`` when
-      nothing is predicted as new.
+      ``None`` (JSON ``null``) for a class without ground-truth pixels.
+      Every mean leaves out the ``None`` classes (see the module docstring); a mean over no class is
+      ``None``.
+    - ``chance_miou_new``: the ``miou_new`` of a constant prediction: the mean over the added classes
+      with ground truth of their share of the evaluated pixels (predicting class c everywhere gives
+      IoU = share of c; no constant guess does better). ``None`` at step 0.
+    - ``new_fp_rate``: for the classes of this step taken together, the false-positive rate on the
+      pixels of the earlier classes (background included): among those pixels, the fraction predicted
+      as any class of this step. It measures how far the step's classes eat into the old ones, the
+      failure that background shift and missing distillation cause. ``None`` at step 0 or without
+      such pixels.
+    - ``new_fdr``: the false-discovery rate of this step's classes: among the pixels predicted as one
+      of them, the fraction whose ground truth is not that class (1 - pooled precision). ``None`` at step
+      0 or when nothing is predicted as one of them.
     - ``pixel_acc``: the fraction of evaluated pixels predicted correctly.
+
+    Examples:
+        >>> matrix = ConfusionMatrix(3)   # VOC-like task [[0, 1], [2]] after step 1
+        >>> matrix.update(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 2]))
+        >>> summarize(matrix, [[0, 1], [2]], 1)["miou_new"]
+        1.0
     """
     mat = cm.mat if isinstance(cm, ConfusionMatrix) else cm
     mat = mat.detach().to("cpu", torch.int64)
     if mat.dim() != 2 or mat.shape[0] != mat.shape[1]:
         raise ValueError(f"confusion matrix must be square (N, N), got {tuple(mat.shape)}")
-    n = mat.shape[0]
-    old = sorted({int(c) for c in old_classes})
-    new = sorted({int(c) for c in new_classes})
-    if set(old) & set(new):
-        raise ValueError(f"old and new classes overlap: {sorted(set(old) & set(new))}")
-    seen = sorted(old + new)
-    if seen and (seen[0] < 0 or seen[-1] >= n):
-        raise ValueError(f"classes {seen} out of range for a {n}x{n} confusion matrix")
-    iou = iou_from_matrix(mat).tolist()
-    per_class = [None if math.isnan(iou[c]) else iou[c] for c in range(seen[-1] + 1)] if seen else []
+    steps = _check_task(task, step, mat.shape[0])
+    base = steps[0]
+    added = [c for classes in steps[1: step + 1] for c in classes]
+    previous = [c for classes in steps[:step] for c in classes]
+    current = steps[step]
+    seen = sorted(base + added)
 
-    new_fp_rate = None
-    if old:
-        old_rows = mat[old]
-        negatives = int(old_rows.sum())
-        if negatives > 0:
-            new_fp_rate = int(old_rows[:, new].sum()) / negatives if new else 0.0
-    new_fdr = None
-    if new:
-        predicted_new = int(mat[:, new].sum())
-        if predicted_new > 0:
-            correct_new = int(mat.diagonal()[new].sum())
-            new_fdr = 1.0 - correct_new / predicted_new
+    iou = iou_from_matrix(mat).tolist()
+    per_class = [None if math.isnan(iou[c]) else iou[c] for c in range(seen[-1] + 1)]
+    ground_truth = mat.sum(1)
     total = int(mat.sum())
+
+    chance = None
+    if added and total:
+        chance = mean_iou([int(ground_truth[c]) / total if ground_truth[c] else None
+                           for c in range(mat.shape[0])], added)
+    new_fp_rate = None
+    if previous:
+        negatives = int(mat[previous].sum())
+        if negatives > 0:
+            new_fp_rate = int(mat[previous][:, current].sum()) / negatives
+    new_fdr = None
+    predicted_current = int(mat[:, current].sum())
+    if step > 0 and predicted_current > 0:
+        new_fdr = 1.0 - int(mat.diagonal()[current].sum()) / predicted_current
     return {
-        "miou_old": _nanmean(iou[c] for c in old),
-        "miou_new": _nanmean(iou[c] for c in new),
-        "miou_all": _nanmean(iou[c] for c in seen),
+        "miou_old": mean_iou(iou, base),
+        "miou_new": mean_iou(iou, added),
+        "miou_all": mean_iou(iou, seen),
+        "miou_prev": mean_iou(iou, previous),
+        "miou_step": mean_iou(iou, current),
         "per_class_iou": per_class,
+        "chance_miou_new": chance,
         "new_fp_rate": new_fp_rate,
         "new_fdr": new_fdr,
         "pixel_acc": int(mat.diagonal().sum()) / total if total else None,

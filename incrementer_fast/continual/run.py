@@ -3,8 +3,9 @@
 ``run_scenario(config, out_dir)`` trains every step of ``config.task`` (or one, ``step=k``) and writes::
 
     out_dir/config.json            the TrainConfig (plus the launch: world size, accumulation, device)
-    out_dir/metrics.json           [{step, classes, miou_old, miou_new, miou_all, per_class_iou,
-                                     new_fp_rate, ...}, ...] one record per finished step
+    out_dir/metrics.json           [{step, classes, miou_old, miou_new, miou_all, miou_prev, miou_step,
+                                     per_class_iou, new_fp_rate, ...}, ...] one record per finished step
+                                   (metrics.summarize: old = step-0 classes, new = classes added since)
     out_dir/metrics.csv            the same, one row per step, one column per class IoU
     out_dir/step_<k>.pt            the model after step k (Incrementer.save: temporary file, then rename)
     out_dir/miou.png               old / new / all mIoU per step
@@ -38,12 +39,14 @@ from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig
 from .datasets import build_dataset, train_transform, val_transform
 from .metrics import summarize
-from .scenarios import (atomic_write_json, cached_select_images, classes_up_to, get_task, new_classes,
-                        old_classes, remap_eval_labels, select_eval_images)
+from .scenarios import (atomic_write_json, cached_select_images, classes_up_to, get_task, remap_eval_labels,
+                        select_eval_images)
 from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
                     seed_everything, train_step)
 
-METRIC_KEYS = ("step", "classes", "miou_old", "miou_new", "miou_all", "per_class_iou", "new_fp_rate")
+METRIC_KEYS = ("step", "classes", "miou_old", "miou_new", "miou_all", "miou_prev", "miou_step", "per_class_iou",
+               "new_fp_rate")
+MIOU_KEYS = ("miou_old", "miou_new", "miou_all", "miou_prev", "miou_step")
 
 
 class RunError(RuntimeError):
@@ -83,13 +86,12 @@ def write_metrics(out_dir: Path, records: list[dict], num_classes_total: int) ->
     atomic_write_json(Path(out_dir) / "metrics.json", records)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["step", "classes", "miou_old", "miou_new", "miou_all", "new_fp_rate"]
-                    + [f"iou_{c}" for c in range(num_classes_total)])
+    writer.writerow(["step", "classes", *MIOU_KEYS, "new_fp_rate"] + [f"iou_{c}" for c in range(num_classes_total)])
     for r in records:
         ious = list(r["per_class_iou"]) + [None] * (num_classes_total - len(r["per_class_iou"]))
         writer.writerow([r["step"], " ".join(map(str, r["classes"]))]
                         + ["" if v is None else f"{v:.6f}" for v in
-                           [r["miou_old"], r["miou_new"], r["miou_all"], r["new_fp_rate"], *ious]])
+                           [*(r.get(k) for k in MIOU_KEYS), r["new_fp_rate"], *ious]])
     _atomic_write_bytes(Path(out_dir) / "metrics.csv", buffer.getvalue().encode())
 
 
@@ -348,9 +350,8 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
         step_val = val_set.subset(eval_ids)
         matrix = evaluate(model, step_val, config=config, task=task, step=current, device=device, env=env,
                           progress=progress)
-        summary = summarize(matrix, old_classes(task, current), new_classes(task, current))
+        summary = summarize(matrix, task, current)
         record = {"step": current, "classes": list(task[current]), **summary,
-                  "chance_miou_new": chance_miou(matrix.mat, new_classes(task, current)),
                   "val_images": len(step_val), "train_images": len(step_train),
                   "seconds": round(time.perf_counter() - started, 2)}
         if env.is_main:
@@ -362,16 +363,6 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
             log(f"step {current} done in {record['seconds']:.1f} s: " + format_record(record))
         _barrier(env)
     return sorted(records, key=lambda r: r["step"])
-
-
-def chance_miou(matrix: torch.Tensor, classes) -> float | None:
-    """The reference for "above chance": the mean over ``classes`` of the IoU of predicting that class at
-    every pixel, which is the class's share of the evaluated pixels (no constant guess does better)."""
-    ground_truth = matrix.sum(1).double()
-    total = float(ground_truth.sum())
-    if total == 0 or not classes:
-        return None
-    return sum(float(ground_truth[c]) / total for c in classes) / len(classes)
 
 
 def _silent(*_args) -> None:
