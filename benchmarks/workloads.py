@@ -387,33 +387,6 @@ def mode_fn(fn: Callable, inputs: Inputs, mode: str) -> Callable:
 
 
 # ------------------------------------------------------------------------------- training step
-@contextlib.contextmanager
-def reference_ops():
-    """Run the model and the trainer on the reference ops: rebind the names under which
-    ``incrementer_fast.model`` and ``incrementer_fast.continual.train`` imported the fused ops, for the
-    duration of the block (with ``TrainConfig(fused_head=False)`` this makes the whole step reference)."""
-    import incrementer_fast.continual.train as train_module
-    import incrementer_fast.model as model_module
-
-    swaps = [
-        (model_module, "cosine_mask", inc.reference.cosine_mask),
-        (train_module, "fod_loss", inc.reference.fod_loss),
-        (train_module, "cds_dice_loss", inc.reference.cds_dice_loss),
-    ]
-    for module, name, _ in swaps:
-        if not hasattr(module, name):
-            raise RuntimeError(f"{module.__name__} no longer imports {name}: update reference_ops() in "
-                               "benchmarks/workloads.py")
-    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
-    try:
-        for module, name, replacement in swaps:
-            setattr(module, name, replacement)
-        yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
-
-
 @dataclass(frozen=True)
 class StepCase:
     """A whole incremental training step: teacher forward, student forward, every loss, backward."""
@@ -471,8 +444,9 @@ class TrainingStep:
     def __call__(self) -> torch.Tensor:
         from incrementer_fast.continual.train import compute_losses
 
-        context = contextlib.nullcontext() if self.fused else reference_ops()
-        with context:
+        # The reference variant: every op on its plain-PyTorch reference (the model's cosine mask, FOD, the
+        # dice), and TrainConfig(fused_head=False) composes the seg-head loss and pseudo-labels from them.
+        with inc.use_backend("auto" if self.fused else "reference"):
             self.model.zero_grad(set_to_none=True)
             with torch.no_grad(), self._autocast():
                 teacher_out = self.teacher(self.images)

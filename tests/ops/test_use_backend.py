@@ -1,0 +1,140 @@
+"""inc.use_backend: every op follows the chosen backend, eager and compiled, forward and backward.
+
+Run in both passes: without TRITON_INTERPRET choosing "triton" for CPU tensors is a clear error; with
+TRITON_INTERPRET=1 "triton" runs the kernels through the interpreter and "reference" the plain-PyTorch path.
+Which path ran is read off a counter wrapped around each op's kernel launchers (a spy: it calls through).
+"""
+import importlib
+
+import pytest
+import torch
+
+import incrementer_fast as inc
+from conftest import INTERPRET
+from helpers import assert_close_rel
+
+# op -> (kernels module, launchers of its forward and backward)
+LAUNCHERS = {
+    "cosine_mask": ("cosine_mask", ("cosine_mask_forward", "cosine_mask_backward")),
+    "fod_loss": ("fod_loss", ("fod_loss_forward", "fod_loss_backward")),
+    "cds_dice_loss": ("cds_dice_loss", ("cds_dice_loss_forward", "cds_dice_loss_backward")),
+    "seg_head_loss": ("seg_head", ("seg_head_sums", "seg_head_sums_backward")),
+    "pseudo_label": ("seg_head", ("pseudo_label",)),
+    "entropy_histogram": ("seg_head", ("teacher_histogram",)),
+}
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.randn(2, 16, 8, generator=g, requires_grad=True)
+    classes = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 8, 8), generator=g)
+    labels[0, 0] = 255
+    teacher = torch.randn(2, 3, 4, 4, generator=g)
+    return patches, classes, labels, teacher
+
+
+def _every_op(patches, classes, labels, teacher):
+    """One call of every op, differentiable through masks, patches and classes."""
+    masks = inc.cosine_mask(patches, classes, scale=4.0).view(2, 5, 4, 4)
+    ce, dice = inc.seg_head_loss(masks, labels, num_old=3)
+    cds = inc.cds_dice_loss(masks, labels[:, ::2, ::2], num_old=3)
+    fod = inc.fod_loss(patches, patches.detach() + 1, torch.ones(2, 16))
+    histogram = inc.entropy_histogram(teacher, labels)
+    thresholds = inc.plop_thresholds(histogram)
+    pseudo, factor = inc.pseudo_label(teacher, labels, thresholds)
+    return ce + dice + cds + fod + factor.sum() + pseudo.float().mean()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts calls of every kernel launcher (each call goes through to the real launcher)."""
+    counts = {}
+    for module_name, names in LAUNCHERS.values():
+        module = importlib.import_module(f"incrementer_fast.kernels.{module_name}")
+        for name in names:
+            original = getattr(module, name)
+
+            def spy(*args, _original=original, _name=name, **kwargs):
+                counts[_name] = counts.get(_name, 0) + 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, spy)
+    return counts
+
+
+def _run(backend_name):
+    patches, classes, labels, teacher = _inputs()
+    with inc.use_backend(backend_name):
+        loss = _every_op(patches, classes, labels, teacher)
+        loss.backward()
+    return loss, patches.grad, classes.grad
+
+
+def test_reference_backend_never_launches_a_kernel(launches):
+    with inc.use_backend("reference"):
+        assert inc.backend("cpu") == "reference"
+    _run("reference")
+    assert launches == {}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the kernels run on CPU tensors only through the interpreter")
+def test_triton_backend_launches_every_kernel_and_agrees_with_the_reference(launches):
+    loss, grad_patches, grad_classes = _run("triton")
+    expected = {name for _, names in LAUNCHERS.values() for name in names}
+    assert set(launches) == expected
+    counts = dict(launches)
+    reference = _run("reference")
+    assert launches == counts  # the reference run launched nothing
+    assert_close_rel(loss, reference[0], torch.float32, "loss")
+    assert_close_rel(grad_patches, reference[1], torch.float32, "grad patches")
+    assert_close_rel(grad_classes, reference[2], torch.float32, "grad classes")
+
+
+@pytest.mark.skipif(INTERPRET, reason="with the interpreter the kernels can run on CPU tensors")
+def test_triton_for_cpu_tensors_without_the_interpreter_is_a_clear_error():
+    patches, classes, _, _ = _inputs()
+    with inc.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            inc.backend("cpu")
+        with pytest.raises(RuntimeError, match=r'use_backend\("triton"\).*cpu tensors'):
+            inc.cosine_mask(patches, classes)
+    assert inc.backend("cpu") == "reference"  # restored on exit, error or not
+
+
+def test_use_backend_restores_the_previous_choice_and_nests():
+    before = inc.backend("cpu")
+    with inc.use_backend("reference"):
+        with inc.use_backend("auto"):
+            assert inc.backend("cpu") == before
+        assert inc.backend("cpu") == "reference"
+        with pytest.raises(KeyError):
+            with inc.use_backend("reference"):
+                raise KeyError("an error inside the block")
+        assert inc.backend("cpu") == "reference"
+    assert inc.backend("cpu") == before
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError, match="'auto', 'reference', 'triton'"):
+        with inc.use_backend("cuda"):
+            pass
+
+
+def test_compiled_graph_follows_the_switch_at_call_time(launches):
+    """The choice is read inside the custom ops when they run: one compiled graph, no recompilation,
+    takes whichever backend is in effect at each call (forward and backward)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_every_op, fullgraph=True, backend="aot_eager")
+    patches, classes, labels, teacher = _inputs()
+    with inc.use_backend("reference"):
+        compiled(patches, classes, labels, teacher).backward()
+    assert launches == {}
+    if INTERPRET:
+        with inc.use_backend("triton"):
+            compiled(patches, classes, labels, teacher).backward()
+        assert launches["cosine_mask_forward"] == 1 and launches["cosine_mask_backward"] == 1
+        assert launches["seg_head_sums_backward"] == 1 and launches["fod_loss_backward"] == 1
+    else:
+        with inc.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            compiled(patches, classes, labels, teacher)
