@@ -1,0 +1,261 @@
+"""``torch.nn`` modules over the fused ops: drop them into your own model and training loop.
+
+Each module is a thin wrapper: it holds the op's hyperparameters (and, for ``CosineMask``, an optional
+learnable scale; for ``PLOPPseudoLabeler``, the histogram of a step) and calls the functional op in
+``forward``, so it computes exactly what the function does, on the backend ``incrementer_fast.backend`` names.
+
+    import incrementer_fast as inc
+
+    mask = inc.nn.CosineMask(scale=10.0)               # (B, N, D), (B, K, D) -> (B, K, N)
+    fod = inc.nn.FODLoss()                             # student, teacher, weight -> 0-dim
+    dice = inc.nn.CDSDiceLoss(num_old=16)              # logits (B, C, ...), labels -> 0-dim
+    head = inc.nn.SegHeadLoss(num_old=16, new_class_weight=0.5)   # masks (B, K, h, w), labels -> (ce, dice)
+    plop = inc.nn.PLOPPseudoLabeler()                  # update() over a step, compute_thresholds(), forward()
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ops.cds_dice_loss import cds_dice_loss
+from .ops.cosine_mask import cosine_mask
+from .ops.fod_loss import fod_loss
+from .ops.seg_head import entropy_histogram, plop_thresholds, pseudo_label, seg_head_loss
+
+__all__ = ["CosineMask", "FODLoss", "CDSDiceLoss", "SegHeadLoss", "PLOPPseudoLabeler"]
+
+
+class CosineMask(nn.Module):
+    """Masks as scaled cosine similarities of patch and class embeddings (``inc.cosine_mask``).
+
+    masks[b, k, n] = γ · ⟨p̂[b, n], ĉ[b, k]⟩ with x̂ = x / max(‖x‖₂, eps).
+
+    Args:
+        scale: γ, a positive float (Incrementer's default 10: cosine logits in [−10, 10]).
+        learnable_scale: learn log γ, initialised at log ``scale`` (a parameter ``log_scale``), instead of
+            keeping γ fixed.
+        eps: the floor of the norms.
+
+    Shape:
+        patches (B, N, D), classes (B, K, D) of one float dtype → masks (B, K, N) of that dtype, contiguous.
+        A Segmenter-style decoder keeps masks as (B, N, K): use ``mask(patches, classes).transpose(1, 2)``.
+
+    Examples:
+        >>> mask = CosineMask(scale=10.0, learnable_scale=True)
+        >>> mask(torch.randn(2, 196, 64), torch.randn(2, 21, 64)).shape
+        torch.Size([2, 21, 196])
+    """
+
+    def __init__(self, scale: float = 10.0, learnable_scale: bool = False, eps: float = 1e-8):
+        super().__init__()
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+            raise ValueError(f"scale must be a positive float, got {scale!r}")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+            raise ValueError(f"eps must be a positive float, got {eps!r}")
+        self.eps = float(eps)
+        self.initial_scale = float(scale)
+        self.learnable_scale = bool(learnable_scale)
+        log_scale = nn.Parameter(torch.tensor(math.log(scale))) if self.learnable_scale else None
+        self.register_parameter("log_scale", log_scale)
+
+    @property
+    def scale(self) -> Union[float, torch.Tensor]:
+        """γ: the fixed float, or exp(log_scale) (a 0-dim tensor that carries the gradient)."""
+        return self.initial_scale if self.log_scale is None else self.log_scale.exp()
+
+    def forward(self, patches: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return cosine_mask(patches, classes, scale=self.scale, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        kind = "learnable_scale=True, initial " if self.learnable_scale else ""
+        return f"{kind}scale={self.initial_scale}, eps={self.eps}"
+
+
+class FODLoss(nn.Module):
+    """FOD's cosine distillation loss (``inc.fod_loss``): Σ_i w_i (1 − ⟨ŝ_i, t̂_i⟩) / Σ_i w_i.
+
+    Args:
+        eps: the floor of the norms.
+
+    Shape:
+        student, teacher (..., D); weight (...) or ``None`` for unit weights (the old classes' embeddings)
+        → a 0-dim float32 loss (float64 for float64 inputs); 0 with zero gradients when Σ w = 0.
+
+    Examples:
+        >>> fod = FODLoss()
+        >>> student = torch.randn(2, 196, 64, requires_grad=True)
+        >>> fod(student, torch.randn(2, 196, 64), torch.rand(2, 196)).backward()
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if weight is None:
+            weight = student.new_ones(student.shape[:-1])
+        return fod_loss(student, teacher, weight, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class CDSDiceLoss(nn.Module):
+    """CDS's old/new dice loss (``inc.cds_dice_loss``) of logits against labels.
+
+    Args:
+        num_old: classes of the earlier steps, background included (1 ≤ num_old < C); set the attribute
+            anew for the next step.
+        ignore_index: the label value left out.
+        smooth: the dice's additive smoothing.
+
+    Shape:
+        logits (B, C, *spatial) of a float dtype, labels (B, *spatial) of an integer dtype → 0-dim float32.
+
+    Examples:
+        >>> dice = CDSDiceLoss(num_old=16)
+        >>> dice(torch.randn(2, 21, 32, 32), torch.randint(0, 21, (2, 32, 32))).shape
+        torch.Size([])
+    """
+
+    def __init__(self, num_old: int, ignore_index: int = 255, smooth: float = 1.0):
+        super().__init__()
+        self.num_old = num_old
+        self.ignore_index = ignore_index
+        self.smooth = float(smooth)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cds_dice_loss(logits, labels, self.num_old, ignore_index=self.ignore_index, smooth=self.smooth)
+
+    def extra_repr(self) -> str:
+        return f"num_old={self.num_old}, ignore_index={self.ignore_index}, smooth={self.smooth}"
+
+
+class SegHeadLoss(nn.Module):
+    """The segmentation head's class-weighted CE and CDS dice from patch-resolution masks
+    (``inc.seg_head_loss``), without materialising the full-resolution logits.
+
+    Args:
+        num_old: classes of the earlier steps, background included (1 ≤ num_old < K).
+        new_class_weight: the CE weight of the classes c ≥ num_old (1 = unweighted).
+        ignore_index: the label value left out.
+        smooth: the dice's additive smoothing.
+
+    Shape:
+        masks (B, K, h, w), labels (B, H, W), image_weight (B,) or ``None`` (PLOP's per-image factor) →
+        ``(ce, dice)``, two 0-dim float32 losses; the pixel logits are the bilinear (align_corners=False)
+        upsampling of masks to (H, W).
+
+    Examples:
+        >>> head = SegHeadLoss(num_old=16, new_class_weight=0.5)
+        >>> ce, dice = head(torch.randn(2, 21, 32, 32), torch.randint(0, 21, (2, 512, 512)))
+    """
+
+    def __init__(self, num_old: int, new_class_weight: float = 1.0, ignore_index: int = 255, smooth: float = 1.0):
+        super().__init__()
+        self.num_old = num_old
+        self.new_class_weight = float(new_class_weight)
+        self.ignore_index = ignore_index
+        self.smooth = float(smooth)
+
+    def forward(self, masks: torch.Tensor, labels: torch.Tensor,
+                image_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return seg_head_loss(masks, labels, self.num_old, new_class_weight=self.new_class_weight,
+                             ignore_index=self.ignore_index, smooth=self.smooth, image_weight=image_weight)
+
+    def extra_repr(self) -> str:
+        return (f"num_old={self.num_old}, new_class_weight={self.new_class_weight}, "
+                f"ignore_index={self.ignore_index}, smooth={self.smooth}")
+
+
+class PLOPPseudoLabeler(nn.Module):
+    """PLOP's entropy pseudo-labels from the frozen teacher, holding the step's entropy histogram.
+
+    Use it in two passes over a step's training images: ``update(teacher_masks, labels)`` on every batch
+    (the histogram of ``inc.entropy_histogram``, summed), then ``compute_thresholds()`` once (the per-class
+    medians of ``inc.plop_thresholds``; under ``torch.distributed`` the histograms of every process are
+    summed first, so every rank must call it), then ``forward(teacher_masks, labels)`` during training
+    gives ``(pseudo_labels, image_factor)`` (``inc.pseudo_label``). ``reset()`` before the next step.
+
+    Args:
+        num_bins: entropy bins over [0, 1].
+        floor: the smallest threshold.
+        ignore_index: the label of the background pixels left without a confident pseudo-label.
+        min_image_factor: the floor of PLOP's per-image factor.
+
+    Shape:
+        teacher_masks (B, K_old, h, w) patch-resolution logits, labels (B, H, W) (0 = background) →
+        pseudo-labels (B, H, W) int64 and the per-image factor (B,) (``image_weight`` of ``SegHeadLoss``).
+
+    Examples:
+        >>> plop = PLOPPseudoLabeler()
+        >>> teacher_masks, labels = torch.randn(2, 16, 32, 32), torch.randint(0, 21, (2, 512, 512))
+        >>> plop.update(teacher_masks, labels)
+        >>> plop.compute_thresholds().shape
+        torch.Size([16])
+        >>> pseudo, factor = plop(teacher_masks, labels)
+    """
+
+    histogram: Optional[torch.Tensor]
+    thresholds: Optional[torch.Tensor]
+
+    def __init__(self, num_bins: int = 100, floor: float = 0.001, ignore_index: int = 255,
+                 min_image_factor: float = 0.0):
+        super().__init__()
+        if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 1:
+            raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
+        self.num_bins = num_bins
+        self.floor = float(floor)
+        self.ignore_index = ignore_index
+        self.min_image_factor = float(min_image_factor)
+        # Step state, not weights: kept out of state_dict (their shape depends on the teacher's K_old).
+        self.register_buffer("histogram", None, persistent=False)
+        self.register_buffer("thresholds", None, persistent=False)
+
+    def reset(self) -> None:
+        """Forget the histogram and the thresholds (before the next step)."""
+        self.histogram = None
+        self.thresholds = None
+
+    @torch.no_grad()
+    def update(self, teacher_masks: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add the entropy histogram of one batch (labels: the step's training labels, 0 = background)."""
+        counts = entropy_histogram(teacher_masks, labels, self.num_bins)
+        if self.histogram is None:
+            self.histogram = counts
+        elif self.histogram.shape != counts.shape:
+            raise ValueError(f"teacher_masks (B, K_old, h, w) = {tuple(teacher_masks.shape)} does not match the "
+                             f"histogram of this step, (K_old, num_bins) = {tuple(self.histogram.shape)}: "
+                             "call reset() before a new step")
+        else:
+            self.histogram += counts
+
+    @torch.no_grad()
+    def compute_thresholds(self) -> torch.Tensor:
+        """The per-class thresholds (K_old,) from the histogram, summed over processes under DDP; kept for
+        ``forward``."""
+        if self.histogram is None:
+            raise RuntimeError("compute_thresholds() needs the histogram: call update() on the step's batches first")
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.histogram)
+        self.thresholds = plop_thresholds(self.histogram, self.floor).to(self.histogram.device)
+        return self.thresholds
+
+    def forward(self, teacher_masks: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.thresholds is None:
+            raise RuntimeError("PLOPPseudoLabeler has no thresholds: call update() over the step's images, then "
+                               "compute_thresholds(), before labelling")
+        return pseudo_label(teacher_masks, labels, self.thresholds, ignore_index=self.ignore_index,
+                            min_image_factor=self.min_image_factor)
+
+    def extra_repr(self) -> str:
+        state = "no histogram" if self.histogram is None else f"histogram {tuple(self.histogram.shape)}"
+        if self.thresholds is not None:
+            state += ", thresholds set"
+        return (f"num_bins={self.num_bins}, floor={self.floor}, ignore_index={self.ignore_index}, "
+                f"min_image_factor={self.min_image_factor}, {state}")

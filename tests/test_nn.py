@@ -1,0 +1,109 @@
+"""incrementer_fast.nn: each module computes exactly its functional op, with its state where it has one."""
+import math
+
+import pytest
+import torch
+
+import incrementer_fast as inc
+from incrementer_fast.nn import CDSDiceLoss, CosineMask, FODLoss, PLOPPseudoLabeler, SegHeadLoss
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_cosine_mask_fixed_scale_is_the_op():
+    g = _g()
+    patches, classes = torch.randn(2, 12, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    module = CosineMask(scale=7.0, eps=1e-6)
+    assert list(module.parameters()) == []
+    assert torch.equal(module(patches, classes), inc.cosine_mask(patches, classes, scale=7.0, eps=1e-6))
+    assert repr(module) == "CosineMask(scale=7.0, eps=1e-06)"
+
+
+def test_cosine_mask_learnable_scale_learns_log_gamma():
+    g = _g(1)
+    patches, classes = torch.randn(2, 12, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    module = CosineMask(scale=10.0, learnable_scale=True)
+    assert [name for name, _ in module.named_parameters()] == ["log_scale"]
+    assert module.log_scale.item() == pytest.approx(math.log(10.0))
+    masks = module(patches, classes)
+    assert torch.allclose(masks, inc.cosine_mask(patches, classes, scale=10.0), rtol=1e-6, atol=1e-6)
+    masks.sum().backward()
+    # d/d log γ of Σ γ·cos = γ·Σ cos = Σ masks.
+    assert module.log_scale.grad.item() == pytest.approx(masks.sum().item(), rel=1e-5)
+    assert "learnable_scale=True" in repr(module)
+
+
+def test_segmenter_decoder_swap_gives_the_segmenter_masks_normalised():
+    """The README's swap: Segmenter computes masks = p̂ ĉᵀ (B, N, K) (then a LayerNorm over classes);
+    CosineMask(scale=1) gives the same cosines as (B, K, N), so .transpose(1, 2) puts them in its layout."""
+    g = _g(2)
+    patches, cls_seg_feat = torch.randn(2, 12, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    segmenter = (patches / patches.norm(dim=-1, keepdim=True)) @ (
+        cls_seg_feat / cls_seg_feat.norm(dim=-1, keepdim=True)).transpose(1, 2)
+    swapped = CosineMask(scale=1.0)(patches, cls_seg_feat).transpose(1, 2)
+    assert swapped.shape == segmenter.shape == (2, 12, 5)
+    assert torch.allclose(swapped, segmenter, atol=1e-6)
+
+
+def test_fod_loss_module_and_unit_weights():
+    g = _g(3)
+    student = torch.randn(2, 6, 8, generator=g, requires_grad=True)
+    teacher, weight = torch.randn(2, 6, 8, generator=g), torch.rand(2, 6, generator=g)
+    module = FODLoss(eps=1e-6)
+    assert torch.equal(module(student, teacher, weight), inc.fod_loss(student, teacher, weight, eps=1e-6))
+    assert torch.equal(module(student, teacher), inc.fod_loss(student, teacher, torch.ones(2, 6), eps=1e-6))
+    assert repr(module) == "FODLoss(eps=1e-06)"
+
+
+def test_cds_dice_and_seg_head_modules_are_the_ops():
+    g = _g(4)
+    logits = torch.randn(2, 5, 8, 8, generator=g)
+    labels = torch.randint(0, 5, (2, 8, 8), generator=g)
+    labels[0, 0] = 7  # an ignore_index other than 255
+    dice = CDSDiceLoss(num_old=3, ignore_index=7, smooth=0.5)
+    assert torch.equal(dice(logits, labels), inc.cds_dice_loss(logits, labels, 3, ignore_index=7, smooth=0.5))
+    assert repr(dice) == "CDSDiceLoss(num_old=3, ignore_index=7, smooth=0.5)"
+    masks = torch.randn(2, 5, 4, 4, generator=g)
+    image_weight = torch.rand(2, generator=g)
+    head = SegHeadLoss(num_old=3, new_class_weight=0.5, ignore_index=7)
+    expected = inc.seg_head_loss(masks, labels, 3, new_class_weight=0.5, ignore_index=7, image_weight=image_weight)
+    for got, want in zip(head(masks, labels, image_weight), expected):
+        assert torch.equal(got, want)
+    assert repr(head) == "SegHeadLoss(num_old=3, new_class_weight=0.5, ignore_index=7, smooth=1.0)"
+
+
+def test_plop_pseudo_labeler_holds_the_step_histogram():
+    g = _g(5)
+    batches = [(torch.randn(2, 4, 4, 4, generator=g), torch.randint(0, 6, (2, 16, 16), generator=g)) for _ in range(3)]
+    labeler = PLOPPseudoLabeler(num_bins=50, floor=0.01)
+    with pytest.raises(RuntimeError, match="compute_thresholds"):
+        labeler(*batches[0])
+    for masks, labels in batches:
+        labeler.update(masks, labels)
+    histogram = sum(inc.entropy_histogram(m, lab, 50) for m, lab in batches)
+    assert torch.equal(labeler.histogram, histogram)
+    thresholds = labeler.compute_thresholds()
+    assert torch.equal(thresholds, inc.plop_thresholds(histogram, 0.01))
+    pseudo, factor = labeler(*batches[1])
+    expected = inc.pseudo_label(*batches[1], thresholds)
+    assert torch.equal(pseudo, expected[0]) and torch.equal(factor, expected[1])
+    assert "histogram (4, 50), thresholds set" in repr(labeler)
+    assert labeler.state_dict() == {}  # step state, not weights
+    with pytest.raises(ValueError, match="call reset"):
+        labeler.update(torch.randn(2, 5, 4, 4), batches[0][1])
+    labeler.reset()
+    labeler.update(torch.randn(2, 5, 4, 4), batches[0][1])
+    assert labeler.histogram.shape == (5, 50) and labeler.thresholds is None
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import incrementer_fast._dispatch
+    import incrementer_fast.nn
+
+    for module in (incrementer_fast.nn, incrementer_fast._dispatch):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
