@@ -39,9 +39,11 @@ class CosineMask(nn.Module):
         learnable_scale: learn log γ, initialised at log ``scale`` (a parameter ``log_scale``), instead of
             keeping γ fixed.
         eps: the floor of the norms.
+        out_dtype: the masks' dtype; ``None`` keeps the inputs'. ``torch.float32`` from bfloat16 inputs keeps
+            the logits near ±γ at fp32 resolution (what ``inc.Incrementer`` asks for under autocast).
 
     Shape:
-        patches (B, N, D), classes (B, K, D) of one float dtype → masks (B, K, N) of that dtype, contiguous.
+        patches (B, N, D), classes (B, K, D) of one float dtype → masks (B, K, N), contiguous.
         A Segmenter-style decoder keeps masks as (B, N, K): use ``mask(patches, classes).transpose(1, 2)``.
 
     Examples:
@@ -50,13 +52,17 @@ class CosineMask(nn.Module):
         torch.Size([2, 21, 196])
     """
 
-    def __init__(self, scale: float = 10.0, learnable_scale: bool = False, eps: float = 1e-8):
+    def __init__(self, scale: float = 10.0, learnable_scale: bool = False, eps: float = 1e-8,
+                 out_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
             raise ValueError(f"scale must be a positive float, got {scale!r}")
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
             raise ValueError(f"eps must be a positive float, got {eps!r}")
+        if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise TypeError(f"out_dtype must be None or a floating torch.dtype, got {out_dtype!r}")
         self.eps = float(eps)
+        self.out_dtype = out_dtype
         self.initial_scale = float(scale)
         self.learnable_scale = bool(learnable_scale)
         log_scale = nn.Parameter(torch.tensor(math.log(scale))) if self.learnable_scale else None
@@ -68,11 +74,12 @@ class CosineMask(nn.Module):
         return self.initial_scale if self.log_scale is None else self.log_scale.exp()
 
     def forward(self, patches: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return cosine_mask(patches, classes, scale=self.scale, eps=self.eps)
+        return cosine_mask(patches, classes, scale=self.scale, eps=self.eps, out_dtype=self.out_dtype)
 
     def extra_repr(self) -> str:
         kind = "learnable_scale=True, initial " if self.learnable_scale else ""
-        return f"{kind}scale={self.initial_scale}, eps={self.eps}"
+        dtype = "" if self.out_dtype is None else f", out_dtype={self.out_dtype}"
+        return f"{kind}scale={self.initial_scale}, eps={self.eps}{dtype}"
 
 
 class FODLoss(nn.Module):

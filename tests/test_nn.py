@@ -19,6 +19,10 @@ def test_cosine_mask_fixed_scale_is_the_op():
     assert list(module.parameters()) == []
     assert torch.equal(module(patches, classes), inc.cosine_mask(patches, classes, scale=7.0, eps=1e-6))
     assert repr(module) == "CosineMask(scale=7.0, eps=1e-06)"
+    bf16 = CosineMask(scale=7.0, out_dtype=torch.float32)
+    expected = inc.cosine_mask(patches.bfloat16(), classes.bfloat16(), scale=7.0, out_dtype=torch.float32)
+    assert torch.equal(bf16(patches.bfloat16(), classes.bfloat16()), expected) and expected.dtype == torch.float32
+    assert repr(bf16) == "CosineMask(scale=7.0, eps=1e-08, out_dtype=torch.float32)"
 
 
 def test_cosine_mask_learnable_scale_learns_log_gamma():
