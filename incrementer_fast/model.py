@@ -9,6 +9,10 @@ Architecture (images (B, 3, H, W); p = patch size; h, w = ⌈H/p⌉, ⌈W/p⌉; 
       class_embeddings = classes (B, K, D) @ proj_classes
       masks = cosine_mask(patch_embeddings, class_embeddings, scale=γ) → (B, K, h, w)
 
+The masks are float32 whatever the embeddings' dtype (float64 for a float64 model): under bf16 autocast the
+embeddings are bf16, and bf16 masks would quantise logits near ±γ = ±10 to steps of 2^-4 before the loss.
+The masks are small (B·K·N values, against B·N·D for every activation of the encoder).
+
 There is no LayerNorm over the class axis of the masks (Segmenter's ``mask_norm``): its statistics would
 change every time classes are added, moving the old classes' logits.
 
@@ -69,7 +73,8 @@ TOKEN_STD = 0.02
 class IncrementerOutput(NamedTuple):
     """What ``Incrementer.forward`` returns.
 
-    masks: (B, K, h, w) patch-resolution logits, h, w = ⌈H/p⌉, ⌈W/p⌉ (padded image / patch size).
+    masks: (B, K, h, w) patch-resolution logits, h, w = ⌈H/p⌉, ⌈W/p⌉ (padded image / patch size); float32
+    (float64 for a float64 model), also under bf16/fp16 autocast.
     patch_embeddings: (B, N, D), N = h·w in row-major order, and class_embeddings: (B, K, D): the very
     tensors ``cosine_mask`` compared (FOD distils them).
     image_size: the input's (H, W) before padding; patch_size: p.
@@ -300,6 +305,8 @@ class Incrementer(nn.Module):
                 proj_drop=dropout,
                 attn_drop=attn_dropout,
                 attn_layer=Attention,
+                # torch's LayerNorm (eps 1e-5), as Segmenter's blocks; timm's Block defaults to eps 1e-6.
+                norm_layer=nn.LayerNorm,
             )
             for _ in range(n_layers)
         )
@@ -400,7 +407,10 @@ class Incrementer(nn.Module):
         x = self.decoder_norm(x)
         patch_embeddings = x[:, :-num_classes] @ self.proj_patch
         class_embeddings = x[:, -num_classes:] @ self.proj_classes
-        masks = cosine_mask(patch_embeddings, class_embeddings, scale=self.gamma)
+        # float32 masks (float64 for a float64 model) even from bf16/fp16 embeddings under autocast: logits
+        # near ±γ would otherwise be rounded to 2^-4 steps before the CE, the dice and PLOP's entropy.
+        mask_dtype = torch.promote_types(patch_embeddings.dtype, torch.float32)
+        masks = cosine_mask(patch_embeddings, class_embeddings, scale=self.gamma, out_dtype=mask_dtype)
         masks = masks.reshape(batch, num_classes, grid_h, grid_w)
         return IncrementerOutput(masks, patch_embeddings, class_embeddings, (height, width), p)
 

@@ -48,7 +48,8 @@ def _cosine_mask_backward_op(
     when not needed; d scale 0-dim in the compute dtype."""
     if backend(patches.device) == "triton":
         return kernels.cosine_mask_backward(grad, patches, classes, scale, eps, need_patches, need_classes)
-    return _reference_backward(grad, patches, classes, scale, eps, need_patches, need_classes)
+    with torch.autocast(patches.device.type, enabled=False):  # a backward inside autocast: keep fp32 bmm
+        return _reference_backward(grad, patches, classes, scale, eps, need_patches, need_classes)
 
 
 def _reference_backward(grad, patches, classes, scale, eps, need_patches, need_classes):

@@ -29,13 +29,15 @@ def cosine_mask(
 ) -> torch.Tensor:
     """masks[b, k, n] = scale · ⟨p̂[b, n], ĉ[b, k]⟩ for patches (B, N, D), classes (B, K, D) → (B, K, N).
 
-    Computed in the compute dtype and rounded once to ``out_dtype`` (default: the inputs' dtype).
+    Computed in the compute dtype and rounded once to ``out_dtype`` (default: the inputs' dtype), also under
+    autocast (which would otherwise run the bmm in bf16/fp16 and round every logit before ``out_dtype``).
     """
     check_cosine_mask_args(patches, classes, scale, eps, out_dtype)
     acc = compute_dtype(patches.dtype)
     p = _normalize(patches.to(acc), eps)
     c = _normalize(classes.to(acc), eps)
-    masks = torch.bmm(c, p.transpose(1, 2))
+    with torch.autocast(p.device.type, enabled=False):
+        masks = torch.bmm(c, p.transpose(1, 2))
     if isinstance(scale, torch.Tensor):
         masks = masks * scale.to(acc)
     else:
