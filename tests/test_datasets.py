@@ -1,4 +1,5 @@
 """Datasets: the synthetic generator, the VOC / ADE20K loaders on small fake layouts, transforms, errors."""
+import math
 import os
 from functools import partial
 from pathlib import Path
@@ -10,15 +11,10 @@ from PIL import Image
 
 from incrementer_fast.continual import datasets as ds_module
 from incrementer_fast.continual import synthetic
-from incrementer_fast.continual.datasets import (
-    ADE20KSegmentation,
-    VOCSegmentation,
-    build_dataset,
-    train_transform,
-    val_transform,
-)
+from incrementer_fast.continual.datasets import ADE20KSegmentation, VOCSegmentation, build_dataset
 from incrementer_fast.continual.scenarios import get_task, remap_train_labels, select_images
 from incrementer_fast.continual.synthetic import SyntheticSegmentation, generate_synthetic
+from incrementer_fast.continual.transforms import train_transform, val_transform
 
 SMALL = dict(num_train=24, num_val=6, image_size=48)
 
@@ -144,6 +140,8 @@ def test_subset_and_label_transform(syn_root, tmp_path):
 
 
 def test_train_transform(syn_root, tmp_path):
+    """MiB/PLOP's augmentation by default: crops of the crop size, labels only resampled (no new value, no
+    padding), the same crops for the same seed, flips."""
     dset = SyntheticSegmentation(syn_root, "train", cache_dir=tmp_path)
     raw_values = set(dset[2][1].unique().tolist())
     dset.transform = train_transform(40, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), scale=(0.5, 2.0))
@@ -153,21 +151,111 @@ def test_train_transform(syn_root, tmp_path):
         outputs.append([dset[2] for _ in range(6)])
     for image, label in outputs[0]:
         assert image.shape == (3, 40, 40) and image.dtype == torch.float32
-        assert label.shape == (40, 40) and label.dtype == torch.int64
-        assert set(label.unique().tolist()) <= raw_values | {255}  # nearest: no new label value
+        assert label.shape == (40, 40) and label.dtype == torch.int64 and type(label) is torch.Tensor
+        assert set(label.unique().tolist()) <= raw_values  # nearest: no new label value, no padding
     for (i0, l0), (i1, l1) in zip(outputs[0], outputs[1]):
         assert torch.equal(i0, i1) and torch.equal(l0, l1)  # same seed, same crops
     assert any(not torch.equal(a[1], b[1]) for a, b in zip(outputs[0], outputs[2]))
-    # A small scale pads: padded pixels are ignored (255) and the image is the mean colour there (0).
-    dset.transform = train_transform(96, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), scale=(0.5, 0.5))
+
+
+def test_rescale_pad_crop_option_pads_with_ignored_pixels():
+    """The named option (the previous default): a small scale pads; padded pixels are ignored (255) and the
+    image is the mean colour there (0 after normalisation)."""
+    transform = train_transform(96, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), scale=(0.5, 0.5),
+                                augmentation="rescale_pad_crop")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
     torch.manual_seed(0)
-    image, label = dset[2]
-    inside = torch.zeros(96, 96, dtype=torch.bool)
-    inside[:24, :24] = True  # the 48 px image scaled by 0.5, at the top left (top right if flipped)
-    if not torch.all(image[:, ~inside] == 0):
-        inside = inside.flip(-1)
-    assert torch.all(image[:, ~inside] == 0) and torch.all(label[~inside] == 255)
-    assert torch.any(label[inside] != 255)
+    out_image, out_label = transform(image, Image.new("L", (48, 48), 3))
+    assert out_image.shape == (3, 96, 96) and out_label.shape == (96, 96)
+    padded = out_label == 255
+    assert set(out_label.unique().tolist()) == {3, 255}
+    assert int((~padded).sum()) == 24 * 24  # the 48 px image scaled by 0.5, somewhere in the crop
+    assert torch.all(out_image[:, padded] == 0) and not torch.all(out_image[:, ~padded] == 0)
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        train_transform(32, augmentation="mosaic")
+
+
+def _mib_get_params(width, height, scale, ratio):
+    """MiB's RandomResizedCrop.get_params (fcdl94/MiB dataset/transform.py, MIT licence, Copyright (c) 2020
+    Fabio Cermelli), transcribed with its draws taken from torch's generator (random.uniform(a, b) →
+    uniform_(a, b) on a float32 tensor, random.randint(a, b) → torch.randint(a, b + 1)), in its order."""
+    area = width * height
+    for _attempt in range(10):
+        target_area = torch.empty(1).uniform_(*scale).item() * area
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect_ratio = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if w <= width and h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def test_random_resized_crop_is_mibs():
+    """The crop parameters follow MiB's get_params draw for draw, and for given parameters the image is
+    PIL's bilinear resized crop and the label PIL's nearest one, bit for bit (MiB's transform.py:
+    F.resized_crop(img, ..., Image.BILINEAR), F.resized_crop(lbl, ..., Image.NEAREST)). Stock v2 would
+    resize the mask with torch's nearest, half a pixel off."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from incrementer_fast.continual.transforms import MIB_CROP_RATIO, RandomResizedCrop
+
+    crop = RandomResizedCrop((37, 37), scale=(0.5, 2.0), ratio=MIB_CROP_RATIO)
+    rng = np.random.default_rng(0)
+    fallbacks = 0
+    for seed in range(40):
+        width, height = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        torch.manual_seed(seed)
+        ours = crop.make_params([tv_tensors.Mask(torch.zeros(height, width, dtype=torch.uint8))])
+        torch.manual_seed(seed)
+        top, left, h, w = _mib_get_params(width, height, (0.5, 2.0), MIB_CROP_RATIO)
+        assert (ours["top"], ours["left"], ours["height"], ours["width"]) == (top, left, h, w), seed
+        fallbacks += (h, w) == (height, width)
+
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        label = rng.integers(0, 21, (height, width), dtype=np.uint8)
+        label[rng.random((height, width)) < 0.1] = 255
+        params = dict(top=top, left=left, height=h, width=w)
+        box = (left, top, left + w, top + h)
+        mib_image = np.asarray(image.crop(box).resize((37, 37), Image.BILINEAR))
+        mib_label = np.asarray(Image.fromarray(label).crop(box).resize((37, 37), Image.NEAREST))
+        assert np.array_equal(np.asarray(crop.transform(image, params)), mib_image)
+        mask = crop.transform(tv_tensors.Mask(torch.from_numpy(label)), params)
+        assert isinstance(mask, tv_tensors.Mask) and np.array_equal(mask.numpy(), mib_label)
+    assert fallbacks >= 1  # the whole-image fallback of 10 misfit draws was exercised
+    stock = v2.RandomResizedCrop((37, 37)).transform(tv_tensors.Mask(torch.from_numpy(label)), params)
+    assert not np.array_equal(stock.numpy(), mib_label)
+
+
+def test_val_transform_is_mibs_resize_and_centre_crop():
+    """MiB/PLOP's validation (crop_val): Resize(s) sets the short side to s and the long side to
+    int(s · long / short), image bilinear and label nearest (PIL); CenterCrop(s) starts at
+    int(round((long' − s) / 2))."""
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    label = Image.fromarray(rng.integers(0, 21, (37, 53), dtype=np.uint8))
+    out_image, out_label = val_transform(24, mean=(0, 0, 0), std=(1, 1, 1))(image, label)
+    long_side = int(24 * 53 / 37)
+    left = int(round((long_side - 24) / 2))
+    box = (left, 0, left + 24, 24)
+    expected_image = np.array(image.resize((long_side, 24), Image.BILINEAR).crop(box))
+    expected_label = np.array(label.resize((long_side, 24), Image.NEAREST).crop(box))
+    assert torch.equal(out_label, torch.from_numpy(expected_label.astype(np.int64)))
+    assert torch.equal((out_image * 255).round().byte().permute(1, 2, 0), torch.from_numpy(expected_image))
+    full_image, full_label = val_transform(None)(image, label)
+    assert full_image.shape == (3, 37, 53) and full_label.shape == (37, 53)
 
 
 def test_val_transform_and_normalisation(syn_root, tmp_path):

@@ -26,6 +26,7 @@ NEW_TOKEN_INITS = ("trunc_normal", "background")
 ATTENTIONS = ("auto", "xformers", "sdpa")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
+AUGMENTATIONS = ("random_resized_crop", "rescale_pad_crop")
 # Fields a resumed run may change: they change where or how fast it runs, not what it computes
 # (micro_batch_size changes only the float rounding of the accumulated gradients).
 RESUMABLE_FIELDS = frozenset({"num_workers", "eval_batch_size", "compile", "data_root", "micro_batch_size",
@@ -109,12 +110,20 @@ class TrainConfig:
     """Poly schedule: lr · (1 − iteration / iterations)^poly_power, per step."""
     crop_size: int = 512
     """Training crop side; a multiple of the patch size (FOD weights are per patch)."""
+    train_augmentation: str = "random_resized_crop"
+    """``random_resized_crop``: MiB's and PLOP's augmentation (RandomResizedCrop to ``crop_size``, area in
+    [train_scale_min, train_scale_max] × the image's, ratio 3/4-4/3, then a horizontal flip); or
+    ``rescale_pad_crop``: rescale by a factor in that range, pad (label 255), random crop, flip (DeepLab's;
+    this library's default before issue 9). See incrementer_fast/continual/transforms.py."""
     train_scale_min: float = 0.5
-    """Smallest random rescaling of a training image before the crop (DeepLab/MiB: 0.5)."""
+    """Lower end of the crop's area fraction (``random_resized_crop``) or of the rescaling factor
+    (``rescale_pad_crop``). MiB/PLOP: 0.5."""
     train_scale_max: float = 2.0
-    """Largest random rescaling of a training image before the crop (DeepLab/MiB: 2.0)."""
+    """Upper end of the same range. MiB/PLOP: 2.0 (with ``random_resized_crop`` an area above 1 cannot fit
+    and is redrawn, so their crops cover 50-100% of the image)."""
     val_size: int = 512
-    """Validation images are resized (short side) and centre-cropped to this side."""
+    """Validation images are resized (short side) and centre-cropped to this side, as MiB/PLOP evaluate
+    (``crop_val``, their default, at the crop size 512)."""
 
     # ---------------------------------------------------------------- losses (incremental steps)
     new_class_weight: float = 0.5
@@ -178,6 +187,7 @@ class TrainConfig:
             "attention": ATTENTIONS,
             "device": DEVICES,
             "optimizer": OPTIMIZERS,
+            "train_augmentation": AUGMENTATIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

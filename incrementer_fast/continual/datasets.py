@@ -1,6 +1,6 @@
-"""Segmentation datasets (Pascal VOC 2012 aug, ADE20K, the built-in synthetic one) and their transforms.
+"""Segmentation datasets (Pascal VOC 2012 aug, ADE20K, the built-in synthetic one).
 
-A dataset yields ``(image, label)``: with a ``transform``, whatever it returns (the transforms here give a
+A dataset yields ``(image, label)``: with a ``transform``, whatever it returns (those of transforms.py give a
 normalised float32 image (3, H, W) and an int64 label (H, W)); without one, the image as float32 in
 [0, 1] and the label as int64, at full resolution. ``label_transform`` (the trainer passes the step's
 remap from ``scenarios``) is applied to the label tensor last.
@@ -28,8 +28,6 @@ from PIL import Image
 
 from .scenarios import IGNORE_INDEX, atomic_write_json, num_classes as _num_classes
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -110,97 +108,6 @@ def to_tensors(image: Image.Image, label: Image.Image) -> tuple[torch.Tensor, to
     img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
     lab = torch.from_numpy(np.array(label, dtype=np.uint8)).long()
     return img, lab
-
-
-def _normalise(img: torch.Tensor, mean, std) -> torch.Tensor:
-    mean = torch.as_tensor(mean, dtype=img.dtype).view(3, 1, 1)
-    std = torch.as_tensor(std, dtype=img.dtype).view(3, 1, 1)
-    return (img - mean) / std
-
-
-def _pair(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        size = (size, size)
-    h, w = (int(s) for s in size)
-    if h < 1 or w < 1:
-        raise ValueError(f"size must be positive, got {size}")
-    return h, w
-
-
-class TrainTransform:
-    """Random scale, pad, random crop and horizontal flip (the DeepLab/MiB training augmentation).
-
-    The image is rescaled by a factor drawn uniformly from ``scale`` (bilinear; the label with nearest
-    neighbour, so no new label value appears), padded to at least the crop size (the image with zeros
-    after normalisation, i.e. the mean colour; the label with 255, ignored), cropped at a random offset
-    to ``crop_size`` and flipped left-right with probability 1/2, then normalised with ``mean``/``std``.
-    Randomness comes from torch's global RNG, so a seeded run (and DataLoader workers, which torch seeds
-    per worker) is reproducible. A class, not a closure, so DataLoader workers can pickle it.
-    """
-
-    def __init__(self, crop_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.5, 2.0)):
-        self.crop = _pair(crop_size)
-        self.mean, self.std = tuple(mean), tuple(std)
-        lo, hi = (float(s) for s in scale)
-        if not 0 < lo <= hi:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
-        self.scale = (lo, hi)
-
-    def __call__(self, image: Image.Image, label: Image.Image):
-        lo, hi = self.scale
-        factor = lo + (hi - lo) * float(torch.rand(()))
-        w, h = image.size
-        size = (max(1, round(w * factor)), max(1, round(h * factor)))
-        image = image.resize(size, Image.BILINEAR)
-        label = label.resize(size, Image.NEAREST)
-        img, lab = to_tensors(image, label)
-        img = _normalise(img, self.mean, self.std)
-        ch, cw = self.crop
-        pad_h, pad_w = max(ch - img.shape[1], 0), max(cw - img.shape[2], 0)
-        if pad_h or pad_w:
-            img = torch.nn.functional.pad(img, (0, pad_w, 0, pad_h), value=0.0)
-            lab = torch.nn.functional.pad(lab, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        top = int(torch.randint(0, img.shape[1] - ch + 1, ()))
-        left = int(torch.randint(0, img.shape[2] - cw + 1, ()))
-        img = img[:, top:top + ch, left:left + cw]
-        lab = lab[top:top + ch, left:left + cw]
-        if float(torch.rand(())) < 0.5:
-            img, lab = img.flip(-1), lab.flip(-1)
-        return img.contiguous(), lab.contiguous()
-
-
-class ValTransform:
-    """Resize the shorter side to ``size`` (bilinear image, nearest label) and centre-crop a
-    ``size`` x ``size`` square, then normalise. ``size=None`` keeps the full image (for batch size 1 or
-    sliding-window evaluation). Deterministic."""
-
-    def __init__(self, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.size = None if size is None else _pair(size)[0]
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    def __call__(self, image: Image.Image, label: Image.Image):
-        if self.size is not None:
-            s = self.size
-            w, h = image.size
-            factor = s / min(w, h)
-            size = (max(s, round(w * factor)), max(s, round(h * factor)))
-            image = image.resize(size, Image.BILINEAR)
-            label = label.resize(size, Image.NEAREST)
-            left, top = (size[0] - s) // 2, (size[1] - s) // 2
-            image = image.crop((left, top, left + s, top + s))
-            label = label.crop((left, top, left + s, top + s))
-        img, lab = to_tensors(image, label)
-        return _normalise(img, self.mean, self.std), lab
-
-
-def train_transform(crop_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.5, 2.0)) -> TrainTransform:
-    """The training transform: see ``TrainTransform``."""
-    return TrainTransform(crop_size, mean, std, scale)
-
-
-def val_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ValTransform:
-    """The validation transform: see ``ValTransform``."""
-    return ValTransform(size, mean, std)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):

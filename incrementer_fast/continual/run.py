@@ -37,10 +37,11 @@ import torch.distributed as dist
 
 from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig
-from .datasets import build_dataset, train_transform, val_transform
+from .datasets import build_dataset
 from .metrics import summarize
 from .scenarios import (atomic_write_json, cached_select_images, classes_up_to, get_task, remap_eval_labels,
                         select_eval_images)
+from .transforms import train_transform, val_transform
 from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
                     seed_everything, train_step)
 
@@ -317,7 +318,8 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
         model = Incrementer.from_checkpoint(checkpoint_path(out_dir, first - 1), attention=config.attention)
     mean, std = model.normalization
     train_set.transform = train_transform(config.crop_size, mean, std,
-                                          scale=(config.train_scale_min, config.train_scale_max))
+                                          scale=(config.train_scale_min, config.train_scale_max),
+                                          augmentation=config.train_augmentation)
     val_set.transform = val_transform(config.val_size, mean, std)
     train_labels = train_set.image_labels()
     val_labels = val_set.image_labels()
