@@ -5,9 +5,9 @@
     incrementer-fast demo [--out DIR]
 
 ``train`` has one option per field of ``TrainConfig`` (``--lambda-visual 1.0``, ``--no-use-fod``, ...; the
-help text is the field's documentation). Its defaults are ``TrainConfig``'s, or the demo preset for
-``--dataset synthetic``; with ``--resume`` they are the run directory's ``config.json`` and any option given
-must agree with it. Under ``torchrun`` every process runs this same command.
+help text is the field's documentation). Its defaults are the preset's (``--preset voc|ade|demo``, by default
+the one of ``--dataset``: voc, ade, or demo for synthetic; see ``config.PRESETS`` for every value's source);
+with ``--resume`` they are the run directory's ``config.json`` and any option given must agree with it. Under ``torchrun`` every process runs this same command.
 
 ``demo`` is the main job on the embedded default: the synthetic dataset generated into ``DIR/data``, a tiny
 ViT on the CPU, every step of the demo task for ``incrementer`` and ``finetune`` (``DIR/incrementer``,
@@ -26,7 +26,9 @@ import time
 import typing
 from pathlib import Path
 
-from .continual.config import RESUMABLE_FIELDS, TrainConfig
+from .continual.config import PRESETS, RESUMABLE_FIELDS, TrainConfig
+
+DATASET_PRESETS = {"voc": "voc", "ade": "ade", "synthetic": "demo"}  # the preset of each --dataset
 
 
 class CommandError(Exception):
@@ -58,16 +60,16 @@ def _option_parser(hint):
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     docs = _field_docs()
     hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    demo = TrainConfig.demo()
-    group = parser.add_argument_group("training configuration (TrainConfig; defaults: paper scale, or the demo "
-                                      "preset for --dataset synthetic)")
+    defaults = TrainConfig.preset("voc")
+    others = {name: TrainConfig.preset(name) for name in PRESETS if name != "voc"}
+    group = parser.add_argument_group("training configuration (TrainConfig; defaults: the preset's)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         base, optional = _option_parser(hints[f.name])
         default_text = f"default {getattr(defaults, f.name)!r}"
-        if getattr(demo, f.name) != getattr(defaults, f.name):
-            default_text += f"; synthetic {getattr(demo, f.name)!r}"
+        for name, preset in others.items():
+            if getattr(preset, f.name) != getattr(defaults, f.name):
+                default_text += f"; {name} {getattr(preset, f.name)!r}"
         help_text = f"{docs.get(f.name, '')} ({default_text})".replace("%", "%%")
         if base is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -100,11 +102,8 @@ def config_from_args(args: argparse.Namespace, stored: dict | None = None) -> Tr
                                + ", ".join(clashes))
         values = {**stored, **given}
     else:
-        dataset = given.get("dataset", TrainConfig.dataset)
-        base = TrainConfig.demo().to_dict() if dataset == "synthetic" else TrainConfig().to_dict()
-        if dataset == "ade" and "task" not in given:
-            base["task"] = "100-50"
-        values = {**base, **given}
+        preset = getattr(args, "preset", None) or DATASET_PRESETS.get(given.get("dataset"), "voc")
+        values = {**TrainConfig.preset(preset).to_dict(), **given}
     try:
         config = TrainConfig.from_dict(values)
         config.accumulation_steps(int(os.environ.get("WORLD_SIZE", "1")))
@@ -216,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --out from its last finished step, with its config.json")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    train.add_argument("--preset", choices=list(PRESETS), default=None,
+                       help="the defaults of every option below: voc / ade (paper scale, each value's source in "
+                            "config.PRESETS) or demo (the synthetic CPU demo); default: the one of --dataset")
     _add_config_options(train)
     demo = commands.add_parser("demo", help="the synthetic scenario, tiny ViT, CPU: incrementer vs finetune")
     demo.add_argument("--out", default="runs/demo", help="where the data and both runs go (default runs/demo)")

@@ -107,11 +107,20 @@ def _short_list(names: Sequence[str], limit: int = 8) -> str:
     return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _create_encoder(backbone: str, drop_path_rate: float, img_size) -> nn.Module:
-    """A timm ViT, random init, whose attention blocks compute through incrementer_fast.attention."""
+def _pretrained_source(backbone: str) -> str:
+    """Where timm would fetch ``backbone``'s default pretrained weights from (for error messages)."""
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    if cfg is None:
+        return "no pretrained weights registered"
+    return f"hf-hub:{cfg.hf_hub_id}" if cfg.hf_hub_id else (cfg.url or cfg.file or "none")
+
+
+def _create_encoder(backbone: str, drop_path_rate: float, img_size, pretrained: bool = False) -> nn.Module:
+    """A timm ViT whose attention blocks compute through incrementer_fast.attention: random init, or with
+    ``pretrained`` timm's own pretrained weights (Hugging Face hub download, then its cache)."""
     if not isinstance(backbone, str) or not timm.is_model(backbone):
         raise ValueError(f"backbone must be a timm model name such as 'vit_tiny_patch16_224', got {backbone!r}")
-    kwargs = dict(pretrained=False, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate)
+    kwargs = dict(pretrained=bool(pretrained), num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate)
     if img_size is not None:
         kwargs["img_size"] = tuple(img_size) if isinstance(img_size, (list, tuple)) else img_size
     try:
@@ -126,6 +135,17 @@ def _create_encoder(backbone: str, drop_path_rate: float, img_size) -> nn.Module
         raise ValueError(
             f"backbone {backbone!r} cannot be built as a dynamic-size ViT encoder: {error}"
         ) from error
+    except OSError as error:  # hub unreachable (offline, HF_HUB_OFFLINE=1) and nothing in the cache
+        raise FileNotFoundError(
+            f"the pretrained weights of {backbone!r} ({_pretrained_source(backbone)}) are not in the local "
+            f"cache and could not be downloaded ({type(error).__name__}: {error}). Either run once with network "
+            "access (timm downloads them and caches them under $HF_HOME, by default ~/.cache/huggingface), or "
+            "load a local checkpoint with weights=PATH (--weights PATH: timm .pth/.bin, .safetensors or .npz)"
+        ) from error
+    except RuntimeError as error:  # timm: "No pretrained weights exist for ..."
+        if not pretrained:
+            raise
+        raise ValueError(f"backbone {backbone!r} has no pretrained weights in timm: {error}") from error
     for module in encoder.modules():
         if type(module) is TimmAttention:
             # Attention subclasses timm's without adding state, so re-classing keeps every weight, buffer
@@ -210,15 +230,21 @@ class Incrementer(nn.Module):
     """Incrementer for class-incremental semantic segmentation (see the module docstring).
 
     Args:
-        backbone: timm ViT name (``vit_tiny_patch16_224`` for tests, ``vit_base_patch16_384`` paper-scale),
-            created with ``pretrained=False``; weights come only from ``weights``.
+        backbone: timm ViT name (``vit_tiny_patch16_224`` for tests, ``vit_base_patch16_384`` paper-scale).
+        pretrained: load timm's pretrained weights of ``backbone`` through timm's own mechanism (the Hugging
+            Face hub, downloaded once into its cache; offline, the cache alone). A missing download raises
+            FileNotFoundError naming both ways to get weights. ``vit_base_patch16_384``'s are the AugReg
+            ImageNet-21k weights fine-tuned on ImageNet-1k at 384², the ViT-B/16 of Segmenter and Incrementer.
         num_classes: the first step's class count, background (class 0) included.
         d_model: decoder width (None: the encoder's width). n_layers, n_heads (None: d_model // 64),
             mlp_ratio, dropout, attn_dropout: the decoder's blocks.
         drop_path_rate: the encoder's stochastic depth.
         scale: γ of the cosine masks; learnable_scale: learn log γ (initialised at log ``scale``).
         new_token_init: ``"trunc_normal"`` or ``"background"``, for the tokens ``add_classes`` creates.
-        weights: optional local encoder checkpoint (timm .pth/.bin, .safetensors, JAX .npz). Never a download.
+        weights: optional local encoder checkpoint (timm .pth/.bin, .safetensors, JAX .npz), loaded as timm
+            loads a file (its ``load_state_dict`` and the model's ``checkpoint_filter_fn``, which resamples
+            positional embeddings), strictly, with errors naming the file and the keys. Never a download;
+            not together with ``pretrained``.
         attention: ``"auto" | "xformers" | "sdpa"`` for every attention block (``"auto"`` defers to
             ``$INCREMENTER_ATTENTION``); see incrementer_fast/attention.py.
         img_size: the encoder's positional-embedding grid (None: the backbone's default). Any input size
@@ -240,6 +266,7 @@ class Incrementer(nn.Module):
         scale: float = 10.0,
         learnable_scale: bool = False,
         new_token_init: str = "trunc_normal",
+        pretrained: bool = False,
         weights=None,
         attention: str = "auto",
         img_size=None,
@@ -259,7 +286,9 @@ class Incrementer(nn.Module):
             )
         attention = requested_backend(attention)  # validates the name; does not read the environment
 
-        self.encoder = _create_encoder(backbone, float(drop_path_rate), img_size)
+        if pretrained and weights is not None:
+            raise ValueError(f"give pretrained=True (timm's weights) or weights={weights!r} (a local file), not both")
+        self.encoder = _create_encoder(backbone, float(drop_path_rate), img_size, pretrained=bool(pretrained))
         if weights is not None:
             _load_encoder_weights(self.encoder, weights, backbone)
         patch_size = tuple(self.encoder.patch_embed.patch_size)

@@ -29,6 +29,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# No test touches the network: the Hugging Face hub (timm's pretrained weights) is offline for the whole
+# suite, set before anything imports huggingface_hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 # Devices the parity tests run on: always the CPU (reference path, or the kernels under the interpreter),
 # and CUDA when present.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

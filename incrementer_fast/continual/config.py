@@ -1,8 +1,10 @@
 """Every hyperparameter of a class-incremental run, in one dataclass.
 
-The defaults are the paper-scale setting (ViT-B/16 on 512² crops; SGD with a poly schedule, as Segmenter
-trains; a learning rate divided by ten on the incremental steps, as PLOP does). ``TrainConfig.demo()`` is the
-preset of ``incrementer-fast demo``: the built-in synthetic dataset, a tiny ViT and a few epochs on a CPU.
+The defaults are the paper-scale setting (a pretrained ViT-B/16 on 512² crops; SGD with a poly schedule, as
+Segmenter trains; a learning rate divided by ten on the incremental steps, as MiB and PLOP do).
+``TrainConfig.preset("voc" | "ade")`` are the paper-scale presets, each value with its source at ``PRESETS``;
+``TrainConfig.demo()`` is the preset of ``incrementer-fast demo``: the built-in synthetic dataset, a tiny ViT
+and a few epochs on a CPU.
 
 The published description of Incrementer gives no values for the cosine scale γ, the new-class weight
 w_new, the FOD background weight β and the loss weights λ_v, λ_c, λ_d: the values below are OUR choices,
@@ -59,12 +61,24 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- model (see inc.Incrementer)
     backbone: str = "vit_base_patch16_384"
-    """timm ViT name; created with ``pretrained=False`` (load weights with ``weights``)."""
+    """timm ViT name. The default is Segmenter's and Incrementer's ViT-B/16; timm's default weights for it
+    are the AugReg ImageNet-21k weights fine-tuned on ImageNet-1k at 384², those Segmenter loads."""
+    pretrained: bool = True
+    """Start the encoder from timm's pretrained weights of ``backbone``, through timm's own mechanism
+    (downloaded once into the Hugging Face cache; offline, from the cache alone). ``weights`` takes
+    precedence. Off: random init, which an encoder as wide as ViT-B or wider gets only with
+    ``from_scratch``."""
     weights: str | None = None
-    """Local encoder checkpoint (timm / safetensors / .npz); never downloaded."""
-    img_size: int | None = None
-    """The encoder's positional-embedding grid in pixels (``None``: the backbone's); any input size works,
-    this only avoids resampling the embeddings at every forward when it equals the crop size."""
+    """Local encoder checkpoint (timm / safetensors / .npz), used instead of timm's download; never
+    downloaded."""
+    from_scratch: bool = False
+    """Allow an encoder as wide as ViT-B (768) or wider to start from random weights. Segmenter and
+    Incrementer start from ImageNet-21k weights; a randomly initialised ViT-B trained on VOC is not
+    comparable with their tables, so it takes this explicit switch."""
+    img_size: int | None = 512
+    """The encoder's positional-embedding grid in pixels (``None``: the backbone's). Any input size works;
+    set to the crop size, as Segmenter builds its encoder, the pretrained embeddings are resampled once at
+    load and trained at that grid, instead of being resampled from the backbone's grid at every forward."""
     d_model: int | None = None
     """Width of the mask-transformer decoder (``None``: the encoder's width, as Segmenter)."""
     n_layers: int = 2
@@ -249,11 +263,16 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
+    def preset(cls, name: str, **overrides) -> "TrainConfig":
+        """The preset ``name`` (``PRESETS``: ``voc``, ``ade`` or ``demo``) with ``overrides`` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
     def demo(cls, **overrides) -> "TrainConfig":
         """The preset of ``incrementer-fast demo``: synthetic data, a tiny ViT, CPU-sized everything."""
-        values = dict(DEMO_PRESET)
-        values.update(overrides)
-        return cls(**values)
+        return cls.preset("demo", **overrides)
 
 
 # The demo preset: everything a CPU can train from scratch in the demo's budget (both methods, every step of
@@ -281,4 +300,43 @@ DEMO_PRESET: dict = dict(
     lr_incremental=0.02,
     drop_path_rate=0.0,
     eval_batch_size=32,
+    pretrained=False,  # vit_demo_patch8 has no pretrained weights; 4 blocks of width 192 train from scratch
 )
+
+# The paper-scale presets (--preset voc|ade; the CLI picks the dataset's). The CISS protocol (epochs per step,
+# tasks, crop, augmentation, evaluation, the learning rate ÷ 10 after step 0) is MiB's and PLOP's; the
+# optimisation of the ViT-B + mask transformer is Segmenter's (its DeepLab-v3 values — batch 24, lr 0.01,
+# weight decay 1e-4 — are for a ResNet-101). Sources:
+#   MiB:       fcdl94/MiB README "lr 0.01 (step 0) | 0.001 (step > 0)", "epochs 30 (Pascal-VOC 2012) | 60
+#              (ADE20K)", argparser --crop_size 512 --crop_val (on); run.py RandomResizedCrop(crop, (0.5, 2.0)).
+#   PLOP:      arthurdouillard/CVPR2021_PLOP scripts/voc/plop_15-1.sh (15-5s = 15-1, 30 epochs every step,
+#              lr 0.01 then 0.001), scripts/ade/plop_ade_100-50.sh (60 epochs), argparser lr_power 0.9.
+#   Segmenter: rstrudel/segmenter segm/config.yml (ade20k: batch_size 8, learning_rate 0.001, crop_size 512;
+#              mask_transformer: n_layers 2, dropout 0.1, drop_path_rate 0.0), segm/train.py (SGD, momentum
+#              0.9, weight decay 0.0, polynomial schedule power 0.9, --drop-path 0.1 in the encoder,
+#              image_size = crop size: the positional embeddings are resampled once, at load).
+_PAPER_SCALE: dict = dict(
+    backbone="vit_base_patch16_384",  # Segmenter / Incrementer ViT-B/16, ImageNet-21k (AugReg) weights
+    pretrained=True,                  # Segmenter and Incrementer fine-tune a pretrained encoder
+    img_size=512,                     # Segmenter: the encoder built at the crop size
+    crop_size=512,                    # MiB/PLOP --crop_size 512; Segmenter ade20k crop_size 512
+    val_size=512,                     # MiB/PLOP crop_val: Resize(512) + CenterCrop(512)
+    train_augmentation="random_resized_crop",
+    train_scale_min=0.5,              # MiB/PLOP RandomResizedCrop(crop, (0.5, 2.0))
+    train_scale_max=2.0,
+    batch_size=8,                     # Segmenter ade20k batch_size 8
+    optimizer="sgd",                  # Segmenter, MiB, PLOP
+    momentum=0.9,                     # Segmenter, MiB, PLOP
+    weight_decay=0.0,                 # Segmenter --weight-decay 0.0
+    lr=1e-3,                          # Segmenter ade20k learning_rate 0.001
+    lr_incremental=1e-4,              # MiB/PLOP: step > 0 at the step-0 rate ÷ 10
+    poly_power=0.9,                   # Segmenter poly_power 0.9; MiB/PLOP lr_power 0.9
+    drop_path_rate=0.1,               # Segmenter --drop-path 0.1
+    dropout=0.1,                      # Segmenter mask_transformer dropout 0.1
+    n_layers=2,                       # Segmenter mask_transformer n_layers 2
+)
+PRESETS: dict[str, dict] = {
+    "voc": dict(_PAPER_SCALE, dataset="voc", task="15-1", epochs=30, epochs_incremental=30),  # MiB/PLOP VOC
+    "ade": dict(_PAPER_SCALE, dataset="ade", task="100-50", epochs=60, epochs_incremental=60),  # MiB/PLOP ADE
+    "demo": DEMO_PRESET,
+}

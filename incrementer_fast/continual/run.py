@@ -225,12 +225,36 @@ def scenario_task(config: TrainConfig) -> list[list[int]]:
     return task
 
 
+# Encoders at least this wide (ViT-B's 768) start from random weights only with --from-scratch.
+FROM_SCRATCH_MIN_WIDTH = 768
+
+
+def check_encoder_init(config: TrainConfig) -> None:
+    """ValueError for a random initialisation of an encoder as wide as ViT-B or wider without
+    ``from_scratch``: Segmenter's and Incrementer's numbers come from a pretrained ViT-B, and a silent
+    random ViT-B gives numbers that cannot stand beside theirs."""
+    if config.weights is not None or config.pretrained or config.from_scratch:
+        return
+    import timm
+
+    with torch.device("meta"):  # the width without allocating the weights
+        width = int(timm.create_model(config.backbone, pretrained=False, num_classes=0).embed_dim)
+    if width >= FROM_SCRATCH_MIN_WIDTH:
+        raise ValueError(
+            f"backbone {config.backbone!r} (width {width}) would start from random weights. Segmenter and "
+            "Incrementer fine-tune a pretrained encoder: use --pretrained (timm's weights, downloaded once into "
+            "the Hugging Face cache) or --weights PATH (a local checkpoint); --from-scratch trains it from "
+            "random weights on purpose")
+
+
 def build_model(config: TrainConfig, num_classes: int) -> Incrementer:
+    """Step 0's model: the encoder from ``weights`` (a local file), else timm's pretrained weights when
+    ``pretrained``, else random (``check_encoder_init`` has refused a wide random encoder already)."""
     return Incrementer(
         config.backbone, num_classes, d_model=config.d_model, n_layers=config.n_layers, scale=config.scale,
         learnable_scale=config.learnable_scale, new_token_init=config.new_token_init, weights=config.weights,
-        attention=config.attention, drop_path_rate=config.drop_path_rate, dropout=config.dropout,
-        img_size=config.img_size,
+        pretrained=config.pretrained and config.weights is None, attention=config.attention,
+        drop_path_rate=config.drop_path_rate, dropout=config.dropout, img_size=config.img_size,
     )
 
 
@@ -273,6 +297,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
         raise ValueError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has "
                          f"{len(task)} steps, 0..{len(task) - 1}")
     accumulation = config.accumulation_steps(env.world_size)
+    check_encoder_init(config)
 
     # Run directory: config.json, resumption checks (every rank reads; rank 0 writes).
     config_path = out_dir / "config.json"
