@@ -1,0 +1,609 @@
+"""The counters of the performance ledger: what each launch moves and computes, counted on the CPU.
+
+Two instruments, used together (``benchmarks/ledger.py`` drives them):
+
+* ``KernelCounter`` — Triton kernels run through Triton's interpreter (``TRITON_INTERPRET=1``) while the
+  interpreter's builder (``triton.runtime.interpreter.interpreter_builder``, an ``InterpreterBuilder``) is
+  instrumented: every builder call a kernel issues is counted as the kernel issues it, with no knowledge
+  of any particular kernel. Per launch (one ``GridExecutor`` call):
+
+  - ``bytes_read`` / ``bytes_written``: every *active* lane (mask true) of every load and store, times
+    its element size; atomics count one element per active lane as written (a read-modify-write at the
+    memory side). No cache model: a value loaded twice counts twice.
+  - ``dot_flops`` by operand precision (``fp32_ieee``, ``fp32_tf32``, ``fp32_tf32x3``, ``bf16``, ``fp16``,
+    ``fp64``...): 2·M·N·K of every ``tl.dot`` at the tile sizes issued, padding included;
+    ``useful_dot_flops``: 2 × the multiply-adds whose two operands are both non-zero (padding lanes are
+    loaded as 0, so they drop out; so do the structural zeros of a sparse operand).
+  - ``lane_ops`` by kind (float, int, compare/select, convert, reduce, int_divmod): one per element of
+    the result of every elementwise builder call (masked lanes included: SIMT lanes compute them too),
+    reductions one per element reduced; ``transcendental_ops`` (exp, exp2, log, log2, sqrt, rsqrt, sin,
+    cos, erf and floating division) apart, not in ``lane_ops``.
+  - the grid (programs), the constexpr arguments (the tile sizes that were counted) and num_warps.
+  - ``uncounted``: builder calls the instrument does not classify (new Triton features), by name, so a
+    gap shows instead of hiding.
+
+* ``AtenCounter`` — a ``TorchDispatchMode``: every aten op outside a Triton launch is a launch that reads
+  its tensor inputs and writes its outputs (their distinct bytes: a stride-0 expanded dimension counts
+  once); views, allocations (``empty``) and metadata ops are free. FLOPs of matrix products come from
+  ``torch.utils.flop_counter``'s formulas (``FlopCounterMode``'s registry); elementwise lane operations of
+  aten ops are an estimate from the op's tags (pointwise: one per output element; reductions: one per
+  input element; exp/log/div/softmax-like: transcendental). The fused ops' custom ops
+  (``incrementer_fast::*``) are opened up: their implementation runs with the mode active, so the torch
+  ops of the launchers (partial-sum reductions, zero fills) count as the launches they are, and the Triton
+  kernels inside as Triton launches.
+  It also tracks the live bytes of every storage allocated while it is active (``LiveBytes``), which gives
+  the modelled peak memory.
+
+Nothing here times anything on a GPU: every number is a count of what was issued on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+# ----------------------------------------------------------------------------- builder call classes
+# Kinds of lane operations; transcendentals are kept apart (issue 10).
+_FLOAT = ("fadd", "fsub", "fmul", "fneg", "fma", "fabs", "floor", "ceil", "minimumf", "minnumf", "maximumf",
+          "maxnumf", "clampf")
+_INT = ("add", "sub", "mul", "shl", "lshr", "ashr", "and", "or", "xor", "minsi", "minui", "maxsi", "maxui",
+        "iabs", "umulhi", "addptr")
+_COMPARE = tuple(f"icmp{c}" for c in ("SLE", "SLT", "SGE", "SGT", "ULE", "ULT", "UGE", "UGT", "EQ", "NE")) + \
+    tuple(f"fcmp{c}" for c in ("OLT", "OGT", "OLE", "OGE", "OEQ", "ONE", "ULT", "UGT", "ULE", "UGE", "UEQ",
+                               "UNE")) + ("select",)
+_CONVERT = ("si_to_fp", "ui_to_fp", "fp_to_si", "fp_to_ui", "fp_ext", "fp_trunc", "int_cast", "fp_to_fp")
+_INT_DIVMOD = ("sdiv", "udiv", "srem", "urem")
+_TRANSCENDENTAL = ("exp", "exp2", "log", "log2", "sqrt", "precise_sqrt", "rsqrt", "sin", "cos", "erf", "fdiv",
+                   "precise_divf", "frem")
+# Layout and bookkeeping: no arithmetic on a GPU (register renaming, broadcasts, constants, indices).
+_FREE = ("splat", "unsplat", "broadcast", "expand_dims", "reshape", "trans", "make_range", "cat", "join", "split",
+         "get_program_id", "get_num_programs", "bitcast", "int_to_ptr", "ptr_to_int", "barrier", "assume",
+         "assert", "print", "make_tensor_descriptor", "gather", "histogram", "idiv")
+
+LANE_KINDS = {**{n: "float" for n in _FLOAT}, **{n: "int" for n in _INT}, **{n: "compare_select" for n in _COMPARE},
+              **{n: "convert" for n in _CONVERT}, **{n: "int_divmod" for n in _INT_DIVMOD}}
+TRANSCENDENTAL = set(_TRANSCENDENTAL)
+MEMORY = ("load", "masked_load", "store", "masked_store", "atomic_rmw", "atomic_cas", "descriptor_load",
+          "descriptor_store", "descriptor_gather", "descriptor_scatter")
+DOT = ("dot", "dot_scaled")
+FREE = set(_FREE)
+
+
+def _element_bytes(tl_dtype) -> int:
+    """Bytes of one element of a Triton scalar type (int1 is stored as a byte)."""
+    while hasattr(tl_dtype, "element_ty"):
+        tl_dtype = tl_dtype.element_ty
+    return max(1, tl_dtype.primitive_bitwidth // 8)
+
+
+def _dot_precision(a_handle, input_precision) -> str:
+    """The precision class a tl.dot was issued in: its operand dtype, and for fp32 its input precision."""
+    dtype = a_handle.dtype
+    while hasattr(dtype, "element_ty"):
+        dtype = dtype.element_ty
+    name = str(dtype)  # fp32, bf16, fp16, fp64, int8, fp8e4nv...
+    if name == "fp32":
+        precision = getattr(input_precision, "name", str(input_precision)).lower()
+        return f"fp32_{precision}"
+    return name
+
+
+# ----------------------------------------------------------------------------------- launch records
+@dataclass
+class Launch:
+    """What one launch (a Triton grid or an aten op) read, wrote and computed."""
+
+    kind: str  # "triton" | "aten"
+    name: str
+    phase: str  # "forward" | "backward" (set by the driver)
+    grid: int = 1  # programs (1 for an aten op: the ledger does not model aten's own grids)
+    config: dict = field(default_factory=dict)  # constexpr arguments (tile sizes) and num_warps
+    bytes_read: int = 0
+    bytes_written: int = 0
+    atomic_lanes: int = 0
+    atomic_max_per_address: int = 0  # the most active lanes that hit one address in this launch
+    dot_flops: Counter = field(default_factory=Counter)  # precision -> FLOPs issued (2·M·N·K per tl.dot)
+    useful_dot_flops: int = 0
+    dot_shapes: Counter = field(default_factory=Counter)  # "MxNxK" -> number of tl.dot calls
+    lane_ops: Counter = field(default_factory=Counter)  # kind -> lane operations
+    transcendental_ops: int = 0
+    uncounted: Counter = field(default_factory=Counter)  # builder calls the ledger does not classify
+    interpreter_s: float = 0.0  # CPU seconds the interpreter spent in this launch (harness cost, not GPU time)
+
+    @property
+    def flops(self) -> int:
+        return sum(self.dot_flops.values())
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        for key in ("dot_flops", "dot_shapes", "lane_ops", "uncounted"):
+            out[key] = dict(getattr(self, key))
+        return out
+
+
+# ------------------------------------------------------------------------------- Triton instrument
+class KernelCounter:
+    """Counts what Triton kernels issue under the interpreter, one ``Launch`` per grid launch.
+
+    A context manager: on entry it wraps the builder's methods on the interpreter's builder instance and
+    ``GridExecutor.__call__`` / the interpreter's reduce and scan implementations; on exit it restores
+    them. ``launches`` holds the records; ``in_kernel`` is true while a grid runs (the interpreter's own
+    host copies of the arguments are then not the program's work).
+    """
+
+    def __init__(self):
+        import triton.runtime.interpreter as interpreter
+
+        self._interpreter = interpreter
+        self.launches: list[Launch] = []
+        self.phase = "forward"
+        self.current: Launch | None = None
+        self._depth = 0  # builder calls made by other builder calls (create_load → create_masked_load) count once
+        self._restore: list = []
+        self._addresses: Counter | None = None
+
+    @property
+    def in_kernel(self) -> bool:
+        return self.current is not None
+
+    # -- installation
+    def __enter__(self):
+        builder = self._interpreter.interpreter_builder
+        if not self._interpreter_active():
+            raise RuntimeError("the ledger counts Triton kernels through the interpreter: set TRITON_INTERPRET=1 "
+                               "before triton is imported (benchmarks/ledger.py does so itself)")
+        for name in dir(type(builder)):
+            if not name.startswith("create_"):
+                continue
+            op = name[len("create_"):]
+            self._wrap_instance(builder, name, self._classify(op))
+        self._wrap_instance(builder, "set_grid_dim", self._on_grid)
+        executor = self._interpreter.GridExecutor
+        self._wrap_class(executor, "__call__", self._on_launch)
+        self._wrap_class(self._interpreter.ReduceOps, "apply_impl", self._on_reduce)
+        self._wrap_class(self._interpreter.ScanOps, "apply_impl", self._on_reduce)
+        return self
+
+    def __exit__(self, *exc):
+        while self._restore:
+            self._restore.pop()()
+        return False
+
+    @staticmethod
+    def _interpreter_active() -> bool:
+        import triton
+
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None and hasattr(knobs, "runtime") and hasattr(knobs.runtime, "interpret"):
+            return bool(knobs.runtime.interpret)
+        import os
+
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+    def _wrap_instance(self, obj, name, make_wrapper):
+        if make_wrapper is None:
+            return
+        original = getattr(obj, name)  # bound method (class attribute or lambda)
+        had_own = name in obj.__dict__
+        saved = obj.__dict__.get(name)
+        setattr(obj, name, make_wrapper(original, name))
+
+        def restore():
+            if had_own:
+                setattr(obj, name, saved)
+            else:
+                delattr(obj, name)
+
+        self._restore.append(restore)
+
+    def _wrap_class(self, cls, name, make_wrapper):
+        original = cls.__dict__[name]
+        setattr(cls, name, make_wrapper(original, name))
+        self._restore.append(lambda: setattr(cls, name, original))
+
+    def _classify(self, op: str):
+        if op in ("load", "masked_load"):
+            return self._on_load
+        if op in ("store", "masked_store"):
+            return self._on_store
+        if op in ("atomic_rmw", "atomic_cas"):
+            return self._on_atomic
+        if op in ("descriptor_load", "descriptor_gather"):
+            return self._on_descriptor_load
+        if op in ("descriptor_store", "descriptor_scatter"):
+            return self._on_descriptor_store
+        if op in DOT:
+            return self._on_dot
+        if op in TRANSCENDENTAL or op in LANE_KINDS:
+            return self._on_lane_op
+        if op in FREE:
+            return None
+        return self._on_unknown
+
+    # -- the counting wrappers
+    @contextlib.contextmanager
+    def _outermost(self):
+        self._depth += 1
+        try:
+            yield self._depth == 1 and self.current is not None
+        finally:
+            self._depth -= 1
+
+    def _on_grid(self, original, name):
+        def wrapper(nx, ny, nz):
+            if self.current is not None:
+                self.current.grid = int(nx) * int(ny) * int(nz)
+            return original(nx, ny, nz)
+
+        return wrapper
+
+    def _on_load(self, original, name):
+        def wrapper(ptrs, *args, **kwargs):
+            with self._outermost() as count:
+                result = original(ptrs, *args, **kwargs)
+                if count:
+                    mask = args[0] if name == "create_masked_load" else None
+                    self.current.bytes_read += _active_lanes(ptrs, mask) * _element_bytes(ptrs.dtype)
+                return result
+
+        return wrapper
+
+    def _on_store(self, original, name):
+        def wrapper(ptrs, value, *args, **kwargs):
+            with self._outermost() as count:
+                result = original(ptrs, value, *args, **kwargs)
+                if count:
+                    mask = args[0] if name == "create_masked_store" else None
+                    self.current.bytes_written += _active_lanes(ptrs, mask) * _element_bytes(ptrs.dtype)
+                return result
+
+        return wrapper
+
+    def _on_atomic(self, original, name):
+        def wrapper(*args, **kwargs):
+            with self._outermost() as count:
+                result = original(*args, **kwargs)
+                if count:
+                    if name == "create_atomic_rmw":  # (rmwOp, ptr, val, mask, sem, scope)
+                        ptr, mask = args[1], args[3]
+                    else:  # (ptr, cmp, val, sem, scope)
+                        ptr, mask = args[0], None
+                    lanes = _active_lanes(ptr, mask)
+                    self.current.atomic_lanes += lanes
+                    self.current.bytes_written += lanes * _element_bytes(ptr.dtype)
+                    addresses = np.broadcast_to(ptr.data, np.shape(ptr.data))
+                    if mask is not None:
+                        addresses = addresses[np.broadcast_to(mask.data, addresses.shape)]
+                    values, counts = np.unique(addresses, return_counts=True)
+                    self._addresses.update(dict(zip(values.tolist(), counts.tolist())))
+                return result
+
+        return wrapper
+
+    def _on_descriptor_load(self, original, name):
+        def wrapper(*args, **kwargs):
+            with self._outermost() as count:
+                result = original(*args, **kwargs)
+                if count:
+                    self.current.bytes_read += result.data.size * _element_bytes(result.dtype)
+                return result
+
+        return wrapper
+
+    def _on_descriptor_store(self, original, name):
+        def wrapper(desc, value, *args, **kwargs):
+            with self._outermost() as count:
+                result = original(desc, value, *args, **kwargs)
+                if count:
+                    self.current.bytes_written += value.data.size * _element_bytes(value.dtype)
+                return result
+
+        return wrapper
+
+    def _on_dot(self, original, name):
+        def wrapper(*args, **kwargs):
+            with self._outermost() as count:
+                result = original(*args, **kwargs)
+                if count and name == "create_dot":  # (a, b, d, input_precision, max_num_imprecise_acc)
+                    a, b, _, precision = args[:4]
+                    a_data, b_data = a.data, b.data
+                    m, k = a_data.shape[-2:]
+                    n = b_data.shape[-1]
+                    batch = int(np.prod(a_data.shape[:-2])) if a_data.ndim > 2 else 1
+                    self.current.dot_flops[_dot_precision(a, precision)] += 2 * batch * m * n * k
+                    self.current.dot_shapes[f"{m}x{n}x{k}"] += batch
+                    nonzero_a = np.count_nonzero(a_data, axis=-2)  # (..., K): live rows per reduction index
+                    nonzero_b = np.count_nonzero(b_data, axis=-1)  # (..., K): live columns per reduction index
+                    self.current.useful_dot_flops += 2 * int((nonzero_a.astype(np.int64) * nonzero_b).sum())
+                elif count:  # dot_scaled: operands are packed; count the issued tile only
+                    self.current.uncounted[name] += 1
+                return result
+
+        return wrapper
+
+    def _on_lane_op(self, original, name):
+        op = name[len("create_"):]
+        transcendental = op in TRANSCENDENTAL
+        kind = LANE_KINDS.get(op)
+
+        def wrapper(*args, **kwargs):
+            with self._outermost() as count:
+                result = original(*args, **kwargs)
+                if count:
+                    lanes = int(np.size(result.data))
+                    if transcendental:
+                        self.current.transcendental_ops += lanes
+                    else:
+                        self.current.lane_ops[kind] += lanes
+                return result
+
+        return wrapper
+
+    def _on_unknown(self, original, name):
+        def wrapper(*args, **kwargs):
+            with self._outermost() as count:
+                if count:
+                    self.current.uncounted[name] += 1
+                return original(*args, **kwargs)
+
+        return wrapper
+
+    def _on_reduce(self, original, name):
+        # Reductions and scans are implemented by the interpreter in numpy (fast paths) or by calling the
+        # combine function element by element (through the builder): count the reduced elements once here
+        # and none of the combine calls.
+        def wrapper(reducer, inputs):
+            with self._outermost() as count:
+                result = original(reducer, inputs)
+                if count:
+                    lanes = sum(int(np.size(t.handle.data)) for t in inputs)
+                    self.current.lane_ops["reduce"] += lanes
+                return result
+
+        return wrapper
+
+    def _on_launch(self, original, name):
+        counter = self
+
+        def wrapper(executor, *args, **kwargs):
+            record = Launch("triton", executor.fn.__name__, counter.phase, config=_launch_config(executor, args, kwargs))
+            counter.current, counter._addresses = record, Counter()
+            start = time.perf_counter()
+            try:
+                return original(executor, *args, **kwargs)
+            finally:
+                record.interpreter_s = time.perf_counter() - start
+                record.atomic_max_per_address = max(counter._addresses.values(), default=0)
+                counter.current, counter._addresses = None, None
+                counter.launches.append(record)
+
+        return wrapper
+
+
+def _active_lanes(ptrs, mask) -> int:
+    if mask is None:
+        return int(np.size(ptrs.data))
+    active = np.count_nonzero(mask.data)
+    if np.size(mask.data) != np.size(ptrs.data):  # a scalar mask over a block of pointers
+        active = active * np.size(ptrs.data) // max(np.size(mask.data), 1)
+    return int(active)
+
+
+def _launch_config(executor, args, kwargs) -> dict:
+    """The constexpr arguments of a launch (its tile sizes and switches) and num_warps, as JSON values."""
+    try:
+        bound = inspect.signature(executor.fn).bind_partial(*args, **{k: v for k, v in kwargs.items()
+                                                                      if k in executor.arg_names})
+    except TypeError:
+        bound = None
+    config = {}
+    if bound is not None:
+        for name in executor.constexprs:
+            if name in bound.arguments:
+                config[name] = _json_value(bound.arguments[name])
+    for name in ("num_warps", "num_stages"):
+        if name in kwargs:
+            config[name] = kwargs[name]
+    return config
+
+
+def _json_value(value):
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------- live bytes
+class LiveBytes:
+    """Bytes of the storages allocated while tracking that are still alive: the modelled memory in use.
+
+    Storages are held through ``StorageWeakRef`` (no reference keeps them alive); ``sample()`` drops the
+    dead ones and updates ``peak``. Storages that existed before tracking began (the inputs) are not
+    counted: peaks are what the tracked code adds, as ``torch.cuda.max_memory_allocated`` minus the memory
+    allocated before a call would be.
+    """
+
+    def __init__(self):
+        self._refs: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        entry = self._refs.get(key)
+        if entry is not None and not entry[0].expired():
+            return
+        if entry is not None:
+            self.current -= entry[1]
+        nbytes = storage.nbytes()
+        self._refs[key] = (StorageWeakRef(storage), nbytes)
+        self.current += nbytes
+
+    def sample(self) -> int:
+        dead = [key for key, (ref, _) in self._refs.items() if ref.expired()]
+        for key in dead:
+            self.current -= self._refs.pop(key)[1]
+        self.peak = max(self.peak, self.current)
+        return self.current
+
+    def reset_peak(self) -> int:
+        """Start a new peak window at the current live bytes; returns them."""
+        self.peak = self.sample()
+        return self.peak
+
+
+# ------------------------------------------------------------------------------------ aten instrument
+# Ops that launch nothing on a GPU: allocation without initialisation, metadata, aliasing.
+FREE_ATEN = {
+    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "set_", "lift_fresh", "detach",
+    "alias", "_local_scalar_dense", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+    "is_same_size", "_has_compatible_shallow_copy_type", "record_stream",
+}
+# Ops that write their first argument without reading it.
+WRITE_ONLY_FIRST = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_"}
+TRANSCENDENTAL_ATEN = {
+    "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "div", "reciprocal", "sigmoid",
+    "tanh", "pow", "sin", "cos", "erf", "gelu", "_softmax", "_log_softmax", "logsumexp", "softmax",
+    "log_softmax", "_softmax_backward_data", "_log_softmax_backward_data", "gelu_backward", "sigmoid_backward",
+    "tanh_backward", "atan2", "erfinv", "silu",
+}
+REDUCTIONS_ATEN = {"sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "logsumexp", "linalg_vector_norm",
+                   "norm", "prod", "var", "std", "var_mean", "std_mean", "any", "all", "cumsum", "_softmax",
+                   "_log_softmax", "native_layer_norm", "native_layer_norm_backward", "nll_loss_forward",
+                   "nll_loss2d_forward"}
+
+
+def _footprint(t: torch.Tensor) -> int:
+    """Distinct bytes a tensor view covers: dimensions of stride 0 count once."""
+    if t.numel() == 0:
+        return 0
+    elements = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            elements *= size
+    return elements * t.element_size()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    out = []
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return out
+
+
+class AtenCounter(TorchDispatchMode):
+    """Counts aten ops as launches, opens the fused custom ops and tracks live tensor bytes.
+
+    ``kernels``: the active ``KernelCounter`` (aten calls made by the interpreter while a grid runs are
+    the interpreter's host copies: not counted, not tracked). ``open_namespaces``: custom-op namespaces
+    whose implementation runs under the mode (their inner ops are counted); on the ``meta`` device (no
+    kernels) custom ops run their fake implementations and count as nothing but their allocations.
+    """
+
+    def __init__(self, kernels: KernelCounter | None = None, open_namespaces=("incrementer_fast",)):
+        super().__init__()
+        self.kernels = kernels
+        self.open_namespaces = set(open_namespaces)
+        self.launches: list[Launch] = []
+        self.live = LiveBytes()
+        self.phase = "forward"
+        self.custom_ops: Counter = Counter()
+        self.syncs = 0  # .item() and friends: host synchronisations on a GPU
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.kernels is not None and self.kernels.in_kernel:
+            return func(*args, **kwargs)
+        if func.namespace in self.open_namespaces:
+            self.custom_ops[func.name()] += 1
+            device = next((t.device for t in _tensors((args, kwargs))), torch.device("cpu"))
+            if device.type == "cpu":
+                with self:
+                    out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+            else:
+                out = func(*args, **kwargs)
+                self._track_outputs(args, kwargs, out)
+            self.live.sample()
+            return out
+        out = func(*args, **kwargs)
+        self._record(func, args, kwargs, out)
+        return out
+
+    def _track_outputs(self, args, kwargs, out):
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if t.untyped_storage()._cdata not in inputs:
+                self.live.track(t)
+
+    def _record(self, func, args, kwargs, out):
+        name = func.__name__.split(".")[0]
+        if name == "_local_scalar_dense":
+            self.syncs += 1
+        free = name in FREE_ATEN or getattr(func, "is_view", False)
+        if not free:
+            self.launches.append(self._launch(func, name, args, kwargs, out))
+        self._track_outputs(args, kwargs, out)
+        self.live.sample()
+
+    def _launch(self, func, name, args, kwargs, out) -> Launch:
+        schema_args = func._schema.arguments
+        mutated, read = [], []
+        for i, arg in enumerate(schema_args):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            tensors = _tensors(value)
+            if not tensors:
+                continue
+            writes = arg.alias_info is not None and arg.alias_info.is_write
+            if writes:
+                mutated.extend(tensors)
+                if not (arg.kwarg_only or (i == 0 and name in WRITE_ONLY_FIRST)):
+                    read.extend(tensors)  # an in-place update reads what it overwrites
+            else:
+                read.extend(tensors)
+        # An in-place or out= op returns its mutated arguments: they are written once.
+        mutated_storages = {t.untyped_storage()._cdata for t in mutated}
+        outputs = [t for t in _tensors(out) if t.untyped_storage()._cdata not in mutated_storages]
+        launch = Launch("aten", str(func), self.phase)
+        launch.bytes_read = sum(_footprint(t) for t in read)
+        launch.bytes_written = sum(_footprint(t) for t in mutated + outputs)
+        packet = func.overloadpacket
+        if packet in flop_registry:
+            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
+            precision = _aten_matmul_precision(args)
+            launch.dot_flops[precision] += flops
+            launch.useful_dot_flops += flops
+        result = _tensors(out) or mutated
+        elements = sum(t.numel() for t in result)
+        base = name.rstrip("_")
+        if base in REDUCTIONS_ATEN:
+            launch.lane_ops["reduce"] += sum(t.numel() for t in read)
+        elif torch.Tag.pointwise in func.tags:
+            launch.lane_ops["float"] += elements
+        if base in TRANSCENDENTAL_ATEN:
+            launch.transcendental_ops += elements if base not in REDUCTIONS_ATEN else sum(t.numel() for t in read)
+        return launch
+
+
+def _aten_matmul_precision(args) -> str:
+    """Precision a cuBLAS/cuDNN product of these inputs runs in under PyTorch's defaults (no TF32)."""
+    tensors = _tensors(args)
+    dtype = tensors[0].dtype if tensors else torch.float32
+    return {torch.float32: "fp32_ieee", torch.bfloat16: "bf16", torch.float16: "fp16",
+            torch.float64: "fp64"}.get(dtype, str(dtype))

@@ -1,0 +1,153 @@
+"""The roofline model of the performance ledger: modelled GPU time per launch from counted work.
+
+Per launch (a Triton grid or an eager aten op), with the counts of ``ledger_count``:
+
+    t = max(t_memory, t_tensor, t_cuda_core, t_sfu) + t_launch
+    t_memory    = (bytes_read + bytes_written) / bandwidth
+    t_tensor    = Σ_precision dot FLOPs / tensor-core peak of that precision (tf32, 3×tf32, bf16, fp16, fp64...)
+    t_cuda_core = (fp32 IEEE dot FLOPs / 2 + lane ops + (INT_DIVMOD_COST − 1) · integer div/mod) / lane rate
+    t_sfu       = transcendental ops / special-function-unit rate
+
+and an op's modelled time is the sum over its launches. fp32 dots issued with input_precision="ieee" run
+as FMAs on the CUDA cores (no tensor core), so they share the CUDA-core term with the lane operations (one
+FMA = 2 FLOPs = one lane op); eager fp32 matrix products are priced the same way, as cuBLAS runs them under
+PyTorch's default (TF32 off).
+
+Devices
+-------
+* ``h100`` — H100 SXM5, datasheet: HBM3 3.35 TB/s; FP32 67 TFLOP/s; FP64 tensor core 67 TFLOP/s; TF32
+  tensor core 989 TFLOP/s and BF16/FP16 1,979 TFLOP/s *with sparsity*, i.e. 494.7 and 989.4 dense (used
+  here); FP8/INT8 1,979 dense. Source: NVIDIA H100 Tensor Core GPU datasheet,
+  https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet (SXM column).
+* ``h200`` — H200 SXM, datasheet: HBM3e 4.8 TB/s; the same compute figures as H100 SXM (FP32 67, TF32
+  989* / BF16 1,979* with sparsity). Source: NVIDIA H200 Tensor Core GPU datasheet / product page,
+  https://www.nvidia.com/en-us/data-center/h200/.
+* ``h200_measured`` — H200 with the figures this workplace measured on a lent H200 (quoted in issue 10,
+  not re-measured by the ledger): device-to-device copy ≈ 4.3 TB/s (read + write counted) and bf16
+  matmul ≈ 790 TFLOP/s; FP16 is taken equal to BF16 and TF32 scaled by the same 790/989.4; every other
+  figure is the datasheet's.
+* Both chips: 132 SMs (GH100 as shipped in the SXM parts); the CUDA-core rate is 128 FP32 lanes per SM
+  per clock and the SFU rate 16 per SM per clock (CUDA C++ Programming Guide, "Arithmetic Instructions",
+  throughput table, compute capability 9.0). The clock is the one the datasheet's FP32 figure implies:
+  67 TFLOP/s / (132 · 128 · 2) = 1.98 GHz, so lane rate = 33.5·10¹² ops/s and SFU rate = 4.18·10¹² ops/s.
+
+Assumptions (model parameters, not measured): ``LAUNCH_US`` = 5 µs per launch (launch latency plus the
+tail of a kernel; the figure attempts.md's predictions used), ``INT_DIVMOD_COST`` = 20 lane operations per
+integer division or modulo (the GPU has no integer divider: a reciprocal estimate, multiplies and a
+correction; 64-bit operands cost more).
+
+What the model leaves out (so "modelled" can be far from "measured")
+-------------------------------------------------------------------
+* caches: every load counts as DRAM traffic (L1/L2 hits — re-reads of a tile, the gathers of the seg-head
+  kernels, the backward sweeps of cds_dice — are charged as if from HBM), and no store is merged;
+* occupancy, waves and tails: a grid smaller than the SMs (or a last partial wave) is charged as if it
+  filled the GPU; register pressure, spills and shared-memory limits are ignored;
+* latency: dependent loads, pipelining (num_stages), atomics' contention (``atomic_max_per_address`` is
+  reported, not priced) and synchronisation;
+* overlap between launches (each launch's terms are maxed within the launch, then launches add up) and
+  the CPU side (Python and dispatcher overhead of eager ops beyond ``LAUNCH_US``, host syncs);
+* the compiler: lane operations are counted at Triton-IR level as the interpreter issues them — before
+  common-subexpression elimination, loop-invariant hoisting, strength reduction and vectorisation — so
+  integer and address arithmetic is over-counted; transcendentals count one SFU operation each (division
+  and sqrt may take two);
+* instruction issue limits, bank conflicts, uncoalesced or misaligned accesses (bytes are counted, not
+  transactions: a strided gather of 4-byte values is charged 4 bytes per lane, not a 32-byte sector);
+* eager ops: their lane operations are estimated from op tags, not counted; cuBLAS/cuDNN efficiency below
+  peak; the caching allocator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LAUNCH_US = 5.0
+INT_DIVMOD_COST = 20
+SMS = 132
+FP32_LANES_PER_SM_CLOCK = 128
+SFU_PER_SM_CLOCK = 16
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    title: str
+    bandwidth: float  # bytes/s, read + write
+    fp32: float  # FLOP/s on CUDA cores (FMA = 2)
+    tensor: dict  # precision -> dense FLOP/s
+    source: str
+
+    @property
+    def clock_hz(self) -> float:
+        return self.fp32 / (SMS * FP32_LANES_PER_SM_CLOCK * 2)
+
+    @property
+    def lane_rate(self) -> float:
+        return SMS * FP32_LANES_PER_SM_CLOCK * self.clock_hz
+
+    @property
+    def sfu_rate(self) -> float:
+        return SMS * SFU_PER_SM_CLOCK * self.clock_hz
+
+    def to_json(self) -> dict:
+        return {"title": self.title, "bandwidth_bytes_per_s": self.bandwidth, "fp32_flops": self.fp32,
+                "tensor_flops": dict(self.tensor), "lane_ops_per_s": self.lane_rate,
+                "sfu_ops_per_s": self.sfu_rate, "clock_hz": self.clock_hz, "source": self.source}
+
+
+def _tensor_peaks(tf32: float, bf16: float, fp64: float, fp8: float) -> dict:
+    return {"fp32_tf32": tf32, "fp32_tf32x3": tf32 / 3, "bf16": bf16, "fp16": bf16, "fp64": fp64,
+            "fp8e4nv": fp8, "fp8e5": fp8, "int8": fp8}
+
+
+_DATASHEET_TENSOR = _tensor_peaks(tf32=989.4e12 / 2, bf16=1978.9e12 / 2, fp64=67e12, fp8=3957.8e12 / 2)
+_MEASURED_BF16 = 790e12
+
+DEVICES = {
+    "h100": Device("h100", "H100 SXM5 (datasheet)", 3.35e12, 67e12, _DATASHEET_TENSOR,
+                   "NVIDIA H100 Tensor Core GPU datasheet (SXM); dense tensor-core figures = half the sparse ones"),
+    "h200": Device("h200", "H200 SXM (datasheet)", 4.8e12, 67e12, _DATASHEET_TENSOR,
+                   "NVIDIA H200 Tensor Core GPU datasheet (SXM); dense tensor-core figures = half the sparse ones"),
+    "h200_measured": Device(
+        "h200_measured", "H200, measured copy and bf16 matmul (issue 10)", 4.3e12, 67e12,
+        {**_DATASHEET_TENSOR, "bf16": _MEASURED_BF16, "fp16": _MEASURED_BF16,
+         "fp32_tf32": _DATASHEET_TENSOR["fp32_tf32"] * _MEASURED_BF16 / _DATASHEET_TENSOR["bf16"],
+         "fp32_tf32x3": _DATASHEET_TENSOR["fp32_tf32x3"] * _MEASURED_BF16 / _DATASHEET_TENSOR["bf16"]},
+        "copy ≈ 4.3 TB/s and bf16 matmul ≈ 790 TFLOP/s measured on a lent H200 (as quoted in issue 10); "
+        "the rest as the H200 datasheet"),
+}
+
+
+def launch_terms(launch: dict, device: Device) -> dict:
+    """The model's terms (seconds) for one launch record (``Launch.to_json()`` form)."""
+    dot = dict(launch["dot_flops"])
+    ieee = dot.pop("fp32_ieee", 0)
+    lanes = dict(launch["lane_ops"])
+    divmod_ops = lanes.get("int_divmod", 0)
+    lane_ops = sum(lanes.values()) + (INT_DIVMOD_COST - 1) * divmod_ops
+    tensor = 0.0
+    for precision, flops in dot.items():
+        peak = device.tensor.get(precision)
+        if peak is None:
+            raise ValueError(f"no peak for dot precision {precision!r} on {device.name}: add it to ledger_model")
+        tensor += flops / peak
+    return {
+        "memory": (launch["bytes_read"] + launch["bytes_written"]) / device.bandwidth,
+        "tensor": tensor,
+        "cuda_core": (ieee / 2 + lane_ops) / device.lane_rate,
+        "sfu": launch["transcendental_ops"] / device.sfu_rate,
+        "launch": LAUNCH_US * 1e-6,
+    }
+
+
+def predict(launches: list[dict], device: Device) -> dict:
+    """Modelled milliseconds of a sequence of launches, and the term that bounds most of that time."""
+    total = 0.0
+    bound_time = {"memory": 0.0, "tensor": 0.0, "cuda_core": 0.0, "sfu": 0.0, "launch": 0.0}
+    for launch in launches:
+        terms = launch_terms(launch, device)
+        work = {k: v for k, v in terms.items() if k != "launch"}
+        limiting = max(work, key=work.get)
+        bound_time[limiting] += work[limiting]
+        bound_time["launch"] += terms["launch"]
+        total += work[limiting] + terms["launch"]
+    bound = max(bound_time, key=bound_time.get) if launches else "none"
+    return {"ms": total * 1e3, "bound": bound, "ms_by_bound": {k: v * 1e3 for k, v in bound_time.items()}}

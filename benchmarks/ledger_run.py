@@ -1,0 +1,281 @@
+"""The counting driver of the performance ledger (``benchmarks/ledger.py`` is the entry point).
+
+Imported only by ``ledger.py`` after it has set ``TRITON_INTERPRET=1``: this module imports torch, triton
+(through the package) and the workloads. See ``ledger.py`` for what the ledger counts and how.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib
+import inspect
+import os
+import pkgutil
+import platform
+import time
+from collections import Counter, defaultdict
+
+import torch
+
+import incrementer_fast as inc
+import ledger_model as model
+import workloads as W
+from ledger_count import AtenCounter, KernelCounter
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROVIDERS = ("fused", "eager")
+MODE_PHASES = {"forward": ("forward",), "backward": ("backward",), "forward+backward": ("forward", "backward")}
+SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------- cases
+def parse_case(text: str) -> W.Case:
+    """``op:K1=v1,K2=v2`` → a Case of size ``custom`` with those dims (in the order given)."""
+    op, _, dims_text = text.partition(":")
+    if op not in W.OPS:
+        raise SystemExit(f"--case: unknown op {op!r} (one of {', '.join(W.OPS)})")
+    dims = []
+    for item in filter(None, dims_text.split(",")):
+        name, _, value = item.partition("=")
+        dims.append((name.strip(), int(value)))
+    return W.Case(op, "custom", ", ".join(f"{k}={v}" for k, v in dims), tuple(dims))
+
+
+def input_names(op: str) -> list[str]:
+    """The names of an op's inputs, from its workload call ``call(ns, *args)``."""
+    return list(inspect.signature(W.OPS[op].call).parameters)[1:]
+
+
+def make_inputs(case: W.Case, provider: str, dtype: torch.dtype) -> W.Inputs:
+    if provider == "fused":
+        return W.make_inputs(case, "cpu", dtype, seed=0)
+    return W.OPS[case.op].make(case.d, torch.device("meta"), dtype, None)
+
+
+# ------------------------------------------------------------------------------------ counting
+def count_case(case: W.Case, dtype: torch.dtype, provider: str) -> dict:
+    """Run one op case once (forward, then backward where the op has one) under the counters."""
+    spec = W.OPS[case.op]
+    inputs = make_inputs(case, provider, dtype)
+    namespace = inc if provider == "fused" else inc.reference
+    has_backward = "backward" in spec.modes and bool(inputs.differentiable)
+    gc.collect()
+    start = time.perf_counter()
+    with KernelCounter() as kernels, AtenCounter(kernels) as aten:
+        output = spec.call(namespace, *inputs.args)
+        forward_peak = aten.live.peak
+        peaks = {"forward": forward_peak}
+        if has_backward:
+            kernels.phase = aten.phase = "backward"
+            base = aten.live.reset_peak()
+            grads = torch.autograd.grad(output, inputs.differentiable, inputs.grad_output)
+            peaks["backward"] = aten.live.peak - base
+            peaks["forward+backward"] = max(forward_peak, aten.live.peak)
+            del grads
+        del output
+    wall_s = time.perf_counter() - start
+    launches = sorted(kernels.launches + aten.launches, key=lambda launch: launch.phase != "forward")
+    return {"launches": [launch.to_json() for launch in launches], "peaks": peaks, "wall_s": wall_s,
+            "interpreter_s": sum(launch.interpreter_s for launch in kernels.launches),
+            "syncs": aten.syncs, "custom_ops": dict(aten.custom_ops),
+            "shapes": {name: list(t.shape) for name, t in zip(input_names(case.op), inputs.args)
+                       if isinstance(t, torch.Tensor)}}
+
+
+def plain_interpreter_seconds(case: W.Case, dtype: torch.dtype) -> float:
+    """Wall time of the same fused forward + backward without any instrumentation (the harness's baseline)."""
+    spec = W.OPS[case.op]
+    inputs = make_inputs(case, "fused", dtype)
+    gc.collect()
+    start = time.perf_counter()
+    output = spec.call(inc, *inputs.args)
+    if "backward" in spec.modes and inputs.differentiable:
+        torch.autograd.grad(output, inputs.differentiable, inputs.grad_output)
+    return time.perf_counter() - start
+
+
+def totals(launches: list[dict]) -> dict:
+    """Sums over launches of the counted quantities."""
+    dot = Counter()
+    lanes = Counter()
+    out = {"bytes_read": 0, "bytes_written": 0, "useful_flops": 0, "transcendental_ops": 0, "atomic_lanes": 0,
+           "atomic_max_per_address": 0}
+    for launch in launches:
+        out["bytes_read"] += launch["bytes_read"]
+        out["bytes_written"] += launch["bytes_written"]
+        out["useful_flops"] += launch["useful_dot_flops"]
+        out["transcendental_ops"] += launch["transcendental_ops"]
+        out["atomic_lanes"] += launch["atomic_lanes"]
+        out["atomic_max_per_address"] = max(out["atomic_max_per_address"], launch["atomic_max_per_address"])
+        dot.update(launch["dot_flops"])
+        lanes.update(launch["lane_ops"])
+    out["flops"] = sum(dot.values())
+    out["dot_flops_by_precision"] = dict(dot)
+    out["lane_ops_by_kind"] = dict(lanes)
+    out["lane_ops"] = sum(lanes.values())
+    return out
+
+
+def kernel_breakdown(launches: list[dict]) -> list[dict]:
+    """Per kernel (or aten op) name: launches, grids, configs, bytes, FLOPs and modelled H200 time."""
+    groups = defaultdict(list)
+    for launch in launches:
+        groups[(launch["kind"], launch["name"])].append(launch)
+    rows = []
+    for (kind, name), group in groups.items():
+        t = totals(group)
+        configs = []
+        for launch in group:
+            if launch["config"] and launch["config"] not in configs:
+                configs.append(launch["config"])
+        shapes = Counter()
+        for launch in group:
+            shapes.update(launch["dot_shapes"])
+        rows.append({
+            "kind": kind, "name": name, "launches": len(group), "grids": sorted({launch["grid"] for launch in group}),
+            "configs": configs, "bytes_read": t["bytes_read"], "bytes_written": t["bytes_written"],
+            "flops": t["flops"], "useful_flops": t["useful_flops"], "dot_flops_by_precision": t["dot_flops_by_precision"],
+            "dot_shapes": dict(shapes), "lane_ops": t["lane_ops"], "lane_ops_by_kind": t["lane_ops_by_kind"],
+            "transcendental_ops": t["transcendental_ops"], "atomic_lanes": t["atomic_lanes"],
+            "atomic_max_per_address": t["atomic_max_per_address"],
+            "uncounted": dict(sum((Counter(launch["uncounted"]) for launch in group), Counter())),
+            "predicted_ms": {name_: model.predict(group, device)["ms"] for name_, device in model.DEVICES.items()},
+        })
+    return rows
+
+
+def rows_for(case: W.Case, dtype_name: str, provider: str, counted: dict) -> list[dict]:
+    spec = W.OPS[case.op]
+    dtype = DTYPES[dtype_name]
+    modes = [m for m in spec.modes if m in counted["peaks"]]  # no backward rows for an op without gradients
+    rows = []
+    for mode in modes:
+        launches = [launch for launch in counted["launches"] if launch["phase"] in MODE_PHASES[mode]]
+        t = totals(launches)
+        predictions = {name: model.predict(launches, device) for name, device in model.DEVICES.items()}
+        triton = [launch for launch in launches if launch["kind"] == "triton"]
+        rows.append({
+            "op": case.op, "case": case.title, "case_key": case.key, "dtype": dtype_name, "mode": mode,
+            "provider": provider, "shapes": counted["shapes"],
+            "bytes_read": t["bytes_read"], "bytes_written": t["bytes_written"],
+            "min_bytes": spec.bytes(case.d, dtype, mode),
+            "flops": t["flops"], "useful_flops": t["useful_flops"],
+            "lane_ops": t["lane_ops"], "transcendental_ops": t["transcendental_ops"],
+            "launches": len(launches),
+            "max_grid": max((launch["grid"] for launch in triton), default=None),
+            "peak_bytes": counted["peaks"][mode],
+            "predicted_ms": {name: p["ms"] for name, p in predictions.items()},
+            "bound": {name: p["bound"] for name, p in predictions.items()},
+            "dot_flops_by_precision": t["dot_flops_by_precision"], "lane_ops_by_kind": t["lane_ops_by_kind"],
+            "atomic_lanes": t["atomic_lanes"], "atomic_max_per_address": t["atomic_max_per_address"],
+            "triton_launches": len(triton), "syncs": counted["syncs"],
+            "kernels": kernel_breakdown(launches),
+        })
+    return rows
+
+
+# ------------------------------------------------------------------------------------- tiles
+def use_cuda_tiles(choice: str) -> str:
+    """Re-import the kernel modules as a CUDA run configures them and pin each autotuner to one CUDA config.
+
+    The kernel modules read ``incrementer_fast._dispatch.INTERPRET`` at import to pick interpreter-only
+    settings; it is switched off while they are re-executed (``importlib.reload``), then switched back on
+    so that CPU tensors still take the kernels. Returns a description for the ledger.
+    """
+    from triton.runtime.autotuner import Autotuner
+
+    import incrementer_fast._dispatch as dispatch
+    import incrementer_fast.kernels as kernel_package
+
+    modules = [importlib.import_module(f"{kernel_package.__name__}.{m.name}")
+               for m in pkgutil.iter_modules(kernel_package.__path__)]
+    dispatch.INTERPRET = False
+    try:
+        for module in modules:
+            importlib.reload(module)
+    finally:
+        dispatch.INTERPRET = True
+    pinned = []
+    for module in modules:
+        for name, obj in vars(module).items():
+            if isinstance(obj, Autotuner):
+                configs = list(obj.configs)
+                if choice == "largest":
+                    index = max(range(len(configs)), key=lambda i: _tile_product(configs[i]))
+                elif choice.isdigit():
+                    index = min(int(choice), len(configs) - 1)
+                else:
+                    index = 0
+                obj.configs = [configs[index]]
+                pinned.append(f"{module.__name__.rsplit('.', 1)[-1]}.{name}: #{index} {configs[index].kwargs}")
+    return "cuda (" + ("first" if choice in ("", "first") else choice) + " config): " + "; ".join(pinned)
+
+
+def _tile_product(config) -> int:
+    product = 1
+    for key, value in config.kwargs.items():
+        if key.startswith("BLOCK") and isinstance(value, int):
+            product *= value
+    return product
+
+
+# --------------------------------------------------------------------------------------- driver
+def environment(argv: list[str], tiles: str) -> dict:
+    import triton
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(argv),
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "tiles": tiles,
+        "note": "Every number is counted on the CPU or modelled from those counts; nothing is measured on a GPU.",
+    }
+
+
+def run(args, argv) -> dict:
+    ops = [op for op in args.ops.split(",") if op] or list(W.OPS)
+    unknown = set(ops) - set(W.OPS)
+    if unknown:
+        raise SystemExit(f"--ops: unknown {sorted(unknown)} (known: {', '.join(W.OPS)})")
+    dtypes = [d for d in args.dtype.split(",") if d]
+    providers = [p for p in args.providers.split(",") if p]
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtype: {d!r} is not one of {', '.join(DTYPES)}")
+    for p in providers:
+        if p not in PROVIDERS:
+            raise SystemExit(f"--providers: {p!r} is not one of {', '.join(PROVIDERS)}")
+    tiles = "interpreter (the one interpreter config of each autotuner; interpreter block sizes)"
+    if args.tiles.startswith("cuda"):
+        tiles = use_cuda_tiles(args.tiles.partition(":")[2] or "first")
+    elif args.tiles != "interpreter":
+        raise SystemExit("--tiles: interpreter, cuda, cuda:largest or cuda:N")
+
+    cases = [parse_case(text) for text in args.case] if args.case else \
+        [case for case in W.cases(args.size) if case.op in ops]
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    ledger = {"schema_version": SCHEMA_VERSION, "size": "custom" if args.case else args.size,
+              "environment": environment(argv, tiles),
+              "devices": {name: device.to_json() for name, device in model.DEVICES.items()},
+              "model": {"launch_us": model.LAUNCH_US, "int_divmod_cost": model.INT_DIVMOD_COST,
+                        "doc": model.__doc__},
+              "rows": [], "runs": [], "step": None}
+    for case in cases:
+        for dtype_name in dtypes:
+            for provider in providers:
+                counted = count_case(case, DTYPES[dtype_name], provider)
+                run_info = {"op": case.op, "case": case.title, "dtype": dtype_name, "provider": provider,
+                            "wall_s": counted["wall_s"], "interpreter_s": counted["interpreter_s"],
+                            "custom_ops": counted["custom_ops"]}
+                if args.overhead and provider == "fused":
+                    run_info["plain_interpreter_s"] = plain_interpreter_seconds(case, DTYPES[dtype_name])
+                ledger["runs"].append(run_info)
+                ledger["rows"].extend(rows_for(case, dtype_name, provider, counted))
+                print(f"[ledger] {case.op} [{case.title}] {dtype_name} {provider}: {counted['wall_s']:.1f} s",
+                      flush=True)
+    if not args.no_step and not args.case:
+        import ledger_step
+
+        ledger["step"] = ledger_step.step_memory(args.size)
+    return ledger

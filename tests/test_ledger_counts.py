@@ -1,0 +1,188 @@
+"""The ledger's counters against hand-computed values (issue 10).
+
+Small Triton kernels defined here run through Triton's interpreter under ``ledger_count.KernelCounter``:
+a tiled matrix product whose tiles cover the shape exactly, the same kernel on a shape with masked edges,
+an elementwise kernel (transcendentals), and a histogram with integer atomics on a hot address. Every
+counted quantity is compared with its value worked out by hand below. Kernels of this file, not the
+library's, so that the test checks the instrument and does not change whenever a library kernel is
+rewritten. The aten counter and the live-byte tracker are checked the same way.
+
+The Triton part needs ``TRITON_INTERPRET=1`` set before triton is imported; under the suite's reference
+pass (no interpreter) ``test_counts_under_the_interpreter`` re-runs this file in a subprocess with it.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+if INTERPRET:
+    import triton
+    import triton.language as tl
+
+    from ledger_count import KernelCounter
+
+    @triton.jit
+    def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        num_n = (N + BLOCK_N - 1) // BLOCK_N
+        rows = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                        other=0.0)
+            b = tl.load(b_ptr + ks[:, None] * N + cols[None, :], mask=(ks[:, None] < K) & (cols[None, :] < N),
+                        other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    @triton.jit
+    def _softplus_ratio_kernel(x_ptr, y_ptr, out_ptr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offsets)  # unmasked: the grid covers the tensor exactly
+        y = tl.load(y_ptr + offsets)
+        tl.store(out_ptr + offsets, tl.log(1.0 + tl.exp(x)) / y)
+
+    @triton.jit
+    def _histogram_kernel(values_ptr, hist_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        valid = offsets < n
+        bins = tl.load(values_ptr + offsets, mask=valid, other=0)
+        tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int32), mask=valid)
+
+
+def _only_launch(counter):
+    assert len(counter.launches) == 1, [launch.name for launch in counter.launches]
+    return counter.launches[0]
+
+
+def _matmul(m, n, k, block, precision="ieee", dtype=torch.float32):
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    c = torch.empty(m, n)
+    grid = (triton.cdiv(m, block) * triton.cdiv(n, block),)
+    with KernelCounter() as counter:
+        _matmul_kernel[grid](a, b, c, m, n, k, BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, PRECISION=precision)
+    return _only_launch(counter), grid[0]
+
+
+@needs_interpreter
+def test_tiles_covering_the_shape_exactly():
+    m = n = k = 32
+    launch, grid = _matmul(m, n, k, block=16)
+    assert launch.name == "_matmul_kernel" and launch.kind == "triton"
+    assert launch.grid == grid == 4
+    assert launch.config["BLOCK_M"] == 16 and launch.config["PRECISION"] == "ieee"
+    # Each of the 4 programs takes 2 K-steps, each loading a 16×16 tile of A and of B (fp32): all lanes active.
+    assert launch.bytes_read == 4 * 2 * (16 * 16 + 16 * 16) * 4 == 16384
+    assert launch.bytes_written == m * n * 4 == 4096
+    # 8 dots of 16×16×16: 2·16³ FLOPs each, all of them on non-zero operands.
+    assert dict(launch.dot_flops) == {"fp32_ieee": 8 * 2 * 16**3}
+    assert launch.useful_dot_flops == 2 * m * n * k == 65536
+    assert dict(launch.dot_shapes) == {"16x16x16": 8}
+    assert launch.transcendental_ops == 0 and launch.atomic_lanes == 0
+
+
+@needs_interpreter
+def test_tiles_with_masked_edges():
+    m, n, k = 20, 24, 40  # 2 × 2 output tiles of 16, 3 K-steps, every tile edge partly masked
+    launch, grid = _matmul(m, n, k, block=16)
+    assert launch.grid == grid == 4
+    # Only active lanes count: A (20×40) is read once per column tile (2), B (40×24) once per row tile (2).
+    assert launch.bytes_read == (2 * m * k + 2 * k * n) * 4 == 14080
+    assert launch.bytes_written == m * n * 4 == 1920
+    # Issued: 4 programs × 3 steps of full 16×16×16 dots; useful: the products of the unpadded operands.
+    assert dict(launch.dot_flops) == {"fp32_ieee": 4 * 3 * 2 * 16**3} == {"fp32_ieee": 98304}
+    assert launch.useful_dot_flops == 2 * m * n * k == 38400
+
+
+@needs_interpreter
+def test_dot_precision_is_the_one_issued():
+    launch, _ = _matmul(16, 16, 16, block=16, precision="tf32")
+    assert dict(launch.dot_flops) == {"fp32_tf32": 2 * 16**3}
+    launch, _ = _matmul(16, 16, 16, block=16, precision="tf32x3")
+    assert dict(launch.dot_flops) == {"fp32_tf32x3": 2 * 16**3}
+    launch, _ = _matmul(16, 16, 16, block=16, dtype=torch.float16)
+    assert dict(launch.dot_flops) == {"fp16": 2 * 16**3}
+    assert launch.bytes_read == 2 * 16 * 16 * 2  # two fp16 tiles
+
+
+@needs_interpreter
+def test_elementwise_lanes_and_transcendentals():
+    block, programs = 64, 3
+    x = torch.randn(block * programs)
+    y = torch.rand(block * programs) + 1.0
+    out = torch.empty_like(x)
+    with KernelCounter() as counter:
+        _softplus_ratio_kernel[(programs,)](x, y, out, BLOCK=block)
+    launch = _only_launch(counter)
+    lanes = block * programs
+    assert launch.bytes_read == 2 * lanes * 4 and launch.bytes_written == lanes * 4
+    assert launch.transcendental_ops == 3 * lanes  # exp, log and the division, per lane
+    assert launch.lane_ops["float"] == lanes  # 1.0 + e
+    assert launch.flops == 0
+    torch.testing.assert_close(out, torch.log1p(torch.exp(x)) / y)
+
+
+@needs_interpreter
+def test_atomics_count_active_lanes_and_the_hottest_address():
+    values = torch.tensor([0, 1, 0, 2, 0, 0, 3, 1, 0, 0], dtype=torch.int32)  # bin 0 six times
+    hist = torch.zeros(4, dtype=torch.int32)
+    with KernelCounter() as counter:
+        _histogram_kernel[(2,)](values, hist, values.numel(), BLOCK=8)
+    launch = _only_launch(counter)
+    assert hist.tolist() == [6, 2, 1, 1]
+    assert launch.atomic_lanes == 10  # 16 lanes issued, 6 masked off
+    assert launch.bytes_written == 10 * 4
+    assert launch.bytes_read == 10 * 4  # the masked load of the values
+    assert launch.atomic_max_per_address == 6
+
+
+def test_aten_counter_bytes_flops_and_live_memory():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ledger_count import AtenCounter
+
+    a = torch.randn(4, 8, 16, device="meta")
+    b = torch.randn(4, 16, 32, device="meta")
+    row = torch.randn(32, device="meta")
+    with AtenCounter() as counter:
+        c = torch.bmm(a, b)  # reads a and b, writes c (4·8·32 fp32)
+        d = c + row.expand(4, 8, 32)  # an expanded (stride-0) input: its 32 distinct values count once
+        del c
+        d.mul_(2.0)  # in place: reads and writes d
+        e = d.view(4, 256)  # a view: no launch
+    names = [launch.name for launch in counter.launches]
+    assert names == ["aten.bmm.default", "aten.add.Tensor", "aten.mul_.Tensor"]
+    bmm, add, mul = counter.launches
+    assert (bmm.bytes_read, bmm.bytes_written) == ((4 * 8 * 16 + 4 * 16 * 32) * 4, 4 * 8 * 32 * 4)
+    assert (add.bytes_read, add.bytes_written) == ((4 * 8 * 32 + 32) * 4, 4 * 8 * 32 * 4)
+    assert (mul.bytes_read, mul.bytes_written) == (4 * 8 * 32 * 4, 4 * 8 * 32 * 4)
+    with FlopCounterMode(display=False) as flop_counter:
+        torch.bmm(a, b)
+    assert dict(bmm.dot_flops) == {"fp32_ieee": flop_counter.get_total_flops()} == {"fp32_ieee": 2 * 4 * 8 * 32 * 16}
+    # Live bytes: c and d (4 KiB each) were alive together once; c freed, the in-place op and the view add none.
+    assert counter.live.peak == 2 * 4 * 8 * 32 * 4
+    assert counter.live.sample() == 4 * 8 * 32 * 4
+    assert e.shape == (4, 256)
+
+
+@pytest.mark.skipif(INTERPRET, reason="this is the re-run itself")
+def test_counts_under_the_interpreter():
+    """Run this file's Triton tests with TRITON_INTERPRET=1 (triton must see it before its import)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "6 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]  # everything ran but this test
