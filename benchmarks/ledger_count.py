@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -513,8 +514,9 @@ class AtenCounter(TorchDispatchMode):
 
     ``kernels``: the active ``KernelCounter`` (aten calls made by the interpreter while a grid runs are
     the interpreter's host copies: not counted, not tracked). ``open_namespaces``: custom-op namespaces
-    whose implementation runs under the mode (their inner ops are counted); on the ``meta`` device (no
-    kernels) custom ops run their fake implementations and count as nothing but their allocations.
+    whose implementation runs under the mode (their inner ops are counted) when their tensors are real CPU
+    tensors; with fake or meta tensors (no kernels to run) custom ops run their fake implementations and
+    count as nothing but their allocations.
     """
 
     def __init__(self, kernels: KernelCounter | None = None, open_namespaces=("incrementer_fast",)):
@@ -529,12 +531,13 @@ class AtenCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.kernels is not None and self.kernels.in_kernel:
-            return func(*args, **kwargs)
+        if (self.kernels is not None and self.kernels.in_kernel) or func.namespace == "prim":
+            return func(*args, **kwargs)  # the interpreter's host copies; metadata queries (prim.device)
         if func.namespace in self.open_namespaces:
             self.custom_ops[func.name()] += 1
-            device = next((t.device for t in _tensors((args, kwargs))), torch.device("cpu"))
-            if device.type == "cpu":
+            tensors = _tensors((args, kwargs))
+            real_cpu = all(t.device.type == "cpu" and not isinstance(t, FakeTensor) for t in tensors)
+            if real_cpu:
                 with self:
                     out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
             else:

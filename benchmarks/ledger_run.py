@@ -16,6 +16,7 @@ import time
 from collections import Counter, defaultdict
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import incrementer_fast as inc
 import ledger_model as model
@@ -47,20 +48,37 @@ def input_names(op: str) -> list[str]:
 
 
 def make_inputs(case: W.Case, provider: str, dtype: torch.dtype) -> W.Inputs:
+    """Real CPU tensors for the interpreter; for eager, call inside ``FakeTensorMode`` (shapes, no data)."""
     if provider == "fused":
         return W.make_inputs(case, "cpu", dtype, seed=0)
-    return W.OPS[case.op].make(case.d, torch.device("meta"), dtype, None)
+    return W.OPS[case.op].make(case.d, torch.device("cpu"), dtype, None)
+
+
+def provider_mode(provider: str):
+    """fused: the Triton kernels, never a silent fallback to the reference (``use_backend("triton")``
+    raises where they cannot run). eager: fake CPU tensors — every op and its shapes as on real ones, no
+    data, so paper shapes cost nothing."""
+    return inc.use_backend("triton") if provider == "fused" else FakeTensorMode()
 
 
 # ------------------------------------------------------------------------------------ counting
 def count_case(case: W.Case, dtype: torch.dtype, provider: str) -> dict:
     """Run one op case once (forward, then backward where the op has one) under the counters."""
     spec = W.OPS[case.op]
-    inputs = make_inputs(case, provider, dtype)
     namespace = inc if provider == "fused" else inc.reference
-    has_backward = "backward" in spec.modes and bool(inputs.differentiable)
     gc.collect()
     start = time.perf_counter()
+    with provider_mode(provider):
+        inputs = make_inputs(case, provider, dtype)
+        has_backward = "backward" in spec.modes and bool(inputs.differentiable)
+        counted = _count(spec, namespace, inputs, has_backward)
+    counted["wall_s"] = time.perf_counter() - start
+    counted["shapes"] = {name: list(t.shape) for name, t in zip(input_names(case.op), inputs.args)
+                         if isinstance(t, torch.Tensor)}
+    return counted
+
+
+def _count(spec, namespace, inputs: W.Inputs, has_backward: bool) -> dict:
     with KernelCounter() as kernels, AtenCounter(kernels) as aten:
         output = spec.call(namespace, *inputs.args)
         forward_peak = aten.live.peak
@@ -73,13 +91,10 @@ def count_case(case: W.Case, dtype: torch.dtype, provider: str) -> dict:
             peaks["forward+backward"] = max(forward_peak, aten.live.peak)
             del grads
         del output
-    wall_s = time.perf_counter() - start
     launches = sorted(kernels.launches + aten.launches, key=lambda launch: launch.phase != "forward")
-    return {"launches": [launch.to_json() for launch in launches], "peaks": peaks, "wall_s": wall_s,
+    return {"launches": [launch.to_json() for launch in launches], "peaks": peaks,
             "interpreter_s": sum(launch.interpreter_s for launch in kernels.launches),
-            "syncs": aten.syncs, "custom_ops": dict(aten.custom_ops),
-            "shapes": {name: list(t.shape) for name, t in zip(input_names(case.op), inputs.args)
-                       if isinstance(t, torch.Tensor)}}
+            "syncs": aten.syncs, "custom_ops": dict(aten.custom_ops)}
 
 
 def plain_interpreter_seconds(case: W.Case, dtype: torch.dtype) -> float:
@@ -88,9 +103,10 @@ def plain_interpreter_seconds(case: W.Case, dtype: torch.dtype) -> float:
     inputs = make_inputs(case, "fused", dtype)
     gc.collect()
     start = time.perf_counter()
-    output = spec.call(inc, *inputs.args)
-    if "backward" in spec.modes and inputs.differentiable:
-        torch.autograd.grad(output, inputs.differentiable, inputs.grad_output)
+    with provider_mode("fused"):
+        output = spec.call(inc, *inputs.args)
+        if "backward" in spec.modes and inputs.differentiable:
+            torch.autograd.grad(output, inputs.differentiable, inputs.grad_output)
     return time.perf_counter() - start
 
 
