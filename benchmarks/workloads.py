@@ -230,7 +230,9 @@ def _seg_bytes(d, dtype, mode):
 
 # ---------------------------------------------------------------------------------- pseudo_label
 def _pseudo_call(ns, teacher_masks, labels, thresholds):
-    pseudo, _factor = ns.pseudo_label(teacher_masks, labels, thresholds, IGNORE_INDEX)
+    # K_total = K_old + 1: _pseudo_make's labels hold one new class.
+    pseudo, _factor = ns.pseudo_label(teacher_masks, labels, thresholds, IGNORE_INDEX,
+                                      num_classes=teacher_masks.shape[1] + 1)
     return pseudo
 
 
@@ -250,8 +252,9 @@ def _pseudo_bytes(d, dtype, mode):
 
 # ------------------------------------------------------------------------------------ loss_stage
 def _stage_call(ns, masks, teacher_masks, labels, thresholds):
-    pseudo, factor = ns.pseudo_label(teacher_masks, labels, thresholds, IGNORE_INDEX)
-    ce, dice = ns.seg_head_loss(masks, pseudo, teacher_masks.shape[1], 1.0, IGNORE_INDEX, 1.0, factor)
+    pseudo, factor = ns.pseudo_label(teacher_masks, labels, thresholds, IGNORE_INDEX, num_classes=masks.shape[1])
+    # As in training: CE on the pseudo-labels, the dice's masks from the training labels.
+    ce, dice = ns.seg_head_loss(masks, pseudo, teacher_masks.shape[1], 1.0, IGNORE_INDEX, 1.0, factor, labels)
     return ce + dice
 
 

@@ -24,10 +24,12 @@ softmax: running max m and the masses L_old = Σ_{c<num_old} e^{z_c−m}, L_new 
     lse = m + log(L_old + L_new),  CE = lse − z_y,  P_new = L_new / (L_old + L_new),  P_old = L_old / (…),
 
 P_old from its own mass (not 1 − P_new, which is pure rounding when the new classes hold all the mass).
-With valid = label ≠ ignore_index, M_new = valid ∧ label ≥ num_old, M_old = valid ∧ label < num_old, the
-program writes eight partial sums over its pixels to partials (B, n_tiles, 8):
+Two label maps are read per pixel: y (``labels``, the CE targets) and d (``dice_labels``, the dice's masks).
+A value outside [0, K) counts as ignore_index. With C_old / C_new = y counted and < / ≥ num_old, valid = d
+counted, M_new = valid ∧ d ≥ num_old, M_old = valid ∧ d < num_old, the program writes eight partial sums
+over its pixels to partials (B, n_tiles, 8):
 
-    [Σ CE·M_old, Σ CE·M_new, Σ M_old, Σ M_new, Σ P_new·M_new, Σ P_new·valid, Σ P_old·M_old, Σ P_old·valid]
+    [Σ CE·C_old, Σ CE·C_new, Σ M_old, Σ M_new, Σ P_new·M_new, Σ P_new·valid, Σ P_old·M_old, Σ P_old·valid]
 
 and the per-pixel (lse, P_new, P_old) to pixel_stats (B, 3, H·W), saved for the backward (3·B·H·W values,
 K× fewer than the logits). The launcher sums the partials over tiles with torch (a fixed-order reduction:
@@ -43,7 +45,7 @@ image b with g = g[b],
     ∂(Σ CE·M)/∂z_c = M·(p_c − [c = y]),
     ∂P_new/∂z_c = p_c·P_old for c ≥ num_old, −p_c·P_new for c < num_old,   ∂P_old/∂z_c = −∂P_new/∂z_c,
 
-(the forms without cancellation, using P_new + P_old = 1), so with G_ce = g0·M_old + g1·M_new and
+(the forms without cancellation, using P_new + P_old = 1), so with G_ce = g0·C_old + g1·C_new and
 G_p = g4·M_new + g5·valid − g6·M_old − g7·valid,
 
     dz_c = G_ce·(p_c − [c = y]) + G_p·p_c·(P_old if c ≥ num_old else −P_new),   p_c = e^{z_c − lse}.
@@ -66,10 +68,14 @@ the gradient is written once, in order: bitwise deterministic. The dot runs in f
 
 PLOP teacher statistics (`_teacher_histogram_kernel`, `_pseudo_label_kernel`, grid (n_tiles·B,))
 ------------------------------------------------------------------------------------------------
-Per pixel of the upsampled teacher: the argmax (first index on ties, as torch.argmax) and the normalised
-entropy e = H(p)/log K with H(p) = log L − T/L, L = Σ e^{z_c−m}, T = Σ e^{z_c−m}·(z_c−m) (online over
-class chunks: on a max change m → m', L ← αL, T ← α(T + (m−m')L) with α = e^{m−m'}), which avoids the
-cancellation of lse − Σ p_c z_c. The histogram kernel adds 1 at (argmax, clamp(⌊e·num_bins⌋, 0,
+Per pixel of the upsampled teacher, as the reference's ``entropy`` option says. ``"normalized"``: the
+argmax of the logits (first index on ties, as torch.argmax) and e = H(p)/log K with H(p) = log L − T/L,
+L = Σ e^{z_c−m}, T = Σ e^{z_c−m}·(z_c−m) (online over class chunks: on a max change m → m', L ← αL,
+T ← α(T + (m−m')L) with α = e^{m−m'}), which avoids the cancellation of lse − Σ p_c z_c. ``"plop"``
+(PLOP_ENTROPY): PLOP's e = −(1/ln(K + 1e-8))·mean_c p_c·log(p_c + 1e-8) / ln K_total needs p_c = e^{z_c−m}/L
+with the final m and L inside the log, so a first sweep finds m and L online and a second one sums
+p_c·log(p_c + 1e-8) and takes the argmax of p_c (PLOP's ``probs.max``); the two constants are computed in
+float64 and rounded once. The histogram kernel adds 1 at (argmax, clamp(⌊e·num_bins⌋, 0,
 num_bins−1)) of an int32 histogram for every label-0 pixel with an integer atomic add: integer sums are
 exact and order-independent, so the counts are deterministic. The pseudo-label kernel writes the new label
 (int64) and per-tile counts of label-0 pixels and of those that took a pseudo-label (B, n_tiles, 2).
@@ -150,7 +156,8 @@ def _interpolated_logits(
 @triton.jit
 def _seg_head_sums_kernel(
     masks_ptr,  # (B, K, h, w) any strides, any float dtype: patch-resolution logits
-    labels_ptr,  # (B, H, W) any strides, any integer dtype
+    labels_ptr,  # (B, H, W) any strides, any integer dtype: CE targets
+    dice_labels_ptr,  # (B, H, W) any strides, any integer dtype: the dice's M_old / M_new
     partials_ptr,  # (B, n_tiles, 8) contiguous, accumulation dtype: output, per-tile sums
     pixel_stats_ptr,  # (B, 3, H·W) contiguous, accumulation dtype: output, per-pixel (lse, P_new, P_old)
     K, h, w, H, W,  # classes, mask size, label size
@@ -159,6 +166,7 @@ def _seg_head_sums_kernel(
     n_tiles,  # cdiv(H·W, BLOCK_P)
     stride_mb, stride_mk, stride_my, stride_mx,  # masks strides
     stride_lb, stride_ly, stride_lx,  # labels strides
+    stride_db, stride_dy, stride_dx,  # dice_labels strides
     ACC_DTYPE: tl.constexpr,  # accumulation dtype (tl.float32 or tl.float64)
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_K: tl.constexpr,  # classes per chunk
@@ -175,6 +183,9 @@ def _seg_head_sums_kernel(
     x0, x1, lx = _source_index(x, w, W, ACC_DTYPE)
     label = tl.load(
         labels_ptr + image * stride_lb + y * stride_ly + x * stride_lx, mask=in_image, other=ignore_index
+    ).to(tl.int64)
+    dice_label = tl.load(
+        dice_labels_ptr + image * stride_db + y * stride_dy + x * stride_dx, mask=in_image, other=ignore_index
     ).to(tl.int64)
     masks_image = masks_ptr + image * stride_mb
 
@@ -196,7 +207,7 @@ def _seg_head_sums_kernel(
         is_new_class = (classes >= num_old)[:, None]
         mass_new = mass_new * rescale + tl.sum(tl.where(is_new_class, e, 0.0), axis=0)
         mass_old = mass_old * rescale + tl.sum(tl.where(is_new_class, 0.0, e), axis=0)
-        # A label ≥ K (the caller's bug) matches no real class: its logit counts as 0, never −inf.
+        # A label outside [0, K) matches no class: its logit stays 0 (never −inf) and the pixel is ignored.
         is_label = (classes[:, None] == label[None, :]) & in_classes[:, None]
         label_logit += tl.sum(tl.where(is_label, z, 0.0), axis=0)
         running_max = new_max
@@ -205,9 +216,13 @@ def _seg_head_sums_kernel(
     lse = running_max + tl.log(total)
     p_new = mass_new / total
     p_old = mass_old / total
-    valid = in_image & (label != ignore_index)
-    label_new = valid & (label >= num_old)
-    label_old = valid & (label < num_old)
+    # Labels outside [0, K) count as ignore_index (see the reference).
+    ce_valid = in_image & (label != ignore_index) & (label >= 0) & (label < K)
+    ce_new = ce_valid & (label >= num_old)
+    ce_old = ce_valid & (label < num_old)
+    valid = in_image & (dice_label != ignore_index) & (dice_label >= 0) & (dice_label < K)
+    label_new = valid & (dice_label >= num_old)
+    label_old = valid & (dice_label < num_old)
     ce = lse - label_logit
 
     stats_image = pixel_stats_ptr + image * 3 * num_pixels + pixels
@@ -216,8 +231,8 @@ def _seg_head_sums_kernel(
     tl.store(stats_image + 2 * num_pixels, p_old, mask=in_image)
 
     slot = tl.arange(0, 8)
-    sums = tl.where(slot == 0, tl.sum(tl.where(label_old, ce, 0.0), axis=0), 0.0)
-    sums += tl.where(slot == 1, tl.sum(tl.where(label_new, ce, 0.0), axis=0), 0.0)
+    sums = tl.where(slot == 0, tl.sum(tl.where(ce_old, ce, 0.0), axis=0), 0.0)
+    sums += tl.where(slot == 1, tl.sum(tl.where(ce_new, ce, 0.0), axis=0), 0.0)
     sums += tl.where(slot == 2, tl.sum(label_old.to(ACC_DTYPE), axis=0), 0.0)
     sums += tl.where(slot == 3, tl.sum(label_new.to(ACC_DTYPE), axis=0), 0.0)
     sums += tl.where(slot == 4, tl.sum(tl.where(label_new, p_new, 0.0), axis=0), 0.0)
@@ -230,7 +245,8 @@ def _seg_head_sums_kernel(
 @triton.jit
 def _seg_head_sums_backward_kernel(
     masks_ptr,  # (B, K, h, w) any strides, any float dtype
-    labels_ptr,  # (B, H, W) any strides, any integer dtype
+    labels_ptr,  # (B, H, W) any strides, any integer dtype: CE targets
+    dice_labels_ptr,  # (B, H, W) any strides, any integer dtype: the dice's M_old / M_new
     pixel_stats_ptr,  # (B, 3, H·W) contiguous, accumulation dtype: (lse, P_new, P_old) from the forward
     grad_sums_ptr,  # (B, 8) any strides, float: gradient of the per-image sums
     grad_masks_ptr,  # (B, K, h, w) contiguous, masks dtype: output
@@ -241,6 +257,7 @@ def _seg_head_sums_backward_kernel(
     n_xl_blocks,  # cdiv(w, BLOCK_XL)
     stride_mb, stride_mk, stride_my, stride_mx,  # masks strides
     stride_lb, stride_ly, stride_lx,  # labels strides
+    stride_db, stride_dy, stride_dx,  # dice_labels strides
     stride_gb, stride_gs,  # grad_sums strides
     ACC_DTYPE: tl.constexpr,  # accumulation dtype (tl.float32 or tl.float64)
     BLOCK_K: tl.constexpr,  # classes per program (≥ 16, tl.dot)
@@ -290,6 +307,7 @@ def _seg_head_sums_backward_kernel(
     masks_image = masks_ptr + image * stride_mb
     class_ptr = masks_image + classes[:, None] * stride_mk
     labels_image = labels_ptr + image * stride_lb
+    dice_labels_image = dice_labels_ptr + image * stride_db
     stats_image = pixel_stats_ptr + image * 3 * num_pixels
     acc = tl.zeros((BLOCK_K, BLOCK_XL), ACC_DTYPE)
     # The window's pixels, flattened row-major, BLOCK_X at a time (the bilinear source indices and the
@@ -312,14 +330,20 @@ def _seg_head_sums_backward_kernel(
         label = tl.load(
             labels_image + rows * stride_ly + cols * stride_lx, mask=in_window, other=ignore_index
         ).to(tl.int64)
+        dice_label = tl.load(
+            dice_labels_image + rows * stride_dy + cols * stride_dx, mask=in_window, other=ignore_index
+        ).to(tl.int64)
         pixel = rows * W + cols
         lse = tl.load(stats_image + pixel, mask=in_window, other=0.0)
         p_new = tl.load(stats_image + num_pixels + pixel, mask=in_window, other=0.0)
         p_old = tl.load(stats_image + 2 * num_pixels + pixel, mask=in_window, other=0.0)
-        valid = in_window & (label != ignore_index)
-        label_new = valid & (label >= num_old)
-        label_old = valid & (label < num_old)
-        g_ce = tl.where(label_old, g_ce_old, 0.0) + tl.where(label_new, g_ce_new, 0.0)
+        ce_valid = in_window & (label != ignore_index) & (label >= 0) & (label < K)
+        valid = in_window & (dice_label != ignore_index) & (dice_label >= 0) & (dice_label < K)
+        label_new = valid & (dice_label >= num_old)
+        label_old = valid & (dice_label < num_old)
+        g_ce = tl.where(ce_valid & (label < num_old), g_ce_old, 0.0) + tl.where(
+            ce_valid & (label >= num_old), g_ce_new, 0.0
+        )
         g_p = (
             tl.where(label_new, g_pnew_new, 0.0) + tl.where(valid, g_pnew_valid - g_pold_valid, 0.0)
             - tl.where(label_old, g_pold_old, 0.0)
@@ -357,11 +381,16 @@ def _seg_head_sums_backward_kernel(
 
 @triton.jit
 def _teacher_pixel_stats(
-    masks_ptr, image, pixels, in_image, K, h, w, H, W,
+    masks_ptr, image, pixels, in_image, K, num_classes, h, w, H, W,
     stride_mb, stride_mk, stride_my, stride_mx,
-    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PLOP_ENTROPY: tl.constexpr,
 ):
-    """(argmax (BLOCK_P,) int64, normalised entropy (BLOCK_P,)) of the upsampled teacher at `pixels`."""
+    """(prediction (BLOCK_P,) int64, entropy (BLOCK_P,)) of the upsampled teacher at `pixels`.
+
+    PLOP_ENTROPY: PLOP's −(1/ln(K + 1e-8))·mean_c p_c·log(p_c + 1e-8) / ln(num_classes) and the argmax of the
+    probabilities (two sweeps over the classes: log(p + 1e-8) needs the final normaliser); otherwise the
+    normalised entropy H(p)/ln K and the argmax of the logits in one online sweep.
+    """
     y = pixels // W
     x = pixels % W
     y0, y1, ly = _source_index(y, h, H, ACC_DTYPE)
@@ -380,22 +409,46 @@ def _teacher_pixel_stats(
         )
         z = tl.where(in_classes[:, None], z, float("-inf"))
         chunk_max = tl.max(z, axis=0)
-        chunk_arg = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + k_start
-        # Strictly greater: on a tie the earlier chunk (lower class index) keeps the argmax.
-        best = tl.where(chunk_max > running_max, chunk_arg, best)
         new_max = tl.maximum(running_max, chunk_max)
         shift = running_max - new_max
         rescale = tl.exp(shift)
         # Absent classes (z = −inf) get e = 0 and a finite centred logit, so e·centred is 0, not NaN.
         centred = tl.where(in_classes[:, None], z - new_max[None, :], 0.0)
         e = tl.where(in_classes[:, None], tl.exp(centred), 0.0)
-        # mass is 0 before the first chunk, where shift is −inf: keep 0·(−inf) out.
-        weighted = rescale * (weighted + tl.where(mass > 0, shift, 0.0) * mass)
-        weighted += tl.sum(e * centred, axis=0)
+        if not PLOP_ENTROPY:
+            chunk_arg = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + k_start
+            # Strictly greater: on a tie the earlier chunk (lower class index) keeps the argmax.
+            best = tl.where(chunk_max > running_max, chunk_arg, best)
+            # mass is 0 before the first chunk, where shift is −inf: keep 0·(−inf) out.
+            weighted = rescale * (weighted + tl.where(mass > 0, shift, 0.0) * mass)
+            weighted += tl.sum(e * centred, axis=0)
         mass = mass * rescale + tl.sum(e, axis=0)
         running_max = new_max
-    entropy = tl.log(mass) - weighted / mass
-    return best, entropy / tl.log(tl.cast(K, ACC_DTYPE))
+    if PLOP_ENTROPY:
+        best_prob = tl.full((BLOCK_P,), -1.0, ACC_DTYPE)
+        p_log_p = tl.zeros((BLOCK_P,), ACC_DTYPE)
+        for k_start in range(0, K, BLOCK_K):
+            classes = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+            in_classes = classes < K
+            z = _interpolated_logits(
+                masks_image, classes, in_classes, in_image, y0, y1, ly, x0, x1, lx,
+                stride_mk, stride_my, stride_mx, ACC_DTYPE,
+            )
+            # softmax as torch computes it: exp(z − max) / Σ exp(z − max); 0 for absent classes.
+            p = tl.where(in_classes[:, None], tl.exp(z - running_max[None, :]) / mass[None, :], 0.0)
+            p_log_p += tl.sum(p * tl.log(p + 1e-8), axis=0)
+            p_or_absent = tl.where(in_classes[:, None], p, -1.0)
+            chunk_best = tl.max(p_or_absent, axis=0)
+            chunk_arg = tl.argmax(p_or_absent, axis=0, tie_break_left=True).to(tl.int64) + k_start
+            best = tl.where(chunk_best > best_prob, chunk_arg, best)
+            best_prob = tl.maximum(best_prob, chunk_best)
+        # The constants in float64, then rounded once, as PLOP's Python floats / float32 torch.log give them.
+        neg_inv_log_k = (-1.0 / tl.log(tl.cast(K, tl.float64) + 1e-8)).to(ACC_DTYPE)
+        max_entropy = tl.log(tl.cast(num_classes, tl.float64)).to(ACC_DTYPE)
+        entropy = (neg_inv_log_k * (p_log_p / tl.cast(K, ACC_DTYPE))) / max_entropy
+    else:
+        entropy = (tl.log(mass) - weighted / mass) / tl.log(tl.cast(K, ACC_DTYPE))
+    return best, entropy
 
 
 @triton.jit
@@ -403,7 +456,7 @@ def _teacher_histogram_kernel(
     masks_ptr,  # (B, K, h, w) any strides, any float dtype: teacher masks
     labels_ptr,  # (B, H, W) any strides, any integer dtype
     histogram_ptr,  # (K, num_bins) contiguous int32, zero-initialised: output (integer atomic adds)
-    K, h, w, H, W,
+    K, num_classes, h, w, H, W,  # num_classes: K_total (PLOP_ENTROPY only)
     num_bins,  # entropy bins over [0, 1]
     n_tiles,  # cdiv(H·W, BLOCK_P)
     stride_mb, stride_mk, stride_my, stride_mx,
@@ -411,6 +464,7 @@ def _teacher_histogram_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PLOP_ENTROPY: tl.constexpr,
 ):
     tile = tl.program_id(0) % n_tiles  # flat grid, tile fastest (see the sums kernel)
     image = (tl.program_id(0) // n_tiles).to(tl.int64)
@@ -422,8 +476,8 @@ def _teacher_histogram_kernel(
         mask=in_image, other=1,
     )
     prediction, entropy = _teacher_pixel_stats(
-        masks_ptr, image, pixels, in_image, K, h, w, H, W, stride_mb, stride_mk, stride_my, stride_mx,
-        ACC_DTYPE, BLOCK_P, BLOCK_K,
+        masks_ptr, image, pixels, in_image, K, num_classes, h, w, H, W,
+        stride_mb, stride_mk, stride_my, stride_mx, ACC_DTYPE, BLOCK_P, BLOCK_K, PLOP_ENTROPY,
     )
     bins = tl.minimum(tl.maximum((entropy * num_bins).to(tl.int64), 0), num_bins - 1)
     background = in_image & (label == 0)
@@ -437,7 +491,7 @@ def _pseudo_label_kernel(
     thresholds_ptr,  # (K,) any stride, float: per-class entropy thresholds
     pseudo_ptr,  # (B, H, W) contiguous int64: output, pseudo-labels
     counts_ptr,  # (B, n_tiles, 2) contiguous int32: output, per tile (#label-0 pixels, #pseudo-labelled)
-    K, h, w, H, W,
+    K, num_classes, h, w, H, W,  # num_classes: K_total (PLOP_ENTROPY only)
     ignore_index,
     n_tiles,
     stride_mb, stride_mk, stride_my, stride_mx,
@@ -446,6 +500,7 @@ def _pseudo_label_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PLOP_ENTROPY: tl.constexpr,
 ):
     tile = tl.program_id(0) % n_tiles  # flat grid, tile fastest (see the sums kernel)
     image = (tl.program_id(0) // n_tiles).to(tl.int64)
@@ -457,8 +512,8 @@ def _pseudo_label_kernel(
         mask=in_image, other=1,
     ).to(tl.int64)
     prediction, entropy = _teacher_pixel_stats(
-        masks_ptr, image, pixels, in_image, K, h, w, H, W, stride_mb, stride_mk, stride_my, stride_mx,
-        ACC_DTYPE, BLOCK_P, BLOCK_K,
+        masks_ptr, image, pixels, in_image, K, num_classes, h, w, H, W,
+        stride_mb, stride_mk, stride_my, stride_mx, ACC_DTYPE, BLOCK_P, BLOCK_K, PLOP_ENTROPY,
     )
     threshold = tl.load(thresholds_ptr + prediction * stride_t, mask=in_image, other=0.0).to(ACC_DTYPE)
     background = in_image & (label == 0)
@@ -484,7 +539,7 @@ def _class_block(num_classes: int, minimum: int, maximum: int) -> int:
 
 
 def seg_head_sums(
-    masks: torch.Tensor, labels: torch.Tensor, num_old: int, ignore_index: int
+    masks: torch.Tensor, labels: torch.Tensor, dice_labels: torch.Tensor, num_old: int, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image sums (B, 8) and per-pixel (lse, P_new, P_old) (B, 3, H, W), both in the accumulation dtype."""
     batch, num_classes, h, w = masks.shape
@@ -497,9 +552,9 @@ def seg_head_sums(
     if batch * height * width > 0:
         with device_guard(masks.device):  # launch on the tensors' GPU, not the current one
             _seg_head_sums_kernel[(n_tiles * batch,)](
-                masks, labels, partials, pixel_stats,
+                masks, labels, dice_labels, partials, pixel_stats,
                 num_classes, h, w, height, width, num_old, ignore_index, n_tiles,
-                *masks.stride(), *labels.stride(),
+                *masks.stride(), *labels.stride(), *dice_labels.stride(),
                 ACC_DTYPE=_tl_dtype(masks.dtype), BLOCK_P=FWD_BLOCK_P, BLOCK_K=block_k, num_warps=4,
             )
     # Fixed-order reduction over the tiles: deterministic.
@@ -510,6 +565,7 @@ def seg_head_sums_backward(
     grad_sums: torch.Tensor,
     masks: torch.Tensor,
     labels: torch.Tensor,
+    dice_labels: torch.Tensor,
     pixel_stats: torch.Tensor,
     num_old: int,
     ignore_index: int,
@@ -526,38 +582,45 @@ def seg_head_sums_backward(
     n_k_blocks = triton.cdiv(num_classes, block_k)
     with device_guard(masks.device):  # launch on the tensors' GPU, not the current one
         _seg_head_sums_backward_kernel[(n_k_blocks * n_xl_blocks * h * batch,)](
-            masks, labels, pixel_stats, grad_sums, grad_masks,
+            masks, labels, dice_labels, pixel_stats, grad_sums, grad_masks,
             num_classes, h, w, height, width, num_old, ignore_index, n_k_blocks, n_xl_blocks,
-            *masks.stride(), *labels.stride(), *grad_sums.stride(),
+            *masks.stride(), *labels.stride(), *dice_labels.stride(), *grad_sums.stride(),
             ACC_DTYPE=_tl_dtype(masks.dtype), BLOCK_K=block_k, BLOCK_X=BWD_BLOCK_X, BLOCK_XL=block_xl,
             num_warps=4,
         )
     return grad_masks
 
 
-def teacher_histogram(teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """(K, num_bins) int64 counts of label-0 pixels by teacher argmax and normalised-entropy bin."""
-    batch, num_classes, h, w = teacher_masks.shape
+def teacher_histogram(
+    teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int, num_classes: int, entropy: str
+) -> torch.Tensor:
+    """(K, num_bins) int64 counts of label-0 pixels by teacher prediction and entropy bin."""
+    batch, num_old, h, w = teacher_masks.shape
     _, height, width = labels.shape
-    histogram = torch.zeros((num_classes, num_bins), dtype=torch.int32, device=teacher_masks.device)
+    histogram = torch.zeros((num_old, num_bins), dtype=torch.int32, device=teacher_masks.device)
     n_tiles = triton.cdiv(height * width, FWD_BLOCK_P)
     if batch * n_tiles > 0:
         with device_guard(teacher_masks.device):  # launch on the tensors' GPU, not the current one
             _teacher_histogram_kernel[(n_tiles * batch,)](
                 teacher_masks, labels, histogram,
-                num_classes, h, w, height, width, num_bins, n_tiles,
+                num_old, num_classes, h, w, height, width, num_bins, n_tiles,
                 *teacher_masks.stride(), *labels.stride(),
                 ACC_DTYPE=_tl_dtype(teacher_masks.dtype), BLOCK_P=FWD_BLOCK_P,
-                BLOCK_K=_class_block(num_classes, 2, FWD_BLOCK_K), num_warps=4,
+                BLOCK_K=_class_block(num_old, 2, FWD_BLOCK_K), PLOP_ENTROPY=entropy == "plop", num_warps=4,
             )
     return histogram.to(torch.int64)
 
 
 def pseudo_label(
-    teacher_masks: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor, ignore_index: int
+    teacher_masks: torch.Tensor,
+    labels: torch.Tensor,
+    thresholds: torch.Tensor,
+    ignore_index: int,
+    num_classes: int,
+    entropy: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pseudo-labels (B, H, W) int64, counts (B, 2) int64 = (#label-0 pixels, #pseudo-labelled)) per image."""
-    batch, num_classes, h, w = teacher_masks.shape
+    batch, num_old, h, w = teacher_masks.shape
     _, height, width = labels.shape
     n_tiles = triton.cdiv(height * width, FWD_BLOCK_P)
     pseudo = torch.empty((batch, height, width), dtype=torch.int64, device=teacher_masks.device)
@@ -566,9 +629,9 @@ def pseudo_label(
         with device_guard(teacher_masks.device):  # launch on the tensors' GPU, not the current one
             _pseudo_label_kernel[(n_tiles * batch,)](
                 teacher_masks, labels, thresholds, pseudo, counts,
-                num_classes, h, w, height, width, ignore_index, n_tiles,
+                num_old, num_classes, h, w, height, width, ignore_index, n_tiles,
                 *teacher_masks.stride(), *labels.stride(), thresholds.stride(0),
                 ACC_DTYPE=_tl_dtype(teacher_masks.dtype), BLOCK_P=FWD_BLOCK_P,
-                BLOCK_K=_class_block(num_classes, 2, FWD_BLOCK_K), num_warps=4,
+                BLOCK_K=_class_block(num_old, 2, FWD_BLOCK_K), PLOP_ENTROPY=entropy == "plop", num_warps=4,
             )
     return pseudo, counts.sum(1, dtype=torch.int64)

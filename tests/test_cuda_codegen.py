@@ -129,8 +129,9 @@ def _run_seg_head(dtype):
     (ce + dice).backward()
     teacher = torch.randn(2, 3, 4, 5, dtype=dtype)
     old_labels = torch.randint(0, 3, (2, 13, 17))
-    inc.entropy_histogram(teacher, old_labels, num_bins=100)
-    inc.pseudo_label(teacher, old_labels, torch.full((3,), 0.5))
+    for entropy in ("plop", "normalized"):
+        inc.entropy_histogram(teacher, old_labels, num_bins=100, num_classes=7, entropy=entropy)
+        inc.pseudo_label(teacher, old_labels, torch.full((3,), 0.5), num_classes=7, entropy=entropy)
 
 
 OPS = {

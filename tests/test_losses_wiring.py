@@ -74,9 +74,8 @@ def losses(config, models, batch, thresholds=None):
     with torch.no_grad():
         teacher_out = teacher(images)
     if thresholds is None:
-        # Thresholds above 1 (the largest normalised entropy): every background pixel takes the teacher's
-        # prediction. The near-random teacher's entropies are ~0.9-1, so a real threshold would ignore all
-        # background, and PLOP's image factor would then zero the whole CE.
+        # Thresholds above every entropy (≤ 1 normalised, far less in PLOP's scale): every background pixel
+        # takes the teacher's prediction, so no image factor zeroes the CE of this near-random teacher.
         thresholds = torch.full((NUM_OLD,), 2.0)
     student_out = model(images)
     terms = compute_losses(config, student_out, labels, num_old=NUM_OLD, patch_size=model.patch_size,
@@ -150,31 +149,42 @@ def test_without_teacher_the_loss_is_plain_cross_entropy(models, batch):
     out = model(images)
     terms = compute_losses(tiny_config(), out, labels, num_old=NUM_OLD, patch_size=16)
     logits = F.interpolate(out.masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    torch.testing.assert_close(terms.total, F.cross_entropy(logits, labels, ignore_index=255))
+    # PLOP's normalisation: the mean over every pixel, the ignored ones counting as 0.
+    expected = F.cross_entropy(logits, labels, ignore_index=255, reduction="none").mean()
+    torch.testing.assert_close(terms.total, expected)
     assert float(terms.dice) == float(terms.fod_visual) == float(terms.fod_class) == 0.0
     assert set(LossTerms.NAMES) == {"total", "ce", "dice", "fod_visual", "fod_class"}
 
 
+def plop_ce(logits, targets, weight):
+    """PLOP's CE: per-pixel weighted CE, ignored pixels 0, mean over all pixels."""
+    return F.cross_entropy(logits, targets, weight=weight, ignore_index=255, reduction="none").mean()
+
+
 def test_pseudo_labels_and_fod_weights_follow_plop(models, batch):
-    """Thresholds above 1 (every teacher prediction confident): background pixels take the teacher's argmax, so
-    CE is the weighted CE against those targets; FOD's token weights come from the same pseudo-labels."""
+    """Thresholds above every entropy (every teacher prediction confident): background pixels take the teacher's
+    prediction, so CE is the weighted CE against those targets; FOD's token weights come from the same
+    pseudo-labels; the dice's masks from the training labels."""
     model, teacher = models
     images, labels = batch
     config = tiny_config(plop_image_factor=False)
     terms, student_out, teacher_out = losses(config, models, batch, thresholds=torch.full((NUM_OLD,), 2.0))
-    argmax, _ = teacher_prediction(teacher_out.masks, labels.shape[-2:])
-    pseudo = torch.where(labels == 0, argmax, labels)
+    prediction, _ = teacher_prediction(teacher_out.masks, labels.shape[-2:], num_classes=NUM_OLD + NUM_NEW)
+    pseudo = torch.where(labels == 0, prediction, labels)
     logits = F.interpolate(student_out.masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     weight = torch.tensor([1.0] * NUM_OLD + [2.0] * NUM_NEW)
-    torch.testing.assert_close(terms.ce, F.cross_entropy(logits, pseudo, weight=weight, ignore_index=255))
+    torch.testing.assert_close(terms.ce, plop_ce(logits, pseudo, weight))
     token_weights = inc.fod_token_weights(pseudo, NUM_OLD, 16, 0.25)
     torch.testing.assert_close(
         terms.fod_visual, inc.fod_loss(student_out.patch_embeddings, teacher_out.patch_embeddings, token_weights))
-    # Thresholds at the floor: no background pixel is confident, all of them are ignored.
+    # Thresholds at 0: no background pixel is confident, all of them are ignored by the CE — but they stay in
+    # the dice's M_old, which comes from the training labels.
     low, student_out, _ = losses(config, models, batch, thresholds=torch.zeros(NUM_OLD))
     logits = F.interpolate(student_out.masks, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     only_new = torch.where(labels == 0, 255, labels)
-    torch.testing.assert_close(low.ce, F.cross_entropy(logits, only_new, weight=weight, ignore_index=255))
+    torch.testing.assert_close(low.ce, plop_ce(logits, only_new, weight))
+    torch.testing.assert_close(low.dice, inc.cds_dice_loss(logits, labels, NUM_OLD))
+    assert abs(float(low.dice.detach()) - float(inc.cds_dice_loss(logits, only_new, NUM_OLD).detach())) > 1e-3
 
 
 @pytest.mark.parametrize("image_factor", [True, False])

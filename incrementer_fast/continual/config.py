@@ -29,6 +29,7 @@ ATTENTIONS = ("auto", "xformers", "sdpa")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("random_resized_crop", "rescale_pad_crop")
+PLOP_ENTROPIES = ("plop", "normalized")
 # Fields a resumed run may change: they change where or how fast it runs, not what it computes
 # (micro_batch_size changes only the float rounding of the accumulated gradients).
 RESUMABLE_FIELDS = frozenset({"num_workers", "eval_batch_size", "compile", "data_root", "micro_batch_size",
@@ -166,7 +167,14 @@ class TrainConfig:
     pseudo-label (PLOP's ``classif_adaptive_factor``). On, as in PLOP, although off was about one point
     better on the synthetic set (32.0 / 12.8; better old-class mIoU for both seeds)."""
     plop_min_threshold: float = 0.001
-    """Floor of PLOP's per-class entropy thresholds."""
+    """Floor of PLOP's per-class entropy thresholds (PLOP's ``--threshold 0.001``), in the scale of
+    ``plop_entropy``."""
+    plop_entropy: str = "plop"
+    """Entropy and median of the pseudo-labels' thresholds. ``plop``: exactly PLOP's released code (its
+    entropy is H / (K_old·ln K_old·ln K_total), its median search has quirks: see
+    ``incrementer_fast/reference/seg_head.py``) — as Incrementer, which uses PLOP's strategy. ``normalized``:
+    H / ln K_old ∈ [0, 1] with the interpolated histogram median (sparser pseudo-labels: about half of each
+    class's background pixels, where PLOP's keep most of them)."""
     fused_head: bool = True
     """Compute CE + dice and the pseudo-labels with the fused ops (``inc.seg_head_loss``,
     ``inc.pseudo_label``) instead of full-resolution logits (``F.interpolate`` + ``F.cross_entropy`` +
@@ -202,6 +210,7 @@ class TrainConfig:
             "device": DEVICES,
             "optimizer": OPTIMIZERS,
             "train_augmentation": AUGMENTATIONS,
+            "plop_entropy": PLOP_ENTROPIES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -5,16 +5,20 @@ Per step t of a task (the classes of each step, background in step 0):
 * the model gets step t's class tokens (``add_classes``, earlier tokens frozen); the teacher is a frozen copy
   of step t − 1's model;
 * PLOP's per-class entropy thresholds are computed once over step t's training images through the teacher
-  (``entropy_histogram`` summed over the images and over the processes, then ``plop_thresholds``);
+  (``entropy_histogram`` summed over the images and over the processes, then ``plop_thresholds``; PLOP's
+  released entropy and median by default, ``TrainConfig.plop_entropy``);
 * every micro-batch: the training labels hold step t's classes and 0 elsewhere; background pixels take the
   teacher's confident prediction, the rest of the background is ignored (``pseudo_label``), and
 
-      L = CE(pseudo-labels; weight w_new on the new classes; ignore 255; PLOP's per-image factor)
+      L = CE(pseudo-labels; weight w_new on the new classes; ignore 255; PLOP's per-image factor;
+             PLOP's mean over all pixels)
           + λ_v · fod_loss(student visual tokens, teacher's, fod_token_weights(pseudo-labels, K_old, p, β))
           + λ_c · fod_loss(student class embeddings of the K_old old classes, teacher's, unit weights)
-          + λ_d · cds_dice_loss(same logits, pseudo-labels, K_old)
+          + λ_d · cds_dice_loss(same logits, training labels, K_old)
 
-  (``compute_losses``). FOD's token weights are computed on the pseudo-labels, not the training labels: the
+  (``compute_losses``). The dice's masks come from the training labels (the step's ground truth), not the
+  pseudo-labels: M_new = new-class pixels, M_old = every other labelled pixel, the uncertain background the
+  pseudo-labels ignore included (void and crop padding, 255, are in neither). FOD's token weights are computed on the pseudo-labels, not the training labels: the
   training labels hold no old class (old classes are background at step t), the pseudo-labels do, so an
   old-class patch gets weight 1, a background or uncertain patch β and a patch touching a new class 0.
   Step 0, ``finetune`` and ``joint`` train with plain CE on the training labels.
@@ -226,34 +230,39 @@ class LossTerms:
         return torch.stack([getattr(self, n).detach().float() for n in self.NAMES])
 
 
-def _reference_seg_loss(masks, labels, num_old, new_class_weight, image_weight):
+def _reference_seg_loss(masks, labels, num_old, new_class_weight, image_weight, dice_labels):
     """CE + CDS dice by the plain composition: full-resolution logits F.interpolate → F.cross_entropy
-    (class weights; PLOP's image factor in the numerator) and ``inc.cds_dice_loss``."""
+    (class weights, reduction="none") × PLOP's image factor → mean over all pixels (PLOP's train.py), and
+    ``inc.cds_dice_loss`` on ``dice_labels``."""
     logits = F.interpolate(masks.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
     weight = torch.ones(masks.shape[1], device=masks.device)
     weight[num_old:] = new_class_weight
-    if image_weight is None:
-        ce = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX)
-    else:
-        per_pixel = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="none")
-        valid = labels != IGNORE_INDEX
-        denominator = (weight[labels.clamp(max=masks.shape[1] - 1)] * valid).sum()
-        ce = (per_pixel * image_weight[:, None, None]).sum() / denominator.clamp_min(1e-12)
-    dice = cds_dice_loss(logits, labels, num_old, IGNORE_INDEX)
-    return ce, dice
+    pixel_loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="none")
+    if image_weight is not None:
+        pixel_loss = pixel_loss * image_weight[:, None, None]
+    dice = cds_dice_loss(logits, dice_labels, num_old, IGNORE_INDEX)
+    return pixel_loss.mean(), dice
 
 
-def _seg_loss(fused: bool, masks, labels, num_old, new_class_weight, image_weight):
+def _seg_loss(fused: bool, masks, labels, num_old, new_class_weight, image_weight, dice_labels):
+    """(CE on ``labels``, CDS dice with the masks of ``dice_labels``), fused or by the plain composition."""
     if fused:
         return fused_seg_head.seg_head_loss(masks, labels, num_old, float(new_class_weight), IGNORE_INDEX,
-                                            1.0, image_weight)
-    return _reference_seg_loss(masks, labels, num_old, new_class_weight, image_weight)
+                                            1.0, image_weight, dice_labels)
+    return _reference_seg_loss(masks, labels, num_old, new_class_weight, image_weight, dice_labels)
 
 
-def make_pseudo_labels(config: TrainConfig, teacher_masks, labels, thresholds):
-    """PLOP's pseudo-labels and per-image factors from the teacher's patch-resolution masks."""
+def _plop_median(config: TrainConfig) -> str:
+    """The histogram median that goes with ``config.plop_entropy`` (PLOP's search with PLOP's entropy)."""
+    return "plop" if config.plop_entropy == "plop" else "interpolated"
+
+
+def make_pseudo_labels(config: TrainConfig, teacher_masks, labels, thresholds, num_classes: int):
+    """PLOP's pseudo-labels and per-image factors from the teacher's patch-resolution masks; ``num_classes``
+    is the step's K_total (old and new classes)."""
     ops = fused_seg_head if config.fused_head else reference_seg_head
-    return ops.pseudo_label(teacher_masks, labels, thresholds, IGNORE_INDEX)
+    return ops.pseudo_label(teacher_masks, labels, thresholds, IGNORE_INDEX, num_classes=num_classes,
+                            entropy=config.plop_entropy)
 
 
 def compute_losses(config: TrainConfig, student, labels: torch.Tensor, *, num_old: int, patch_size: int,
@@ -270,16 +279,18 @@ def compute_losses(config: TrainConfig, student, labels: torch.Tensor, *, num_ol
     labels = labels.long()
     if teacher is None:
         # Plain CE: class weights all 1, so num_old only selects which dice is computed (and dropped).
-        ce, _ = _seg_loss(config.fused_head, student.masks, labels, 1, 1.0, None)
+        ce, _ = _seg_loss(config.fused_head, student.masks, labels, 1, 1.0, None, labels)
         zero = torch.zeros((), device=ce.device)
         return LossTerms(total=ce, ce=ce, dice=zero, fod_visual=zero, fod_class=zero)
     if thresholds is None:
         raise ValueError("compute_losses with a teacher needs the PLOP thresholds")
     with torch.no_grad():
-        pseudo, image_factor = make_pseudo_labels(config, teacher.masks.float(), labels, thresholds)
+        pseudo, image_factor = make_pseudo_labels(config, teacher.masks.float(), labels, thresholds,
+                                                  student.masks.shape[1])
     image_weight = image_factor.float() if config.plop_image_factor else None
+    # CE on the pseudo-labels; the dice's M_new / M_old on the step's ground truth (see the module docstring).
     ce, dice = _seg_loss(config.fused_head, student.masks, pseudo, num_old, config.new_class_weight,
-                         image_weight)
+                         image_weight, labels)
     total = ce
     if config.use_cds:
         total = total + config.lambda_dice * dice
@@ -308,16 +319,19 @@ def plop_thresholds(teacher, train_set, *, config: TrainConfig, task, step: int,
                      batch_size=config.eval_batch_size, shuffle=False)
     ops = fused_seg_head if config.fused_head else reference_seg_head
     num_old = teacher.num_classes
+    num_classes = len(classes_up_to(task, step))  # K_total: PLOP divides its entropy by log(K_total)
     histogram = torch.zeros(num_old, PLOP_NUM_BINS, dtype=torch.int64, device=device)
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = remap_train_labels(labels, task, step).to(device, non_blocking=True).long()
         with _autocast(config, device):
             masks = teacher(images).masks
-        histogram += ops.entropy_histogram(masks.float(), labels, PLOP_NUM_BINS)
+        histogram += ops.entropy_histogram(masks.float(), labels, PLOP_NUM_BINS, num_classes=num_classes,
+                                           entropy=config.plop_entropy)
     if env.distributed:
+        # Over every process's images (PLOP computes the thresholds of each process on its shard alone).
         dist.all_reduce(histogram)
-    return ops.plop_thresholds(histogram, config.plop_min_threshold)
+    return ops.plop_thresholds(histogram, config.plop_min_threshold, median=_plop_median(config))
 
 
 # ------------------------------------------------------------------------------------ one step

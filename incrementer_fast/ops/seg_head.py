@@ -3,24 +3,29 @@
 Public functions (definitions in ``incrementer_fast/reference/seg_head.py``, the spec):
 
 * ``seg_head_loss(masks, labels, num_old, new_class_weight=1.0, ignore_index=255, smooth=1.0,
-  image_weight=None) -> (ce, dice)``: masks (B, K, h, w) patch-resolution logits (any float dtype, any
-  strides), labels (B, H, W) any integer dtype; the pixel logits are the bilinear (align_corners=False)
-  upsampling of masks to (H, W), never materialised. ce = class-weighted mean cross-entropy (weights 1 for
-  c < num_old, new_class_weight otherwise, ``F.cross_entropy`` semantics, but 0 — not NaN — when no pixel
-  counts), image_weight (B,) scales each image's CE terms in the numerator (PLOP's per-image factor; not
-  differentiated); dice = ``cds_dice_loss`` on the same softmax. Both 0-dim float32 (float64 for float64
-  masks); differentiable w.r.t. masks.
-* ``entropy_histogram(teacher_masks, labels, num_bins=100) -> (K_old, num_bins) int64``,
-* ``plop_thresholds(histogram, floor=0.001) -> (K_old,) float32`` (plain torch: K_old·num_bins values),
-* ``pseudo_label(teacher_masks, labels, thresholds, ignore_index=255, min_image_factor=0.0) ->
-  (pseudo (B, H, W) int64, image_factor (B,))``.
+  image_weight=None, dice_labels=None) -> (ce, dice)``: masks (B, K, h, w) patch-resolution logits (any
+  float dtype, any strides), labels (B, H, W) and dice_labels (B, H, W) any integer dtype; the pixel logits
+  are the bilinear (align_corners=False) upsampling of masks to (H, W), never materialised.
+  ce = PLOP's mean over all B·H·W pixels of image_weight[b]·w_y·CE (w = 1 for c < num_old, new_class_weight
+  otherwise; ignored pixels add 0 and count); image_weight (B,) is PLOP's per-image factor (not
+  differentiated); dice = ``cds_dice_loss`` on the same softmax with the masks M_new/M_old of
+  ``dice_labels`` (the step's ground truth in training; ``labels`` when None). Label values outside
+  [0, K) are ignore_index. Both 0-dim float32 (float64 for float64 masks); differentiable w.r.t. masks.
+* ``entropy_histogram(teacher_masks, labels, num_bins=100, *, num_classes=None, entropy="plop") ->
+  (K_old, num_bins) int64``,
+* ``plop_thresholds(histogram, floor=0.001, *, median="plop") -> (K_old,) float32`` (plain torch:
+  K_old·num_bins values),
+* ``pseudo_label(teacher_masks, labels, thresholds, ignore_index=255, min_image_factor=0.0, *,
+  num_classes=None, entropy="plop") -> (pseudo (B, H, W) int64, image_factor (B,))``.
+  ``entropy="plop"`` (PLOP's released entropy, needs ``num_classes`` = K_total) or ``"normalized"``.
 
-Structure of the loss op: ``incrementer_fast::seg_head_sums`` maps (masks, labels) to eight per-image sums
-(B, 8) — CE over old-/new-class pixels, their counts, and the four probability sums of the CDS dice (see
-``kernels/seg_head.py``) — plus per-pixel (lse, P_new, P_old) (B, 3, H, W) saved for the backward. The
-class weights, image weights, the CE mean and the dice are a handful of (B,)-sized torch ops on those sums,
-so autograd differentiates them and ``incrementer_fast::seg_head_sums_backward`` receives the gradient of
-the sums (B, 8) and writes the gradient of masks (B, K, h, w) directly. Memory: 3·B·H·W saved values and
+Structure of the loss op: ``incrementer_fast::seg_head_sums`` maps (masks, labels, dice_labels) to eight
+per-image sums (B, 8) — CE over old-/new-class pixels of ``labels``, the counts of M_old/M_new of
+``dice_labels`` and the four probability sums of the CDS dice (see ``kernels/seg_head.py``) — plus
+per-pixel (lse, P_new, P_old) (B, 3, H, W) saved for the backward. The class weights, image weights, the
+CE mean and the dice are a handful of (B,)-sized torch ops on those sums, so autograd differentiates them
+and ``incrementer_fast::seg_head_sums_backward`` receives the gradient of the sums (B, 8) and writes the
+gradient of masks (B, K, h, w) directly. Memory: 3·B·H·W saved values and
 the (B, K, h, w) gradient; no (B, K, H, W) tensor in forward or backward.
 
 Backends (``incrementer_fast._dispatch.backend``): Triton kernels on CUDA (and on CPU under
@@ -41,6 +46,7 @@ from ..reference.seg_head import (
     check_pseudo_label_args,
     check_seg_head_loss_args,
     image_factor,
+    labels_in_range,
     plop_thresholds,
     pseudo_label_counts,
     upsample_logits,
@@ -58,19 +64,25 @@ def _kernels():
 
 
 # ------------------------------------------------------------------------------ loss: reference path
-def _reference_sums(masks: torch.Tensor, labels: torch.Tensor, num_old: int, ignore_index: int):
+def _label_masks(labels: torch.Tensor, num_classes: int, num_old: int, ignore_index: int):
+    """(labels in range (int64), valid, old, new) masks; out-of-range values count as ignore_index."""
+    labels = labels_in_range(labels, num_classes, ignore_index)
+    valid = labels != ignore_index
+    return labels, valid, valid & (labels < num_old), valid & (labels >= num_old)
+
+
+def _reference_sums(masks, labels, dice_labels, num_old: int, ignore_index: int):
     """The eight per-image sums and per-pixel (lse, P_new, P_old) from materialised logits (the spec's path)."""
     logits = upsample_logits(masks, tuple(labels.shape[1:]))
-    labels = labels.long()
+    num_classes = logits.shape[1]
+    labels, ce_valid, ce_old, ce_new = _label_masks(labels, num_classes, num_old, ignore_index)
+    _, valid, label_old, label_new = _label_masks(dice_labels, num_classes, num_old, ignore_index)
     lse = torch.logsumexp(logits, dim=1)
     probs = torch.softmax(logits, dim=1)
     p_new = probs[:, num_old:].sum(1)
     p_old = probs[:, :num_old].sum(1)
-    valid = labels != ignore_index
-    label_new = valid & (labels >= num_old)
-    label_old = valid & (labels < num_old)
-    # Labels outside [0, K) are the caller's bug (see the spec); clamp only so that gather stays in bounds.
-    label_logit = logits.gather(1, labels.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
+    # Ignored pixels' CE is masked out below; clamp only so that gather stays in bounds.
+    label_logit = logits.gather(1, labels.clamp(0, num_classes - 1)[:, None])[:, 0]
     ce = lse - label_logit
     acc = logits.dtype
     zero = torch.zeros((), dtype=acc, device=logits.device)
@@ -80,8 +92,8 @@ def _reference_sums(masks: torch.Tensor, labels: torch.Tensor, num_old: int, ign
 
     sums = torch.stack(
         [
-            image_sum(ce, label_old),
-            image_sum(ce, label_new),
+            image_sum(ce, ce_old),
+            image_sum(ce, ce_new),
             label_old.sum((1, 2)).to(acc),
             label_new.sum((1, 2)).to(acc),
             image_sum(p_new, label_new),
@@ -108,7 +120,7 @@ def _interpolation_matrix(size_in: int, size_out: int, dtype, device) -> torch.T
     return matrix
 
 
-def _reference_sums_backward(grad_sums, masks, labels, num_old: int, ignore_index: int) -> torch.Tensor:
+def _reference_sums_backward(grad_sums, masks, labels, dice_labels, num_old: int, ignore_index: int):
     """Gradient of masks from the gradient of the eight sums, with materialised logits (the reference path).
 
     The custom op's implementation runs below autograd, so the VJP is written out (the formulas are the
@@ -119,17 +131,14 @@ def _reference_sums_backward(grad_sums, masks, labels, num_old: int, ignore_inde
     height, width = labels.shape[1:]
     logits = upsample_logits(masks, (height, width))
     acc = logits.dtype
-    labels = labels.long()
+    labels, _, ce_old, ce_new = _label_masks(labels, num_classes, num_old, ignore_index)
+    _, valid, label_old, label_new = _label_masks(dice_labels, num_classes, num_old, ignore_index)
     probs = torch.softmax(logits, dim=1)
     p_new = probs[:, num_old:].sum(1, keepdim=True)
     p_old = probs[:, :num_old].sum(1, keepdim=True)
-    valid = labels != ignore_index
-    label_new = (valid & (labels >= num_old)).to(acc)
-    label_old = (valid & (labels < num_old)).to(acc)
-    valid = valid.to(acc)
     g = grad_sums.to(acc)[:, :, None, None]
-    g_ce = g[:, 0] * label_old + g[:, 1] * label_new
-    g_p = g[:, 4] * label_new + (g[:, 5] - g[:, 7]) * valid - g[:, 6] * label_old
+    g_ce = g[:, 0] * ce_old.to(acc) + g[:, 1] * ce_new.to(acc)
+    g_p = g[:, 4] * label_new.to(acc) + (g[:, 5] - g[:, 7]) * valid.to(acc) - g[:, 6] * label_old.to(acc)
     classes = torch.arange(num_classes, device=masks.device)[None, :, None, None]
     one_hot = (classes == labels[:, None]).to(acc)
     mass_factor = torch.where(classes >= num_old, p_old, -p_new)
@@ -143,16 +152,16 @@ def _reference_sums_backward(grad_sums, masks, labels, num_old: int, ignore_inde
 # ------------------------------------------------------------------------------ loss: custom ops
 @torch.library.custom_op("incrementer_fast::seg_head_sums", mutates_args=())
 def _seg_head_sums(
-    masks: torch.Tensor, labels: torch.Tensor, num_old: int, ignore_index: int
+    masks: torch.Tensor, labels: torch.Tensor, dice_labels: torch.Tensor, num_old: int, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend(masks.device) == "triton":
-        return _kernels().seg_head_sums(masks, labels, num_old, ignore_index)
-    sums, pixel_stats = _reference_sums(masks, labels, num_old, ignore_index)
+        return _kernels().seg_head_sums(masks, labels, dice_labels, num_old, ignore_index)
+    sums, pixel_stats = _reference_sums(masks, labels, dice_labels, num_old, ignore_index)
     return sums.contiguous(), pixel_stats.contiguous()
 
 
 @_seg_head_sums.register_fake
-def _(masks, labels, num_old, ignore_index):
+def _(masks, labels, dice_labels, num_old, ignore_index):
     acc = compute_dtype(masks.dtype)
     batch, height, width = labels.shape
     return (
@@ -166,35 +175,40 @@ def _seg_head_sums_backward(
     grad_sums: torch.Tensor,
     masks: torch.Tensor,
     labels: torch.Tensor,
+    dice_labels: torch.Tensor,
     pixel_stats: torch.Tensor,
     num_old: int,
     ignore_index: int,
 ) -> torch.Tensor:
     if backend(masks.device) == "triton":
-        return _kernels().seg_head_sums_backward(grad_sums, masks, labels, pixel_stats, num_old, ignore_index)
-    return _reference_sums_backward(grad_sums, masks, labels, num_old, ignore_index)
+        return _kernels().seg_head_sums_backward(
+            grad_sums, masks, labels, dice_labels, pixel_stats, num_old, ignore_index
+        )
+    return _reference_sums_backward(grad_sums, masks, labels, dice_labels, num_old, ignore_index)
 
 
 @_seg_head_sums_backward.register_fake
-def _(grad_sums, masks, labels, pixel_stats, num_old, ignore_index):
+def _(grad_sums, masks, labels, dice_labels, pixel_stats, num_old, ignore_index):
     return torch.empty(masks.shape, dtype=masks.dtype, device=masks.device)
 
 
 def _setup_context(ctx, inputs, output):
-    masks, labels, num_old, ignore_index = inputs
+    masks, labels, dice_labels, num_old, ignore_index = inputs
     _, pixel_stats = output
-    ctx.save_for_backward(masks, labels, pixel_stats)
+    ctx.save_for_backward(masks, labels, dice_labels, pixel_stats)
     ctx.num_old = num_old
     ctx.ignore_index = ignore_index
 
 
 def _backward(ctx, grad_sums, grad_pixel_stats):
     # pixel_stats is an internal output: nothing differentiates it (its gradient is ignored).
-    masks, labels, pixel_stats = ctx.saved_tensors
+    masks, labels, dice_labels, pixel_stats = ctx.saved_tensors
     if grad_sums is None:
-        return None, None, None, None
-    grad_masks = _seg_head_sums_backward(grad_sums, masks, labels, pixel_stats, ctx.num_old, ctx.ignore_index)
-    return grad_masks, None, None, None
+        return None, None, None, None, None
+    grad_masks = _seg_head_sums_backward(
+        grad_sums, masks, labels, dice_labels, pixel_stats, ctx.num_old, ctx.ignore_index
+    )
+    return grad_masks, None, None, None, None
 
 
 _seg_head_sums.register_autograd(_backward, setup_context=_setup_context)
@@ -208,49 +222,81 @@ def seg_head_loss(
     ignore_index: int = 255,
     smooth: float = 1.0,
     image_weight: Optional[torch.Tensor] = None,
+    dice_labels: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ce, dice) of patch-resolution masks (B, K, h, w) against labels (B, H, W); see the module docstring."""
-    check_seg_head_loss_args(masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight)
-    sums, _ = _seg_head_sums(masks, labels, num_old, ignore_index)
+    """(ce, dice) of patch-resolution masks (B, K, h, w) against labels (B, H, W), never materialising the
+    (B, K, H, W) pixel logits.
+
+    Args:
+        masks: (B, K, h, w) patch-resolution logits, any float dtype and strides; differentiable.
+        labels: (B, H, W) integer CE targets (the pseudo-labels in an incremental step). Values outside
+            [0, K) count as ignore_index (``incrementer_fast.check_labels`` reports them if you want that).
+        num_old: classes [0, num_old) are old, [num_old, K) new (1 ≤ num_old < K).
+        new_class_weight: CE weight w_new of the new classes (CDS's down-weighting); old classes weigh 1.
+        ignore_index: label of void / padding / uncertain pixels.
+        smooth: the dice's smoothing term.
+        image_weight: (B,) per-image CE factor (PLOP's ``classif_adaptive_factor``), not differentiated.
+        dice_labels: (B, H, W) integer labels that define the dice's M_new / M_old (the step's ground truth
+            in training, so that uncertain background pixels are in M_old); ``labels`` when None.
+
+    Returns:
+        (ce, dice), 0-dim float32 (float64 for float64 masks): ce is PLOP's mean over all B·H·W pixels of
+        image_weight[b]·w_y·CE (ignored pixels add 0 and count in the mean); dice is the CDS old/new dice
+        averaged over the images. Both 0, with zero gradients, for B = 0. See
+        ``incrementer_fast/reference/seg_head.py`` for the full definition.
+
+    Examples:
+        >>> masks = torch.randn(2, 5, 4, 4, requires_grad=True)
+        >>> labels = torch.randint(0, 5, (2, 16, 16))
+        >>> ce, dice = seg_head_loss(masks, labels, num_old=3, new_class_weight=0.5)
+        >>> (ce + 0.1 * dice).backward()
+    """
+    check_seg_head_loss_args(masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight,
+                             dice_labels)
+    sums, _ = _seg_head_sums(masks, labels, labels if dice_labels is None else dice_labels, num_old, ignore_index)
     ce_old, ce_new, count_old, count_new, inter_new, prob_new, inter_old, prob_old = sums.unbind(1)
     image_ce = ce_old + new_class_weight * ce_new
     if image_weight is not None:
         image_ce = image_ce * image_weight.detach().to(sums.dtype)
-    numerator = image_ce.sum()
-    denominator = (count_old + new_class_weight * count_new).sum()
-    nonzero = denominator != 0
-    # where() on both sides: the unused branch must not give NaN gradients when nothing is counted.
-    ce = torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1.0), 0.0)
+    # PLOP's mean over every pixel of the batch (B·H·W is a Python int: no host synchronisation).
+    ce = image_ce.sum() / max(labels.numel(), 1)
     dice_new = 1.0 - (2.0 * inter_new + smooth) / (prob_new + count_new + smooth)
     dice_old = 1.0 - (2.0 * inter_old + smooth) / (prob_old + count_old + smooth)
-    dice = (dice_new + dice_old).mean()
+    dice = (dice_new + dice_old).sum() / max(masks.shape[0], 1)
     return ce, dice
 
 
 # ------------------------------------------------------------------------------ PLOP: custom ops
 @torch.library.custom_op("incrementer_fast::plop_entropy_histogram", mutates_args=())
-def _entropy_histogram(teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int) -> torch.Tensor:
+def _entropy_histogram(
+    teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int, num_classes: int, entropy: str
+) -> torch.Tensor:
     if backend(teacher_masks.device) == "triton":
-        return _kernels().teacher_histogram(teacher_masks, labels, num_bins)
-    return reference_entropy_histogram(teacher_masks, labels, num_bins)
+        return _kernels().teacher_histogram(teacher_masks, labels, num_bins, num_classes, entropy)
+    return reference_entropy_histogram(teacher_masks, labels, num_bins, num_classes=num_classes, entropy=entropy)
 
 
 @_entropy_histogram.register_fake
-def _(teacher_masks, labels, num_bins):
+def _(teacher_masks, labels, num_bins, num_classes, entropy):
     return torch.empty((teacher_masks.shape[1], num_bins), dtype=torch.int64, device=teacher_masks.device)
 
 
 @torch.library.custom_op("incrementer_fast::plop_pseudo_label", mutates_args=())
 def _pseudo_label(
-    teacher_masks: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor, ignore_index: int
+    teacher_masks: torch.Tensor,
+    labels: torch.Tensor,
+    thresholds: torch.Tensor,
+    ignore_index: int,
+    num_classes: int,
+    entropy: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend(teacher_masks.device) == "triton":
-        return _kernels().pseudo_label(teacher_masks, labels, thresholds, ignore_index)
-    return pseudo_label_counts(teacher_masks, labels, thresholds, ignore_index)
+        return _kernels().pseudo_label(teacher_masks, labels, thresholds, ignore_index, num_classes, entropy)
+    return pseudo_label_counts(teacher_masks, labels, thresholds, ignore_index, num_classes, entropy)
 
 
 @_pseudo_label.register_fake
-def _(teacher_masks, labels, thresholds, ignore_index):
+def _(teacher_masks, labels, thresholds, ignore_index, num_classes, entropy):
     batch, height, width = labels.shape
     device = teacher_masks.device
     return (
@@ -259,13 +305,39 @@ def _(teacher_masks, labels, thresholds, ignore_index):
     )
 
 
-def entropy_histogram(teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int = 100) -> torch.Tensor:
-    """(K_old, num_bins) int64 counts of label-0 pixels by teacher argmax and normalised-entropy bin.
+def entropy_histogram(
+    teacher_masks: torch.Tensor,
+    labels: torch.Tensor,
+    num_bins: int = 100,
+    *,
+    num_classes: Optional[int] = None,
+    entropy: str = "plop",
+) -> torch.Tensor:
+    """(K_old, num_bins) int64 counts of label-0 pixels by teacher prediction and entropy bin (PLOP's histogram).
 
     Sum the histograms of all of a step's training batches, then call ``plop_thresholds``.
+
+    Args:
+        teacher_masks: (B, K_old, h, w) patch-resolution logits of the previous step's model.
+        labels: (B, H, W) integer training labels of the step (background 0).
+        num_bins: bins over the entropy's range (PLOP: 100).
+        num_classes: K_total, the current step's class count (old and new; PLOP's ``nb_current_classes``):
+            PLOP divides its entropy by log(K_total). Required for ``entropy="plop"``.
+        entropy: ``"plop"`` (PLOP's released entropy, the default) or ``"normalized"`` (H(p) / log K_old);
+            see ``incrementer_fast/reference/seg_head.py``.
+
+    Returns:
+        (K_old, num_bins) int64.
+
+    Examples:
+        >>> teacher = torch.randn(2, 16, 8, 8)
+        >>> labels = torch.zeros(2, 64, 64, dtype=torch.long)
+        >>> histogram = entropy_histogram(teacher, labels, num_classes=17)
+        >>> thresholds = plop_thresholds(histogram)
     """
-    check_entropy_histogram_args(teacher_masks, labels, num_bins)
-    return _entropy_histogram(teacher_masks.detach(), labels, num_bins)
+    check_entropy_histogram_args(teacher_masks, labels, num_bins, num_classes, entropy)
+    num_classes = teacher_masks.shape[1] if num_classes is None else num_classes
+    return _entropy_histogram(teacher_masks.detach(), labels, num_bins, num_classes, entropy)
 
 
 def pseudo_label(
@@ -274,12 +346,36 @@ def pseudo_label(
     thresholds: torch.Tensor,
     ignore_index: int = 255,
     min_image_factor: float = 0.0,
+    *,
+    num_classes: Optional[int] = None,
+    entropy: str = "plop",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pseudo-labels (B, H, W) int64, PLOP's per-image factor (B,)) from the teacher's patch-resolution masks.
 
-    image_factor is float32 (float64 for float64 teacher_masks): the fraction of each image's label-0 pixels
-    that took a pseudo-label (1 for an image without label-0 pixels), clamped below at min_image_factor.
+    Args:
+        teacher_masks: (B, K_old, h, w) patch-resolution logits of the previous step's model.
+        labels: (B, H, W) integer training labels (background 0; other values are kept as they are).
+        thresholds: (K_old,) per-class entropy thresholds (``plop_thresholds``).
+        ignore_index: the label given to background pixels whose prediction is not confident.
+        min_image_factor: lower clamp of the factor (PLOP's ``classif_adaptive_min_factor``).
+        num_classes: K_total (required for ``entropy="plop"``), as in ``entropy_histogram``.
+        entropy: ``"plop"`` or ``"normalized"``: must be the one the thresholds were computed with.
+
+    Returns:
+        pseudo (B, H, W) int64: label-0 pixels take the teacher's prediction where its entropy is below the
+        prediction's threshold, else ignore_index; image_factor (B,) float32 (float64 for float64
+        teacher_masks): n_pseudo / (n_background + 1e-6) per image (0 for an image without label-0
+        pixels, as PLOP), clamped below at min_image_factor.
+
+    Examples:
+        >>> teacher = torch.randn(2, 16, 8, 8)
+        >>> labels = torch.zeros(2, 64, 64, dtype=torch.long)
+        >>> thresholds = plop_thresholds(entropy_histogram(teacher, labels, num_classes=17))
+        >>> pseudo, factor = pseudo_label(teacher, labels, thresholds, num_classes=17)
     """
-    check_pseudo_label_args(teacher_masks, labels, thresholds, ignore_index, min_image_factor)
-    pseudo, counts = _pseudo_label(teacher_masks.detach(), labels, thresholds.detach(), ignore_index)
+    check_pseudo_label_args(teacher_masks, labels, thresholds, ignore_index, min_image_factor, num_classes, entropy)
+    num_classes = teacher_masks.shape[1] if num_classes is None else num_classes
+    pseudo, counts = _pseudo_label(
+        teacher_masks.detach(), labels, thresholds.detach(), ignore_index, num_classes, entropy
+    )
     return pseudo, image_factor(counts, compute_dtype(teacher_masks.dtype), min_image_factor)

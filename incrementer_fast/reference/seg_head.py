@@ -2,60 +2,91 @@
 
 Both start from *patch-resolution* masks (B, K, h, w): the logits of an image pixel are the bilinear
 (align_corners=False) interpolation of the masks to the label resolution (H, W), exactly
-``F.interpolate(masks, (H, W), mode="bilinear", align_corners=False)``. The references materialise those
-(B, K, H, W) logits; the fused ops in ``incrementer_fast.ops.seg_head`` never do.
+``F.interpolate(masks, (H, W), mode="bilinear", align_corners=False)`` — what PLOP's model does to its
+decoder output (``segmentation_module.py``) before every use of the logits. The references materialise
+those (B, K, H, W) logits; the fused ops in ``incrementer_fast.ops.seg_head`` never do.
+
+Labels. A label value that is neither ``ignore_index`` nor a class in [0, K) is treated as ``ignore_index``
+everywhere in the loss (no error: checking values would make the host wait for the device). To be told
+about such values instead, call ``incrementer_fast.check_labels(labels, K, ignore_index)`` yourself.
 
 Segmentation loss
 -----------------
-``seg_head_loss(masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight)`` returns
-``(ce, dice)``, both 0-dim in float32 (float64 for float64 masks):
+``seg_head_loss(masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight, dice_labels)``
+returns ``(ce, dice)``, both 0-dim in float32 (float64 for float64 masks):
 
-* ``ce`` — the class-weighted mean cross-entropy of ``F.cross_entropy(logits, labels, weight=w,
-  ignore_index=ignore_index)``, with w_c = new_class_weight for c ≥ num_old and 1 otherwise:
-  ce = Σ_i a_b(i)·w_{y_i}·(−log softmax(z_i)_{y_i}) / Σ_i w_{y_i} over the valid pixels i (label ≠ ignore).
-  a_b = image_weight[b] (1 when None) scales the numerator only: it is PLOP's per-image "classif adaptive
-  factor" (see ``pseudo_label``), which PLOP multiplies into every pixel's loss before averaging.
-  Deviation from ``F.cross_entropy``: when the denominator is 0 (every pixel ignored, or only new-class
-  pixels with new_class_weight = 0) ce is 0 with zero gradients, where ``F.cross_entropy`` gives NaN.
-  A label that is neither ignore_index nor in [0, K) is the caller's bug: the reference raises (PyTorch's
-  out-of-bounds target error); the fused kernels cannot check without a host sync and treat its logit as
-  absent (they never read out of bounds), so the value is undefined.
-* ``dice`` — ``cds_dice_loss(logits, labels, num_old, ignore_index, smooth)`` on the same logits.
+* ``ce`` — PLOP's normalisation (``train.py``: ``CrossEntropyLoss(reduction="none")``, times the image
+  factor, then ``loss.mean()``): the mean over ALL B·H·W pixels of a_b·w_{y_i}·CE_i, where
+  CE_i = −log softmax(z_i)_{y_i}, w_c = new_class_weight for c ≥ num_old and 1 otherwise (CDS's
+  down-weighting of the new classes), a_b = image_weight[b] (1 when None; PLOP's per-image
+  ``classif_adaptive_factor``, not differentiated) — an ignored pixel adds 0 to the sum and still counts in
+  the B·H·W. So new_class_weight scales the new classes' loss on every batch (a mean over Σ w would cancel
+  it on a batch whose counted pixels are all new). 0 when B·H·W = 0.
+* ``dice`` — CDS's old/new dice (``cds_dice_loss``) on the same softmax, with its masks taken from
+  ``dice_labels`` (``labels`` when None): M_new = pixels whose label is a new class (num_old ≤ label < K),
+  M_old = pixels whose label is an old class (0 ≤ label < num_old); ignore_index (the void label and crop
+  padding) is in neither. In training ``labels`` are the pseudo-labels and ``dice_labels`` the step's ground
+  truth (old classes mapped to background 0): the uncertain background pixels that the pseudo-labels
+  ignore — where new classes get over-predicted — are in M_old, as the paper's complement M_old = ¬M_new
+  over the labelled pixels. 0 when B = 0.
 
-PLOP pseudo-labelling (Douillard et al., CVPR 2021, ``pseudo="entropy"`` in PLOP's ``train.py``)
--------------------------------------------------------------------------------------------------
-The frozen teacher (the previous step's model) has K_old = teacher_masks.shape[1] classes. For each pixel,
-p = softmax of the teacher's upsampled logits, its prediction is argmax_c p_c (the first index on ties, as
-``torch.argmax``), and its normalised entropy is e = H(p) / log(K_old) ∈ [0, 1], H(p) = −Σ_c p_c log p_c.
+PLOP pseudo-labelling (Douillard et al., CVPR 2021; ``--pseudo entropy`` of its released ``train.py``)
+-----------------------------------------------------------------------------------------------------
+The frozen teacher (the previous step's model) has K_old = teacher_masks.shape[1] classes; the current step
+has K_total = ``num_classes`` (old and new; PLOP's ``nb_current_classes``). p = softmax of the teacher's
+upsampled logits. Two definitions of a pixel's entropy e, chosen by ``entropy``:
 
-1. ``entropy_histogram(teacher_masks, labels, num_bins=100)`` → (K_old, num_bins) int64: over the
-   background pixels (label 0) of a batch, the count of pixels predicted as class c whose e falls in bin
-   j = clamp(⌊e·num_bins⌋, 0, num_bins − 1) (bins of width 1/num_bins over [0, 1]). The caller sums the
-   histograms of all of the step's training images (integer counts: exact and order-independent).
-2. ``plop_thresholds(histogram, floor=0.001)`` → (K_old,) float32: per class, the median of e read from its
-   histogram, linearly interpolated inside the bin that holds the half count (PLOP's approximation, which
-   avoids keeping every pixel's entropy): with n_j the counts, half = Σ_j n_j / 2, j* the first bin whose
-   cumulative count reaches half and C = the count before j*, median = (j* + (half − C) / n_{j*}) /
-   num_bins. A class with no pixel gets 0. Then thresholds = max(median, floor).
-3. ``pseudo_label(teacher_masks, labels, thresholds, ignore_index=255, min_image_factor=0.0)`` →
-   (pseudo (B, H, W) int64, image_factor (B,)): a pixel with label 0 takes the teacher's argmax ĉ where
-   e < thresholds[ĉ], else ignore_index; every other pixel keeps its label. image_factor[b] = (number of
-   label-0 pixels of image b that took a pseudo-label) / (number of label-0 pixels), clamped below at
-   min_image_factor: PLOP's ``classif_adaptive_factor``, meant as ``image_weight`` of ``seg_head_loss``.
-   An image without label-0 pixels gets 1 (PLOP divides 0 by 0 there).
+* ``"plop"`` (default) — PLOP's released code exactly, computed with the same torch operations in the
+  same order so that float32 results are bit-identical (``tests/test_pseudo_label.py`` checks this against a
+  transcription of PLOP's code)::
 
-Where this follows PLOP's released code and where it deliberately does not:
-* PLOP's ``entropy()`` takes the *mean* over classes of p·log(p + 1e-8) and divides by log(K_old), and the
-  result is then divided by log(K_old + K_new) ("max_entropy"): its entropies are e / (K_old·log(K_total))
-  — all of them inside the first one or two of its 100 bins — so its "median" is mostly the linear
-  interpolation inside bin 0 and its 0.001 floor sits at a different place. We use the documented quantity,
-  e = H / log(K_old) ∈ [0, 1], over which 100 bins resolve the median to 0.01. The 1e-8 inside the log
-  is dropped (H is computed exactly from log-softmax).
-* PLOP's histogram-median loop adds the bin *index* instead of the bin count to its running sum (a bug
-  beyond the first bin); the correct cumulative count is used here.
-* PLOP's background test at training time is ``labels < num_old``; at step t the training labels hold no
-  old class but 0 (old classes are mapped to background), so ``labels == 0``, as in its histogram, is the
-  same set; with labels == 0 a ground-truth old-class label is never overwritten.
+      e = −(1 / ln(K_old + 1e-8)) · mean_c(p_c · log(p_c + 1e-8)) / log(K_total)
+
+  (PLOP's ``entropy()`` divided by the trainer's ``max_entropy``). Its quirks, reproduced: (a) the *mean*
+  over the K_old classes where the entropy has a sum, and a second division, by log(K_total), on top of
+  ``entropy()``'s own by log(K_old): e = H(p) / (K_old · ln K_old · ln K_total) (up to the 1e-8), so every
+  e is below 1/(K_old·ln K_total) — 0.022 at VOC 15-1 (16, 17), 0.002 at ADE 100-50 (101, 151) — and
+  falls in the first one to three of the 100 bins; (b) the 1e-8 inside the log; (c) ln(K_total) is the
+  float32 ``torch.log`` of K_total (in the teacher's compute dtype); the prediction is the argmax of the
+  probabilities (first index on ties), not of the logits.
+* ``"normalized"`` — the documented quantity e = H(p) / ln K_old ∈ [0, 1], H(p) = −Σ_c p_c ln p_c from the
+  log-softmax, prediction = argmax of the logits: a departure from PLOP, kept as an option because its 100
+  bins resolve the median to 0.01 of the full entropy range.
+
+1. ``entropy_histogram(teacher_masks, labels, num_bins=100, num_classes=, entropy=)`` → (K_old, num_bins)
+   int64: over the background pixels (label 0) of a batch, the count of pixels predicted as class c whose e
+   falls in bin j = min(⌊e·num_bins⌋, num_bins − 1). The caller sums the histograms of all of the step's
+   training images (integer counts: exact and order-independent). (PLOP's histogram has K_total rows, the
+   rows ≥ K_old always empty.)
+2. ``plop_thresholds(histogram, floor=0.001, median=)`` → (K_old,) float32 per-class thresholds:
+
+   * ``median="plop"`` (default) — PLOP's ``find_median`` exactly, quirks included: (a) its running sum
+     adds the bin's *index* (as the float ``(i / num_bins) · num_bins``) instead of the bin's count, so the
+     search stops at the first bin i with S_i ≤ half ≤ S_i + n_i (S_i = Σ_{j<i} j, half = total / 2 in
+     float32), or runs through every bin; (b) the bin it reads is ``int((i / num_bins) · num_bins)``, which
+     is i − 1 for i = 29, 57, 58 at 100 bins (float rounding); (c) median = i/num_bins + (half − S)/n ·
+     (1/num_bins) with float32 arithmetic, where after a search that found no bin i = num_bins − 1 and S
+     includes its last increment (the value can then be negative, above 1, or NaN when n = 0); (d) a class
+     never predicted gets 0; (e) then max(threshold, floor) as Python's ``max`` does it (a NaN stays NaN,
+     and compares false: no pixel of that class passes).
+   * ``median="interpolated"`` — the histogram median with the correct cumulative count: j* the first bin
+     whose cumulative count reaches half, C the count before it, median = (j* + (half − C)/n_{j*}) /
+     num_bins; 0 for a class with no pixel; then max(median, floor).
+
+3. ``pseudo_label(teacher_masks, labels, thresholds, ignore_index=255, min_image_factor=0.0, num_classes=,
+   entropy=)`` → (pseudo (B, H, W) int64, image_factor (B,)): a pixel with label 0 takes the teacher's
+   prediction ĉ where e < thresholds[ĉ], else ignore_index; every other pixel keeps its label.
+   image_factor[b] = n_pseudo / (n_background + 1e-6) — the number of label-0 pixels of image b that took a
+   pseudo-label over the number of label-0 pixels, PLOP's ``classif_adaptive_factor`` with its 1e-6 — then
+   clamped below at min_image_factor (PLOP's ``classif_adaptive_min_factor``, default 0). Quirk kept: an
+   image without label-0 pixels gets 0, so its whole CE (new classes included) vanishes.
+
+Where this still departs from PLOP, and why:
+* The background test is ``labels == 0`` everywhere. PLOP's trainer uses ``labels < num_old`` at training
+  and ``labels == 0`` in ``find_median``; with its (and our) training labels — old classes mapped to 0 —
+  the two are the same set, and ``== 0`` never overwrites a ground-truth old-class label.
+* Our teacher logits are float32 (float64 for float64 masks); PLOP's run under apex O1, where the logits
+  may be float16 before the float32 softmax.
 """
 from __future__ import annotations
 
@@ -64,8 +95,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import _shape, check_float, check_integer, check_ndim, check_same_device
+from .._checks import _shape, check_float, check_ignore_index, check_integer, check_ndim, check_same_device
 from .core import cds_dice_loss, compute_dtype
+
+ENTROPIES = ("plop", "normalized")
+MEDIANS = ("plop", "interpolated")
+# PLOP's classif_adaptive_factor: n_pseudo / (n_background + 1e-6) (train.py, after the fix of its 0/0).
+IMAGE_FACTOR_EPS = 1e-6
+# PLOP's entropy(): log(p + 1e-8) and 1 / log(K + 1e-8).
+PLOP_ENTROPY_EPS = 1e-8
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -77,6 +115,11 @@ def _check_int(name: str, value) -> None:
 def _check_number(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def _check_masks_labels(masks_name: str, masks, labels) -> None:
@@ -94,7 +137,9 @@ def _check_masks_labels(masks_name: str, masks, labels) -> None:
     check_same_device(**{masks_name: masks, "labels": labels})
 
 
-def check_seg_head_loss_args(masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight) -> None:
+def check_seg_head_loss_args(
+    masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight, dice_labels=None
+) -> None:
     """Shape/dtype/argument validation of ``seg_head_loss`` (no host synchronisation)."""
     _check_masks_labels("masks", masks, labels)
     num_classes = masks.shape[1]
@@ -106,7 +151,7 @@ def check_seg_head_loss_args(masks, labels, num_old, new_class_weight, ignore_in
     _check_number("new_class_weight", new_class_weight)
     if not new_class_weight >= 0:
         raise ValueError(f"new_class_weight must be >= 0, got {new_class_weight!r}")
-    _check_int("ignore_index", ignore_index)
+    check_ignore_index(labels, ignore_index)
     _check_number("smooth", smooth)
     if not smooth >= 0:
         raise ValueError(f"smooth must be a non-negative float, got {smooth!r}")
@@ -118,18 +163,41 @@ def check_seg_head_loss_args(masks, labels, num_old, new_class_weight, ignore_in
                 f"{_shape(masks)}, got {_shape(image_weight)}"
             )
         check_same_device(masks=masks, image_weight=image_weight)
+    if dice_labels is not None:
+        check_integer("dice_labels", dice_labels)
+        if dice_labels.shape != labels.shape:
+            raise ValueError(
+                f"dice_labels must have the shape of labels (B, H, W) = {_shape(labels)}, got {_shape(dice_labels)}"
+            )
+        check_ignore_index(dice_labels, ignore_index)
+        check_same_device(masks=masks, dice_labels=dice_labels)
 
 
-def check_entropy_histogram_args(teacher_masks, labels, num_bins) -> None:
+def _check_entropy_args(teacher_masks, num_classes, entropy) -> None:
+    _check_choice("entropy", entropy, ENTROPIES)
+    if entropy == "plop":
+        num_old = teacher_masks.shape[1]
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < num_old:
+            raise ValueError(
+                f"num_classes must be an int >= K_old = {num_old} (teacher_masks {_shape(teacher_masks)}) for "
+                f"entropy='plop': the current step's class count K_total, by whose log PLOP divides its "
+                f"entropy; got {num_classes!r}"
+            )
+
+
+def check_entropy_histogram_args(teacher_masks, labels, num_bins, num_classes=None, entropy="plop") -> None:
     _check_masks_labels("teacher_masks", teacher_masks, labels)
     if teacher_masks.shape[1] < 2:
         raise ValueError(f"teacher_masks (B, K_old, h, w) = {_shape(teacher_masks)} must have K_old >= 2")
     _check_int("num_bins", num_bins)
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    _check_entropy_args(teacher_masks, num_classes, entropy)
 
 
-def check_pseudo_label_args(teacher_masks, labels, thresholds, ignore_index, min_image_factor) -> None:
+def check_pseudo_label_args(
+    teacher_masks, labels, thresholds, ignore_index, min_image_factor, num_classes=None, entropy="plop"
+) -> None:
     _check_masks_labels("teacher_masks", teacher_masks, labels)
     if teacher_masks.shape[1] < 2:
         raise ValueError(f"teacher_masks (B, K_old, h, w) = {_shape(teacher_masks)} must have K_old >= 2")
@@ -140,16 +208,18 @@ def check_pseudo_label_args(teacher_masks, labels, thresholds, ignore_index, min
             f"(B, K_old, h, w) = {_shape(teacher_masks)}, got {_shape(thresholds)}"
         )
     check_same_device(teacher_masks=teacher_masks, thresholds=thresholds)
-    _check_int("ignore_index", ignore_index)
+    check_ignore_index(labels, ignore_index)
     _check_number("min_image_factor", min_image_factor)
+    _check_entropy_args(teacher_masks, num_classes, entropy)
 
 
-def check_plop_thresholds_args(histogram, floor) -> None:
+def check_plop_thresholds_args(histogram, floor, median="plop") -> None:
     check_integer("histogram", histogram)
     check_ndim("histogram", histogram, 2, "(K_old, num_bins)")
     if histogram.shape[1] < 1:
         raise ValueError(f"histogram (K_old, num_bins) = {_shape(histogram)} must have num_bins >= 1")
     _check_number("floor", floor)
+    _check_choice("median", median, MEDIANS)
 
 
 # ------------------------------------------------------------------------------------------- loss
@@ -165,6 +235,12 @@ def class_weights(num_classes: int, num_old: int, new_class_weight: float, dtype
     return weight
 
 
+def labels_in_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """int64 labels with every value outside [0, num_classes) replaced by ignore_index (see the module doc)."""
+    labels = labels.long()
+    return torch.where((labels >= 0) & (labels < num_classes), labels, ignore_index)
+
+
 def seg_head_loss(
     masks: torch.Tensor,
     labels: torch.Tensor,
@@ -173,50 +249,78 @@ def seg_head_loss(
     ignore_index: int = 255,
     smooth: float = 1.0,
     image_weight: torch.Tensor | None = None,
+    dice_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ce, dice) of patch-resolution masks (B, K, h, w) against labels (B, H, W); see the module docstring."""
-    check_seg_head_loss_args(masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight)
+    check_seg_head_loss_args(masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight,
+                             dice_labels)
+    num_classes = masks.shape[1]
     logits = upsample_logits(masks, tuple(labels.shape[1:]))
     acc = logits.dtype
-    weight = class_weights(masks.shape[1], num_old, new_class_weight, acc, masks.device)
-    labels = labels.long()
-    # reduction="none" gives w_{y_i}·CE_i and 0 at ignored pixels.
-    weighted_ce = F.cross_entropy(logits, labels, weight=weight, ignore_index=ignore_index, reduction="none")
+    weight = class_weights(num_classes, num_old, new_class_weight, acc, masks.device)
+    ce_labels = labels_in_range(labels, num_classes, ignore_index)
+    dice_labels = ce_labels if dice_labels is None else labels_in_range(dice_labels, num_classes, ignore_index)
+    # reduction="none" gives w_{y_i}·CE_i and 0 at ignored pixels; PLOP's mean is over every pixel.
+    pixel_loss = F.cross_entropy(logits, ce_labels, weight=weight, ignore_index=ignore_index, reduction="none")
     if image_weight is not None:
-        weighted_ce = weighted_ce * image_weight.detach().to(acc)[:, None, None]
-    valid = labels != ignore_index
-    pixel_weight = weight[labels.clamp(0, masks.shape[1] - 1)] * valid
-    numerator = weighted_ce.sum()
-    denominator = pixel_weight.sum()
-    nonzero = denominator != 0
-    # where() on both sides: the unused branch must not give NaN gradients when nothing is counted.
-    ce = torch.where(nonzero, numerator / torch.where(nonzero, denominator, 1.0), 0.0)
-    dice = cds_dice_loss(logits, labels, num_old, ignore_index, smooth)
+        pixel_loss = pixel_loss * image_weight.detach().to(acc)[:, None, None]
+    ce = pixel_loss.sum() / max(pixel_loss.numel(), 1)
+    if masks.shape[0] == 0:
+        dice = logits.sum()  # 0, with zero gradients: the dice's mean over no image
+    else:
+        dice = cds_dice_loss(logits, dice_labels, num_old, ignore_index, smooth)
     return ce, dice
 
 
 # ------------------------------------------------------------------------------------------- PLOP
-def teacher_prediction(teacher_masks: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax (B, H, W) int64, normalised entropy e = H(p)/log(K_old) (B, H, W)) of the upsampled teacher."""
+def plop_max_entropy(num_classes: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """PLOP's ``max_entropy``: ``torch.log`` of K_total in the given dtype (0-dim; no host transfer)."""
+    return torch.full((), float(num_classes), dtype=dtype, device=device).log()
+
+
+def teacher_prediction(
+    teacher_masks: torch.Tensor, size: tuple[int, int], entropy: str = "plop", num_classes: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction (B, H, W) int64, entropy e (B, H, W)) of the upsampled teacher; e as ``entropy`` defines it.
+
+    See the module docstring; ``num_classes`` (K_total) is needed only for ``entropy="plop"``.
+    """
     logits = upsample_logits(teacher_masks, size)
-    log_probs = torch.log_softmax(logits, dim=1)
-    entropy = -(log_probs.exp() * log_probs).sum(1) / math.log(teacher_masks.shape[1])
-    return logits.argmax(1), entropy
+    num_old = teacher_masks.shape[1]
+    if entropy == "normalized":
+        log_probs = torch.log_softmax(logits, dim=1)
+        normalized = -(log_probs.exp() * log_probs).sum(1) / math.log(num_old)
+        return logits.argmax(1), normalized
+    # PLOP's operations, in its order: softmax; −(1/ln(K_old + ε))·mean(p·log(p + ε)); ÷ log(K_total).
+    probs = torch.softmax(logits, dim=1)
+    plop = -(1 / math.log(num_old + PLOP_ENTROPY_EPS)) * torch.mean(probs * torch.log(probs + PLOP_ENTROPY_EPS), dim=1)
+    plop = plop / plop_max_entropy(num_classes, probs.dtype, probs.device)
+    return probs.argmax(1), plop
 
 
 def entropy_bins(entropy: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """Histogram bin of each normalised entropy: clamp(⌊e·num_bins⌋, 0, num_bins − 1)."""
+    """Histogram bin of each entropy: min(⌊e·num_bins⌋, num_bins − 1) (e ≥ 0; PLOP's ``.long()`` truncation)."""
     return torch.floor(entropy * num_bins).long().clamp(0, num_bins - 1)
 
 
 @torch.no_grad()
-def entropy_histogram(teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int = 100) -> torch.Tensor:
-    """(K_old, num_bins) int64 counts of the label-0 pixels by teacher argmax and normalised-entropy bin."""
-    check_entropy_histogram_args(teacher_masks, labels, num_bins)
+def entropy_histogram(
+    teacher_masks: torch.Tensor,
+    labels: torch.Tensor,
+    num_bins: int = 100,
+    *,
+    num_classes: int | None = None,
+    entropy: str = "plop",
+) -> torch.Tensor:
+    """(K_old, num_bins) int64 counts of the label-0 pixels by teacher prediction and entropy bin.
+
+    See the module docstring. ``num_classes`` is K_total (required for ``entropy="plop"``).
+    """
+    check_entropy_histogram_args(teacher_masks, labels, num_bins, num_classes, entropy)
     num_old = teacher_masks.shape[1]
-    prediction, entropy = teacher_prediction(teacher_masks, tuple(labels.shape[1:]))
+    prediction, values = teacher_prediction(teacher_masks, tuple(labels.shape[1:]), entropy, num_classes)
     background = labels == 0
-    flat_index = prediction * num_bins + entropy_bins(entropy, num_bins)
+    flat_index = prediction * num_bins + entropy_bins(values, num_bins)
     # Non-background pixels go to a spare last slot that is dropped: no boolean indexing, no host sync.
     flat_index = torch.where(background, flat_index, num_old * num_bins)
     counts = torch.zeros(num_old * num_bins + 1, dtype=torch.int64, device=labels.device)
@@ -224,10 +328,38 @@ def entropy_histogram(teacher_masks: torch.Tensor, labels: torch.Tensor, num_bin
     return counts[:-1].reshape(num_old, num_bins)
 
 
-@torch.no_grad()
-def plop_thresholds(histogram: torch.Tensor, floor: float = 0.001) -> torch.Tensor:
-    """(K_old,) float32 per-class entropy thresholds: the histogram median of each row, floored at ``floor``."""
-    check_plop_thresholds_args(histogram, floor)
+def _plop_median(histogram: torch.Tensor) -> torch.Tensor:
+    """(K_old,) float32: PLOP's ``find_median`` search, vectorised over classes and bins (quirks in the doc).
+
+    PLOP loops over i = 0 … num_bins − 1 with Python floats lower = i / num_bins, bin = int(lower·num_bins)
+    and a running sum S that grows by lower·num_bins; it stops at the first i with half ≥ S and half ≤ S +
+    n_bin, both compared in float32 (torch casts the Python float to the tensor's dtype). The Python-float
+    sequences are computed here exactly as there, then every comparison and the final formula in float32.
+    """
+    num_bins = histogram.shape[1]
+    device = histogram.device
+    lower = [i / num_bins for i in range(num_bins)]
+    read_bin = [int(value * num_bins) for value in lower]
+    running = [0.0]  # running[i]: S at the start of iteration i; running[num_bins]: after the last one
+    for value in lower:
+        running.append(running[-1] + value * num_bins)
+    f32 = torch.float32
+    lower_t = torch.tensor(lower, dtype=f32, device=device)
+    running_t = torch.tensor(running, dtype=f32, device=device)
+    counts = histogram[:, torch.tensor(read_bin, device=device)].to(f32)  # (K_old, num_bins): n_bin(i)
+    total = histogram.sum(1)
+    half = total.to(f32) / 2
+    inside = (half[:, None] >= running_t[:-1]) & (half[:, None] <= running_t[:-1] + counts)
+    found = inside.any(1)
+    stop = torch.where(found, inside.to(torch.int8).argmax(1), num_bins - 1)
+    running_at_stop = torch.where(found, running_t[stop], running_t[num_bins])
+    count_at_stop = counts.gather(1, stop[:, None])[:, 0]
+    median = lower_t[stop] + ((half - running_at_stop) / count_at_stop) * (1 / num_bins)
+    return torch.where(total > 0, median, 0.0)
+
+
+def _interpolated_median(histogram: torch.Tensor) -> torch.Tensor:
+    """(K_old,) float32 histogram medians with the correct cumulative count (``median="interpolated"``)."""
     num_bins = histogram.shape[1]
     counts = histogram.to(torch.float64)
     total = counts.sum(1, keepdim=True)
@@ -239,29 +371,42 @@ def plop_thresholds(histogram: torch.Tensor, floor: float = 0.001) -> torch.Tens
     count_before = cumulative.gather(1, median_bin) - count_in_bin
     fraction = (half - count_before) / count_in_bin.clamp_min(1)
     median = ((median_bin.to(torch.float64) + fraction) / num_bins).squeeze(1)
-    median = torch.where(total.squeeze(1) > 0, median, 0.0)
-    return median.clamp_min(floor).to(torch.float32)
+    return torch.where(total.squeeze(1) > 0, median, 0.0).to(torch.float32)
+
+
+@torch.no_grad()
+def plop_thresholds(histogram: torch.Tensor, floor: float = 0.001, *, median: str = "plop") -> torch.Tensor:
+    """(K_old,) float32 per-class entropy thresholds: each row's median (``median`` picks PLOP's search or the
+    interpolated median, see the module docstring), then max(median, floor) as PLOP's ``max``."""
+    check_plop_thresholds_args(histogram, floor, median)
+    medians = _plop_median(histogram) if median == "plop" else _interpolated_median(histogram)
+    # Python's max(threshold, floor) in PLOP: floor only where threshold < floor (a NaN stays NaN).
+    return torch.where(medians < floor, floor, medians)
 
 
 def pseudo_label_counts(
-    teacher_masks: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor, ignore_index: int
+    teacher_masks: torch.Tensor,
+    labels: torch.Tensor,
+    thresholds: torch.Tensor,
+    ignore_index: int,
+    num_classes: int | None = None,
+    entropy: str = "plop",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pseudo-labels (B, H, W) int64, counts (B, 2) int64 = (#label-0 pixels, #pseudo-labelled)) per image."""
     acc = compute_dtype(teacher_masks.dtype)
-    prediction, entropy = teacher_prediction(teacher_masks, tuple(labels.shape[1:]))
+    prediction, values = teacher_prediction(teacher_masks, tuple(labels.shape[1:]), entropy, num_classes)
     labels = labels.long()
     background = labels == 0
-    confident = background & (entropy < thresholds.to(acc)[prediction])
+    confident = background & (values < thresholds.to(acc)[prediction])
     pseudo = torch.where(background, torch.where(confident, prediction, ignore_index), labels)
     return pseudo, torch.stack([background.sum((1, 2)), confident.sum((1, 2))], dim=1)
 
 
 def image_factor(counts: torch.Tensor, dtype: torch.dtype, min_image_factor: float) -> torch.Tensor:
-    """PLOP's per-image factor from pseudo_label_counts: #pseudo-labelled / #label-0 (1 when none), clamped."""
+    """PLOP's per-image factor from pseudo_label_counts: n_pseudo / (n_background + 1e-6), clamped below."""
     num_background = counts[:, 0].to(dtype)
     num_confident = counts[:, 1].to(dtype)
-    factor = torch.where(num_background > 0, num_confident / num_background.clamp_min(1), 1.0)
-    return factor.clamp_min(min_image_factor)
+    return (num_confident / (num_background + IMAGE_FACTOR_EPS)).clamp_min(min_image_factor)
 
 
 @torch.no_grad()
@@ -271,11 +416,15 @@ def pseudo_label(
     thresholds: torch.Tensor,
     ignore_index: int = 255,
     min_image_factor: float = 0.0,
+    *,
+    num_classes: int | None = None,
+    entropy: str = "plop",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pseudo-labels (B, H, W) int64, per-image factor (B,)) by PLOP's entropy rule; see the module docstring.
 
-    The factor is float32 (float64 for float64 teacher_masks).
+    The factor is float32 (float64 for float64 teacher_masks). ``num_classes`` is K_total (required for
+    ``entropy="plop"``).
     """
-    check_pseudo_label_args(teacher_masks, labels, thresholds, ignore_index, min_image_factor)
-    pseudo, counts = pseudo_label_counts(teacher_masks, labels, thresholds, ignore_index)
+    check_pseudo_label_args(teacher_masks, labels, thresholds, ignore_index, min_image_factor, num_classes, entropy)
+    pseudo, counts = pseudo_label_counts(teacher_masks, labels, thresholds, ignore_index, num_classes, entropy)
     return pseudo, image_factor(counts, compute_dtype(teacher_masks.dtype), min_image_factor)

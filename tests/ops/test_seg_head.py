@@ -6,6 +6,8 @@ checked here against autograd of the spec) and with TRITON_INTERPRET=1 (the Trit
 interpreter); on a CUDA machine every test also runs on the GPU. Shapes stay small (h, w ≤ 8, H, W ≤ 24):
 the interpreter runs every Triton op in Python.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,8 @@ def make_masks(shape, dtype, device, layout, scale, generator):
 
 
 def make_labels(shape, num_classes, kind, dtype, device, generator, transposed=False):
-    """Labels (B, H, W) in [0, K) with ~20 % ignored, plus the edge cases all-ignore image / batch."""
+    """Labels (B, H, W) in [0, K) with ~20 % ignored, plus the edge cases all-ignore image / batch and
+    values outside [0, K) that are not ignore_index (which the ops treat as ignore_index)."""
     labels = torch.randint(0, num_classes, shape, generator=generator)
     labels[torch.rand(shape, generator=generator) < 0.2] = IGNORE
     if kind == "all_ignore_image":
@@ -50,6 +53,11 @@ def make_labels(shape, num_classes, kind, dtype, device, generator, transposed=F
         labels[:] = IGNORE
     elif kind == "background_heavy":  # PLOP's case: most pixels are background (label 0)
         labels[torch.rand(shape, generator=generator) < 0.6] = 0
+    elif kind == "out_of_range":  # K ≤ value < 255, and −1 where the dtype is signed
+        outside = torch.rand(shape, generator=generator) < 0.2
+        labels[outside] = torch.randint(num_classes, IGNORE, shape, generator=generator)[outside]
+        if dtype != torch.uint8:
+            labels[torch.rand(shape, generator=generator) < 0.1] = -1
     labels = labels.to(dtype)
     if transposed:
         labels = labels.transpose(1, 2).contiguous().transpose(1, 2)
@@ -96,7 +104,9 @@ def seg_head_cases(draw):
         dtype=draw(st.sampled_from(FLOATS)),
         layout=draw(st.sampled_from(LAYOUTS)),
         scale=draw(st.sampled_from([0.0, 1.0, 8.0])),
-        labels_kind=draw(st.sampled_from(["random", "all_ignore_image", "all_ignore", "background_heavy"])),
+        labels_kind=draw(st.sampled_from(["random", "all_ignore_image", "all_ignore", "background_heavy",
+                                          "out_of_range"])),
+        dice_labels_kind=draw(st.sampled_from([None, "random", "background_heavy"])),
         labels_dtype=draw(st.sampled_from([torch.int64, torch.int32, torch.uint8])),
         labels_transposed=draw(st.booleans()),
         new_class_weight=draw(st.sampled_from([1.0, 0.3, 2.5, 0.0])),
@@ -119,7 +129,12 @@ def test_seg_head_loss_matches_reference(device, case):
         case["labels_dtype"], device, generator, case["labels_transposed"],
     )
     image_weight = torch.rand(case["batch"], generator=generator).to(device) if case["use_image_weight"] else None
-    kwargs = dict(new_class_weight=case["new_class_weight"], smooth=case["smooth"], image_weight=image_weight)
+    dice_labels = None
+    if case["dice_labels_kind"] is not None:  # the step's ground truth beside pseudo-labels, as in training
+        dice_labels = make_labels(labels.shape, case["num_classes"], case["dice_labels_kind"], torch.int64,
+                                  device, generator)
+    kwargs = dict(new_class_weight=case["new_class_weight"], smooth=case["smooth"], image_weight=image_weight,
+                  dice_labels=dice_labels)
     ce, dice, grad = fused_loss_and_grad(masks, labels, case["num_old"], case["weights"], **kwargs)
     ref_ce, ref_dice, ref_grad = reference_loss_and_grad(masks, labels, case["num_old"], case["weights"], **kwargs)
 
@@ -132,7 +147,9 @@ def test_seg_head_loss_matches_reference(device, case):
     assert_close_rel(dice, ref_dice, bound_dtype, "dice")
     assert_close_rel(grad, ref_grad, dtype, "grad of masks")
     if case["labels_kind"] == "all_ignore":
-        assert ce.item() == 0.0 and torch.count_nonzero(grad) == 0
+        assert ce.item() == 0.0
+        if case["dice_labels_kind"] is None:  # nothing counts in the dice either
+            assert torch.count_nonzero(grad) == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -150,16 +167,76 @@ def test_seg_head_loss_ade_classes(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_seg_head_loss_is_cross_entropy_without_image_weight(device):
-    """Without image weights ce is exactly F.cross_entropy(weight=…, ignore_index=…) on upsampled logits."""
+def test_seg_head_loss_ce_is_plops_mean_over_all_pixels(device):
+    """ce = F.cross_entropy(weight=…, reduction="none") × image factor, then .mean() (PLOP's train.py): ignored
+    pixels count in the mean, so w_new scales the loss even when every counted pixel is new."""
     generator = torch.Generator().manual_seed(5)
     masks = make_masks((2, 6, 4, 3), torch.float64, device, "contiguous", 2.0, generator)
     labels = make_labels((2, 9, 10), 6, "random", torch.int64, device, generator)
-    ce, _ = inc.seg_head_loss(masks, labels, 4, new_class_weight=0.3)
+    image_weight = torch.tensor([0.5, 0.75], dtype=torch.float64, device=device)
+    ce, _ = inc.seg_head_loss(masks, labels, 4, new_class_weight=0.3, image_weight=image_weight)
     logits = F.interpolate(masks, (9, 10), mode="bilinear", align_corners=False)
     weight = torch.tensor([1, 1, 1, 1, 0.3, 0.3], dtype=torch.float64, device=device)
-    expected = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE)
-    assert_close_rel(ce, expected, torch.float64, "ce")
+    pixel_loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE, reduction="none")
+    assert_close_rel(ce, (pixel_loss * image_weight[:, None, None]).mean(), torch.float64, "ce")
+
+    only_new = torch.where(labels >= 4, labels, IGNORE)
+    half, _ = inc.seg_head_loss(masks, only_new, 4, new_class_weight=0.5)
+    full, _ = inc.seg_head_loss(masks, only_new, 4, new_class_weight=1.0)
+    assert_close_rel(half, 0.5 * full, torch.float64, "ce of new-class pixels only")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dice_masks_come_from_dice_labels(device):
+    """The dice's M_new / M_old come from dice_labels (the ground truth), the CE from labels (pseudo-labels):
+    pixels ignored in labels but background in dice_labels are in M_old."""
+    generator = torch.Generator().manual_seed(6)
+    masks = make_masks((2, 5, 3, 3), torch.float64, device, "contiguous", 2.0, generator)
+    truth = make_labels((2, 7, 8), 5, "background_heavy", torch.int64, device, generator)
+    truth = torch.where(truth.remainder(5) < 3, 0, truth)  # ground truth of a step: background or new
+    pseudo = torch.where(truth == 0, IGNORE, truth)  # every background pixel uncertain
+    ce, dice = inc.seg_head_loss(masks, pseudo, 3, dice_labels=truth)
+    logits = F.interpolate(masks, (7, 8), mode="bilinear", align_corners=False)
+    assert_close_rel(dice, reference.cds_dice_loss(logits, truth, 3), torch.float64, "dice on dice_labels")
+    ce_alone, dice_on_pseudo = inc.seg_head_loss(masks, pseudo, 3)
+    assert_close_rel(ce, ce_alone, torch.float64, "ce does not depend on dice_labels")
+    assert abs(float(dice) - float(dice_on_pseudo)) > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("labels_dtype", [torch.int64, torch.uint8])
+def test_out_of_range_labels_are_ignored(device, labels_dtype):
+    """Labels outside [0, K) that are not ignore_index: the same loss and gradient as ignore_index there."""
+    generator = torch.Generator().manual_seed(8)
+    masks = make_masks((2, 5, 3, 4), torch.float64, device, "contiguous", 2.0, generator)
+    labels = make_labels((2, 8, 9), 5, "out_of_range", labels_dtype, device, generator)
+    wide = labels.long()
+    cleaned = torch.where((wide >= 0) & (wide < 5), wide, IGNORE).to(labels_dtype)
+    assert not torch.equal(labels, cleaned)
+    for path in (inc, reference):
+        ce, dice = path.seg_head_loss(masks, labels, 3, dice_labels=labels)
+        ref_ce, ref_dice = path.seg_head_loss(masks, cleaned, 3)
+        assert torch.equal(ce, ref_ce) and torch.equal(dice, ref_dice), path.__name__
+    ce, dice, grad = fused_loss_and_grad(masks, labels, 3, (1.0, 1.0))
+    ref_ce, ref_dice, ref_grad = reference_loss_and_grad(masks, cleaned, 3, (1.0, 1.0))
+    assert_close_rel(ce, ref_ce, torch.float64, "ce")
+    assert_close_rel(dice, ref_dice, torch.float64, "dice")
+    assert_close_rel(grad, ref_grad, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_gives_zero_losses_and_empty_results(device):
+    for path in (inc, reference):
+        masks = torch.randn(0, 4, 3, 3, dtype=torch.float32, device=device, requires_grad=True)
+        labels = torch.zeros(0, 6, 6, dtype=torch.long, device=device)
+        ce, dice = path.seg_head_loss(masks, labels, 2, dice_labels=labels)
+        (ce + dice).backward()
+        assert ce.item() == 0.0 and dice.item() == 0.0 and masks.grad.shape == masks.shape
+        teacher = masks.detach()
+        histogram = path.entropy_histogram(teacher, labels, num_bins=10, num_classes=5)
+        assert histogram.shape == (4, 10) and histogram.sum() == 0
+        pseudo, factor = path.pseudo_label(teacher, labels, torch.full((4,), 0.5, device=device), num_classes=5)
+        assert pseudo.shape == (0, 6, 6) and factor.shape == (0,)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -200,17 +277,20 @@ def test_seg_head_ops_opcheck():
     generator = torch.Generator().manual_seed(9)
     masks = make_masks((2, 5, 3, 4), torch.float32, "cpu", "transposed", 2.0, generator).requires_grad_(True)
     labels = make_labels((2, 7, 6), 5, "background_heavy", torch.int64, "cpu", generator)
-    torch.library.opcheck(torch.ops.incrementer_fast.seg_head_sums.default, (masks, labels, 3, IGNORE))
-    sums, pixel_stats = torch.ops.incrementer_fast.seg_head_sums(masks.detach(), labels, 3, IGNORE)
+    dice_labels = make_labels((2, 7, 6), 5, "random", torch.int32, "cpu", generator)
+    torch.library.opcheck(torch.ops.incrementer_fast.seg_head_sums.default, (masks, labels, dice_labels, 3, IGNORE))
+    sums, pixel_stats = torch.ops.incrementer_fast.seg_head_sums(masks.detach(), labels, dice_labels, 3, IGNORE)
     grad_sums = torch.randn(2, 8).expand(2, 8)
     torch.library.opcheck(
         torch.ops.incrementer_fast.seg_head_sums_backward.default,
-        (grad_sums, masks.detach(), labels, pixel_stats, 3, IGNORE),
+        (grad_sums, masks.detach(), labels, dice_labels, pixel_stats, 3, IGNORE),
     )
     teacher = masks.detach()
-    torch.library.opcheck(torch.ops.incrementer_fast.plop_entropy_histogram.default, (teacher, labels, 10))
+    torch.library.opcheck(torch.ops.incrementer_fast.plop_entropy_histogram.default, (teacher, labels, 10, 6, "plop"))
     thresholds = torch.full((5,), 0.5)
-    torch.library.opcheck(torch.ops.incrementer_fast.plop_pseudo_label.default, (teacher, labels, thresholds, IGNORE))
+    torch.library.opcheck(
+        torch.ops.incrementer_fast.plop_pseudo_label.default, (teacher, labels, thresholds, IGNORE, 6, "normalized")
+    )
 
 
 @st.composite
@@ -225,6 +305,8 @@ def teacher_cases(draw):
         scale=draw(st.sampled_from([0.0, 1.0, 6.0])),
         labels_transposed=draw(st.booleans()),
         num_bins=draw(st.sampled_from([1, 7, 100])),
+        entropy=draw(st.sampled_from(["plop", "normalized"])),
+        extra_classes=draw(st.integers(0, 60)),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -240,32 +322,39 @@ def test_teacher_statistics_match_reference(device, case):
         (case["batch"], case["height"], case["width"]), case["num_classes"] + 3, "background_heavy",
         torch.int64, device, generator, case["labels_transposed"],
     )
-    histogram = inc.entropy_histogram(teacher, labels, num_bins=case["num_bins"])
-    expected_histogram = reference.entropy_histogram(teacher, labels, num_bins=case["num_bins"])
+    options = dict(num_classes=case["num_classes"] + case["extra_classes"], entropy=case["entropy"])
+    histogram = inc.entropy_histogram(teacher, labels, num_bins=case["num_bins"], **options)
+    expected_histogram = reference.entropy_histogram(teacher, labels, num_bins=case["num_bins"], **options)
     assert histogram.dtype == torch.int64
     assert torch.equal(histogram, expected_histogram)
     assert histogram.sum() == (labels == 0).sum()
 
-    thresholds = (torch.rand(case["num_classes"], generator=generator) * 0.8 + 0.1).to(device)
-    pseudo, factor = inc.pseudo_label(teacher, labels, thresholds, min_image_factor=0.05)
-    expected_pseudo, expected_factor = reference.pseudo_label(teacher, labels, thresholds, min_image_factor=0.05)
+    # Thresholds spread over the entropy's range: [0, 1] normalised, [0, 1 / (K_old·ln K_total)] PLOP's.
+    top = 1.0 if case["entropy"] == "normalized" else 1.2 / (case["num_classes"] * math.log(options["num_classes"]))
+    thresholds = ((torch.rand(case["num_classes"], generator=generator) * 0.8 + 0.1) * top).to(device)
+    pseudo, factor = inc.pseudo_label(teacher, labels, thresholds, min_image_factor=0.05, **options)
+    expected_pseudo, expected_factor = reference.pseudo_label(
+        teacher, labels, thresholds, min_image_factor=0.05, **options
+    )
     assert pseudo.dtype == torch.int64 and factor.dtype == torch.float64
     assert torch.equal(pseudo, expected_pseudo)
     assert torch.equal(factor, expected_factor)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pseudo_label_low_precision_differs_only_at_the_threshold(device, dtype):
+@pytest.mark.parametrize("dtype, entropy", [(torch.float32, "plop"), (torch.bfloat16, "normalized")])
+def test_pseudo_label_low_precision_differs_only_at_the_threshold(device, dtype, entropy):
     """In fp32 arithmetic a pixel may flip only where its entropy is within rounding of its threshold."""
     generator = torch.Generator().manual_seed(13)
     teacher = make_masks((2, 151, 3, 4), dtype, device, "contiguous", 3.0, generator)
     labels = make_labels((2, 11, 13), 160, "background_heavy", torch.int64, device, generator)
-    thresholds = (torch.rand(151, generator=generator) * 0.5 + 0.3).to(device)
-    pseudo, factor = inc.pseudo_label(teacher, labels, thresholds)
-    expected, expected_factor = reference.pseudo_label(teacher.double(), labels, thresholds)
-    prediction, entropy = teacher_prediction(teacher.double(), (11, 13))
-    near_threshold = (entropy - thresholds.double()[prediction]).abs() < 1e-5
+    scale = 1.0 if entropy == "normalized" else 1 / (151 * math.log(160))
+    thresholds = ((torch.rand(151, generator=generator) * 0.5 + 0.3) * scale).to(device)
+    options = dict(num_classes=160, entropy=entropy)
+    pseudo, factor = inc.pseudo_label(teacher, labels, thresholds, **options)
+    expected, expected_factor = reference.pseudo_label(teacher.double(), labels, thresholds, **options)
+    prediction, values = teacher_prediction(teacher.double(), (11, 13), **options)
+    near_threshold = (values - thresholds.double()[prediction]).abs() < 1e-5 * scale
     assert torch.equal(pseudo[~near_threshold], expected[~near_threshold])
     background = labels == 0
     allowed = (near_threshold & background).sum((1, 2)) / background.sum((1, 2)) + 1e-6
@@ -284,12 +373,19 @@ def test_pseudo_label_low_precision_differs_only_at_the_threshold(device, dtype)
         (lambda m, l: inc.seg_head_loss(m, l, 2, new_class_weight=-1.0), ValueError, ["new_class_weight"]),
         (lambda m, l: inc.seg_head_loss(m, l, 2, smooth=-1.0), ValueError, ["smooth"]),
         (lambda m, l: inc.seg_head_loss(m, l, 2, image_weight=torch.ones(3)), ValueError, ["image_weight", "(2,)"]),
-        (lambda m, l: inc.entropy_histogram(m, l, num_bins=0), ValueError, ["num_bins"]),
-        (lambda m, l: inc.entropy_histogram(m[:, :1], l), ValueError, ["teacher_masks", "K_old"]),
-        (lambda m, l: inc.pseudo_label(m, l, torch.ones(3)), ValueError, ["thresholds", "(4,)"]),
+        (lambda m, l: inc.seg_head_loss(m, l, 2, dice_labels=l[:, 1:]), ValueError, ["dice_labels", "(2, 6, 6)"]),
+        (lambda m, l: inc.seg_head_loss(m, l, 2, dice_labels=l.float()), TypeError, ["dice_labels"]),
+        (lambda m, l: inc.entropy_histogram(m, l, num_bins=0, num_classes=5), ValueError, ["num_bins"]),
+        (lambda m, l: inc.entropy_histogram(m[:, :1], l, num_classes=5), ValueError, ["teacher_masks", "K_old"]),
+        (lambda m, l: inc.entropy_histogram(m, l), ValueError, ["num_classes", "K_old = 4", "entropy='plop'"]),
+        (lambda m, l: inc.entropy_histogram(m, l, num_classes=3), ValueError, ["num_classes", "K_old = 4"]),
+        (lambda m, l: inc.entropy_histogram(m, l, entropy="shannon"), ValueError, ["entropy", "'plop'"]),
+        (lambda m, l: inc.pseudo_label(m, l, torch.ones(3), num_classes=5), ValueError, ["thresholds", "(4,)"]),
         (lambda m, l: inc.pseudo_label(m, l, torch.ones(4, dtype=torch.long)), TypeError, ["thresholds"]),
+        (lambda m, l: inc.pseudo_label(m, l, torch.ones(4)), ValueError, ["num_classes", "K_total"]),
         (lambda m, l: inc.plop_thresholds(torch.ones(4, 3)), TypeError, ["histogram"]),
         (lambda m, l: inc.plop_thresholds(torch.ones(4, dtype=torch.long)), ValueError, ["histogram"]),
+        (lambda m, l: inc.plop_thresholds(torch.ones(4, 3, dtype=torch.long), median="mean"), ValueError, ["median"]),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(call, error, words):
