@@ -154,9 +154,10 @@ class SegHeadLoss(nn.Module):
         smooth: the dice's additive smoothing.
 
     Shape:
-        masks (B, K, h, w), labels (B, H, W), image_weight (B,) or ``None`` (PLOP's per-image factor) →
-        ``(ce, dice)``, two 0-dim float32 losses; the pixel logits are the bilinear (align_corners=False)
-        upsampling of masks to (H, W).
+        masks (B, K, h, w), labels (B, H, W), image_weight (B,) or ``None`` (PLOP's per-image factor),
+        dice_labels (B, H, W) or ``None`` (the labels of the dice's masks: the step's ground truth beside
+        pseudo-labels; ``labels`` when None) → ``(ce, dice)``, two 0-dim float32 losses; the pixel logits are
+        the bilinear (align_corners=False) upsampling of masks to (H, W).
 
     Examples:
         >>> head = SegHeadLoss(num_old=16, new_class_weight=0.5)
@@ -170,10 +171,11 @@ class SegHeadLoss(nn.Module):
         self.ignore_index = ignore_index
         self.smooth = float(smooth)
 
-    def forward(self, masks: torch.Tensor, labels: torch.Tensor,
-                image_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, masks: torch.Tensor, labels: torch.Tensor, image_weight: Optional[torch.Tensor] = None,
+                dice_labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return seg_head_loss(masks, labels, self.num_old, new_class_weight=self.new_class_weight,
-                             ignore_index=self.ignore_index, smooth=self.smooth, image_weight=image_weight)
+                             ignore_index=self.ignore_index, smooth=self.smooth, image_weight=image_weight,
+                             dice_labels=dice_labels)
 
     def extra_repr(self) -> str:
         return (f"num_old={self.num_old}, new_class_weight={self.new_class_weight}, "
@@ -187,20 +189,24 @@ class PLOPPseudoLabeler(nn.Module):
     (the histogram of ``inc.entropy_histogram``, summed), then ``compute_thresholds()`` once (the per-class
     medians of ``inc.plop_thresholds``; under ``torch.distributed`` the histograms of every process are
     summed first, so every rank must call it), then ``forward(teacher_masks, labels)`` during training
-    gives ``(pseudo_labels, image_factor)`` (``inc.pseudo_label``). ``reset()`` before the next step.
+    gives ``(pseudo_labels, image_factor)`` (``inc.pseudo_label``). ``reset(num_classes)`` before the next
+    step.
 
     Args:
-        num_bins: entropy bins over [0, 1].
+        num_classes: K_total, the step's classes, old and new (PLOP divides its entropy by log K_total).
+        num_bins: entropy bins.
         floor: the smallest threshold.
         ignore_index: the label of the background pixels left without a confident pseudo-label.
         min_image_factor: the floor of PLOP's per-image factor.
+        entropy: ``"plop"`` (PLOP's released entropy and median search, the default) or ``"normalized"``
+            (H / ln K_old with the interpolated median); see ``inc.entropy_histogram``.
 
     Shape:
         teacher_masks (B, K_old, h, w) patch-resolution logits, labels (B, H, W) (0 = background) →
         pseudo-labels (B, H, W) int64 and the per-image factor (B,) (``image_weight`` of ``SegHeadLoss``).
 
     Examples:
-        >>> plop = PLOPPseudoLabeler()
+        >>> plop = PLOPPseudoLabeler(num_classes=21)
         >>> teacher_masks, labels = torch.randn(2, 16, 32, 32), torch.randint(0, 21, (2, 512, 512))
         >>> plop.update(teacher_masks, labels)
         >>> plop.compute_thresholds().shape
@@ -211,11 +217,13 @@ class PLOPPseudoLabeler(nn.Module):
     histogram: Optional[torch.Tensor]
     thresholds: Optional[torch.Tensor]
 
-    def __init__(self, num_bins: int = 100, floor: float = 0.001, ignore_index: int = 255,
-                 min_image_factor: float = 0.0):
+    def __init__(self, num_classes: int, num_bins: int = 100, floor: float = 0.001, ignore_index: int = 255,
+                 min_image_factor: float = 0.0, entropy: str = "plop"):
         super().__init__()
         if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 1:
             raise ValueError(f"num_bins must be an int >= 1, got {num_bins!r}")
+        self.num_classes = num_classes
+        self.entropy = entropy
         self.num_bins = num_bins
         self.floor = float(floor)
         self.ignore_index = ignore_index
@@ -224,15 +232,18 @@ class PLOPPseudoLabeler(nn.Module):
         self.register_buffer("histogram", None, persistent=False)
         self.register_buffer("thresholds", None, persistent=False)
 
-    def reset(self) -> None:
-        """Forget the histogram and the thresholds (before the next step)."""
+    def reset(self, num_classes: Optional[int] = None) -> None:
+        """Forget the histogram and the thresholds (before the next step, whose K_total is ``num_classes``)."""
+        if num_classes is not None:
+            self.num_classes = num_classes
         self.histogram = None
         self.thresholds = None
 
     @torch.no_grad()
     def update(self, teacher_masks: torch.Tensor, labels: torch.Tensor) -> None:
         """Add the entropy histogram of one batch (labels: the step's training labels, 0 = background)."""
-        counts = entropy_histogram(teacher_masks, labels, self.num_bins)
+        counts = entropy_histogram(teacher_masks, labels, self.num_bins, num_classes=self.num_classes,
+                                   entropy=self.entropy)
         if self.histogram is None:
             self.histogram = counts
         elif self.histogram.shape != counts.shape:
@@ -250,7 +261,8 @@ class PLOPPseudoLabeler(nn.Module):
             raise RuntimeError("compute_thresholds() needs the histogram: call update() on the step's batches first")
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.histogram)
-        self.thresholds = plop_thresholds(self.histogram, self.floor).to(self.histogram.device)
+        median = "plop" if self.entropy == "plop" else "interpolated"
+        self.thresholds = plop_thresholds(self.histogram, self.floor, median=median).to(self.histogram.device)
         return self.thresholds
 
     def forward(self, teacher_masks: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,11 +270,13 @@ class PLOPPseudoLabeler(nn.Module):
             raise RuntimeError("PLOPPseudoLabeler has no thresholds: call update() over the step's images, then "
                                "compute_thresholds(), before labelling")
         return pseudo_label(teacher_masks, labels, self.thresholds, ignore_index=self.ignore_index,
-                            min_image_factor=self.min_image_factor)
+                            min_image_factor=self.min_image_factor, num_classes=self.num_classes,
+                            entropy=self.entropy)
 
     def extra_repr(self) -> str:
         state = "no histogram" if self.histogram is None else f"histogram {tuple(self.histogram.shape)}"
         if self.thresholds is not None:
             state += ", thresholds set"
-        return (f"num_bins={self.num_bins}, floor={self.floor}, ignore_index={self.ignore_index}, "
-                f"min_image_factor={self.min_image_factor}, {state}")
+        return (f"num_classes={self.num_classes}, num_bins={self.num_bins}, floor={self.floor}, "
+                f"ignore_index={self.ignore_index}, min_image_factor={self.min_image_factor}, "
+                f"entropy={self.entropy!r}, {state}")

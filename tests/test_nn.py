@@ -81,25 +81,25 @@ def test_cds_dice_and_seg_head_modules_are_the_ops():
 def test_plop_pseudo_labeler_holds_the_step_histogram():
     g = _g(5)
     batches = [(torch.randn(2, 4, 4, 4, generator=g), torch.randint(0, 6, (2, 16, 16), generator=g)) for _ in range(3)]
-    labeler = PLOPPseudoLabeler(num_bins=50, floor=0.01)
+    labeler = PLOPPseudoLabeler(7, num_bins=50, floor=0.01)
     with pytest.raises(RuntimeError, match="compute_thresholds"):
         labeler(*batches[0])
     for masks, labels in batches:
         labeler.update(masks, labels)
-    histogram = sum(inc.entropy_histogram(m, lab, 50) for m, lab in batches)
+    histogram = sum(inc.entropy_histogram(m, lab, 50, num_classes=7) for m, lab in batches)
     assert torch.equal(labeler.histogram, histogram)
     thresholds = labeler.compute_thresholds()
     assert torch.equal(thresholds, inc.plop_thresholds(histogram, 0.01))
     pseudo, factor = labeler(*batches[1])
-    expected = inc.pseudo_label(*batches[1], thresholds)
+    expected = inc.pseudo_label(*batches[1], thresholds, num_classes=7)
     assert torch.equal(pseudo, expected[0]) and torch.equal(factor, expected[1])
     assert "histogram (4, 50), thresholds set" in repr(labeler)
     assert labeler.state_dict() == {}  # step state, not weights
     with pytest.raises(ValueError, match="call reset"):
         labeler.update(torch.randn(2, 5, 4, 4), batches[0][1])
-    labeler.reset()
+    labeler.reset(num_classes=8)
     labeler.update(torch.randn(2, 5, 4, 4), batches[0][1])
-    assert labeler.histogram.shape == (5, 50) and labeler.thresholds is None
+    assert labeler.histogram.shape == (5, 50) and labeler.thresholds is None and labeler.num_classes == 8
 
 
 def test_docstring_examples_run():

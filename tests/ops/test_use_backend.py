@@ -40,9 +40,9 @@ def _every_op(patches, classes, labels, teacher):
     ce, dice = inc.seg_head_loss(masks, labels, num_old=3)
     cds = inc.cds_dice_loss(masks, labels[:, ::2, ::2], num_old=3)
     fod = inc.fod_loss(patches, patches.detach() + 1, torch.ones(2, 16))
-    histogram = inc.entropy_histogram(teacher, labels)
+    histogram = inc.entropy_histogram(teacher, labels, num_classes=5)
     thresholds = inc.plop_thresholds(histogram)
-    pseudo, factor = inc.pseudo_label(teacher, labels, thresholds)
+    pseudo, factor = inc.pseudo_label(teacher, labels, thresholds, num_classes=5)
     return ce + dice + cds + fod + factor.sum() + pseudo.float().mean()
 
 
