@@ -3,6 +3,7 @@
     incrementer-fast train --dataset voc --data-root DATA --task 15-1 --setting overlapped \\
         --method incrementer --out runs/voc-15-1 [--step K] [--resume] [--epochs N] [...]
     incrementer-fast demo [--out DIR]
+    incrementer-fast check [--device cuda|cpu] [--quick | --thorough]
 
 ``train`` has one option per field of ``TrainConfig`` (``--lambda-visual 1.0``, ``--no-use-fod``, ...; the
 help text is the field's documentation). Its defaults are the preset's (``--preset voc|ade|demo``, by default
@@ -205,7 +206,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="incrementer-fast", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,check}")
     train = commands.add_parser("train", help="train a class-incremental scenario (every step, or one)")
     train.add_argument("--out", required=True, help="run directory (created; holds config.json, metrics, "
                                                     "checkpoints and figures)")
@@ -224,12 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    from .check import build_parser as add_check_options  # torch and the ops only: no timm
+
+    summary = ("the gradient-parity suite: every op's forward and backward against the float64 reference, "
+               "on this machine")
+    add_check_options(commands.add_parser(
+        "check", help=summary, description=f"Run {summary} (shapes, dtypes, layouts, stride-0 gradients); print "
+                                           "the environment and one row per case; exit 1 if any case fails."))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "check":
+        from .check import run
+
+        return run(args)
     from .continual.run import RunError
 
     try:
