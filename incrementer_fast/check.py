@@ -200,72 +200,87 @@ def _cds_dice_loss_case(inputs: _Inputs, dtype, size, layouts, grad_kind):
 def _seg_head_loss_case(inputs: _Inputs, dtype, size, layouts, grad_kind):
     batch, classes_k, h, w, factor = size
     masks = inputs.normal((batch, classes_k, h, w), dtype, layouts[0], scale=3.0).requires_grad_()
-    labels = inputs.labels((batch, h * factor + 1, w * factor + 2), classes_k)  # not multiples of (h, w)
+    size_hw = (batch, h * factor + 1, w * factor + 2)  # not multiples of (h, w)
+    labels = inputs.labels(size_hw, classes_k)  # the pseudo-labels of training
+    dice_labels = inputs.labels(size_hw, classes_k, ignore_fraction=0.05)  # the step's ground truth
     image_weight = inputs.uniform((batch,))
     num_old = (classes_k + 1) // 2
-    ce, dice = seg_head_loss(masks, labels, num_old, new_class_weight=0.5, image_weight=image_weight)
+    options = dict(new_class_weight=0.5, dice_labels=dice_labels)
+    ce, dice = seg_head_loss(masks, labels, num_old, image_weight=image_weight, **options)
     loss = ce + 0.7 * dice
     upstream = inputs.upstream(grad_kind, loss)
     (grad,) = torch.autograd.grad(loss, masks, upstream)
     m = _float64_leaf(masks)
-    ref_ce, ref_dice = reference.seg_head_loss(m, labels, num_old, new_class_weight=0.5,
-                                               image_weight=image_weight.double())
+    ref_ce, ref_dice = reference.seg_head_loss(m, labels, num_old, image_weight=image_weight.double(), **options)
     (expected_grad,) = torch.autograd.grad(ref_ce + 0.7 * ref_dice, m, upstream.double())
     return ([_error(ce, ref_ce), _error(dice, ref_dice)], [_error(grad, expected_grad)],
             "" if grad.dtype == dtype else "wrong gradient dtype")
 
 
-def _ambiguous_pixels(teacher: torch.Tensor, size, num_bins=None, thresholds=None) -> torch.Tensor:
-    """The pixels where rounding of the op's arithmetic may change a bin
-    (entropy within 1e-5 of a bin edge), a pseudo-label (within 1e-5 of its threshold) or the argmax (the
-    two largest logits within 1e-5): a boolean (B, H, W)."""
+def _ambiguous_pixels(teacher: torch.Tensor, size, entropy: str, num_classes: int, num_bins=None,
+                      thresholds=None) -> torch.Tensor:
+    """The pixels where the rounding of the op's float32 arithmetic may change a bin (the float64 entropy e
+    within 1e-5·e of a bin edge), a pseudo-label (within 1e-5·e of its threshold) or the prediction (the two
+    largest logits within 1e-5): a boolean (B, H, W)."""
     logits = upsample_logits(teacher.double(), size)
-    prediction, entropy = teacher_prediction(teacher.double(), size)
+    prediction, values = teacher_prediction(teacher.double(), size, entropy, num_classes)
+    band = 1e-5 * values.abs() + 1e-12
     top2 = logits.topk(2, dim=1).values
     ambiguous = (top2[:, 0] - top2[:, 1]) < 1e-5
     if num_bins is not None:
-        edge = entropy * num_bins
-        ambiguous |= (edge - edge.round()).abs() < 1e-5 * num_bins
+        edge = values * num_bins
+        ambiguous |= (edge - edge.round()).abs() < band * num_bins
     if thresholds is not None:
-        ambiguous |= (entropy - thresholds.double()[prediction]).abs() < 1e-5
+        ambiguous |= (values - thresholds.double()[prediction]).abs() < band
     return ambiguous
 
 
-def _entropy_histogram_case(inputs: _Inputs, dtype, size, layouts, grad_kind):
-    batch, classes_k, h, w, factor = size
-    teacher = inputs.normal((batch, classes_k, h, w), dtype, layouts[0], scale=2.0)
-    labels = inputs.labels((batch, h * factor, w * factor), classes_k + 2, background_fraction=0.6)
+def _teacher_inputs(inputs: _Inputs, dtype, size, layout):
+    """Teacher masks (B, K_old, h, w), training labels (B, H, W) with 60 % background, and K_total."""
+    batch, num_old, h, w, factor = size
+    teacher = inputs.normal((batch, num_old, h, w), dtype, layout, scale=2.0)
+    num_classes = num_old + 2  # the step adds two classes
+    labels = inputs.labels((batch, h * factor, w * factor), num_classes, background_fraction=0.6)
+    return teacher, labels, num_classes
+
+
+def _entropy_histogram_case(inputs: _Inputs, dtype, size, layouts, entropy):
+    teacher, labels, num_classes = _teacher_inputs(inputs, dtype, size, layouts[0])
     num_bins = 100
-    histogram = entropy_histogram(teacher, labels, num_bins)
-    expected = reference.entropy_histogram(teacher.double(), labels, num_bins)
+    options = dict(num_classes=num_classes, entropy=entropy)
+    histogram = entropy_histogram(teacher, labels, num_bins, **options)
+    expected = reference.entropy_histogram(teacher.double(), labels, num_bins, **options)
     if histogram.dtype != torch.int64 or histogram.shape != expected.shape:
         return [math.inf], [], "wrong histogram dtype or shape"
     moved = (histogram - expected).abs().sum().item()
     total = max(expected.sum().item(), 1)
     if dtype == torch.float64:
         return [moved / total], [], ""
-    ambiguous = _ambiguous_pixels(teacher, tuple(labels.shape[1:]), num_bins=num_bins)
+    ambiguous = _ambiguous_pixels(teacher, tuple(labels.shape[1:]), entropy, num_classes, num_bins=num_bins)
     explained = 2 * (ambiguous & (labels == 0)).sum().item()  # a moved pixel leaves one bin, enters another
     return [max(moved - explained, 0) / total], [], f"{moved} counts moved, {explained} allowed" if moved else ""
 
 
-def _pseudo_label_case(inputs: _Inputs, dtype, size, layouts, grad_kind):
-    batch, classes_k, h, w, factor = size
-    teacher = inputs.normal((batch, classes_k, h, w), dtype, layouts[0], scale=2.0)
-    labels = inputs.labels((batch, h * factor, w * factor), classes_k + 2, background_fraction=0.6)
-    thresholds = (inputs.uniform((classes_k,)) * 0.6 + 0.2).float()
-    pseudo, factor_op = pseudo_label(teacher, labels, thresholds, min_image_factor=0.05)
-    expected, expected_factor = reference.pseudo_label(teacher.double(), labels, thresholds, min_image_factor=0.05)
+def _pseudo_label_case(inputs: _Inputs, dtype, size, layouts, entropy):
+    teacher, labels, num_classes = _teacher_inputs(inputs, dtype, size, layouts[0])
+    options = dict(num_classes=num_classes, entropy=entropy)
+    # Realistic thresholds: the per-class medians of this batch (in float64), as the trainer computes them.
+    median = "plop" if entropy == "plop" else "interpolated"
+    histogram = reference.entropy_histogram(teacher.double(), labels, 100, **options)
+    thresholds = reference.plop_thresholds(histogram, median=median)
+    pseudo, factor_op = pseudo_label(teacher, labels, thresholds, min_image_factor=0.05, **options)
+    expected, expected_factor = reference.pseudo_label(teacher.double(), labels, thresholds, min_image_factor=0.05,
+                                                       **options)
     if pseudo.dtype != torch.int64 or pseudo.shape != expected.shape:
         return [math.inf], [], "wrong pseudo-label dtype or shape"
     differ = pseudo != expected
     pixels = differ.numel()
     if dtype == torch.float64:
         return [differ.sum().item() / pixels, _error(factor_op, expected_factor)], [], ""
-    ambiguous = _ambiguous_pixels(teacher, tuple(labels.shape[1:]), thresholds=thresholds)
+    ambiguous = _ambiguous_pixels(teacher, tuple(labels.shape[1:]), entropy, num_classes, thresholds=thresholds)
     unexplained = (differ & ~ambiguous).sum().item()
-    background = (labels == 0).sum((1, 2)).clamp_min(1).double()
-    allowed = (differ & ambiguous & (labels == 0)).sum((1, 2)).double() / background + 1e-6
+    background = (labels == 0).sum((1, 2)).double()
+    allowed = (differ & ambiguous & (labels == 0)).sum((1, 2)).double() / (background + 1e-6) + 1e-6
     factor_ok = ((factor_op.double() - expected_factor).abs() <= allowed).all().item()
     note = f"{differ.sum().item()} pixels differ at a threshold" if differ.any() else ""
     return [unexplained / pixels + (0.0 if factor_ok else math.inf)], [], note
@@ -278,13 +293,13 @@ class _Case:
     dtype: torch.dtype
     size: tuple
     layouts: tuple
-    grad_kind: str
+    kind: str  # the upstream gradient (random or stride-0), or the entropy of the PLOP ops
 
     @property
     def name(self) -> str:
         layouts = "/".join(self.layouts)
-        grad = "" if self.op in ("entropy_histogram", "pseudo_label") else f", {self.grad_kind} grad"
-        return f"{'×'.join(map(str, self.size))} {layouts}{grad}"
+        kind = f", {self.kind} entropy" if self.op in ("entropy_histogram", "pseudo_label") else f", {self.kind} grad"
+        return f"{'×'.join(map(str, self.size))} {layouts}{kind}"
 
 
 _RUNNERS: dict[str, Callable] = {
@@ -296,7 +311,8 @@ _RUNNERS: dict[str, Callable] = {
     "pseudo_label": _pseudo_label_case,
 }
 
-# (op) -> [(layouts, upstream kind)], the layouts each case gives the op's tensor inputs.
+# (op) -> [(layouts, kind)]: the layouts each case gives the op's tensor inputs, and the upstream gradient
+# (random or stride-0) or, for the PLOP ops, the entropy (PLOP's own, the default, or the normalised one).
 _LAYOUTS = {
     "cosine_mask": [(("contiguous", "contiguous"), "random"), (("transposed", "batch_expanded"), "stride-0"),
                     (("strided", "transposed"), "random"), (("contiguous", "batch_expanded"), "random")],
@@ -306,12 +322,12 @@ _LAYOUTS = {
                       (("strided",), "random")],
     "seg_head_loss": [(("contiguous",), "random"), (("channels_last",), "stride-0"), (("transposed",), "random"),
                       (("strided",), "random")],
-    "entropy_histogram": [(("contiguous",), "-"), (("channels_last",), "-"), (("transposed",), "-")],
-    "pseudo_label": [(("contiguous",), "-"), (("channels_last",), "-"), (("transposed",), "-")],
+    "entropy_histogram": [(("contiguous",), "plop"), (("channels_last",), "normalized"), (("transposed",), "plop")],
+    "pseudo_label": [(("contiguous",), "plop"), (("channels_last",), "normalized"), (("transposed",), "plop")],
 }
 
 # (op) -> sizes by level; cosine_mask (B, N, K, D), fod_loss (B, N, D), cds_dice_loss (B, C, H, W),
-# seg_head_loss / PLOP (B, K, h, w, label upsampling factor). "thorough" adds paper-like sizes.
+# seg_head_loss (B, K, h, w, label upsampling factor), PLOP (B, K_old, h, w, factor). "thorough" adds paper-like sizes.
 _SIZES = {
     "quick": {"cosine_mask": [(2, 16, 5, 32)], "fod_loss": [(2, 16, 32)], "cds_dice_loss": [(2, 5, 6, 7)],
               "seg_head_loss": [(2, 5, 3, 4, 3)], "entropy_histogram": [(2, 4, 3, 4, 3)],
@@ -352,10 +368,10 @@ def run_case(case: _Case, device: torch.device) -> Row:
     row = Row(case.op, DTYPE_NAMES[case.dtype], case.name)
     discrete = case.op in ("entropy_histogram", "pseudo_label")
     row.bound = 0.0 if discrete else REL_ERR_BOUND[case.dtype]
-    seed = zlib.crc32(repr((case.op, DTYPE_NAMES[case.dtype], case.size, case.layouts, case.grad_kind)).encode())
+    seed = zlib.crc32(repr((case.op, DTYPE_NAMES[case.dtype], case.size, case.layouts, case.kind)).encode())
     try:
         forward, gradient, note = _RUNNERS[case.op](_Inputs(seed, device), case.dtype, case.size, case.layouts,
-                                                    case.grad_kind)
+                                                    case.kind)
     except Exception as error:  # a crash is a failed case, reported in its row
         row.note = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
         return row

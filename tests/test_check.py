@@ -71,6 +71,6 @@ def test_every_level_covers_every_op_dtype_and_layout():
         assert {c.op for c in cases} == set(check.OPS)
         assert {c.dtype for c in cases} >= {torch.float32, torch.float64, torch.bfloat16}
         layouts = {layout for c in cases for layout in c.layouts}
-        assert {"contiguous", "transposed"} <= layouts and "stride-0" in {c.grad_kind for c in cases}
+        assert {"contiguous", "transposed"} <= layouts and "stride-0" in {c.kind for c in cases}
     assert {c.dtype for c in check.plan("default")} == {torch.float32, torch.float64, torch.float16, torch.bfloat16}
     assert {"strided", "batch_expanded", "channels_last"} <= {lay for c in check.plan("default") for lay in c.layouts}
