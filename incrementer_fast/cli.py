@@ -2,6 +2,8 @@
 
     incrementer-fast train --dataset voc --data-root DATA --task 15-1 --setting overlapped \\
         --method incrementer --out runs/voc-15-1 [--step K] [--resume] [--epochs N] [...]
+    incrementer-fast eval --run runs/voc-15-1 --step 5 [--eval-mode slide]
+    incrementer-fast eval --checkpoint step_5.pt --dataset voc --data-root DATA --task 15-1 --step 5
     incrementer-fast demo [--out DIR]
     incrementer-fast check [--device cuda|cpu] [--quick | --thorough]
 
@@ -141,6 +143,45 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Re-score a saved step: ``--run DIR --step N`` (the run's config.json, overridable option by option,
+    and its step_N.pt) or ``--checkpoint PATH --step N`` with the dataset options; prints the record as
+    JSON and writes it to ``--output`` (for ``--run``, by default ``DIR/eval_step<N>_<mode>.json``)."""
+    from .continual.run import checkpoint_path, evaluate_checkpoint
+
+    run_dir = None
+    if args.run is not None:
+        run_dir = Path(args.run)
+        if not (run_dir / "config.json").exists():
+            raise CommandError(f"{run_dir} is not a run directory: {run_dir / 'config.json'} not found")
+        stored = json.loads((run_dir / "config.json").read_text())["config"]
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        given = {k: v for k, v in vars(args).items() if k in names}
+        try:
+            config = TrainConfig.from_dict({**stored, **given})
+        except (TypeError, ValueError) as error:
+            raise CommandError(str(error)) from None
+        checkpoint = checkpoint_path(run_dir, args.step)
+    else:
+        config = config_from_args(args)
+        if config.data_root is None:
+            raise CommandError("--checkpoint needs --data-root (the dataset to score it on)")
+        checkpoint = Path(args.checkpoint)
+    _check_step(config, args.step)
+    record = evaluate_checkpoint(config, checkpoint, args.step, run_dir=run_dir, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    text = json.dumps(record, indent=2)
+    print(text)
+    output = args.output
+    if output is None and run_dir is not None:
+        output = run_dir / f"eval_step{args.step}_{config.eval_mode}.json"
+    if output is not None:
+        Path(output).write_text(text + "\n", encoding="utf-8")
+        print(f"written to {output}", file=sys.stderr)
+    return 0
+
+
 def demo_table(results: dict[str, list[dict]]) -> str:
     """Old / new / all mIoU (%) per step, one column group per method, and the constant-prediction
     reference of the new classes (``chance``: the mean share of their pixels, the same for every method).
@@ -206,7 +247,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="incrementer-fast", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,check}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,check}")
     train = commands.add_parser("train", help="train a class-incremental scenario (every step, or one)")
     train.add_argument("--out", required=True, help="run directory (created; holds config.json, metrics, "
                                                     "checkpoints and figures)")
@@ -220,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the defaults of every option below: voc / ade (paper scale, each value's source in "
                             "config.PRESETS) or demo (the synthetic CPU demo); default: the one of --dataset")
     _add_config_options(train)
+    evaluation = commands.add_parser("eval", help="re-score a saved step on its validation set (the metrics.json "
+                                                  "record; --eval-mode resize|slide)")
+    source = evaluation.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a run directory: its config.json (options below override it) and "
+                                      "step_<N>.pt")
+    source.add_argument("--checkpoint", help="a checkpoint written by Incrementer.save; give the dataset options "
+                                             "(--dataset, --data-root, --task, ...)")
+    evaluation.add_argument("--step", type=int, required=True, help="the step the checkpoint finished")
+    evaluation.add_argument("--output", default=None, help="write the record (JSON) here")
+    evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluation.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    evaluation.add_argument("--preset", choices=list(PRESETS), default=None,
+                            help="with --checkpoint: the defaults of the options below (default: the one of "
+                                 "--dataset)")
+    _add_config_options(evaluation)
     demo = commands.add_parser("demo", help="the synthetic scenario, tiny ViT, CPU: incrementer vs finetune")
     demo.add_argument("--out", default="runs/demo", help="where the data and both runs go (default runs/demo)")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
@@ -247,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "eval":
+            return _eval(args)
         return _demo(args)
     except (CommandError, RunError, FileNotFoundError, FileExistsError, ValueError) as error:
         # User errors: a bad option (exit 2), or a run directory / data problem (exit 1; the datasets name

@@ -1,4 +1,5 @@
 """The ``incrementer-fast`` command: argument errors, bad data roots, corrupt data, resumption, the table."""
+import json
 import subprocess
 import sys
 
@@ -135,3 +136,34 @@ def test_demo_table_lists_both_methods_per_step():
     assert "incrementer" in lines[0] and "finetune" in lines[0]
     assert lines[3].split() == ["0", "0-2", "|", "50.0", "-", "50.0", "|", "50.0", "-", "50.0", "|", "-"]
     assert lines[4].split() == ["1", "3", "|", "40.0", "30.0", "37.5", "|", "10.0", "35.0", "16.2", "|", "2.0"]
+
+
+def test_eval_rescores_a_saved_step(tiny_data, capsys, tmp_path):
+    """``eval --run DIR --step N`` and ``eval --checkpoint PATH ...`` give the step's metrics.json record;
+    ``--eval-mode slide`` scores with sliding windows."""
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--data-root", str(tiny_data), *TINY, "--step", "0"]) == 0
+    stored = json.loads((out / "metrics.json").read_text())[0]
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--step", "0", "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    shared = set(stored) - {"seconds", "train_images"}
+    assert shared <= set(printed) and {k: printed[k] for k in shared} == {k: stored[k] for k in shared}
+    assert printed["eval_mode"] == "resize" and json.loads((out / "eval_step0_resize.json").read_text()) == printed
+
+    assert main(["eval", "--checkpoint", str(out / "step_0.pt"), "--data-root", str(tiny_data), *TINY,
+                 "--step", "0", "--output", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert {k: again[k] for k in shared} == {k: stored[k] for k in shared}
+
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--step", "0", "--quiet", "--eval-mode", "slide", "--window-size", "16",
+                 "--window-stride", "8"]) == 0
+    slide = json.loads(capsys.readouterr().out)
+    assert slide["eval_mode"] == "slide" and slide["val_images"] == stored["val_images"]
+    assert all(v is None or 0.0 <= v <= 1.0 for v in slide["per_class_iou"])
+
+    code, err = run_cli(["eval", "--run", str(out), "--step", "1"], capsys)
+    assert code == 1 and "step_1.pt" in err
+    code, err = run_cli(["eval", "--run", str(tmp_path), "--step", "0"], capsys)
+    assert code == 2 and "config.json" in err

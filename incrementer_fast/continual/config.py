@@ -30,6 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("random_resized_crop", "rescale_pad_crop")
 PLOP_ENTROPIES = ("plop", "normalized")
+EVAL_MODES = ("resize", "slide")
 # Fields a resumed run may change: they change where or how fast it runs, not what it computes
 # (micro_batch_size changes only the float rounding of the accumulated gradients).
 RESUMABLE_FIELDS = frozenset({"num_workers", "eval_batch_size", "compile", "data_root", "micro_batch_size",
@@ -138,7 +139,15 @@ class TrainConfig:
     and is redrawn, so their crops cover 50-100% of the image)."""
     val_size: int = 512
     """Validation images are resized (short side) and centre-cropped to this side, as MiB/PLOP evaluate
-    (``crop_val``, their default, at the crop size 512)."""
+    (``crop_val``, their default, at the crop size 512). Used by ``eval_mode="resize"``."""
+    eval_mode: str = "resize"
+    """``resize``: MiB/PLOP's evaluation (``val_size`` resize + centre crop, one forward pass per batch);
+    ``slide``: Segmenter's sliding-window evaluation at the label's full resolution (one image per pass;
+    see incrementer_fast/continual/inference.py)."""
+    window_size: int | None = None
+    """Side of the sliding windows (``slide``); ``None``: ``crop_size``, as Segmenter (512 on ADE20K)."""
+    window_stride: int | None = None
+    """Step between sliding windows (``slide``); ``None``: the window side, as Segmenter on ADE20K (512)."""
 
     # ---------------------------------------------------------------- losses (incremental steps)
     new_class_weight: float = 0.5
@@ -211,6 +220,7 @@ class TrainConfig:
             "optimizer": OPTIMIZERS,
             "train_augmentation": AUGMENTATIONS,
             "plop_entropy": PLOP_ENTROPIES,
+            "eval_mode": EVAL_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -220,6 +230,10 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+        for name in ("window_size", "window_stride"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
         if self.micro_batch_size is not None and (
             not isinstance(self.micro_batch_size, int) or self.micro_batch_size <= 0
         ):
@@ -256,6 +270,11 @@ class TrainConfig:
                 "set micro_batch_size"
             )
         return self.batch_size // world_size
+
+    def sliding_window(self) -> tuple[int, int]:
+        """(window side, stride) of ``eval_mode="slide"``, the defaults resolved."""
+        window = self.window_size or self.crop_size
+        return window, self.window_stride or window
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,6 +23,7 @@ CPU) unless the caller already did; every process trains and evaluates its share
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -287,6 +288,44 @@ def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resum
             dist.destroy_process_group()
 
 
+def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=None,
+                        progress: bool = True) -> dict:
+    """Re-score ``checkpoint`` — the model after step ``step`` of ``config.task`` — on that step's
+    validation set, as the run scored it (``select_eval_images``, ``remap_eval_labels``, ``config.eval_mode``).
+
+    Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode``
+    and ``checkpoint``. ``run_dir`` locates a synthetic run's generated data and selection cache. Under
+    torchrun every process scores its share; the matrix is summed over them.
+    """
+    owns_group = _init_distributed(config)
+    try:
+        started = time.perf_counter()
+        env = current_dist_env()
+        device = resolve_device(config, env)
+        task = scenario_task(config)
+        if not 0 <= step < len(task):
+            raise ValueError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has "
+                             f"{len(task)} steps, 0..{len(task) - 1}")
+        model = Incrementer.from_checkpoint(checkpoint, attention=config.attention).to(device)
+        expected = len(classes_up_to(task, step))
+        if model.num_classes != expected:
+            raise ValueError(f"checkpoint {checkpoint} holds {model.num_classes} classes, but step {step} of task "
+                             f"{config.task!r} has seen {expected}")
+        data_root = resolve_data_root(config, run_dir if run_dir is not None else Path("."))
+        cache_dir = Path(run_dir) / "cache" if run_dir is not None else None
+        val_set = build_dataset(config.dataset, data_root, "val", cache_dir=cache_dir)
+        val_set = val_set.subset(select_eval_images(val_set.image_labels(), config.dataset, task, step))
+        val_set.transform = eval_transform(config, *model.normalization)
+        matrix = evaluate(model, val_set, config=config, task=task, step=step, device=device, env=env,
+                          progress=progress)
+        return {"step": step, "classes": list(task[step]), **summarize(matrix, task, step),
+                "val_images": len(val_set), "seconds": round(time.perf_counter() - started, 2),
+                "eval_mode": config.eval_mode, "checkpoint": str(checkpoint)}
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
 def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> list[dict]:
     env = current_dist_env()
     device = resolve_device(config, env)
@@ -345,7 +384,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
     train_set.transform = train_transform(config.crop_size, mean, std,
                                           scale=(config.train_scale_min, config.train_scale_max),
                                           augmentation=config.train_augmentation)
-    val_set.transform = val_transform(config.val_size, mean, std)
+    val_set.transform = eval_transform(config, mean, std)
     train_labels = train_set.image_labels()
     val_labels = val_set.image_labels()
 
@@ -396,14 +435,23 @@ def _silent(*_args) -> None:
     """The log of a quiet run, and of every rank but 0."""
 
 
+def eval_transform(config: TrainConfig, mean, std):
+    """The validation transform of ``config.eval_mode``: resize + centre crop to ``val_size`` (``resize``)
+    or the full image (``slide``)."""
+    return val_transform(None if config.eval_mode == "slide" else config.val_size, mean, std)
+
+
 def _visualise(model, val_set, config, task, step, device, out_dir, mean, std) -> None:
+    """The prediction grid, on ``val_size`` crops whatever the evaluation mode (a grid needs one size)."""
     count = min(config.num_visualised, len(val_set))
     if count == 0:
         return
+    val_set = val_set.subset(val_set.ids[:count])
+    val_set.transform = val_transform(config.val_size, mean, std)
     items = [val_set[i] for i in range(count)]
     images = torch.stack([image for image, _ in items])
     labels = torch.stack([torch.as_tensor(label) for _, label in items])
-    predictions = predict(model, images, config, device)
+    predictions = predict(model, images, dataclasses.replace(config, eval_mode="resize"), device)
     model.train()
     save_prediction_grid(out_dir / f"predictions_step{step}.png", images,
                          remap_eval_labels(labels.long(), task, step), predictions, mean, std)

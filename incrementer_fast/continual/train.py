@@ -58,6 +58,7 @@ from .. import fod_loss, fod_token_weights, cds_dice_loss
 from ..ops import seg_head as fused_seg_head
 from ..reference import seg_head as reference_seg_head
 from .config import TrainConfig
+from .inference import sliding_window_logits
 from .metrics import ConfusionMatrix
 from .scenarios import classes_up_to, remap_eval_labels, remap_train_labels
 
@@ -449,10 +450,16 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
 # ------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def predict(model, images: torch.Tensor, config: TrainConfig, device: torch.device) -> torch.Tensor:
-    """(B, H, W) int64 predictions: argmax of the full-resolution logits."""
+    """(B, H, W) int64 predictions: argmax of the full-resolution logits, in one pass (``eval_mode``
+    ``resize``) or by Segmenter's sliding window (``slide``, inference.py)."""
     model.eval()
+    images = images.to(device, non_blocking=True)
     with _autocast(config, device):
-        logits = model.logits(images.to(device, non_blocking=True))
+        if config.eval_mode == "slide":
+            window, stride = config.sliding_window()
+            logits = sliding_window_logits(model, images, window, stride, config.eval_batch_size)
+        else:
+            logits = model.logits(images)
     return logits.argmax(1)
 
 
@@ -464,8 +471,9 @@ def evaluate(model, val_set, *, config: TrainConfig, task, step: int, device: to
     num_classes = len(classes_up_to(task, step))
     matrix = ConfusionMatrix(num_classes)
     indices = shard(len(val_set), env)
-    loader = _loader(Subset(val_set, indices), config, device, batch_size=config.eval_batch_size,
-                     shuffle=False)
+    # Sliding windows score full-size images, whose sizes differ: one image per batch (Segmenter's too).
+    batch_size = 1 if config.eval_mode == "slide" else config.eval_batch_size
+    loader = _loader(Subset(val_set, indices), config, device, batch_size=batch_size, shuffle=False)
     for images, labels in tqdm(loader, desc=f"step {step} eval", leave=False,
                                disable=not (progress and env.is_main), dynamic_ncols=True):
         prediction = predict(model, images, config, device)
