@@ -54,11 +54,11 @@ from typing import Callable
 import torch
 
 import incrementer_fast as inc
+from incrementer_fast.constants import IGNORE_INDEX
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("forward", "backward", "forward+backward")
 PROVIDERS = ("fused", "eager", "compiled")
-IGNORE_INDEX = 255
 SCALE = 10.0  # γ of the cosine masks: the model's default (incrementer_fast/model.py)
 # The old-class counts of the paper's scenarios: VOC 15-5 (16 old incl. background of 21) and
 # ADE20K 100-50 (101 old of 151). Tiny shapes use 3 of 5.

@@ -36,6 +36,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import _dispatch, reference
+from .constants import IGNORE_INDEX
 from .ops.cds_dice_loss import cds_dice_loss
 from .ops.cosine_mask import cosine_mask
 from .ops.fod_loss import fod_loss
@@ -48,7 +49,6 @@ __all__ = ["OPS", "Row", "environment_report", "run_checks", "main"]
 OPS = ("cosine_mask", "fod_loss", "cds_dice_loss", "seg_head_loss", "entropy_histogram", "pseudo_label")
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                torch.bfloat16: "bfloat16"}
-IGNORE = 255
 
 
 @dataclasses.dataclass
@@ -100,7 +100,7 @@ class _Inputs:
     def labels(self, shape, num_classes: int, ignore_fraction=0.2, background_fraction=0.0) -> torch.Tensor:
         labels = torch.randint(0, num_classes, shape, generator=self.generator)
         labels[torch.rand(shape, generator=self.generator) < background_fraction] = 0
-        labels[torch.rand(shape, generator=self.generator) < ignore_fraction] = IGNORE
+        labels[torch.rand(shape, generator=self.generator) < ignore_fraction] = IGNORE_INDEX
         return labels.to(self.device)
 
     def upstream(self, kind: str, like: torch.Tensor) -> torch.Tensor:

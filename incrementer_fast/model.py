@@ -52,7 +52,6 @@ import copy
 import math
 import os
 import sys
-import tempfile
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 import timm
@@ -62,11 +61,12 @@ from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ._files import atomic_write
 from .attention import Attention, requested_backend
+from .constants import NEW_TOKEN_INITS
 from .ops.cosine_mask import cosine_mask
 
 CHECKPOINT_FORMAT = "incrementer_fast.Incrementer/1"
-NEW_TOKEN_INITS = ("trunc_normal", "background")
 TOKEN_STD = 0.02
 
 
@@ -486,18 +486,8 @@ class Incrementer(nn.Module):
             "classes_per_step": self.classes_per_step,
             "state_dict": self.state_dict(),
         }
-        folder = os.path.dirname(os.path.abspath(path))
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
+        with atomic_write(path, durable=True) as file:
+            torch.save(checkpoint, file)
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu", attention: Optional[str] = None) -> "Incrementer":

@@ -13,7 +13,8 @@ from incrementer_fast.continual import datasets as ds_module
 from incrementer_fast.continual import synthetic
 from incrementer_fast.continual.datasets import ADE20KSegmentation, VOCSegmentation, build_dataset
 from incrementer_fast.continual.scenarios import get_task, remap_train_labels, select_images
-from incrementer_fast.continual.synthetic import SyntheticSegmentation, generate_synthetic
+from incrementer_fast.continual.datasets import SyntheticSegmentation
+from incrementer_fast.continual.synthetic import generate_synthetic
 from incrementer_fast.continual.transforms import train_transform, val_transform
 
 SMALL = dict(num_train=24, num_val=6, image_size=48)

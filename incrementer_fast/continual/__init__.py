@@ -1,6 +1,6 @@
 """Class-incremental segmentation pipeline: scenarios, datasets (VOC, ADE20K, the built-in synthetic
 one), evaluation metrics, and training."""
-from .datasets import ADE20KSegmentation, SegmentationDataset, VOCSegmentation, build_dataset
+from .datasets import ADE20KSegmentation, SegmentationDataset, SyntheticSegmentation, VOCSegmentation, build_dataset
 from .metrics import ConfusionMatrix, summarize
 from .scenarios import (
     IGNORE_INDEX,
@@ -17,7 +17,7 @@ from .scenarios import (
     select_images,
 )
 from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
-from .synthetic import SyntheticSegmentation, generate_synthetic
+from .synthetic import generate_synthetic
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform, val_transform
 
 __all__ = [

@@ -21,10 +21,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from ..constants import NEW_TOKEN_INITS
+
 DATASETS = ("voc", "ade", "synthetic")
 SETTINGS = ("overlapped", "disjoint")
 METHODS = ("incrementer", "finetune", "joint")
-NEW_TOKEN_INITS = ("trunc_normal", "background")
 ATTENTIONS = ("auto", "xformers", "sdpa")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")

@@ -26,7 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .scenarios import IGNORE_INDEX, atomic_write_json, num_classes as _num_classes
+from .._files import atomic_write_json
+from ..constants import IGNORE_INDEX
+from .scenarios import num_classes as _num_classes
+from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
+from .synthetic import generate_synthetic, read_manifest
 
 
 VOC_CLASSES = (
@@ -308,6 +312,24 @@ class ADE20KSegmentation(SegmentationDataset):
         self._set_files(ids, images, labels)
 
 
+class SyntheticSegmentation(VOCSegmentation):
+    """The synthetic dataset through the VOC loader (13 classes: background + 12). ``root`` is the folder
+    given to ``generate_synthetic``; a missing dataset raises FileNotFoundError naming the manifest."""
+
+    num_classes = _num_classes("synthetic")
+    class_names = SYNTHETIC_CLASS_NAMES
+
+    def __init__(self, root, split: str = "train", transform=None, label_transform=None, cache_dir=None):
+        manifest = Path(root) / "manifest.json"
+        if read_manifest(root) is None:
+            raise FileNotFoundError(
+                f"{manifest} not found: no synthetic dataset at {root} (create one with "
+                f"incrementer_fast.continual.generate_synthetic({str(root)!r}))"
+            )
+        super().__init__(root, split, transform=transform, label_transform=label_transform,
+                         cache_dir=cache_dir)
+
+
 def build_dataset(name: str, root, split: str, transform=None, label_transform=None, cache_dir=None):
     """The dataset ``name`` ("voc", "ade" or "synthetic") at ``root`` for ``split`` ("train" or "val").
 
@@ -319,8 +341,6 @@ def build_dataset(name: str, root, split: str, transform=None, label_transform=N
     if name == "ade":
         return ADE20KSegmentation(root, split, transform, label_transform, cache_dir)
     if name == "synthetic":
-        from .synthetic import SyntheticSegmentation, generate_synthetic, read_manifest
-
         if read_manifest(root) is None:
             generate_synthetic(root)
         return SyntheticSegmentation(root, split, transform, label_transform, cache_dir)

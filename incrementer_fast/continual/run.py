@@ -36,11 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .._files import atomic_write, atomic_write_json
 from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig
 from .datasets import build_dataset
 from .metrics import summarize
-from .scenarios import (atomic_write_json, cached_select_images, classes_up_to, get_task, remap_eval_labels,
+from .scenarios import (cached_select_images, classes_up_to, get_task, remap_eval_labels,
                         select_eval_images)
 from .transforms import train_transform, val_transform
 from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
@@ -94,13 +95,8 @@ def write_metrics(out_dir: Path, records: list[dict], num_classes_total: int) ->
         writer.writerow([r["step"], " ".join(map(str, r["classes"]))]
                         + ["" if v is None else f"{v:.6f}" for v in
                            [*(r.get(k) for k in MIOU_KEYS), r["new_fp_rate"], *ious]])
-    _atomic_write_bytes(Path(out_dir) / "metrics.csv", buffer.getvalue().encode())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    with atomic_write(Path(out_dir) / "metrics.csv") as handle:
+        handle.write(buffer.getvalue().encode())
 
 
 def plot_miou(out_dir: Path, records: list[dict]) -> None:
@@ -123,10 +119,9 @@ def plot_miou(out_dir: Path, records: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    temporary = Path(out_dir) / ".miou.png.tmp"
-    fig.savefig(temporary, format="png")
+    with atomic_write(Path(out_dir) / "miou.png") as handle:
+        fig.savefig(handle, format="png")
     plt.close(fig)
-    os.replace(temporary, Path(out_dir) / "miou.png")
 
 
 def _palette() -> np.ndarray:
@@ -160,9 +155,8 @@ def save_prediction_grid(path: Path, images: torch.Tensor, labels: torch.Tensor,
     grid = np.concatenate(rows, axis=0)
     zoom = max(1, 512 // grid.shape[1])
     picture = Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST)
-    temporary = path.with_name(f".{path.name}.tmp")
-    picture.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    with atomic_write(path) as handle:
+        picture.save(handle, format="PNG")
 
 
 # ------------------------------------------------------------------------------------ demo backbone
@@ -470,7 +464,8 @@ def copy_finished_step(source: Path, target: Path, step: int) -> None:
     """Copy step ``step``'s checkpoint and record from one run directory to another (the demo trains step 0
     once: it is the same plain-CE training for every method)."""
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint_path(source, step), checkpoint_path(target, step))
+    with open(checkpoint_path(source, step), "rb") as checkpoint, atomic_write(checkpoint_path(target, step)) as copy:
+        shutil.copyfileobj(checkpoint, copy)
     record = next(r for r in read_records(source) if r["step"] == step)
     records = [r for r in read_records(target) if r["step"] != step] + [record]
     atomic_write_json(target / "metrics.json", sorted(records, key=lambda r: r["step"]))

@@ -22,20 +22,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from .._files import atomic_write_json
+from ..constants import IGNORE_INDEX
 
 # Label values including the background 0. ADE20K: the 150 SceneParsing classes plus 0 ("other"), which
-# MiB and PLOP treat as the background class of the scenario.
-_NUM_CLASSES = {"voc": 21, "ade": 151}
+# MiB and PLOP treat as the background class of the scenario; synthetic: the 12 classes of
+# ``incrementer_fast.continual.synthetic`` (which depends on this module, not the other way round).
+_NUM_CLASSES = {"voc": 21, "ade": 151, "synthetic": 13}
 
 # Named tasks per dataset, as "BASE-INC": step 0 = [0..BASE], then blocks of INC classes up to the last
 # class. The dataset's own names; any other "BASE-INC" that tiles the classes is accepted as well.
@@ -54,10 +54,6 @@ _SPEC_ITEM_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 def num_classes(dataset: str) -> int:
     """Number of label values of ``dataset`` including the background 0 (voc 21, ade 151, synthetic 13)."""
-    if dataset == "synthetic":
-        from .synthetic import NUM_FOREGROUND_CLASSES
-
-        return NUM_FOREGROUND_CLASSES + 1
     if dataset not in _NUM_CLASSES:
         raise ValueError(f"unknown dataset {dataset!r}: expected one of 'voc', 'ade', 'synthetic'")
     return _NUM_CLASSES[dataset]
@@ -219,22 +215,6 @@ def _selection_key(image_labels, dataset: str, task, step: int, overlap: bool, k
         digest.update(json.dumps([image_id, values]).encode())
         digest.update(b"\n")
     return digest.hexdigest()
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file in the same folder and a rename, so a
-    reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def cached_select_images(

@@ -26,7 +26,8 @@ Everything is a deterministic function of (seed, split, image index, image size)
 not depend on how many images are generated, and the files are bit-identical for a seed on a given
 numpy/Pillow/zlib stack. Generation is vectorised numpy (a few hundred 96x96 images in about a second or
 two) and atomic: files are written to a temporary folder, moved into place, and ``manifest.json`` (the
-parameters) is written last; an existing dataset with the same manifest is reused as is.
+parameters) is written last; an existing dataset with the same manifest is reused as is. It is read back
+by ``incrementer_fast.continual.datasets.SyntheticSegmentation`` (the VOC loader with these 13 classes).
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import VOCSegmentation
-from .scenarios import atomic_write_json
+from .._files import atomic_write_json
+from ..constants import IGNORE_INDEX
 
 GENERATOR_VERSION = 1
 
@@ -66,7 +67,6 @@ CLASS_NAMES = ("background",) + tuple(spec[0] for spec in CLASS_SPECS)
 
 _SPLITS = {"train": 0, "val": 1}
 _SPLIT_FILES = {"train": "train_aug.txt", "val": "val.txt"}
-_VOID = 255
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -199,7 +199,7 @@ def _render(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, n
     centre = padded[1:-1, 1:-1]
     edge = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
             | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
-    label = np.where(edge, _VOID, label).astype(np.uint8)
+    label = np.where(edge, IGNORE_INDEX, label).astype(np.uint8)
 
     image = image + rng.normal(0.0, 0.03, size=image.shape)
     image = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
@@ -297,21 +297,3 @@ def generate_synthetic(root, seed: int = 0, num_train: int = 480, num_val: int =
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return root
-
-
-class SyntheticSegmentation(VOCSegmentation):
-    """The synthetic dataset through the VOC loader (13 classes: background + 12). ``root`` is the folder
-    given to ``generate_synthetic``; a missing dataset raises FileNotFoundError naming the manifest."""
-
-    num_classes = NUM_FOREGROUND_CLASSES + 1
-    class_names = CLASS_NAMES
-
-    def __init__(self, root, split: str = "train", transform=None, label_transform=None, cache_dir=None):
-        manifest = Path(root) / "manifest.json"
-        if read_manifest(root) is None:
-            raise FileNotFoundError(
-                f"{manifest} not found: no synthetic dataset at {root} (create one with "
-                f"incrementer_fast.continual.generate_synthetic({str(root)!r}))"
-            )
-        super().__init__(root, split, transform=transform, label_transform=label_transform,
-                         cache_dir=cache_dir)

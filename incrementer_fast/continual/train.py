@@ -60,9 +60,9 @@ from ..reference import seg_head as reference_seg_head
 from .config import TrainConfig
 from .inference import sliding_window_logits
 from .metrics import ConfusionMatrix
+from ..constants import IGNORE_INDEX
 from .scenarios import classes_up_to, remap_eval_labels, remap_train_labels
 
-IGNORE_INDEX = 255
 PLOP_NUM_BINS = 100
 
 
