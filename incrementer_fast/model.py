@@ -51,8 +51,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import sys
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import timm
 import torch
@@ -61,9 +62,11 @@ from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from . import backbones  # noqa: F401  (registers the package's own timm backbones, e.g. vit_demo_patch8)
 from ._files import atomic_write
 from .attention import Attention, requested_backend
 from .constants import NEW_TOKEN_INITS
+from .errors import CheckpointError
 from .ops.cosine_mask import cosine_mask
 
 CHECKPOINT_FORMAT = "incrementer_fast.Incrementer/1"
@@ -478,38 +481,200 @@ class Incrementer(nn.Module):
     # ----------------------------------------------------------------------------------- checkpoints
     def save(self, path) -> None:
         """Write architecture options, classes per step and weights to ``path`` atomically
-        (a temporary file in the same folder, then os.replace)."""
+        (a temporary file in the same folder, then os.replace).
+
+        Raises ValueError (naming the weights) for non-finite weights, which :meth:`from_checkpoint` would
+        refuse, and OSError with the errno and ``path`` for a write the OS refuses (a full disk, a
+        read-only folder); no partial file is left either way."""
         path = os.fspath(path)
+        bad = [name for name, value in self.state_dict().items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            raise ValueError(f"refusing to save {path}: non-finite weights in {_short_list(bad)}")
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "config": dict(self.config),
             "classes_per_step": self.classes_per_step,
             "state_dict": self.state_dict(),
         }
-        with atomic_write(path, durable=True) as file:
-            torch.save(checkpoint, file)
+        writer = None
+        try:
+            with atomic_write(path, durable=True) as file:
+                writer = _WriteErrorRecorder(file)
+                torch.save(checkpoint, writer)
+        except BaseException as error:
+            # torch.save reports a refused write as a RuntimeError without the OS's reason: give it back,
+            # with the checkpoint's path (not the temporary file's).
+            cause = writer.error if writer is not None and writer.error is not None else error
+            if isinstance(cause, OSError):
+                raise OSError(cause.errno, cause.strerror, path) from error
+            raise
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu", attention: Optional[str] = None) -> "Incrementer":
+    def from_checkpoint(cls, path, map_location="cpu", attention: Optional[str] = None,
+                        expect: Optional[Mapping] = None) -> "Incrementer":
         """Rebuild a model saved by :meth:`save` (same options and steps; ``attention`` overrides the
-        saved backend choice). Calling ``add_classes`` on it continues with the next step."""
+        saved backend choice). Calling ``add_classes`` on it continues with the next step.
+
+        Args:
+            path: the checkpoint file.
+            map_location: where the weights go (as ``torch.load``'s).
+            attention: ``"auto" | "xformers" | "sdpa"`` instead of the saved choice.
+            expect: constructor arguments the checkpoint must have been built with (``backbone``,
+                ``d_model``, ``n_layers``, ... with the constructor's meaning of None: ``d_model=None`` is
+                the encoder's width), and optionally ``classes_per_step``. Every differing field is named.
+
+        Returns:
+            The model, on ``map_location``.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            CheckpointError (a ValueError): the file cannot be read (empty, truncated, another format,
+                objects other than tensors), its weights do not fit its own architecture or are not
+                finite, or it differs from ``expect``; the message names the file and the fields.
+
+        Examples:
+            >>> model = Incrementer.from_checkpoint("run/step_0.pt", expect={"n_layers": 2})
+        """
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path!r}")
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path!r} is not an Incrementer checkpoint written by Incrementer.save")
+        checkpoint = read_checkpoint(path, map_location)
+        if expect is not None:
+            differences = _architecture_differences(checkpoint, expect)
+            if differences:
+                raise CheckpointError(f"checkpoint {path} does not fit: {'; '.join(differences)}")
         config = dict(checkpoint["config"])
         if attention is not None:
             config["attention"] = attention
         steps = list(checkpoint["classes_per_step"])
-        model = cls(config.pop("backbone"), steps[0], **config)
+        try:
+            model = cls(config.pop("backbone"), steps[0], **config)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path}: its model cannot be built here: {error}") from error
         for n in steps[1:]:
             model.add_classes(n)
-        model.load_state_dict(checkpoint["state_dict"])
+        _load_weights(model, checkpoint["state_dict"], path)
         if isinstance(map_location, (str, torch.device)):
             model.to(map_location)
         return model
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """The contents of an Incrementer checkpoint (``format``, ``config``, ``classes_per_step``,
+    ``state_dict``), loaded with ``weights_only=True`` (nothing in the file can run code).
+
+    Raises FileNotFoundError for a missing file and CheckpointError (a ValueError naming the file and the
+    cause) for one that cannot be read or is not an Incrementer checkpoint.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (a write that never finished?)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # every reader failure of this one file is the same user error
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_load_failure(error)}") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = (f"format {checkpoint.get('format')!r}" if isinstance(checkpoint, dict) and "format" in checkpoint
+                 else f"a {type(checkpoint).__name__}" + (f" with keys {_short_list(sorted(map(str, checkpoint)))}"
+                                                          if isinstance(checkpoint, dict) else ""))
+        raise CheckpointError(f"checkpoint {path} is not an Incrementer checkpoint written by Incrementer.save "
+                              f"(found {found}; expected format {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in ("config", "classes_per_step", "state_dict") if k not in checkpoint]
+    steps = checkpoint.get("classes_per_step")
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    if (not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["state_dict"], dict)
+            or not isinstance(steps, (list, tuple)) or not steps
+            or not all(isinstance(n, int) and n > 0 for n in steps)):
+        raise CheckpointError(f"checkpoint {path} has a malformed config, state_dict or classes_per_step "
+                              f"({steps!r})")
+    return checkpoint
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load failed, in a few words (torch's own messages span paragraphs and, for a refused
+    pickle, advise weights_only=False: never the right advice for a checkpoint of ours)."""
+    text = str(error)
+    if isinstance(error, EOFError):
+        return "it ends early (truncated)"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "it is truncated or corrupt (not a complete torch zip archive)"
+    if isinstance(error, pickle.UnpicklingError):
+        return ("it is not a torch checkpoint of tensors (another format, random bytes, or objects that "
+                "weights-only loading refuses)")
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(error).__name__}: {first_line}"[:200]
+
+
+def _architecture_differences(checkpoint: dict, expect: Mapping) -> list[str]:
+    """``field: file X, expected Y`` for each field of ``expect`` the checkpoint differs in."""
+    config = checkpoint["config"]
+    projection = checkpoint["state_dict"].get("proj_dec.weight")
+    encoder_width = int(projection.shape[1]) if isinstance(projection, torch.Tensor) else None
+    d_model = expect.get("d_model", config.get("d_model"))
+    if d_model is None:
+        d_model = encoder_width
+    differences = []
+    for name, wanted in expect.items():
+        if name == "classes_per_step":
+            have, wanted = list(checkpoint["classes_per_step"]), list(wanted)
+        elif name not in config:
+            differences.append(f"{name}: not in the file, expected {wanted!r}")
+            continue
+        else:
+            have = config[name]
+            if name == "d_model" and wanted is None:
+                wanted = encoder_width
+            elif name == "n_heads" and wanted is None:
+                wanted = None if d_model is None else max(1, d_model // 64)
+            elif isinstance(wanted, tuple):
+                wanted = list(wanted)
+        if have != wanted:
+            differences.append(f"{name}: file {have!r}, expected {wanted!r}")
+    return differences
+
+
+def _load_weights(model: nn.Module, state: dict, path: str) -> None:
+    """``model.load_state_dict(state)``, with every mismatch or non-finite weight named in one line."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not fit its own architecture: missing keys "
+            f"[{_short_list(missing)}]; unexpected keys [{_short_list(unexpected)}]; shapes [{_short_list(wrong)}]"
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({_short_list(bad)}): it cannot be "
+                              "used; delete it to train that step again")
+    model.load_state_dict(state)
+
+
+class _WriteErrorRecorder:
+    """A file wrapper for ``torch.save`` that keeps the OSError of a failed write (torch.save replaces it
+    with a RuntimeError that has lost the errno)."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as error:
+            self.error = error
+            raise
 
 
 def _init_tokens(tokens: torch.Tensor) -> None:
@@ -523,4 +688,4 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-__all__ = ["Incrementer", "IncrementerOutput"]
+__all__ = ["Incrementer", "IncrementerOutput", "read_checkpoint"]

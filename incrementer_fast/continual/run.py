@@ -159,41 +159,6 @@ def save_prediction_grid(path: Path, images: torch.Tensor, labels: torch.Tensor,
         picture.save(handle, format="PNG")
 
 
-# ------------------------------------------------------------------------------------ demo backbone
-DEMO_BACKBONE = "vit_demo_patch8"
-
-
-def _register_demo_backbone() -> None:
-    """Register ``vit_demo_patch8`` with timm: a plain timm VisionTransformer of ViT-Tiny's width (192,
-    3 heads, MLP 4×) with 4 blocks and 8-pixel patches, for the CPU demo.
-
-    Why not ``vit_tiny_patch16_224``: trained from scratch on the synthetic set on a CPU, its 16-pixel
-    patches leave a 6 × 6 grid on 96² images and 12 blocks learn slowly with SGD — after 4 epochs of step 0
-    it reached 12.7% mIoU (background only, in effect), where this backbone on 64² images (8 × 8 patches)
-    reached 38-43% in the same CPU time (notes in the README).
-    """
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if timm.is_model(DEMO_BACKBONE):
-        return
-
-    def vit_demo_patch8(pretrained: bool = False, **kwargs) -> VisionTransformer:
-        if pretrained:
-            raise ValueError(f"{DEMO_BACKBONE} has no pretrained weights")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)  # timm's factory passes these; a bare VisionTransformer takes none
-        options = dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0)
-        options.update(kwargs)
-        return VisionTransformer(**options)
-
-    register_model(vit_demo_patch8)
-
-
-_register_demo_backbone()
-
-
 # ------------------------------------------------------------------------------------ data
 def resolve_data_root(config: TrainConfig, out_dir: Path) -> Path:
     if config.data_root is not None:
