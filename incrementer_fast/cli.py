@@ -15,6 +15,14 @@ with ``--resume`` they are the run directory's ``config.json`` and any option gi
 ``demo`` is the main job on the embedded default: the synthetic dataset generated into ``DIR/data``, a tiny
 ViT on the CPU, every step of the demo task for ``incrementer`` and ``finetune`` (``DIR/incrementer``,
 ``DIR/finetune``), then the old / new / all mIoU table of both.
+
+Errors. ``main`` is the one place where an exception becomes what the user sees: one line on stderr,
+``incrementer-fast COMMAND: error: MESSAGE``, and the exit status — 2 for input that cannot be used as given
+(``InputError``, ``CommandError``, ``CheckpointError``, an option argparse refuses, and the library's
+ValueError / FileNotFoundError, which name what they refuse), 1 for a failure during the work
+(``WorkError``, a write the OS refuses, out of memory, anything unexpected), 130 for Ctrl-C. The
+traceback is shown only with ``--debug``. A new subcommand gets all of this by ``add_common_options(sub)``
+and ``sub.set_defaults(handler=fn)``, where ``fn(args) -> int`` raises those types.
 """
 from __future__ import annotations
 
@@ -22,7 +30,6 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import json
 import os
 import sys
 import time
@@ -30,12 +37,24 @@ import typing
 from pathlib import Path
 
 from .continual.config import PRESETS, RESUMABLE_FIELDS, TrainConfig
+from .errors import InputError, WorkError
 
 DATASET_PRESETS = {"voc": "voc", "ade": "ade", "synthetic": "demo"}  # the preset of each --dataset
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
-class CommandError(Exception):
-    """A user error reported as ``error: ...`` without a traceback."""
+class CommandError(InputError):
+    """A command-line option that cannot be used as given (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refused option is a ``CommandError`` (reported in one line by ``main``) instead of
+    the usage text and an exit from inside ``parse_args``."""
+
+    def error(self, message: str):
+        raise CommandError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 # ------------------------------------------------------------------------------------ config options
@@ -79,13 +98,13 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                                default=argparse.SUPPRESS, help=help_text)
             continue
 
-        def convert(text: str, base=base, optional=optional, name=flag):
+        def convert(text: str, base=base, optional=optional):
             if optional and text.lower() == "none":
                 return None
             try:
                 return base(text)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"{name} expects {base.__name__}, got {text!r}") from None
+                raise argparse.ArgumentTypeError(f"expects {base.__name__}, got {text!r}") from None
 
         convert.__name__ = base.__name__
         group.add_argument(flag, dest=f.name, type=convert, default=argparse.SUPPRESS,
@@ -111,7 +130,12 @@ def config_from_args(args: argparse.Namespace, stored: dict | None = None) -> Tr
         config = TrainConfig.from_dict(values)
         config.accumulation_steps(int(os.environ.get("WORLD_SIZE", "1")))
     except (TypeError, ValueError) as error:
-        raise CommandError(str(error)) from None
+        # TrainConfig names the field ("lr must be ..."); on the command line it is the option (--lr).
+        message = str(error)
+        field = message.split(" ", 1)[0]
+        if field in names:
+            message = "--" + field.replace("_", "-") + message[len(field):]
+        raise CommandError(message) from None
     if config.dataset != "synthetic" and config.data_root is None:
         raise CommandError(f"--data-root is required for --dataset {config.dataset}")
     return config
@@ -131,12 +155,10 @@ def _check_step(config: TrainConfig, step: int | None) -> None:
 
 # ------------------------------------------------------------------------------------ commands
 def _train(args: argparse.Namespace) -> int:
-    from .continual.run import run_scenario
+    from .continual.run import read_run_config, run_scenario
 
     out = Path(args.out)
-    stored = None
-    if args.resume and (out / "config.json").exists():
-        stored = json.loads((out / "config.json").read_text())["config"]
+    stored = read_run_config(out) if args.resume else None
     config = config_from_args(args, stored)
     _check_step(config, args.step)
     run_scenario(config, out, step=args.step, resume=args.resume, progress=not args.quiet)
@@ -147,14 +169,14 @@ def _eval(args: argparse.Namespace) -> int:
     """Re-score a saved step: ``--run DIR --step N`` (the run's config.json, overridable option by option,
     and its step_N.pt) or ``--checkpoint PATH --step N`` with the dataset options; prints the record as
     JSON and writes it to ``--output`` (for ``--run``, by default ``DIR/eval_step<N>_<mode>.json``)."""
-    from .continual.run import checkpoint_path, evaluate_checkpoint
+    from .continual.run import checkpoint_path, evaluate_checkpoint, read_run_config
 
     run_dir = None
     if args.run is not None:
         run_dir = Path(args.run)
-        if not (run_dir / "config.json").exists():
+        stored = read_run_config(run_dir)
+        if stored is None:
             raise CommandError(f"{run_dir} is not a run directory: {run_dir / 'config.json'} not found")
-        stored = json.loads((run_dir / "config.json").read_text())["config"]
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         given = {k: v for k, v in vars(args).items() if k in names}
         try:
@@ -180,6 +202,12 @@ def _eval(args: argparse.Namespace) -> int:
         Path(output).write_text(text + "\n", encoding="utf-8")
         print(f"written to {output}", file=sys.stderr)
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .check import run
+
+    return run(args)
 
 
 def demo_table(results: dict[str, list[dict]]) -> str:
@@ -244,9 +272,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_common_options(parser: argparse.ArgumentParser, *, quiet: bool = True) -> None:
+    """``--debug`` (every subcommand has it) and ``--quiet`` (those with progress bars)."""
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", "--traceback", dest="debug", action="store_true",
+                        help="on an error, show its traceback too")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="incrementer-fast", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="incrementer-fast", description=__doc__.split("\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,check}")
     train = commands.add_parser("train", help="train a class-incremental scenario (every step, or one)")
     train.add_argument("--out", required=True, help="run directory (created; holds config.json, metrics, "
@@ -255,12 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train this step only (the previous step must be finished in --out)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last finished step, with its config.json")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    add_common_options(train)
     train.add_argument("--preset", choices=list(PRESETS), default=None,
                        help="the defaults of every option below: voc / ade (paper scale, each value's source in "
                             "config.PRESETS) or demo (the synthetic CPU demo); default: the one of --dataset")
     _add_config_options(train)
+    train.set_defaults(handler=_train)
     evaluation = commands.add_parser("eval", help="re-score a saved step on its validation set (the metrics.json "
                                                   "record; --eval-mode resize|slide)")
     source = evaluation.add_mutually_exclusive_group(required=True)
@@ -270,49 +306,70 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(--dataset, --data-root, --task, ...)")
     evaluation.add_argument("--step", type=int, required=True, help="the step the checkpoint finished")
     evaluation.add_argument("--output", default=None, help="write the record (JSON) here")
-    evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
-    evaluation.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    add_common_options(evaluation)
     evaluation.add_argument("--preset", choices=list(PRESETS), default=None,
                             help="with --checkpoint: the defaults of the options below (default: the one of "
                                  "--dataset)")
     _add_config_options(evaluation)
+    evaluation.set_defaults(handler=_eval)
     demo = commands.add_parser("demo", help="the synthetic scenario, tiny ViT, CPU: incrementer vs finetune")
     demo.add_argument("--out", default="runs/demo", help="where the data and both runs go (default runs/demo)")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    add_common_options(demo)
+    demo.set_defaults(handler=_demo)
     from .check import build_parser as add_check_options  # torch and the ops only: no timm
 
     summary = ("the gradient-parity suite: every op's forward and backward against the float64 reference, "
                "on this machine")
-    add_check_options(commands.add_parser(
+    check = commands.add_parser(
         "check", help=summary, description=f"Run {summary} (shapes, dtypes, layouts, stride-0 gradients); print "
-                                           "the environment and one row per case; exit 1 if any case fails."))
+                                           "the environment and one row per case; exit 1 if any case fails.")
+    add_check_options(check)
+    add_common_options(check, quiet=False)
+    check.set_defaults(handler=_check)
     return parser
 
 
+def describe_error(error: BaseException) -> tuple[int, str]:
+    """(exit status, one-line message) for an exception that ended a command."""
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted; finished steps are kept: rerun with --resume to continue"
+    if isinstance(error, InputError):
+        return EXIT_BAD_INPUT, str(error)
+    if isinstance(error, WorkError):
+        return EXIT_FAILURE, str(error)
+    if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)):
+        return EXIT_BAD_INPUT, str(error)  # the library's argument and file errors name what they refuse
+    if isinstance(error, OSError) and error.filename is not None:
+        return EXIT_FAILURE, (f"{error.filename}: {error.strerror or error}; fix that (free space, permissions) "
+                              "and rerun with --resume: finished steps are kept")
+    if type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return EXIT_FAILURE, ("out of GPU memory; lower --micro-batch-size (the effective --batch-size stays) "
+                              "or --crop-size, then rerun with --resume")
+    return EXIT_FAILURE, (f"{type(error).__name__}: {error} (unexpected: rerun with --debug for the traceback "
+                          "and report it)")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``incrementer-fast ARGV``; returns the exit status (see the module docstring: Errors)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "check":
-        from .check import run
-
-        return run(args)
-    from .continual.run import RunError
-
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        return _demo(args)
-    except (CommandError, RunError, FileNotFoundError, FileExistsError, ValueError) as error:
-        # User errors: a bad option (exit 2), or a run directory / data problem (exit 1; the datasets name
-        # the file). --traceback shows where, for the rare ValueError that is a bug.
-        if args.traceback:
+        args = parser.parse_args(argv)
+    except CommandError as error:
+        print(_one_line(error), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return args.handler(args)
+    except (Exception, KeyboardInterrupt) as error:
+        if args.debug:
             raise
-        print(f"incrementer-fast {args.command}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, CommandError) else 1
+        code, message = describe_error(error)
+        print(f"incrementer-fast {args.command}: error: {_one_line(message)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -168,8 +168,8 @@ def test_resume_after_a_crash_between_checkpoint_and_metrics(baseline, tmp_path,
 
 def test_resume_refuses_another_configuration_and_skips_finished_runs(baseline, data_root):
     out, records = baseline
-    with pytest.raises(RunError, match="lr"):
-        run_scenario(tiny_config(data_root, lr=0.5), out, resume=True, progress=False, log=None)
+    with pytest.raises(RunError, match="new_class_weight"):
+        run_scenario(tiny_config(data_root, new_class_weight=0.25), out, resume=True, progress=False, log=None)
     assert run_scenario(tiny_config(data_root), out, resume=True, progress=False, log=None) == records
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass
 
 from ..constants import NEW_TOKEN_INITS
@@ -32,10 +34,15 @@ OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("random_resized_crop", "rescale_pad_crop")
 PLOP_ENTROPIES = ("plop", "normalized")
 EVAL_MODES = ("resize", "slide")
-# Fields a resumed run may change: they change where or how fast it runs, not what it computes
-# (micro_batch_size changes only the float rounding of the accumulated gradients).
-RESUMABLE_FIELDS = frozenset({"num_workers", "eval_batch_size", "compile", "data_root", "micro_batch_size",
-                              "num_visualised"})
+# Fields a resumed run may change because they change where or how fast it runs, not what it computes
+# (micro_batch_size changes only the float rounding of the accumulated gradients) ...
+RUNTIME_FIELDS = frozenset({"num_workers", "eval_batch_size", "compile", "data_root", "micro_batch_size",
+                            "num_visualised"})
+# ... and the learning rates, which change only the steps still to train: a finished step keeps what it was
+# trained with, and config.json's "changes" records from which step a new value applies. (So the advice
+# after a non-finite loss, a lower learning rate, can be followed with --resume.)
+RETUNABLE_FIELDS = frozenset({"lr", "lr_incremental"})
+RESUMABLE_FIELDS = RUNTIME_FIELDS | RETUNABLE_FIELDS
 
 
 @dataclass
@@ -210,7 +217,23 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for any value outside its domain."""
+        """Raise ``ValueError`` naming the field for any value outside its domain (type, range, finiteness):
+        everything that can be checked without building the model or reading the data."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+            if value is None and type(None) in allowed:
+                continue
+            if float in allowed:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be a finite number; got {value!r}")
+            elif int in allowed and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{f.name} must be an integer; got {value!r}")
+            elif bool in allowed and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false; got {value!r}")
+            elif str in allowed and not isinstance(value, str):
+                raise ValueError(f"{f.name} must be a string; got {value!r}")
         choices = {
             "dataset": DATASETS,
             "setting": SETTINGS,
@@ -227,26 +250,29 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         positive = ("epochs", "epochs_incremental", "batch_size", "crop_size", "val_size", "eval_batch_size",
-                    "synthetic_train_images", "synthetic_val_images", "synthetic_image_size")
+                    "synthetic_train_images", "synthetic_val_images", "synthetic_image_size", "n_layers",
+                    "micro_batch_size", "d_model", "img_size")
         for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
         for name in ("window_size", "window_stride"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
-        if self.micro_batch_size is not None and (
-            not isinstance(self.micro_batch_size, int) or self.micro_batch_size <= 0
-        ):
-            raise ValueError(f"micro_batch_size must be a positive integer or None; got {self.micro_batch_size!r}")
-        non_negative = ("lr", "lr_incremental", "momentum", "weight_decay", "poly_power", "new_class_weight",
+        non_negative = ("lr", "lr_incremental", "weight_decay", "poly_power", "new_class_weight",
                         "fod_bg_weight", "lambda_visual", "lambda_class", "lambda_dice", "plop_min_threshold",
-                        "drop_path_rate", "dropout", "num_workers", "num_visualised")
+                        "num_workers", "num_visualised")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0; got {getattr(self, name)!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0; got {self.scale!r}")
+        for name in ("momentum", "dropout", "drop_path_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)!r}")
         if not 0 < self.train_scale_min <= self.train_scale_max:
             raise ValueError(f"need 0 < train_scale_min ≤ train_scale_max; got {self.train_scale_min}, "
                              f"{self.train_scale_max}")

@@ -7,11 +7,16 @@ remap from ``scenarios``) is applied to the label tensor last.
 
 Label values are checked as they are read: a value that is neither a class (``0..num_classes-1``) nor
 the void 255 raises ValueError naming the file, as does an unreadable image or label, or an image and a
-label of different sizes. A wrong layout raises FileNotFoundError naming the exact missing path.
+label of different sizes. A wrong layout raises FileNotFoundError naming the exact missing path, and an id
+listed twice in a split list a ValueError naming the list and the lines.
 
-``image_labels()`` reads every label map once to list the label values each image holds (what
-``scenarios.select_images`` filters on) and caches the result as JSON in a cache folder, keyed by the ids,
-paths, sizes and modification times of the label files: editing or replacing a label file invalidates it.
+``scan()`` decodes every image and label map once, before any training: it finds unreadable or truncated
+files, images that are not photos (a palette or RGBA image in the images folder), size mismatches and label
+values out of range — all named, as an ``InputError`` — and lists the label values each image holds (what
+``scenarios.select_images`` filters on; ``image_labels()``). Grayscale and CMYK images are converted to RGB
+when loaded, as MiB's and PLOP's loaders do (ADE20K holds a few grayscale photos); ``scan()`` lists them.
+The result is cached as JSON in a cache folder, keyed by the ids, paths, sizes and modification times of
+the image and label files: editing or replacing one invalidates it.
 """
 from __future__ import annotations
 
@@ -21,13 +26,16 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .._files import atomic_write_json
 from ..constants import IGNORE_INDEX
+from ..errors import InputError
 from .scenarios import num_classes as _num_classes
 from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from .synthetic import generate_synthetic, read_manifest
@@ -103,8 +111,39 @@ def _check_values(arr: np.ndarray, num_classes: int, path) -> np.ndarray:
     return present
 
 
-def _label_values(path, num_classes: int) -> list[int]:
-    return [int(v) for v in _check_values(np.asarray(_read_label(path)), num_classes, path)]
+# Image modes that ``load_image`` converts to RGB without loss of meaning (listed by ``scan()``); any other
+# mode but RGB (a palette, RGBA, 16-bit or float image) is refused by ``scan()``.
+CONVERTED_IMAGE_MODES = ("L", "CMYK")
+
+
+def _scan_pair(image_path, label_path, num_classes: int) -> tuple[list[int], str | None]:
+    """Decode an image and its label map: (the label values present, the image's mode if ``load_image``
+    converts it to RGB, else None); ValueError naming the file for anything a training run would trip on."""
+    try:
+        with Image.open(image_path) as im:
+            im.load()  # decodes every byte: a truncated file fails here
+            mode, size = im.mode, im.size
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {image_path}: {e}") from e
+    if mode != "RGB" and mode not in CONVERTED_IMAGE_MODES:
+        raise ValueError(f"image {image_path} has mode {mode}: expected an RGB photo (or grayscale, which is "
+                         f"converted); is it a label map or an image with transparency?")
+    label = _read_label(label_path)
+    values = _check_values(np.asarray(label), num_classes, label_path)
+    if label.size != size:
+        raise ValueError(f"image {image_path} is {size[0]}x{size[1]} but its label {label_path} is "
+                         f"{label.size[0]}x{label.size[1]}")
+    return [int(v) for v in values], (None if mode == "RGB" else mode)
+
+
+class DatasetScan(NamedTuple):
+    """What ``SegmentationDataset.scan`` found: the label values of each image, and the images that are
+    converted to RGB when loaded (id -> their mode, e.g. ``L`` for grayscale)."""
+
+    labels: dict[str, list[int]]
+    converted: dict[str, str]
 
 
 def to_tensors(image: Image.Image, label: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,35 +212,63 @@ class SegmentationDataset(torch.utils.data.Dataset):
         sub.ids = ids
         return sub
 
-    def _labels_cache_key(self) -> str:
+    def _scan_cache_key(self) -> str:
         digest = hashlib.sha256()
-        digest.update(json.dumps({"v": 1, "class": type(self).__name__, "num_classes": self.num_classes}).encode())
+        digest.update(json.dumps({"v": 2, "class": type(self).__name__, "num_classes": self.num_classes}).encode())
         for image_id in self.ids:
-            path = self._labels[image_id]
-            st = path.stat()
-            digest.update(json.dumps([image_id, str(path.resolve()), st.st_size, st.st_mtime_ns]).encode())
+            entry = [image_id]
+            for path in (self._images[image_id], self._labels[image_id]):
+                st = path.stat()
+                entry += [str(path.resolve()), st.st_size, st.st_mtime_ns]
+            digest.update(json.dumps(entry).encode())
         return digest.hexdigest()
 
-    def image_labels(self) -> dict[str, list[int]]:
-        """Image id -> sorted label values present in its label map (0 and 255 included when present),
-        for the ids of this dataset. Read once (threaded), then cached in ``cache_dir``."""
-        key = self._labels_cache_key()
-        path = self.cache_dir / f"labels-{type(self).__name__}-{key[:32]}.json"
+    def scan(self, progress: bool = False) -> DatasetScan:
+        """Decode every image and label map of this dataset once (threaded, with a progress bar when
+        ``progress``), then cache the result in ``cache_dir`` (see the module docstring).
+
+        Raises ``InputError`` (a ValueError) naming the first bad file and how many are bad: unreadable or
+        truncated, an image mode that is not a photo's, image and label sizes that differ, label values
+        outside the classes and 255; FileNotFoundError for a file that vanished since the listing.
+        """
+        key = self._scan_cache_key()
+        path = self.cache_dir / f"scan-{type(self).__name__}-{key[:32]}.json"
         if path.exists():
             try:
                 with open(path, encoding="utf-8") as f:
                     cached = json.load(f)
                 if cached.get("key") == key:
-                    return {i: cached["labels"][i] for i in self.ids}
-            except (OSError, json.JSONDecodeError, KeyError):
+                    return DatasetScan({i: cached["labels"][i] for i in self.ids},
+                                       {i: m for i, m in cached["converted"].items() if i in self._images})
+            except (OSError, json.JSONDecodeError, KeyError, AttributeError):
                 pass  # unreadable or foreign: recompute and overwrite
-        paths = [self._labels[i] for i in self.ids]
+
+        def check(image_id):
+            try:
+                return _scan_pair(self._images[image_id], self._labels[image_id], self.num_classes)
+            except ValueError as error:
+                return error
+
         workers = min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # PNG decoding releases the GIL
-            values = list(pool.map(lambda p: _label_values(p, self.num_classes), paths))
-        labels = dict(zip(self.ids, values))
-        atomic_write_json(path, {"key": key, "labels": labels})
-        return labels
+        split = getattr(self, "split", "")
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # PNG/JPEG decoding releases the GIL
+            results = list(tqdm(pool.map(check, self.ids), total=len(self.ids), disable=not progress,
+                                desc=f"checking the {split} images".replace("  ", " "), leave=False,
+                                dynamic_ncols=True))
+        failures = [r for r in results if isinstance(r, ValueError)]
+        if failures:
+            others = len(failures) - 1
+            more = f" (and {others} more bad file{'s' if others > 1 else ''} in this split)" if others else ""
+            raise InputError(f"{failures[0]}{more}: fix or replace the file, or remove its id from the split")
+        labels = {i: values for i, (values, _) in zip(self.ids, results)}
+        converted = {i: mode for i, (_, mode) in zip(self.ids, results) if mode is not None}
+        atomic_write_json(path, {"key": key, "labels": labels, "converted": converted})
+        return DatasetScan(labels, converted)
+
+    def image_labels(self, progress: bool = False) -> dict[str, list[int]]:
+        """Image id -> sorted label values present in its label map (0 and 255 included when present),
+        for the ids of this dataset: ``scan(progress).labels``."""
+        return self.scan(progress).labels
 
 
 def _first_existing(candidates: list[Path]) -> Path | None:
@@ -258,11 +325,16 @@ class VOCSegmentation(SegmentationDataset):
                 f"VOC split list not found: {list_candidates[0]} "
                 f"(also tried {', '.join(map(str, list_candidates[1:]))})"
             )
-        ids = []
-        for line in list_file.read_text().splitlines():
+        ids, lines = [], {}
+        for number, line in enumerate(list_file.read_text().splitlines(), start=1):
             fields = line.split()
             if fields:
-                ids.append(Path(fields[0]).stem)
+                image_id = Path(fields[0]).stem
+                if image_id in lines:
+                    raise ValueError(f"split list {list_file} lists {image_id!r} twice (lines {lines[image_id]} "
+                                     f"and {number}): remove the duplicate line")
+                lines[image_id] = number
+                ids.append(image_id)
         if not ids:
             raise ValueError(f"split list {list_file} lists no image")
         images, labels = {}, {}
@@ -306,8 +378,13 @@ class ADE20KSegmentation(SegmentationDataset):
         files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if not files:
             raise FileNotFoundError(f"no images in {image_dir}")
-        ids = [p.stem for p in files]
-        images = {p.stem: p for p in files}
+        images = {}
+        for p in files:
+            if p.stem in images:
+                raise ValueError(f"two images of the id {p.stem!r} in {image_dir}: {images[p.stem].name} and "
+                                 f"{p.name}; keep one")
+            images[p.stem] = p
+        ids = list(images)
         labels = {i: _require(label_dir / f"{i}.png", "label") for i in ids}
         self._set_files(ids, images, labels)
 

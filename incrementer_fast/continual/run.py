@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .._files import atomic_write, atomic_write_json
+from ..errors import CheckpointError, InputError
 from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig
 from .datasets import build_dataset
@@ -52,7 +54,7 @@ METRIC_KEYS = ("step", "classes", "miou_old", "miou_new", "miou_all", "miou_prev
 MIOU_KEYS = ("miou_old", "miou_new", "miou_all", "miou_prev", "miou_step")
 
 
-class RunError(RuntimeError):
+class RunError(InputError):
     """A run directory that cannot be used as asked (already finished, config mismatch, missing step)."""
 
 
@@ -61,12 +63,38 @@ def checkpoint_path(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / f"step_{step}.pt"
 
 
+def _read_json(path: Path, what: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path} cannot be read as the run's {what} ({error}); restore it, or start the "
+                         "run in another --out") from error
+
+
 def read_records(out_dir: Path) -> list[dict]:
+    """The metrics records of a run directory (``[]`` when it has none); InputError naming metrics.json
+    when it cannot be read."""
     path = Path(out_dir) / "metrics.json"
     if not path.exists():
         return []
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    records = _read_json(path, "metrics")
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("step"), int)
+                                                for r in records):
+        raise InputError(f"{path} is not a list of step records; restore it, or start the run in another --out")
+    return records
+
+
+def read_run_config(out_dir: Path) -> dict | None:
+    """The ``config`` of a run directory's config.json (None when there is none); InputError naming the
+    file when it cannot be read."""
+    path = Path(out_dir) / "config.json"
+    if not path.exists():
+        return None
+    stored = _read_json(path, "configuration")
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        raise InputError(f"{path} has no \"config\" object; restore it, or start the run in another --out")
+    return stored["config"]
 
 
 def finished_steps(out_dir: Path) -> list[int]:
@@ -193,9 +221,10 @@ def check_encoder_init(config: TrainConfig) -> None:
     """ValueError for a random initialisation of an encoder as wide as ViT-B or wider without
     ``from_scratch``: Segmenter's and Incrementer's numbers come from a pretrained ViT-B, and a silent
     random ViT-B gives numbers that cannot stand beside theirs."""
-    if config.weights is not None or config.pretrained or config.from_scratch:
-        return
     import timm
+
+    if config.weights is not None or config.pretrained or config.from_scratch or not timm.is_model(config.backbone):
+        return  # (an unknown backbone is named when the model is built)
 
     with torch.device("meta"):  # the width without allocating the weights
         width = int(timm.create_model(config.backbone, pretrained=False, num_classes=0).embed_dim)
@@ -207,15 +236,33 @@ def check_encoder_init(config: TrainConfig) -> None:
             "random weights on purpose")
 
 
+def model_options(config: TrainConfig) -> dict:
+    """The ``Incrementer`` constructor arguments that define the run's architecture (the rest of the
+    constructor's are its defaults): what a step's checkpoint is checked against."""
+    return dict(backbone=config.backbone, d_model=config.d_model, n_layers=config.n_layers, n_heads=None,
+                mlp_ratio=4.0, attn_dropout=0.0, scale=config.scale, learnable_scale=config.learnable_scale,
+                drop_path_rate=config.drop_path_rate, dropout=config.dropout, img_size=config.img_size)
+
+
 def build_model(config: TrainConfig, num_classes: int) -> Incrementer:
     """Step 0's model: the encoder from ``weights`` (a local file), else timm's pretrained weights when
     ``pretrained``, else random (``check_encoder_init`` has refused a wide random encoder already)."""
-    return Incrementer(
-        config.backbone, num_classes, d_model=config.d_model, n_layers=config.n_layers, scale=config.scale,
-        learnable_scale=config.learnable_scale, new_token_init=config.new_token_init, weights=config.weights,
-        pretrained=config.pretrained and config.weights is None, attention=config.attention,
-        drop_path_rate=config.drop_path_rate, dropout=config.dropout, img_size=config.img_size,
-    )
+    options = model_options(config)
+    return Incrementer(options.pop("backbone"), num_classes, new_token_init=config.new_token_init,
+                       weights=config.weights, pretrained=config.pretrained and config.weights is None,
+                       attention=config.attention, **options)
+
+
+def load_step(config: TrainConfig, task, out_dir: Path, step: int) -> Incrementer:
+    """The model of finished step ``step`` from its checkpoint, checked against the run: the same
+    architecture (``model_options``) and the task's class counts up to that step, every difference named."""
+    path = checkpoint_path(out_dir, step)
+    expect = dict(model_options(config), classes_per_step=[len(classes) for classes in task[:step + 1]])
+    try:
+        return Incrementer.from_checkpoint(path, attention=config.attention, expect=expect)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error} — it is not this run's step {step}: restore the right file, or delete "
+                              f"it and rerun with --resume to train step {step} again") from error
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -287,70 +334,102 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
 
 def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> list[dict]:
     env = current_dist_env()
-    device = resolve_device(config, env)
     if log is None or not env.is_main:
         log = _silent
-    task = scenario_task(config)
-    if step is not None and not 0 <= step < len(task):
-        raise ValueError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has "
-                         f"{len(task)} steps, 0..{len(task) - 1}")
-    accumulation = config.accumulation_steps(env.world_size)
-    check_encoder_init(config)
 
-    # Run directory: config.json, resumption checks (every rank reads; rank 0 writes).
-    config_path = out_dir / "config.json"
+    # Everything that can be wrong with the request is found before anything is written: the device, the
+    # task and step, the output folder, the run directory, the model (options, or the checkpoint it
+    # continues), then every image and label of both splits.
+    try:
+        device = resolve_device(config, env)
+        task = scenario_task(config)
+        accumulation = config.accumulation_steps(env.world_size)
+        data_root = resolve_data_root(config, out_dir)
+        check_encoder_init(config)
+    except ValueError as error:
+        raise InputError(str(error)) from error
+    if step is not None and not 0 <= step < len(task):
+        raise InputError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has "
+                         f"{len(task)} steps, 0..{len(task) - 1}")
+    check_writable_folder(out_dir)
     records = read_records(out_dir)
     done = set(finished_steps(out_dir))
     if records and not resume and step is None:
         raise RunError(f"{out_dir} already holds a run (steps {sorted(done)} finished): "
                        "pass --resume to continue it or choose another --out")
-    if config_path.exists():
-        _check_resumable(json.loads(config_path.read_text())["config"], config, out_dir)
+    stored = read_run_config(out_dir)
+    if stored is not None:
+        _check_resumable(stored, config, out_dir)
     if step is not None and step > 0 and (step - 1) not in done:
         raise RunError(f"--step {step} needs step {step - 1} finished in {out_dir} "
                        f"(finished: {sorted(done) or 'none'})")
+    steps_to_run = [step] if step is not None else [s for s in range(len(task)) if not (resume and s in done)]
+    if not steps_to_run:
+        log(f"every step of {out_dir} is already finished")
+        return sorted(records, key=lambda r: r["step"])
+    first = steps_to_run[0]
+    if first == 0:
+        seed_everything(derive_seed(config.seed, "init"))
+        try:
+            model = build_model(config, len(task[0]))
+        except (TypeError, ValueError) as error:
+            raise InputError(f"the model options do not build a model: {error}") from error
+    else:
+        model = load_step(config, task, out_dir, first - 1)
+    if config.crop_size % model.patch_size:
+        raise InputError(f"--crop-size {config.crop_size} is not a multiple of the patch size "
+                         f"{model.patch_size} of {config.backbone} (FOD weighs whole patches): use e.g. "
+                         f"{max(1, round(config.crop_size / model.patch_size)) * model.patch_size}")
+
+    # Data: the synthetic set is generated (once) into its root; then both splits are decoded once.
+    if config.dataset == "synthetic" and env.is_main:
+        from .synthetic import remove_staging_folders
+
+        _report_removed(log, remove_staging_folders(data_root), "unfinished dataset staging folder")
+        prepare_synthetic(config, data_root)
+    _barrier(env)
+    cache_dir = out_dir / "cache"
+    try:
+        train_set = build_dataset(config.dataset, data_root, "train", cache_dir=cache_dir)
+        val_set = build_dataset(config.dataset, data_root, "val", cache_dir=cache_dir)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise InputError(f"{error} (check --data-root)") from error
+    scans = {}
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        if env.is_main:  # rank 0 decodes and caches; the others then read its cache
+            scans[split] = dataset.scan(progress=progress)
+    _barrier(env)
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        scans[split] = scans.get(split) or dataset.scan()
+        if scans[split].converted:
+            names = sorted(scans[split].converted)
+            log(f"{split}: {len(names)} grayscale/CMYK image(s) converted to RGB when loaded: "
+                f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}")
+    train_labels, val_labels = scans["train"].labels, scans["val"].labels
+
+    # The run starts: config.json (with the history of resumed changes), leftovers of a crash removed.
     launch = dict(world_size=env.world_size, micro_batch_size=config.micro_batch(env.world_size),
                   accumulation_steps=accumulation, effective_batch_size=config.batch_size,
                   device=str(device), task_steps=task)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(config_path, {"config": config.to_dict(), "launch": launch})
+        _report_removed(log, remove_orphaned_temporaries(out_dir), "unfinished temporary file")
+        changes = _config_changes(out_dir, stored, config, first)
+        atomic_write_json(out_dir / "config.json", {"config": config.to_dict(), "launch": launch,
+                                                    "changes": changes})
         log(f"run {out_dir}: {config.method} on {config.dataset} {config.task} ({config.setting}), "
             f"{len(task)} steps; effective batch {config.batch_size} = {env.world_size} process(es) × "
             f"{launch['micro_batch_size']} images × {accumulation} accumulation step(s); device {device}")
-
-    # Data (opened before the model is built, so that a wrong root fails at once).
-    data_root = resolve_data_root(config, out_dir)
-    if config.dataset == "synthetic" and env.is_main:
-        prepare_synthetic(config, data_root)
-    _barrier(env)
-    cache_dir = out_dir / "cache"
-    train_set = build_dataset(config.dataset, data_root, "train", cache_dir=cache_dir)
-    val_set = build_dataset(config.dataset, data_root, "val", cache_dir=cache_dir)
-    steps_to_run = [step] if step is not None else [s for s in range(len(task)) if not (resume and s in done)]
-    if not steps_to_run:
-        log(f"every step of {out_dir} is already finished")
-        return sorted(records, key=lambda r: r["step"])
-
-    # The normalisation comes from the backbone.
-    first = steps_to_run[0]
-    if first == 0:
-        seed_everything(derive_seed(config.seed, "init"))
-        model = build_model(config, len(task[0]))
-    else:
-        model = Incrementer.from_checkpoint(checkpoint_path(out_dir, first - 1), attention=config.attention)
     mean, std = model.normalization
     train_set.transform = train_transform(config.crop_size, mean, std,
                                           scale=(config.train_scale_min, config.train_scale_max),
                                           augmentation=config.train_augmentation)
     val_set.transform = eval_transform(config, mean, std)
-    train_labels = train_set.image_labels()
-    val_labels = val_set.image_labels()
 
     for current in steps_to_run:
         started = time.perf_counter()
         if current > 0 and model.num_classes != len(classes_up_to(task, current - 1)):
-            model = Incrementer.from_checkpoint(checkpoint_path(out_dir, current - 1), attention=config.attention)
+            model = load_step(config, task, out_dir, current - 1)
         model.to(device)
         # A checkpoint carries its own new-token rule; the run's config decides (they differ only when a
         # finished step 0 was copied from another run, as the demo and scripts/ablate.py do).
@@ -388,6 +467,53 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
             log(f"step {current} done in {record['seconds']:.1f} s: " + format_record(record))
         _barrier(env)
     return sorted(records, key=lambda r: r["step"])
+
+
+def check_writable_folder(folder: Path) -> None:
+    """InputError naming ``folder`` (the --out) unless it is, or can be created as, a folder this process
+    can write in; probed with a temporary file that is removed at once, so nothing is left behind."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under {existing}, which is a file"
+        raise InputError(f"--out {folder} {where}: choose a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InputError(f"--out {folder}: cannot write in {existing} ({error.strerror or error}); choose a "
+                         "writable folder") from error
+
+
+def remove_orphaned_temporaries(out_dir: Path) -> list[Path]:
+    """Delete the temporary files an interrupted run left in ``out_dir`` (and its cache): checkpoints
+    being written (``step_N.pt.*.tmp``) and atomic writes (``.NAME.*.tmp``). Returns what was removed."""
+    out_dir = Path(out_dir)
+    leftovers = sorted({*out_dir.glob("step_*.pt.*.tmp"), *out_dir.glob(".*.tmp"), *out_dir.glob("cache/.*.tmp")})
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
+def _report_removed(log, paths: list[Path], what: str) -> None:
+    if paths:
+        names = ", ".join(p.name for p in paths[:5]) + (", …" if len(paths) > 5 else "")
+        log(f"removed {len(paths)} {what}(s) left by an interrupted run: {names}")
+
+
+def _config_changes(out_dir: Path, stored: dict | None, config: TrainConfig, first: int) -> list[dict]:
+    """config.json's "changes": earlier entries, plus one for the options this resumption changes (only
+    RESUMABLE_FIELDS can differ), with the step they apply from."""
+    if stored is None:
+        return []
+    previous = _read_json(out_dir / "config.json", "configuration").get("changes", [])
+    current = config.to_dict()
+    changed = {k: [stored.get(k), v] for k, v in current.items() if stored.get(k) != v}
+    return previous + ([{"from_step": first, **changed}] if changed else [])
 
 
 def _silent(*_args) -> None:

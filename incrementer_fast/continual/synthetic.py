@@ -297,3 +297,16 @@ def generate_synthetic(root, seed: int = 0, num_train: int = 480, num_val: int =
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def remove_staging_folders(root) -> list[Path]:
+    """Delete the staging folders (``.generate-*``) that an interrupted ``generate_synthetic`` left under
+    ``root``; returns them. Under the generator's lock, so a generation in progress is never touched."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    with _exclusive_lock(root / ".generate.lock"):
+        staging = sorted(p for p in root.glob(".generate-*") if p.is_dir())
+        for folder in staging:
+            shutil.rmtree(folder, ignore_errors=True)
+    return staging

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from .. import fod_loss, fod_token_weights, cds_dice_loss
+from ..errors import InputError, WorkError
 from ..ops import seg_head as fused_seg_head
 from ..reference import seg_head as reference_seg_head
 from .config import TrainConfig
@@ -64,6 +65,9 @@ from ..constants import IGNORE_INDEX
 from .scenarios import classes_up_to, remap_eval_labels, remap_train_labels
 
 PLOP_NUM_BINS = 100
+# Every update's loss terms are checked for NaN/inf on the device (no host synchronisation); the flag is read
+# on the host every FINITE_CHECK_INTERVAL updates, at the end of each epoch and before the step is saved.
+FINITE_CHECK_INTERVAL = 50
 
 
 # ------------------------------------------------------------------------------------ processes, seeds
@@ -97,7 +101,8 @@ def resolve_device(config: TrainConfig, env: DistEnv) -> torch.device:
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but CUDA is not available")
+        raise InputError("--device cuda: CUDA is not available here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or auto (CUDA when present)")
     return torch.device("cuda", env.local_rank % torch.cuda.device_count())
 
 
@@ -394,6 +399,7 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
     model.train()
     summaries: list[dict] = []
     sums = torch.zeros(len(LossTerms.NAMES), device=device)
+    guard = _FiniteGuard(step, base_lr, updates_per_epoch, device, env)
     bar = None
     epoch_start = time.perf_counter()
     for micro_index, (images, labels) in enumerate(loader):
@@ -424,19 +430,21 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
             terms = compute_losses(config, student_out, labels, num_old=num_old, patch_size=model.patch_size,
                                    teacher=teacher_out, thresholds=thresholds)
             (terms.total / accumulation).backward()
-        sums += terms.stacked()
+        stacked = terms.stacked()
+        sums += stacked
+        guard.record(stacked, update)
         if last:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
+            if (update + 1) % FINITE_CHECK_INTERVAL == 0:
+                guard.check()
         if in_epoch == micro_per_epoch - 1:
             bar.close()
+            guard.check()
             means = (sums / micro_per_epoch).tolist()
             sums.zero_()
             summary = dict(zip(LossTerms.NAMES, means))
-            if not all(math.isfinite(v) for v in means):
-                raise FloatingPointError(
-                    f"step {step} epoch {epoch + 1}: the loss is not finite ({summary}); lower the learning rate")
             summary.update(epoch=epoch + 1, lr=lr, seconds=time.perf_counter() - epoch_start)
             summaries.append(summary)
             if env.is_main and log is not None:
@@ -444,7 +452,53 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
                                       (distill or n == "ce"))
                 log(f"step {step} epoch {epoch + 1}/{epochs}: {terms_text} lr {lr:.2e} "
                     f"({summary['seconds']:.1f} s)")
+    guard.check_weights(model, total_updates)
     return summaries
+
+
+class _FiniteGuard:
+    """Finds the first update whose loss is not finite without a host synchronisation per update: the
+    check on the device is recorded in a tensor (the first such update, and which terms), read by
+    ``check`` (every FINITE_CHECK_INTERVAL updates and at each epoch's end). ``check_weights`` then makes
+    sure the trained weights are finite before the step can be saved (the loss of the last update is
+    computed before that update, so an update that breaks the weights shows only there)."""
+
+    NONE = 2**62
+
+    def __init__(self, step: int, lr: float, updates_per_epoch: int, device: torch.device, env: DistEnv):
+        self.step, self.lr, self.updates_per_epoch, self.env = step, lr, updates_per_epoch, env
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.terms = torch.zeros(len(LossTerms.NAMES), dtype=torch.int64, device=device)
+
+    def record(self, stacked: torch.Tensor, update: int) -> None:
+        finite = torch.isfinite(stacked)
+        self.terms |= (~finite).long()
+        self.first = torch.where(finite.all(), self.first, self.first.clamp(max=update))
+
+    def check(self) -> None:
+        first, terms = self.first.clone(), self.terms.clone()
+        if self.env.distributed:  # every process must stop together (a lone raise would hang the others)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            dist.all_reduce(terms, op=dist.ReduceOp.MAX)
+        first = int(first)
+        if first != self.NONE:
+            names = ", ".join(n for n, bad in zip(LossTerms.NAMES, terms.tolist()) if bad)
+            raise WorkError(f"{self._where(first)}: the loss is not finite ({names}); {self._advice()}")
+
+    def check_weights(self, model: torch.nn.Module, total_updates: int) -> None:
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        if not bool(finite):
+            raise WorkError(f"{self._where(total_updates - 1)}: the weights are not finite after this update; "
+                            f"{self._advice()}")
+
+    def _where(self, update: int) -> str:
+        epoch, iteration = divmod(update, self.updates_per_epoch)
+        return f"step {self.step}, epoch {epoch + 1}, iteration {iteration + 1} of {self.updates_per_epoch}"
+
+    def _advice(self) -> str:
+        option = "--lr" if self.step == 0 else "--lr-incremental"
+        return (f"step {self.step} is not saved. Lower the learning rate ({option}, now {self.lr:g}) and "
+                f"continue with --resume {option} {self.lr / 10:g}")
 
 
 # ------------------------------------------------------------------------------------ evaluation

@@ -1,0 +1,319 @@
+"""Fault injection: each fault a demanding user can cause, at tiny size, through the ``incrementer-fast`` command.
+
+Every probe asserts the user-facing contract — one line on stderr naming the cause (exit status 2 for input
+that cannot be used as given, 1 for a failure during the work) — and that nothing bad was written: no
+config.json for a request refused up front, no checkpoint or metrics record of a step that failed, no
+temporary file left behind. The runs use timm's ``test_vit`` (width 64, 16-pixel patches) on eight 32² images
+so that the module stays within a few tens of seconds on two cores; only the fresh-process probe starts a new
+interpreter (the others call ``cli.main``, which is exactly what ``python -m incrementer_fast`` returns).
+"""
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from incrementer_fast import Incrementer
+from incrementer_fast.cli import main
+from incrementer_fast.continual.config import TrainConfig
+from incrementer_fast.continual.run import build_model
+from incrementer_fast.continual.datasets import SyntheticSegmentation
+from incrementer_fast.continual.synthetic import generate_synthetic
+from incrementer_fast.errors import CheckpointError, InputError
+
+IMAGES = "VOCdevkit/VOC2012/JPEGImages"
+SPLITS = "VOCdevkit/VOC2012/ImageSets/Segmentation"
+TINY = ["--dataset", "synthetic", "--synthetic-train-images", "8", "--synthetic-val-images", "4",
+        "--synthetic-image-size", "32", "--img-size", "32", "--crop-size", "32", "--val-size", "32",
+        "--backbone", "test_vit", "--task", "8-2", "--epochs", "1", "--epochs-incremental", "1",
+        "--batch-size", "4", "--eval-batch-size", "4", "--num-visualised", "1", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny runs: one intra-op thread is as fast as two contending ones. The previous setting is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults") / "data"
+    generate_synthetic(root, seed=0, num_train=8, num_val=4, image_size=32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data):
+    """A run directory whose step 0 is finished (checkpoint and metrics record)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--out", str(out), "--data-root", str(data), "--step", "0", *TINY]) == 0
+    return out
+
+
+def cli(argv, capsys):
+    """(exit status, stderr, stdout) of ``incrementer-fast ARGV``, asserting the one-line contract."""
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    return code, lines[0], captured.out
+
+
+def snapshot(folder) -> dict:
+    """Relative path -> content hash of every file under ``folder`` (empty if it does not exist)."""
+    if not os.path.exists(folder):
+        return {}
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def copy_run(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------ refused up front
+@pytest.mark.parametrize("option, value, message", [
+    ("--dropout", "2", "--dropout must be in [0, 1)"),
+    ("--n-layers", "0", "--n-layers must be a positive integer"),
+    ("--lr", "inf", "--lr must be a finite number"),
+    ("--lr-incremental", "nan", "--lr-incremental must be a finite number"),
+    ("--momentum", "1", "--momentum must be in [0, 1)"),
+    ("--crop-size", "40", "--crop-size 40 is not a multiple of the patch size 16"),
+    ("--backbone", "no_such_vit", "no_such_vit"),
+    ("--d-model", "129", "d_model=129 must be divisible by n_heads=2"),
+])
+def test_bad_options_are_refused_before_anything_is_written(option, value, message, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", data, *TINY, option, value], capsys)
+    assert code == 2 and message in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="probes a machine without CUDA")
+def test_cuda_without_a_gpu(data, tmp_path, capsys):
+    code, err, _ = cli(["train", "--out", tmp_path / "run", "--data-root", data, *TINY, "--device", "cuda"], capsys)
+    assert code == 2 and "--device cuda: CUDA is not available" in err and "--device cpu" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_under_a_file(data, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    code, err, _ = cli(["train", "--out", blocker / "run", "--data-root", data, *TINY], capsys)
+    assert code == 2 and f"is under {blocker}, which is a file" in err
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def _unwritable_folder(tmp_path):
+    """A folder this process cannot write in: read-only permissions, or (as root, whom permissions do not
+    stop) a sysfs folder, where creating a file is refused."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if os.path.isdir("/sys/kernel"):
+        return "/sys/kernel"
+    pytest.skip("running as root without /sys: no folder refuses writes")
+
+
+def test_read_only_output_folder(data, tmp_path, capsys):
+    folder = _unwritable_folder(tmp_path)
+    code, err, _ = cli(["train", "--out", f"{folder}/run", "--data-root", data, *TINY], capsys)
+    assert code == 2 and f"cannot write in {folder}" in err
+
+
+def _broken_copy(data, tmp_path):
+    return copy_run(data, tmp_path / "data")
+
+
+def test_duplicate_id_in_a_split_list(data, tmp_path, capsys):
+    root = _broken_copy(data, tmp_path)
+    split = root / SPLITS / "train_aug.txt"
+    split.write_text(split.read_text() + "syn_train_00002\n")
+    code, err, _ = cli(["train", "--out", tmp_path / "run", "--data-root", root, *TINY], capsys)
+    assert code == 2 and f"{split} lists 'syn_train_00002' twice (lines 3 and 9)" in err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_truncated_validation_image_is_found_before_step_0(data, tmp_path, capsys):
+    root = _broken_copy(data, tmp_path)
+    image = root / IMAGES / "syn_val_00002.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and f"cannot read image {image}" in err
+    assert not (out / "config.json").exists() and not list(out.glob("step_*"))
+
+
+def test_wrong_mode_images_are_named(data, tmp_path):
+    root = _broken_copy(data, tmp_path)
+    rgb = Image.open(root / IMAGES / "syn_train_00001.png")
+    rgb.convert("L").save(root / IMAGES / "syn_train_00001.png")  # grayscale: converted, and listed
+    scan = SyntheticSegmentation(root, "train", cache_dir=tmp_path / "cache").scan()
+    assert scan.converted == {"syn_train_00001": "L"}
+    rgb.convert("RGBA").save(root / IMAGES / "syn_train_00004.png")  # transparency: refused, named
+    with pytest.raises(InputError, match="syn_train_00004.png has mode RGBA"):
+        SyntheticSegmentation(root, "train", cache_dir=tmp_path / "cache").scan()
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _resume(run, capsys):
+    before = snapshot(run)
+    code, err, _ = cli(["train", "--out", run, "--resume", "--quiet"], capsys)
+    after = snapshot(run)
+    assert after == before  # nothing written: no config.json rewrite, no step 1, no record
+    return code, err
+
+
+@pytest.mark.parametrize("corruption, cause", [
+    ("truncated", "truncated or corrupt"),
+    ("empty", "is empty"),
+    ("random", "not a torch checkpoint of tensors"),
+    ("other format", "not an Incrementer checkpoint"),
+])
+def test_corrupt_checkpoint_is_named(corruption, cause, finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    path = run / "step_0.pt"
+    if corruption == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif corruption == "empty":
+        path.write_bytes(b"")
+    elif corruption == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        torch.save({"model": {"weight": torch.ones(3)}, "epoch": 4}, path)
+    code, err = _resume(run, capsys)
+    assert code == 2 and f"checkpoint {path}" in err and cause in err and "step 0" in err
+
+
+def test_checkpoint_of_another_architecture_is_named_field_by_field(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text())["config"])
+    other = TrainConfig.from_dict({**config.to_dict(), "n_layers": 1, "dropout": 0.0})
+    build_model(other, 7).save(run / "step_0.pt")
+    code, err = _resume(run, capsys)
+    assert code == 2 and f"checkpoint {run / 'step_0.pt'} does not fit" in err
+    for field in ("n_layers: file 1, expected 2", "dropout: file 0.0, expected 0.1",
+                  "classes_per_step: file [7], expected [9]"):
+        assert field in err
+
+
+def test_demo_checkpoint_loads_in_a_fresh_process_and_errors_are_one_line(finished, tmp_path):
+    """A fresh interpreter (the only one this module starts: imports cost seconds) first loads a checkpoint
+    of the demo backbone through the documented API alone, then runs the command on a corrupt checkpoint:
+    exit status 2 and exactly one line on stderr, through the real entry point's sys.exit."""
+    demo = build_model(TrainConfig.demo(img_size=32), 9)
+    demo.save(tmp_path / "demo.pt")
+    run = copy_run(finished, tmp_path / "run")
+    (run / "step_0.pt").write_bytes(b"\x00" * 100)
+    script = textwrap.dedent("""
+        import sys
+        import incrementer_fast as inc
+        model = inc.Incrementer.from_checkpoint(sys.argv[1])
+        print(model.config["backbone"], model.num_classes, tuple(model(inc_images := __import__("torch").zeros(
+            1, 3, 32, 32)).masks.shape))
+        from incrementer_fast.cli import main
+        sys.exit(main(["train", "--out", sys.argv[2], "--resume", "--quiet"]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "demo.pt"), str(run)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["vit_demo_patch8", "9", "(1,", "9,", "4,", "4)"], result.stderr
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and f"checkpoint {run / 'step_0.pt'}" in result.stderr
+
+
+def test_from_checkpoint_names_the_file_and_refuses_non_finite_weights(tmp_path):
+    model = build_model(TrainConfig.demo(backbone="test_vit", img_size=32), 3)
+    with torch.no_grad():
+        model.proj_patch[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite weights in proj_patch"):
+        model.save(tmp_path / "nan.pt")
+    assert not list(tmp_path.iterdir())
+    state = model.state_dict()
+    torch.save({"format": "incrementer_fast.Incrementer/1", "config": model.config, "classes_per_step": [3],
+                "state_dict": state}, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'nan.pt'} holds non-finite weights"):
+        Incrementer.from_checkpoint(tmp_path / "nan.pt")
+
+
+# ------------------------------------------------------------------------------------ failures during the work
+def test_non_finite_loss_stops_and_resume_takes_the_advice(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    # lr 1e30: the first update leaves huge weights, the loss of the second is inf/nan.
+    code, err, _ = cli(["train", "--out", out, "--data-root", data, *TINY, "--step", "0", "--lr", "1e30"], capsys)
+    assert code == 1 and "step 0, epoch 1, iteration 2 of 2: the loss is not finite" in err
+    assert "--resume --lr 1e+29" in err
+    assert not (out / "step_0.pt").exists() and not (out / "metrics.json").exists()
+
+    # A crash's leftovers: a checkpoint being written, an atomic write, a dataset staging folder.
+    (out / "step_0.pt.k2j3h4.tmp").write_bytes(b"partial")
+    (out / ".metrics.json.x8y9.tmp").write_text("[")
+    (data / ".generate-q1w2e3").mkdir()
+    code = main(["train", "--out", str(out), "--data-root", str(data), "--resume", "--step", "0", "--lr", "0.01",
+                 "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "removed 2 unfinished temporary file(s) left by an interrupted run" in printed
+    assert "removed 1 unfinished dataset staging folder(s)" in printed
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp")) and not list(data.glob(".generate-*"))
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["config"]["lr"] == 0.01 and stored["changes"] == [{"from_step": 0, "lr": [1e30, 0.01]}]
+    weights = torch.load(out / "step_0.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_non_finite_weights_after_the_last_update_are_never_saved(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    # One update per step (8 images, batch 8): its loss is finite, the weights it leaves are not.
+    code, err, _ = cli(["train", "--out", out, "--data-root", data, *TINY, "--step", "0", "--batch-size", "8",
+                        "--lr", "1e38"], capsys)
+    assert code == 1 and "step 0, epoch 1, iteration 1 of 1: the weights are not finite" in err
+    assert not (out / "step_0.pt").exists() and not (out / "metrics.json").exists()
+
+
+@contextlib.contextmanager
+def refused_large_writes():
+    """Writes past 256 KiB fail in this process as on a full disk (RLIMIT_FSIZE: EFBIG instead of
+    ENOSPC); SIGXFSZ is ignored so the write fails instead of killing the process. Both are restored."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_refused_checkpoint_write_is_named_and_leaves_nothing(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    with refused_large_writes():
+        code, err, _ = cli(["train", "--out", out, "--data-root", data, *TINY, "--step", "0"], capsys)
+    assert code == 1 and f"{out / 'step_0.pt'}: File too large" in err and "--resume" in err
+    assert not list(out.glob("step_0.pt*")) and not (out / "metrics.json").exists()
+
+
+def test_debug_shows_the_traceback(data, tmp_path):
+    with pytest.raises(InputError, match="--dropout must be in"):
+        main(["train", "--out", str(tmp_path / "run"), "--data-root", str(data), *TINY, "--dropout", "2", "--debug"])
