@@ -338,8 +338,9 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
         log = _silent
 
     # Everything that can be wrong with the request is found before anything is written: the device, the
-    # task and step, the output folder, the run directory, the model (options, or the checkpoint it
-    # continues), then every image and label of both splits.
+    # task and step, the output folder, the run directory, the data's layout (cheap: before the model, which
+    # may download weights), the model (options, or the checkpoint it continues), then every image and label
+    # of both splits. The synthetic set is generated only after the model checks, as it is written.
     try:
         device = resolve_device(config, env)
         task = scenario_task(config)
@@ -367,13 +368,16 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
     if not steps_to_run:
         log(f"every step of {out_dir} is already finished")
         return sorted(records, key=lambda r: r["step"])
+    cache_dir = out_dir / "cache"
+    if config.dataset != "synthetic":
+        train_set, val_set = _open_datasets(config, data_root, cache_dir)
     first = steps_to_run[0]
     if first == 0:
         seed_everything(derive_seed(config.seed, "init"))
         try:
             model = build_model(config, len(task[0]))
-        except (TypeError, ValueError) as error:
-            raise InputError(f"the model options do not build a model: {error}") from error
+        except (TypeError, ValueError, FileNotFoundError) as error:
+            raise InputError(f"cannot build the model: {error}") from error
     else:
         model = load_step(config, task, out_dir, first - 1)
     if config.crop_size % model.patch_size:
@@ -381,19 +385,14 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
                          f"{model.patch_size} of {config.backbone} (FOD weighs whole patches): use e.g. "
                          f"{max(1, round(config.crop_size / model.patch_size)) * model.patch_size}")
 
-    # Data: the synthetic set is generated (once) into its root; then both splits are decoded once.
-    if config.dataset == "synthetic" and env.is_main:
-        from .synthetic import remove_staging_folders
+    if config.dataset == "synthetic":
+        if env.is_main:
+            from .synthetic import remove_staging_folders
 
-        _report_removed(log, remove_staging_folders(data_root), "unfinished dataset staging folder")
-        prepare_synthetic(config, data_root)
-    _barrier(env)
-    cache_dir = out_dir / "cache"
-    try:
-        train_set = build_dataset(config.dataset, data_root, "train", cache_dir=cache_dir)
-        val_set = build_dataset(config.dataset, data_root, "val", cache_dir=cache_dir)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
-        raise InputError(f"{error} (check --data-root)") from error
+            _report_removed(log, remove_staging_folders(data_root), "unfinished dataset staging folder")
+            prepare_synthetic(config, data_root)
+        _barrier(env)
+        train_set, val_set = _open_datasets(config, data_root, cache_dir)
     scans = {}
     for split, dataset in (("train", train_set), ("val", val_set)):
         if env.is_main:  # rank 0 decodes and caches; the others then read its cache
@@ -467,6 +466,16 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
             log(f"step {current} done in {record['seconds']:.1f} s: " + format_record(record))
         _barrier(env)
     return sorted(records, key=lambda r: r["step"])
+
+
+def _open_datasets(config: TrainConfig, data_root: Path, cache_dir: Path):
+    """The train and val datasets (their file lists; nothing decoded yet); InputError naming what is
+    missing or malformed."""
+    try:
+        return tuple(build_dataset(config.dataset, data_root, split, cache_dir=cache_dir)
+                     for split in ("train", "val"))
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise InputError(f"{error} (check --data-root)") from error
 
 
 def check_writable_folder(folder: Path) -> None:
