@@ -30,6 +30,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import os
 import sys
 import time
