@@ -164,6 +164,6 @@ def test_eval_rescores_a_saved_step(tiny_data, capsys, tmp_path):
     assert all(v is None or 0.0 <= v <= 1.0 for v in slide["per_class_iou"])
 
     code, err = run_cli(["eval", "--run", str(out), "--step", "1"], capsys)
-    assert code == 1 and "step_1.pt" in err
+    assert code == 2 and "step_1.pt" in err  # a checkpoint that is not there: input that cannot be used
     code, err = run_cli(["eval", "--run", str(tmp_path), "--step", "0"], capsys)
     assert code == 2 and "config.json" in err
