@@ -12,6 +12,8 @@ setup(
     # a top-level import named `kernels` would clash with an unrelated PyPI package.
     packages=find_packages(include=["incrementer_fast", "incrementer_fast.*"]) + ["incrementer_fast.kernels"],
     package_dir={"incrementer_fast.kernels": "kernels"},
+    # The demo's pretrained encoder (scripts/pretrain_demo_encoder.py) and its provenance.
+    package_data={"incrementer_fast": ["assets/*.safetensors", "assets/*.json"]},
     install_requires=[
         "torch>=2.6",
         "triton",
@@ -21,6 +23,7 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "safetensors",
     ],
     extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark"]},
     entry_points={"console_scripts": ["incrementer-fast=incrementer_fast.cli:main"]},

@@ -141,16 +141,13 @@ def _window(cx: float, cy: float, extent: float, size: int) -> tuple[slice, slic
     return slice(r0, max(r1, r0)), slice(c0, max(c1, c0))
 
 
-def _render(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One (image uint8 (S, S, 3), label uint8 (S, S)) pair, a pure function of its arguments."""
-    rng = np.random.default_rng([seed, _SPLITS[split], index, size])
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-
-    # Background: a desaturated base colour with smooth colour noise.
+def render_background(rng, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """The cluttered background, float RGB (S, S, 3) around [0, 1]: a desaturated base colour with smooth
+    colour noise, irregular blobs of any colour with a noise texture, and lines (all background: a red blob
+    is not a red disc, so the shape must be learned). ``xs``, ``ys``: pixel-centre coordinates (S, S)."""
+    size = xs.shape[0]
     base = _hsv(rng.uniform(), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.85))
     image = base + 0.18 * _smooth_noise(rng, size, size, int(rng.integers(3, 7)), 3)
-
-    # Distractors (background): irregular blobs of any colour with a noise texture, and lines.
     for _ in range(int(rng.integers(2, 6))):
         cx, cy = rng.uniform(0, size, 2)
         radius = rng.uniform(0.06, 0.22) * size
@@ -171,6 +168,56 @@ def _render(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, n
         colour = _hsv(rng.uniform(), rng.uniform(0.2, 1.0), rng.uniform(0.3, 1.0))
         dist = (xs - size / 2) * np.sin(angle) - (ys - size / 2) * np.cos(angle) - offset
         image[np.abs(dist) <= width] = colour
+    return image
+
+
+def draw_object(image: np.ndarray, rng, xs: np.ndarray, ys: np.ndarray, inside, texture, hue: float):
+    """Paint one object over ``image`` (in place) and return ``(window, mask)``: the object's bounding
+    window (a pair of slices) and its boolean mask within that window.
+
+    The object is placed, scaled (radius 0.14-0.28 of the image side), rotated and slightly stretched at
+    random; ``inside(u, v)`` is the shape's inside-test in object coordinates (circumradius about 1),
+    ``texture(up, vp, u, v, rng)`` the mixing weight in [0, 1] between the object's dark and bright colour
+    ((up, vp) in pixels along the object's axes, (u, v) in object coordinates); ``hue`` is jittered per
+    object."""
+    size = xs.shape[0]
+    cx, cy = rng.uniform(0.12, 0.88, 2) * size
+    radius = rng.uniform(0.14, 0.28) * size
+    theta = rng.uniform(0, 2 * np.pi)
+    stretch = np.sqrt(rng.uniform(0.8, 1.25))
+    bright = _hsv(hue + rng.normal(0.0, 0.025), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
+    dark = bright * rng.uniform(0.25, 0.45)
+    win = _window(cx, cy, radius * stretch * 1.05, size)
+    dx, dy = xs[win] - cx, ys[win] - cy
+    up = dx * np.cos(theta) + dy * np.sin(theta)
+    vp = -dx * np.sin(theta) + dy * np.cos(theta)
+    u, v = up / (radius * stretch), vp * stretch / radius
+    mask = inside(u, v)
+    weight = texture(up, vp, u, v, rng)[..., None]
+    image[win] = np.where(mask[..., None], dark + (bright - dark) * weight, image[win])
+    return win, mask
+
+
+def void_band(label: np.ndarray) -> np.ndarray:
+    """VOC-style void band: ``label`` with 255 on every pixel whose 4-neighbourhood holds another label."""
+    padded = np.pad(label, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    edge = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
+            | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
+    return np.where(edge, IGNORE_INDEX, label).astype(np.uint8)
+
+
+def finish_image(image: np.ndarray, rng) -> np.ndarray:
+    """Sensor noise (σ 0.03), clipping and quantisation to uint8."""
+    image = image + rng.normal(0.0, 0.03, size=image.shape)
+    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def _render(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (image uint8 (S, S, 3), label uint8 (S, S)) pair, a pure function of its arguments."""
+    rng = np.random.default_rng([seed, _SPLITS[split], index, size])
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    image = render_background(rng, xs, ys)
 
     # Objects, drawn in order: later ones occlude earlier ones.
     label = np.zeros((size, size), dtype=np.uint8)
@@ -178,32 +225,10 @@ def _render(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, n
     classes = rng.choice(NUM_FOREGROUND_CLASSES, size=count, replace=False) + 1
     for cls in classes:
         _, shape, texture, hue = CLASS_SPECS[cls - 1]
-        cx, cy = rng.uniform(0.12, 0.88, 2) * size
-        radius = rng.uniform(0.14, 0.28) * size
-        theta = rng.uniform(0, 2 * np.pi)
-        stretch = np.sqrt(rng.uniform(0.8, 1.25))
-        bright = _hsv(hue + rng.normal(0.0, 0.025), rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0))
-        dark = bright * rng.uniform(0.25, 0.45)
-        win = _window(cx, cy, radius * stretch * 1.05, size)
-        dx, dy = xs[win] - cx, ys[win] - cy
-        up = dx * np.cos(theta) + dy * np.sin(theta)
-        vp = -dx * np.sin(theta) + dy * np.cos(theta)
-        u, v = up / (radius * stretch), vp * stretch / radius
-        mask = _shape_mask(shape, u, v)
-        weight = _texture(texture, up, vp, u, rng)[..., None]
-        image[win] = np.where(mask[..., None], dark + (bright - dark) * weight, image[win])
+        win, mask = draw_object(image, rng, xs, ys, lambda u, v: _shape_mask(shape, u, v),
+                                lambda up, vp, u, v, r: _texture(texture, up, vp, u, r), hue)
         label[win][mask] = cls
-
-    # VOC-style void band: pixels whose 4-neighbourhood holds another label.
-    padded = np.pad(label, 1, mode="edge")
-    centre = padded[1:-1, 1:-1]
-    edge = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
-            | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
-    label = np.where(edge, IGNORE_INDEX, label).astype(np.uint8)
-
-    image = image + rng.normal(0.0, 0.03, size=image.shape)
-    image = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
-    return image, label
+    return finish_image(image, rng), void_band(label)
 
 
 def _image_id(split: str, index: int) -> str:
