@@ -327,6 +327,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-every", type=int, default=0, help="updates between held-out checks (0: only at the end)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # What produced the file, read before training: the script may be edited while a long run goes on.
+    script = Path(__file__).resolve()
+    script_sha256, commit = sha256_of(script), _git_commit()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -346,7 +349,6 @@ def main(argv=None) -> int:
                        f"scripts/pretrain_demo_encoder.py (provenance: {out.name}.json)"})
     os.chmod(temporary, 0o644)
     os.replace(temporary, out)
-    script = Path(__file__).resolve()
     provenance = {
         "file": out.name,
         "sha256": sha256_of(out),
@@ -354,9 +356,9 @@ def main(argv=None) -> int:
         "dtype": "float16",
         "backbone": DEMO_BACKBONE,
         "script": "scripts/pretrain_demo_encoder.py",
-        "script_sha256": sha256_of(script),
+        "script_sha256": script_sha256,
         "command": "python scripts/pretrain_demo_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "settings": vars(args),
         "pretraining_classes": {"shapes": list(PRETRAIN_SHAPES), "textures": list(PRETRAIN_TEXTURES),
                                 "hue_bins": HUE_BINS},
