@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from incrementer_fast._files import atomic_write
 from incrementer_fast.backbones import DEMO_BACKBONE
 from incrementer_fast.constants import IGNORE_INDEX
 from incrementer_fast.continual import synthetic
@@ -283,9 +284,24 @@ def train(args) -> tuple[PretrainingNet, dict]:
                       "loss_hue": mean_terms[2], "seconds": round(time.perf_counter() - started, 1)}
             if args.eval_every and (update + 1) % args.eval_every == 0:
                 record["held_out"] = evaluate(net, args.seed, args.images, 256, args.size, mean, std)
+                # A snapshot to try the encoder on the demo before the run ends (not the shipped file).
+                save_encoder(net, Path(args.out).with_suffix(f".update{update + 1}.safetensors"), args.size)
             history.append(record)
             print(json.dumps(record), flush=True)
     return net, {"history": history, "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def save_encoder(net: PretrainingNet, out: Path, size: int) -> None:
+    """The encoder's weights as float16 safetensors at ``out`` (atomically)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in net.encoder.state_dict().items()}
+    # One metadata key: safetensors writes a metadata dict in no fixed order, which would change the bytes.
+    data = save(state, metadata={"description": f"{DEMO_BACKBONE} encoder pretrained on {size}x{size} synthetic "
+                                                f"images by scripts/pretrain_demo_encoder.py (provenance: "
+                                                f"{out.name}.json)"})
+    with atomic_write(out) as handle:
+        handle.write(data)
 
 
 def _git_commit() -> str | None:
@@ -324,7 +340,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-images", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed: reproducibility)")
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--eval-every", type=int, default=0, help="updates between held-out checks (0: only at the end)")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="updates between held-out checks and encoder snapshots <out>.update<N>.safetensors "
+                             "(0: only at the end)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # What produced the file, read before training: the script may be edited while a long run goes on.
@@ -339,16 +357,7 @@ def main(argv=None) -> int:
     held_out = evaluate(net, args.seed, args.images, args.eval_images, args.size, mean, std)
     print(json.dumps({"held_out": held_out}), flush=True)
 
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in net.encoder.state_dict().items()}
-    temporary = out.with_name(f".{out.name}.tmp")
-    # One metadata key: safetensors writes a metadata dict in no fixed order, which would change the bytes.
-    save_file(state, str(temporary), metadata={
-        "description": f"{DEMO_BACKBONE} encoder pretrained on {args.size}x{args.size} synthetic images by "
-                       f"scripts/pretrain_demo_encoder.py (provenance: {out.name}.json)"})
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, out)
+    save_encoder(net, out, args.size)
     provenance = {
         "file": out.name,
         "sha256": sha256_of(out),
@@ -371,7 +380,8 @@ def main(argv=None) -> int:
                      "timm": __import__("timm").__version__},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {args.threads} torch thread(s)",
     }
-    (out.parent / f"{out.name}.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    with atomic_write(out.parent / f"{out.name}.json") as handle:
+        handle.write((json.dumps(provenance, indent=2) + "\n").encode())
     print(f"wrote {out} ({provenance['bytes']} bytes, sha256 {provenance['sha256']}) and {out.name}.json")
     return 0
 
