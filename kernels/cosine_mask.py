@@ -7,11 +7,14 @@ patches P (B, N, D), classes C (B, K, D), a scalar scale s. With x̂ = x / max(�
     masks[b, k, n] = s · ⟨ĉ[b, k], p̂[b, n]⟩ = s · ⟨c[b, k], p[b, n]⟩ · ι_c[b, k] · ι_p[b, n],
     ι_x = 1 / max(‖x‖, eps).
 
-So the normalisation never has to be materialised: one program per (b, K tile, N tile) walks D in blocks,
-accumulates the raw dot products C·Pᵀ with `tl.dot` and, from the very same loaded tiles, the squared norms
-of its class rows and patch rows ("norms for free", no extra pass); the epilogue multiplies by
-s·ι_c[:, None]·ι_p[None, :] and stores the (K, N) tile straight into the contiguous (B, K, N) output, so
-`masks.view(B, K, h, w)` costs nothing.
+So the normalisation never has to be materialised: one program per (b, N tile, K tile) walks D in blocks,
+accumulates the raw dot products P·Cᵀ with `tl.dot` and, from the very same loaded tiles, the squared norms
+of its patch and class rows ("norms for free", no extra pass); the epilogue multiplies by
+s·ι_p[:, None]·ι_c[None, :] and stores the tile straight into the contiguous (B, K, N) output, so
+`masks.view(B, K, h, w)` costs nothing. The programs of the first K tile also write the patch norms ‖p‖
+(B, N), those of the first N tile the class norms ‖c‖ (B, K): the backward needs them and recomputes
+nothing. The tile is (patches × classes): the class count is the dot's N dimension, which tensor cores
+issue in steps of 8, so K = 21 takes three 8-wide tiles (24 lanes, 1.14×) instead of a 64-wide one (3×).
 
 Backward (the VJP)
 ------------------
@@ -26,29 +29,55 @@ clamp is constant, x̂ = x/eps, and the Jacobian is I/eps (torch's clamp_min pas
 
     dx = (dx̂ − x̂ · ⟨x̂, dx̂⟩ · [‖x‖ ≥ eps]) · ι_x.
 
-The row dot products need no full row of dx̂: ⟨p̂_n, dp̂_n⟩ = s · Σ_k dM[k, n] raw[k, n] =: s·σ_p[n] and
-⟨ĉ_k, dĉ_k⟩ = s · Σ_n dM[k, n] raw[k, n] =: s·σ_c[k], and ds = Σ_k σ_c[k]. Hence
+The row dot products need no full row of dx̂: ⟨p̂_n, dp̂_n⟩ = Σ_k dM[k, n] masks[k, n] =: σ_p[n] and
+⟨ĉ_k, dĉ_k⟩ = Σ_n dM[k, n] masks[k, n] =: σ_c[k] (masks = s·raw carries the factor s). Hence
 
-    dp_n = s · (Σ_k dM[k, n] ĉ_k − p̂_n σ_p[n] [‖p_n‖ ≥ eps]) · ι_p[n]
-    dc_k = s · (Σ_n dM[k, n] p̂_n − ĉ_k σ_c[k] [‖c_k‖ ≥ eps]) · ι_c[k].
+    dp_n = (s · Σ_k dM[k, n] ĉ_k − p̂_n σ_p[n] [‖p_n‖ ≥ eps]) · ι_p[n]
+    dc_k = (s · Σ_n dM[k, n] p̂_n − ĉ_k σ_c[k] [‖c_k‖ ≥ eps]) · ι_c[k]
+    ds   = Σ_k ⟨ĉ_k, Σ_n dM[k, n] p̂_n⟩                                  (no division by s: s may be 0)
 
-Three launches, no atomics (deterministic):
-1. `_backward_stats_kernel`, one program per (b, N tile): recomputes raw tile by tile exactly like the forward
-   (norms again for free) — one extra GEMM, in exchange for saving nothing but the inputs — and writes the
-   norms ‖p‖ (B, N), ‖c‖ (B, K), σ_p (B, N) complete (the program loops over all of K) and σ_c as per-N-tile
-   partial sums (B, N tiles, K), reduced afterwards by a fixed-order torch `.sum` (also giving ds).
-2. `_backward_input_kernel` for dp: one program per (b, N tile, D tile) accumulates Σ_k dM[k, n] ĉ_k over
-   K blocks (ĉ = c·ι_c formed on the fly from the norms of step 1) and applies the projection in the epilogue.
-3. the same kernel for dc, with the roles of patches and classes swapped (dMᵀ is dM with its strides swapped).
-No normalised copy of patches or classes is ever materialised; every intermediate is O(B·(N + K)).
+The backward reads the saved masks and norms and recomputes no forward product. One launch,
+`_backward_kernel`, computes both input gradients: its first programs compute dp, the others dc, each with
+`_input_grad_tile` — one program per (b, tile of rows of x, tile of D) accumulates Σ_j dM[r, j] ŷ_j over the
+partner's rows j with `tl.dot` (ŷ = y·ι_y formed on the fly from the saved norms), and σ_x from the same
+dM tile and the matching masks tile, then applies the
+projection in the epilogue. When the scale needs a gradient the dc programs also write their share of
+ds, Σ over their tile of ĉ · (Σ_n dM p̂), and a fixed-order torch sum adds the partials. No atomics: the
+gradients are bitwise reproducible. The tiles are transposed, (D × rows of x), so the rows of x (K for dc)
+are again the dot's N dimension.
 
-Precision and tensor cores. Accumulation is fp32 (fp64 for fp64 inputs). fp32 dots run with
-input_precision="ieee" (no TF32) so fp32 results match the float64 reference to ~1e-6. For fp16/bf16 inputs
-the forward and stats dots take the 16-bit tiles as they are: products of 16-bit numbers are exact in fp32,
-so tensor cores give fp32-exact results. In the input-gradient dots dM is 16-bit (exact) but ŷ = y·ι_y is an
-fp32 value: it is split into hi + lo 16-bit parts (ŷ ≈ hi + lo to ~2^-22 for fp16, ~2^-16 for bf16) and
-two tensor-core dots are accumulated, which keeps near-fp32 accuracy at tensor-core speed. Under Triton's
-interpreter bf16 `tl.dot` is unreliable, so there bf16 tiles are upcast and dotted in fp32 (same result).
+Precision and tensor cores
+--------------------------
+Accumulation is fp32 (fp64 for fp64 inputs, with IEEE fp64 dots).
+* fp32 inputs: every dot runs with ``input_precision="tf32x3"``: Triton splits each fp32 operand into a
+  TF32 "big" part and a TF32 remainder and issues three TF32 tensor-core products (big·big, big·small,
+  small·big), which keeps ~fp32 accuracy (relative error of a product ~2^-21 instead of TF32's 2^-11) at
+  tensor-core speed. Triton's interpreter computes such a dot as a plain fp32 matmul (numpy), so the
+  parity suite run through the interpreter checks the algorithm, not the TF32 split; the GPU parity tests
+  (benchmarks/gpu_check.sh) check the split against the same fp32 bound.
+* fp16/bf16 inputs: the forward dot takes the 16-bit tiles as they are (products of 16-bit numbers are
+  exact in fp32). The backward dots take ŷ (an fp32 value) and dM converted to fp32, with
+  ``input_precision="tf32"``: dM is exact in TF32 when it is 16-bit (TF32 keeps fp16's 10-bit mantissa),
+  ŷ is rounded to TF32 (2^-12 relative), well inside the bounds of 16-bit gradients, and the reduction
+  over K may then run in steps of 8 (16-bit dots need 16). Under Triton's interpreter a bf16 `tl.dot` is
+  unreliable, so there bf16 tiles are upcast and dotted in fp32 (the same exact products).
+
+Masks in a dtype less precise than the inputs' (``out_dtype`` bf16 for fp32 inputs) would make σ
+inexact: then the launcher's caller keeps the masks in the inputs' dtype for the backward (see
+incrementer_fast/ops/cosine_mask.py).
+
+Tiles and grids
+---------------
+Chosen on the host from the sizes, not autotuned, so Triton's interpreter (and the performance ledger,
+which counts what the interpreter issues) runs exactly the tiles and grids of a GPU launch, and compile
+time stays one kernel per shape class. Class and row tiles are the largest power of two ≤ 64 that wastes
+at most 15 % of the work on padding (`utils.pow2_tile`); the other tile grows from 16 only as long as the
+grid keeps at least two programs per multiprocessor (`utils.PLAN_SMS` of them for tensors not on a GPU).
+At ViT-B/16 512²,
+batch 8 (N = 1024, D = 768): K = 151 → forward tiles 128 × 32 patches × classes (320 programs), backward
+tiles (D × rows) dp 64 × 64 (1536 programs) and dc 64 × 32 (480 programs); K = 21 → forward 64 × 8 (384),
+dc 64 × 8 (288). Reduction steps: 32 features forward; 32 classes (K = 151) or 8 (K = 21) for dp, 32
+patches for dc.
 
 Limits: fp32 inputs whose squared row norms overflow fp32 (‖x‖ ≳ 1e19) give inf norms, like the reference.
 Offsets are int64 throughout (outputs beyond 2^31 elements work); every load and store is masked; inputs
@@ -60,69 +89,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import INTERPRET
-from . import device_guard
-
-_TL_DTYPE = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
-
-# σ_c partials are written per N tile, so the stats kernel's N tile is fixed (not autotuned): the launcher
-# must know the number of partials before the launch.
-_STATS_BLOCK_N = 64
-
-
-def _configs(interpreted: dict, cuda: list[tuple[dict, int, int]]) -> list[triton.Config]:
-    """One config under the interpreter (autotuning more than one fails there), a few on CUDA.
-
-    The interpreter's tiles are 64 wide: its tl.dot is numpy's matmul, which turns ~1000× slower (threaded
-    BLAS) on a busy CPU once a product exceeds 64·64·64 multiply-adds.
-    """
-    if INTERPRET:
-        return [triton.Config(interpreted, num_warps=4, num_stages=1)]
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in cuda]
-
-
-# Forward: K tiles of 64-128 cover the usual class counts (≤ 150) in one or two tiles; K is the fastest
-# grid axis, so the programs sharing an N tile of patches run together and read it from L2.
-_FORWARD_CONFIGS = _configs(
-    dict(BLOCK_K=64, BLOCK_N=64, BLOCK_D=64),
-    [
-        (dict(BLOCK_K=64, BLOCK_N=64, BLOCK_D=32), 4, 3),
-        (dict(BLOCK_K=128, BLOCK_N=64, BLOCK_D=32), 4, 3),
-        (dict(BLOCK_K=64, BLOCK_N=128, BLOCK_D=32), 4, 3),
-        (dict(BLOCK_K=128, BLOCK_N=128, BLOCK_D=32), 8, 3),
-    ],
-)
-_STATS_CONFIGS = _configs(
-    dict(BLOCK_K=64, BLOCK_D=64),
-    [
-        (dict(BLOCK_K=64, BLOCK_D=32), 4, 3),
-        (dict(BLOCK_K=128, BLOCK_D=32), 4, 3),
-        (dict(BLOCK_K=128, BLOCK_D=64), 8, 3),
-    ],
-)
-_INPUT_GRAD_CONFIGS = _configs(
-    dict(BLOCK_R=64, BLOCK_J=64, BLOCK_D=64),
-    [
-        (dict(BLOCK_R=64, BLOCK_J=32, BLOCK_D=64), 4, 3),
-        (dict(BLOCK_R=64, BLOCK_J=64, BLOCK_D=128), 4, 3),
-        (dict(BLOCK_R=128, BLOCK_J=32, BLOCK_D=64), 8, 3),
-        (dict(BLOCK_R=128, BLOCK_J=64, BLOCK_D=128), 8, 3),
-    ],
+from .utils import (
+    INTERPRET,
+    accumulation_dtype,
+    device_guard,
+    multiprocessor_count,
+    num_warps,
+    pow2_tile,
+    tl_dtype,
 )
 
+# Class/row tiles waste at most this share of the work on padding (K = 151 → 32-wide tiles, 160 lanes).
+MAX_PADDING = 1.15
+# The grid keeps at least this many programs per multiprocessor where the tiles allow it.
+PROGRAMS_PER_SM = 2
+# Tile values per thread above which a program takes 8 warps instead of 4. With these (and the tile caps
+# below) ptxas reports no register spills for sm_90 at the paper shapes, fp32 and bf16; 32 per thread, a
+# 64-wide D step in the forward or a 128-wide D tile or 64-deep reduction step in the backward all spilled.
+VALUES_PER_THREAD = 16
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=["N", "K", "D"])
+
 @triton.jit
 def _forward_kernel(
     patches_ptr,  # (B, N, D) any strides
     classes_ptr,  # (B, K, D) any strides
     scale_ptr,  # () the scale s, any float dtype
     masks_ptr,  # (B, K, N) contiguous output, in the requested out_dtype
+    norm_p_ptr,  # (B, N) out: ‖p[b, n]‖ in ACC_DTYPE, written by the programs of the first K tile
+    norm_c_ptr,  # (B, K) out: ‖c[b, k]‖ in ACC_DTYPE, written by the programs of the first N tile
     N,  # number of patches
     K,  # number of classes
     D,  # feature size
@@ -130,240 +124,275 @@ def _forward_kernel(
     stride_cb, stride_ck, stride_cd,  # classes strides
     EPS: tl.constexpr,  # norm clamp x̂ = x / max(‖x‖, EPS); constexpr so fp64 sees it unrounded (a compile per eps)
     DOT_DTYPE: tl.constexpr,  # dtype the tiles enter tl.dot in (16-bit inputs as they are, else ACC_DTYPE)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32/fp64 dots (no TF32); the default for 16-bit tensor-core dots
+    DOT_PRECISION: tl.constexpr,  # "tf32x3" for fp32, "ieee" for fp64; 16-bit dots ignore it ("tf32")
     ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 inputs
-    BLOCK_K: tl.constexpr,  # classes per program
-    BLOCK_N: tl.constexpr,  # patches per program
-    BLOCK_D: tl.constexpr,  # features per loop step
+    BLOCK_N: tl.constexpr,  # patches per program (the dot's M)
+    BLOCK_K: tl.constexpr,  # classes per program (the dot's N)
+    BLOCK_D: tl.constexpr,  # features per loop step (the dot's K)
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     # Tile counts by integer arithmetic: each tl.* jit helper (tl.cdiv) costs milliseconds per call under the
-    # interpreter.
+    # interpreter. K tiles fastest: the programs sharing an N tile of patches run together and read it from L2.
     num_k_tiles = (K + BLOCK_K - 1) // BLOCK_K
     num_n_tiles = (N + BLOCK_N - 1) // BLOCK_N
     pid_k = pid % num_k_tiles
     pid_n = (pid // num_k_tiles) % num_n_tiles
-    b = pid // (num_k_tiles * num_n_tiles)
+    b = (pid // (num_k_tiles * num_n_tiles)).to(tl.int64)
 
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    mask_k = offs_k < K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
-    class_rows = classes_ptr + b * stride_cb + offs_k[:, None] * stride_ck
-    patch_rows = patches_ptr + b * stride_pb + offs_n[:, None] * stride_pn
+    mask_k = offs_k < K
+    # (BLOCK_N, BLOCK_D) patch tile and (BLOCK_D, BLOCK_K) transposed class tile, advanced along D.
+    p_ptrs = (patches_ptr + b * stride_pb + offs_n[:, None].to(tl.int64) * stride_pn
+              + offs_d[None, :].to(tl.int64) * stride_pd)
+    c_ptrs = (classes_ptr + b * stride_cb + offs_k[None, :].to(tl.int64) * stride_ck
+              + offs_d[:, None].to(tl.int64) * stride_cd)
+    p_step = tl.full((), BLOCK_D, tl.int64) * stride_pd
+    c_step = tl.full((), BLOCK_D, tl.int64) * stride_cd
 
-    raw = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC_DTYPE)
-    # Squares are accumulated elementwise and reduced once after the loop: no cross-lane reduction per step.
-    sq_c = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC_DTYPE)
-    sq_p = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
+    raw = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    # Row sums of squares, reduced every step: elementwise (BLOCK_N, BLOCK_D) accumulators would cost as many
+    # registers as the dot's accumulator and spill (seen in ptxas's report for sm_90).
+    sq_p = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    sq_c = tl.zeros((BLOCK_K,), dtype=ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        mask_d = offs_d < D
-        c = tl.load(class_rows + offs_d[None, :] * stride_cd, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
-        p = tl.load(patch_rows + offs_d[None, :] * stride_pd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        c_acc = c.to(ACC_DTYPE)
+        mask_d = offs_d < D - d0
+        p = tl.load(p_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        c = tl.load(c_ptrs, mask=mask_d[:, None] & mask_k[None, :], other=0.0)
         p_acc = p.to(ACC_DTYPE)
-        sq_c += c_acc * c_acc
-        sq_p += p_acc * p_acc
-        raw = tl.dot(c.to(DOT_DTYPE), tl.trans(p.to(DOT_DTYPE)), raw, input_precision=DOT_PRECISION)
+        c_acc = c.to(ACC_DTYPE)
+        sq_p += tl.sum(p_acc * p_acc, axis=1)
+        sq_c += tl.sum(c_acc * c_acc, axis=0)
+        raw = tl.dot(p.to(DOT_DTYPE), c.to(DOT_DTYPE), raw, input_precision=DOT_PRECISION)
+        p_ptrs += p_step
+        c_ptrs += c_step
 
     scale = tl.load(scale_ptr).to(ACC_DTYPE)
-    norm_c = tl.sqrt(tl.sum(sq_c, axis=1))
-    norm_p = tl.sqrt(tl.sum(sq_p, axis=1))
+    norm_p = tl.sqrt(sq_p)
+    norm_c = tl.sqrt(sq_c)
     # tl.where materialises EPS in the norms' dtype (tl.maximum would round a Python float to fp32).
-    inv_c = 1.0 / tl.where(norm_c >= EPS, norm_c, EPS)
     inv_p = 1.0 / tl.where(norm_p >= EPS, norm_p, EPS)
-    masks = raw * (inv_c * scale)[:, None] * inv_p[None, :]
-    out = masks_ptr + b * K * N + offs_k[:, None] * N + offs_n[None, :]
-    tl.store(out, masks.to(masks_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
+    inv_c = 1.0 / tl.where(norm_c >= EPS, norm_c, EPS)
+    masks = raw * (inv_p * scale)[:, None] * inv_c[None, :]
+    out = masks_ptr + b * K * N + offs_k[None, :].to(tl.int64) * N + offs_n[:, None]
+    tl.store(out, masks.to(masks_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    tl.store(norm_p_ptr + b * N + offs_n, norm_p, mask=mask_n & (pid_k == 0))
+    tl.store(norm_c_ptr + b * K + offs_k, norm_c, mask=mask_k & (pid_n == 0))
 
 
-@triton.autotune(configs=_STATS_CONFIGS, key=["N", "K", "D"])
 @triton.jit
-def _backward_stats_kernel(
-    grad_ptr,  # (B, K, N) upstream gradient dM, any strides (0 for an expanded `.sum()` gradient)
-    patches_ptr,  # (B, N, D) any strides
-    classes_ptr,  # (B, K, D) any strides
-    norm_p_ptr,  # (B, N) out: ‖p[b, n]‖
-    norm_c_ptr,  # (B, K) out: ‖c[b, k]‖, written by the programs of the first N tile
-    sigma_p_ptr,  # (B, N) out: σ_p[b, n] = Σ_k dM[b, k, n] raw[b, k, n]
-    sigma_c_partial_ptr,  # (B, cdiv(N, BLOCK_N), K) out: Σ over the tile's n of dM[b, k, n] raw[b, k, n]
-    N, K, D,  # sizes as in the forward
-    stride_gb, stride_gk, stride_gn,  # dM strides
-    stride_pb, stride_pn, stride_pd,  # patches strides
-    stride_cb, stride_ck, stride_cd,  # classes strides
-    EPS: tl.constexpr,  # norm clamp, as in the forward
-    DOT_DTYPE: tl.constexpr,  # as in the forward
-    DOT_PRECISION: tl.constexpr,  # as in the forward
-    ACC_DTYPE: tl.constexpr,  # as in the forward
-    BLOCK_N: tl.constexpr,  # patches per program (fixed by the launcher: it sizes the σ_c partials)
-    BLOCK_K: tl.constexpr,  # classes per inner tile; the program loops over all of K
-    BLOCK_D: tl.constexpr,  # features per loop step
-):
-    pid = tl.program_id(0).to(tl.int64)
-    num_n_tiles = (N + BLOCK_N - 1) // BLOCK_N
-    pid_n = pid % num_n_tiles
-    b = pid // num_n_tiles
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    mask_n = offs_n < N
-    patch_rows = patches_ptr + b * stride_pb + offs_n[:, None] * stride_pn
-
-    sigma_p = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    norm_p = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < K
-        class_rows = classes_ptr + b * stride_cb + offs_k[:, None] * stride_ck
-        raw = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC_DTYPE)
-        sq_c = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC_DTYPE)
-        # The patch norms are recomputed for every K tile (a few FMAs on tiles already loaded for the dot)
-        # rather than in a separate pass over the patches.
-        sq_p = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            mask_d = offs_d < D
-            c = tl.load(class_rows + offs_d[None, :] * stride_cd, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
-            p = tl.load(patch_rows + offs_d[None, :] * stride_pd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            c_acc = c.to(ACC_DTYPE)
-            p_acc = p.to(ACC_DTYPE)
-            sq_c += c_acc * c_acc
-            sq_p += p_acc * p_acc
-            raw = tl.dot(c.to(DOT_DTYPE), tl.trans(p.to(DOT_DTYPE)), raw, input_precision=DOT_PRECISION)
-        norm_c = tl.sqrt(tl.sum(sq_c, axis=1))
-        norm_p = tl.sqrt(tl.sum(sq_p, axis=1))
-        inv_c = 1.0 / tl.where(norm_c >= EPS, norm_c, EPS)
-        inv_p = 1.0 / tl.where(norm_p >= EPS, norm_p, EPS)
-        raw = raw * inv_c[:, None] * inv_p[None, :]
-        grad = tl.load(
-            grad_ptr + b * stride_gb + offs_k[:, None] * stride_gk + offs_n[None, :] * stride_gn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        ).to(ACC_DTYPE)
-        grad_raw = grad * raw
-        sigma_p += tl.sum(grad_raw, axis=0)
-        tl.store(sigma_c_partial_ptr + (b * num_n_tiles + pid_n) * K + offs_k, tl.sum(grad_raw, axis=1), mask=mask_k)
-        tl.store(norm_c_ptr + b * K + offs_k, norm_c, mask=mask_k & (pid_n == 0))
-    tl.store(norm_p_ptr + b * N + offs_n, norm_p, mask=mask_n)
-    tl.store(sigma_p_ptr + b * N + offs_n, sigma_p, mask=mask_n)
-
-
-@triton.autotune(configs=_INPUT_GRAD_CONFIGS, key=["R", "J", "D"])
-@triton.jit
-def _backward_input_kernel(
+def _input_grad_tile(
+    tile,  # index of this program among the programs of this gradient
     grad_ptr,  # dM seen as (B, R, J) through the strides below: R = N, J = K for dp; R = K, J = N for dc
+    masks_ptr,  # (B, K, N) contiguous saved masks, seen as (B, R, J) through stride_mr, stride_mj
     x_ptr,  # (B, R, D) any strides: the input whose gradient this computes
     y_ptr,  # (B, J, D) any strides: the other input
-    norm_x_ptr,  # (B, R) contiguous: ‖x‖ from the stats kernel
-    norm_y_ptr,  # (B, J) contiguous: ‖y‖ from the stats kernel
-    sigma_x_ptr,  # (B, R) contiguous: σ_x[r] = Σ_j dM[r, j] raw[r, j]
-    scale_ptr,  # () the scale s, any float dtype
-    grad_x_ptr,  # (B, R, D) contiguous output dx, in the inputs' dtype
+    norm_x_ptr,  # (B, R) contiguous: ‖x‖ from the forward
+    norm_y_ptr,  # (B, J) contiguous: ‖y‖ from the forward
+    scale_ptr,  # () the scale s
+    grad_x_ptr,  # (B, R, D) contiguous output dx, in x's dtype
+    scale_partial_ptr,  # (programs,) out when SCALE_GRAD: this tile's share of ds
     R, J, D,  # rows of x, rows of y (the reduced axis), feature size
     stride_gb, stride_gr, stride_gj,  # dM strides, in the (B, R, J) view
+    stride_mr, stride_mj,  # masks strides in the (R, J) view (its batch stride is R·J)
     stride_xb, stride_xr, stride_xd,  # x strides
     stride_yb, stride_yj, stride_yd,  # y strides
-    EPS: tl.constexpr,  # norm clamp, as in the forward
-    DOT_DTYPE: tl.constexpr,  # 16-bit: split ŷ into hi + lo tensor-core dots; otherwise ACC_DTYPE
-    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 inputs
-    SPLIT_DOT: tl.constexpr,  # DOT_DTYPE is 16-bit (and dM is in it, so it enters the dot exactly)
-    BLOCK_R: tl.constexpr,  # rows of x per program
-    BLOCK_J: tl.constexpr,  # rows of y per loop step
-    BLOCK_D: tl.constexpr,  # features per program
+    EPS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "tf32x3" (fp32 inputs), "tf32" (16-bit inputs), "ieee" (fp64)
+    ACC_DTYPE: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,  # write this tile's share of ds = Σ x̂ · (Σ_j dM ŷ)
+    BLOCK_R: tl.constexpr,  # rows of x per program (the dot's N)
+    BLOCK_J: tl.constexpr,  # rows of y per loop step (the dot's K)
+    BLOCK_D: tl.constexpr,  # features per program (the dot's M)
 ):
-    pid = tl.program_id(0).to(tl.int64)
     num_d_tiles = (D + BLOCK_D - 1) // BLOCK_D
     num_r_tiles = (R + BLOCK_R - 1) // BLOCK_R
-    # D tiles fastest: consecutive programs reuse the same dM strip from L2.
-    pid_d = pid % num_d_tiles
-    pid_r = (pid // num_d_tiles) % num_r_tiles
-    b = pid // (num_d_tiles * num_r_tiles)
+    # D tiles fastest: consecutive programs reuse the same dM and masks strips from L2.
+    pid_d = tile % num_d_tiles
+    pid_r = (tile // num_d_tiles) % num_r_tiles
+    b = (tile // (num_d_tiles * num_r_tiles)).to(tl.int64)
 
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_J)
     mask_r = offs_r < R
     mask_d = offs_d < D
-    grad_rows = grad_ptr + b * stride_gb + offs_r[:, None] * stride_gr
+    rows_r = offs_r[None, :].to(tl.int64)
+    cols_j = offs_j[:, None].to(tl.int64)
+    # (BLOCK_J, BLOCK_R) tiles of dM and masks, the (BLOCK_D, BLOCK_J) transposed tile of y; advanced along J.
+    g_ptrs = grad_ptr + b * stride_gb + rows_r * stride_gr + cols_j * stride_gj
+    m_ptrs = masks_ptr + b * R * J + rows_r * stride_mr + cols_j * stride_mj
+    y_ptrs = (y_ptr + b * stride_yb + offs_d[:, None].to(tl.int64) * stride_yd
+              + offs_j[None, :].to(tl.int64) * stride_yj)
+    g_step = tl.full((), BLOCK_J, tl.int64) * stride_gj
+    m_step = tl.full((), BLOCK_J, tl.int64) * stride_mj
+    y_step = tl.full((), BLOCK_J, tl.int64) * stride_yj
 
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=ACC_DTYPE)  # (Σ_j dM[r, j] ŷ_j[d])ᵀ
+    sigma_x = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # Σ_j dM·masks
     for j0 in range(0, J, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)
-        mask_j = offs_j < J
-        grad = tl.load(grad_rows + offs_j[None, :] * stride_gj, mask=mask_r[:, None] & mask_j[None, :], other=0.0)
-        y = tl.load(
-            y_ptr + b * stride_yb + offs_j[:, None] * stride_yj + offs_d[None, :] * stride_yd,
-            mask=mask_j[:, None] & mask_d[None, :],
-            other=0.0,
-        )
-        norm_y = tl.load(norm_y_ptr + b * J + offs_j, mask=mask_j, other=0.0)
+        mask_j = offs_j < J - j0
+        grad_mask = mask_j[:, None] & mask_r[None, :]
+        g = tl.load(g_ptrs, mask=grad_mask, other=0.0).to(ACC_DTYPE)
+        m = tl.load(m_ptrs, mask=grad_mask, other=0.0).to(ACC_DTYPE)
+        sigma_x += tl.sum(g * m, axis=0)
+        y = tl.load(y_ptrs, mask=mask_d[:, None] & mask_j[None, :], other=0.0).to(ACC_DTYPE)
+        norm_y = tl.load(norm_y_ptr + b * J + j0 + offs_j, mask=mask_j, other=0.0)
         inv_y = 1.0 / tl.where(norm_y >= EPS, norm_y, EPS)
-        y_hat = y.to(ACC_DTYPE) * inv_y[:, None]
-        if SPLIT_DOT:
-            grad_dot = grad.to(DOT_DTYPE)
-            y_hi = y_hat.to(DOT_DTYPE)
-            y_lo = (y_hat - y_hi.to(ACC_DTYPE)).to(DOT_DTYPE)
-            acc = tl.dot(grad_dot, y_hi, acc)
-            acc = tl.dot(grad_dot, y_lo, acc)
-        else:
-            acc = tl.dot(grad.to(ACC_DTYPE), y_hat, acc, input_precision="ieee")
+        acc = tl.dot(y * inv_y[None, :], g, acc, input_precision=DOT_PRECISION)
+        g_ptrs += g_step
+        m_ptrs += m_step
+        y_ptrs += y_step
 
     norm_x = tl.load(norm_x_ptr + b * R + offs_r, mask=mask_r, other=0.0)
-    sigma_x = tl.load(sigma_x_ptr + b * R + offs_r, mask=mask_r, other=0.0)
     inv_x = 1.0 / tl.where(norm_x >= EPS, norm_x, EPS)
-    # The tangential projection applies only where the clamp is inactive (‖x‖ ≥ eps).
-    projection = tl.where(norm_x >= EPS, sigma_x * inv_x, 0.0)
     x = tl.load(
-        x_ptr + b * stride_xb + offs_r[:, None] * stride_xr + offs_d[None, :] * stride_xd,
-        mask=mask_r[:, None] & mask_d[None, :],
+        x_ptr + b * stride_xb + rows_r * stride_xr + offs_d[:, None].to(tl.int64) * stride_xd,
+        mask=mask_d[:, None] & mask_r[None, :],
         other=0.0,
     ).to(ACC_DTYPE)
     scale = tl.load(scale_ptr).to(ACC_DTYPE)
-    grad_x = (acc - x * projection[:, None]) * (inv_x * scale)[:, None]
-    out = grad_x_ptr + b * R * D + offs_r[:, None] * D + offs_d[None, :]
-    tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
+    # dx = s·acc·ι_x − x·ι_x²·σ_x, the projection only where the clamp is inactive (‖x‖ ≥ eps).
+    projection = tl.where(norm_x >= EPS, sigma_x * inv_x * inv_x, 0.0)
+    grad_x = acc * (scale * inv_x)[None, :] - x * projection[None, :]
+    out = grad_x_ptr + b * R * D + rows_r * D + offs_d[:, None]
+    tl.store(out, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_r[None, :])
+    if SCALE_GRAD:  # Σ over the tile of x̂ · acc: masked lanes hold x = 0
+        tl.store(scale_partial_ptr + tile, tl.sum(tl.sum(x * acc, axis=0) * inv_x, axis=0))
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@triton.jit
+def _backward_kernel(
+    grad_ptr,  # (B, K, N) upstream gradient dM, any strides (0 for an expanded `.sum()` gradient)
+    masks_ptr,  # (B, K, N) contiguous saved masks (s·raw)
+    patches_ptr,  # (B, N, D) any strides
+    classes_ptr,  # (B, K, D) any strides
+    norm_p_ptr,  # (B, N) ‖p‖ from the forward
+    norm_c_ptr,  # (B, K) ‖c‖ from the forward
+    scale_ptr,  # () the scale s
+    grad_patches_ptr,  # (B, N, D) contiguous output dp
+    grad_classes_ptr,  # (B, K, D) contiguous output dc
+    scale_partial_ptr,  # (dc programs,) out when SCALE_GRAD: per-program shares of ds
+    patch_programs,  # the first patch_programs programs compute dp, the rest dc
+    N, K, D,
+    stride_gb, stride_gk, stride_gn,
+    stride_pb, stride_pn, stride_pd,
+    stride_cb, stride_ck, stride_cd,
+    EPS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+    P_BLOCK_R: tl.constexpr, P_BLOCK_J: tl.constexpr, P_BLOCK_D: tl.constexpr,  # dp tiles (R = N, J = K)
+    C_BLOCK_R: tl.constexpr, C_BLOCK_J: tl.constexpr, C_BLOCK_D: tl.constexpr,  # dc tiles (R = K, J = N)
+):
+    pid = tl.program_id(0)
+    if pid < patch_programs:
+        _input_grad_tile(
+            pid, grad_ptr, masks_ptr, patches_ptr, classes_ptr, norm_p_ptr, norm_c_ptr, scale_ptr,
+            grad_patches_ptr, scale_partial_ptr, N, K, D,
+            stride_gb, stride_gn, stride_gk, 1, N,
+            stride_pb, stride_pn, stride_pd, stride_cb, stride_ck, stride_cd,
+            EPS, DOT_PRECISION, ACC_DTYPE, False, P_BLOCK_R, P_BLOCK_J, P_BLOCK_D,
+        )
+    else:
+        _input_grad_tile(
+            pid - patch_programs, grad_ptr, masks_ptr, classes_ptr, patches_ptr, norm_c_ptr, norm_p_ptr,
+            scale_ptr, grad_classes_ptr, scale_partial_ptr, K, N, D,
+            stride_gb, stride_gk, stride_gn, N, 1,
+            stride_cb, stride_ck, stride_cd, stride_pb, stride_pn, stride_pd,
+            EPS, DOT_PRECISION, ACC_DTYPE, SCALE_GRAD, C_BLOCK_R, C_BLOCK_J, C_BLOCK_D,
+        )
 
 
-def _dot_dtype(dtype: torch.dtype) -> torch.dtype:
-    """16-bit tiles enter tl.dot as they are (exact products, tensor cores), except bf16 under the
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _grown_tile(other_programs: int, size: int, target: int, candidates=(128, 64, 32, 16)) -> int:
+    """The largest tile of ``size`` (among ``candidates``, largest first, none wider than ``size`` needs)
+    that still gives ≥ ``target`` programs together with ``other_programs`` (the grid's other axes); the
+    smallest when none does."""
+    cap = max(candidates[-1], triton.next_power_of_2(max(size, 1)))
+    fitting = [tile for tile in candidates if tile <= cap]
+    for tile in fitting:
+        if other_programs * triton.cdiv(size, tile) >= target:
+            return tile
+    return fitting[-1]
+
+
+def forward_tiles(batch: int, num_patches: int, num_classes: int, dim: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_D) of the forward launch (see the module docstring, "Tiles and grids")."""
+    block_k = pow2_tile(num_classes, max_padding=MAX_PADDING)
+    target = PROGRAMS_PER_SM * multiprocessor_count(device)
+    block_n = _grown_tile(batch * triton.cdiv(num_classes, block_k), num_patches, target)
+    block_d = min(32, max(16, triton.next_power_of_2(max(dim, 1))))
+    return block_n, block_k, block_d
+
+
+def input_grad_tiles(batch: int, rows: int, reduced: int, dim: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_J, BLOCK_D) of one input gradient: rows of x, the reduced rows of y, features."""
+    block_r = pow2_tile(rows, max_padding=MAX_PADDING)
+    block_j = pow2_tile(reduced, candidates=(32, 16, 8), max_padding=MAX_PADDING)
+    target = PROGRAMS_PER_SM * multiprocessor_count(device)
+    block_d = _grown_tile(batch * triton.cdiv(rows, block_r), dim, target, candidates=(64, 32, 16))
+    return block_r, block_j, block_d
+
+
+def _forward_dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """16-bit tiles enter the forward dot as they are (exact products, tensor cores), except bf16 under the
     interpreter, whose bf16 dot is unreliable; everything else is dotted in the accumulation dtype."""
     if dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRET):
         return dtype
-    return _acc_dtype(dtype)
+    return accumulation_dtype(dtype)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """IEEE fp32/fp64 dots keep fp32 parity with the reference; 16-bit dots are exact at the default setting."""
-    return "ieee" if _dot_dtype(dtype) == _acc_dtype(dtype) else "tf32"
+def _precision(dtype: torch.dtype) -> str:
+    """tf32x3 for fp32 inputs, IEEE for fp64; "tf32" for 16-bit inputs, which only their fp32 backward dots
+    use (a 16-bit forward dot ignores it)."""
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32:
+        return "tf32x3"
+    return "tf32"
 
 
 def cosine_mask_forward(
     patches: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """masks (B, K, N) = scale · ĉ p̂ᵀ in out_dtype for patches (B, N, D), classes (B, K, D), scale 0-dim."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masks (B, K, N) in out_dtype, ‖p‖ (B, N), ‖c‖ (B, K)) for patches (B, N, D), classes (B, K, D).
+
+    masks = scale · ĉ p̂ᵀ; the norms are in the accumulation dtype (the backward's inputs).
+    """
     batch, num_patches, dim = patches.shape
     num_classes = classes.shape[1]
-    masks = torch.empty((batch, num_classes, num_patches), dtype=out_dtype, device=patches.device)
-    if masks.numel() == 0:
-        return masks
-
-    def grid(meta):
-        return (batch * triton.cdiv(num_patches, meta["BLOCK_N"]) * triton.cdiv(num_classes, meta["BLOCK_K"]),)
-
-    with device_guard(patches.device):  # launch on the tensors' GPU, not the current one
+    device = patches.device
+    acc = accumulation_dtype(patches.dtype)
+    masks = torch.empty((batch, num_classes, num_patches), dtype=out_dtype, device=device)
+    if masks.numel() == 0:  # nothing to launch; the norms are still defined
+        norm_p = torch.linalg.vector_norm(patches.to(acc), dim=-1)
+        norm_c = torch.linalg.vector_norm(classes.to(acc), dim=-1)
+        return masks, norm_p, norm_c
+    norm_p = torch.empty((batch, num_patches), dtype=acc, device=device)
+    norm_c = torch.empty((batch, num_classes), dtype=acc, device=device)
+    block_n, block_k, block_d = forward_tiles(batch, num_patches, num_classes, dim, patches.dtype, device)
+    grid = (batch * triton.cdiv(num_patches, block_n) * triton.cdiv(num_classes, block_k),)
+    with device_guard(device):  # launch on the tensors' GPU, not the current one
         _forward_kernel[grid](
-            patches, classes, scale, masks,
+            patches, classes, scale, masks, norm_p, norm_c,
             num_patches, num_classes, dim,
             *patches.stride(), *classes.stride(),
             EPS=eps,
-            DOT_DTYPE=_TL_DTYPE[_dot_dtype(patches.dtype)],
-            DOT_PRECISION=_dot_precision(patches.dtype),
-            ACC_DTYPE=_TL_DTYPE[_acc_dtype(patches.dtype)],
-        )
-    return masks
+            DOT_DTYPE=tl_dtype(_forward_dot_dtype(patches.dtype)),
+            DOT_PRECISION=_precision(patches.dtype),
+            ACC_DTYPE=tl_dtype(acc),
+            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+            num_warps=num_warps(block_n * block_d, VALUES_PER_THREAD),
+        )  # fmt: skip
+    return masks, norm_p, norm_c
 
 
 def cosine_mask_backward(
@@ -371,74 +400,58 @@ def cosine_mask_backward(
     patches: torch.Tensor,
     classes: torch.Tensor,
     scale: torch.Tensor,
+    masks: torch.Tensor,
+    norm_p: torch.Tensor,
+    norm_c: torch.Tensor,
     eps: float,
     need_patches: bool,
     need_classes: bool,
+    need_scale: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d patches, d classes, d scale) for the upstream gradient ``grad`` (B, K, N), any strides.
 
-    d patches / d classes are contiguous, in the inputs' dtype, or empty (0,) tensors when not needed;
-    d scale is a 0-dim tensor in the accumulation dtype (the caller casts it to the scale's dtype).
+    ``masks`` (B, K, N) contiguous and the norms are the forward's. d patches / d classes are contiguous, in
+    the inputs' dtype, or empty (0,) tensors when not needed; d scale is a 0-dim tensor in the accumulation
+    dtype (the caller casts it to the scale's dtype), 0 when not needed.
     """
     batch, num_patches, dim = patches.shape
     num_classes = classes.shape[1]
     device = patches.device
-    acc_dtype = _acc_dtype(patches.dtype)
-    dot_dtype = _dot_dtype(patches.dtype)
+    acc = accumulation_dtype(patches.dtype)
     grad_patches = torch.empty(patches.shape if need_patches else (0,), dtype=patches.dtype, device=device)
-    grad_classes = torch.empty(classes.shape if need_classes else (0,), dtype=classes.dtype, device=device)
-    if batch * num_patches * num_classes == 0:
-        # No mask entries: nothing flows back.
-        return grad_patches.zero_(), grad_classes.zero_(), torch.zeros((), dtype=acc_dtype, device=device)
+    # ds is formed from the class-gradient programs, so they also run when only the scale needs a gradient.
+    run_classes = need_classes or need_scale
+    grad_classes = torch.empty(classes.shape if run_classes else (0,), dtype=classes.dtype, device=device)
+    if batch * num_patches * num_classes * dim == 0 or not (need_patches or run_classes):
+        # No mask entry, or only zero vectors (D = 0): nothing flows back.
+        grad_classes = grad_classes if need_classes else grad_classes.new_empty((0,))
+        return grad_patches.zero_(), grad_classes.zero_(), torch.zeros((), dtype=acc, device=device)
 
-    num_n_tiles = triton.cdiv(num_patches, _STATS_BLOCK_N)
-    norm_p = torch.empty((batch, num_patches), dtype=acc_dtype, device=device)
-    norm_c = torch.empty((batch, num_classes), dtype=acc_dtype, device=device)
-    sigma_p = torch.empty((batch, num_patches), dtype=acc_dtype, device=device)
-    sigma_c_partial = torch.empty((batch, num_n_tiles, num_classes), dtype=acc_dtype, device=device)
+    p_tiles = input_grad_tiles(batch, num_patches, num_classes, dim, device)
+    c_tiles = input_grad_tiles(batch, num_classes, num_patches, dim, device)
+    patch_programs = batch * triton.cdiv(num_patches, p_tiles[0]) * triton.cdiv(dim, p_tiles[2]) if need_patches else 0
+    class_programs = batch * triton.cdiv(num_classes, c_tiles[0]) * triton.cdiv(dim, c_tiles[2]) if run_classes else 0
+    scale_partials = torch.empty((class_programs if need_scale else 1,), dtype=acc, device=device)
+    largest_tile = max(p_tiles[0] * p_tiles[2], c_tiles[0] * c_tiles[2])
     with device_guard(device):  # launch on the tensors' GPU, not the current one
-        _backward_stats_kernel[(batch * num_n_tiles,)](
-            grad, patches, classes,
-            norm_p, norm_c, sigma_p, sigma_c_partial,
+        _backward_kernel[(patch_programs + class_programs,)](
+            grad, masks, patches, classes, norm_p, norm_c, scale,
+            # an unrequested gradient's pointer is never dereferenced (its programs are not in the grid)
+            grad_patches if need_patches else grad_classes,
+            grad_classes if run_classes else grad_patches,
+            scale_partials, patch_programs,
             num_patches, num_classes, dim,
             *grad.stride(), *patches.stride(), *classes.stride(),
             EPS=eps,
-            DOT_DTYPE=_TL_DTYPE[dot_dtype],
-            DOT_PRECISION=_dot_precision(patches.dtype),
-            ACC_DTYPE=_TL_DTYPE[acc_dtype],
-            BLOCK_N=_STATS_BLOCK_N,
-        )
-    # Fixed-order reductions of the per-tile partials: deterministic, no atomics.
-    sigma_c = sigma_c_partial.sum(dim=1)
-    grad_scale = sigma_c.sum()
-
-    # dM enters the split 16-bit dots exactly only when it has the inputs' dtype (always so under autograd).
-    split = dot_dtype != acc_dtype and grad.dtype == patches.dtype
-    kernel_dot_dtype = _TL_DTYPE[dot_dtype if split else acc_dtype]
-    stride_gb, stride_gk, stride_gn = grad.stride()
-
-    def launch(x, y, norm_x, norm_y, sigma_x, grad_x, stride_gr, stride_gj):
-        rows, other_rows = x.shape[1], y.shape[1]
-        if grad_x.numel() == 0:
-            return
-
-        def grid(meta):
-            return (batch * triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(dim, meta["BLOCK_D"]),)
-
-        with device_guard(device):
-            _backward_input_kernel[grid](
-                grad, x, y, norm_x, norm_y, sigma_x, scale, grad_x,
-                rows, other_rows, dim,
-                stride_gb, stride_gr, stride_gj,
-                *x.stride(), *y.stride(),
-                EPS=eps,
-                DOT_DTYPE=kernel_dot_dtype,
-                ACC_DTYPE=_TL_DTYPE[acc_dtype],
-                SPLIT_DOT=split,
-            )
-
-    if need_patches:
-        launch(patches, classes, norm_p, norm_c, sigma_p, grad_patches, stride_gn, stride_gk)
-    if need_classes:
-        launch(classes, patches, norm_c, norm_p, sigma_c, grad_classes, stride_gk, stride_gn)
+            DOT_PRECISION=_precision(patches.dtype),
+            ACC_DTYPE=tl_dtype(acc),
+            SCALE_GRAD=need_scale,
+            P_BLOCK_R=p_tiles[0], P_BLOCK_J=p_tiles[1], P_BLOCK_D=p_tiles[2],
+            C_BLOCK_R=c_tiles[0], C_BLOCK_J=c_tiles[1], C_BLOCK_D=c_tiles[2],
+            num_warps=num_warps(largest_tile, VALUES_PER_THREAD),
+        )  # fmt: skip
+    # Fixed-order sum of the per-program shares: deterministic, no atomics.
+    grad_scale = scale_partials.sum() if need_scale else torch.zeros((), dtype=acc, device=device)
+    if not need_classes:
+        grad_classes = grad_classes.new_empty((0,))
     return grad_patches, grad_classes, grad_scale

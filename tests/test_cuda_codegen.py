@@ -18,6 +18,7 @@ import torch
 
 import incrementer_fast as inc
 from incrementer_fast._dispatch import INTERPRET
+from incrementer_fast.kernels import utils as kernel_utils
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -98,6 +99,8 @@ def recorded_launches(monkeypatch):
         return lambda *args, **kwargs: recorder(kernel, args, kwargs)
 
     monkeypatch.setattr(KernelInterface, "__getitem__", getitem)
+    # Plan the launches for an H100/H200 (the tiles and grids a GPU runs), not for the interpreter's 1 SM.
+    monkeypatch.setattr(kernel_utils, "PLAN_SMS", kernel_utils.H100_SMS)
     for name in ("cosine_mask", "fod_loss", "cds_dice_loss", "seg_head"):
         monkeypatch.setattr(importlib.import_module(f"incrementer_fast.ops.{name}"), "backend", lambda device: "triton")
     return recorder

@@ -4,6 +4,12 @@ masks[b, k, n] = scale · ⟨p̂[b, n], ĉ[b, k]⟩ with x̂ = x / max(‖x‖�
 `incrementer_fast.kernels.cosine_mask` (which derives the VJP) for tensors whose backend is "triton", the
 plain-PyTorch reference otherwise. The scale always enters the ops as a 0-dim tensor, so one schema serves a
 Python float and a learnable temperature, and a float64 scale keeps full precision inside the kernels.
+
+What the backward needs is saved by the forward, on both paths: the masks themselves (the backward's row
+sums σ = Σ dM·masks come from them) and the row norms ‖p‖ (B, N), ‖c‖ (B, K) — so no forward product is
+recomputed. When ``out_dtype`` is less precise than the inputs' dtype (bf16 masks of fp32 inputs), masks
+rounded to it would make σ less precise than the gradients it enters: the forward then also returns the
+masks in the inputs' dtype, kept for the backward only (one extra (B, K, N) tensor in that case alone).
 """
 from __future__ import annotations
 
@@ -19,19 +25,42 @@ if HAS_TRITON:
 
 __all__ = ["cosine_mask"]
 
+_MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
+def _saved_dtype(inputs_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the masks the backward reads: out_dtype, unless it is less precise than the inputs'."""
+    return out_dtype if _MANTISSA_BITS[out_dtype] >= _MANTISSA_BITS[inputs_dtype] else inputs_dtype
+
 
 @torch.library.custom_op("incrementer_fast::cosine_mask", mutates_args=())
 def _cosine_mask_op(
     patches: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masks in out_dtype, masks for the backward or an empty (0,) tensor when masks serve, ‖p‖, ‖c‖)."""
+    saved_dtype = _saved_dtype(patches.dtype, out_dtype)
     if backend(patches.device) == "triton":
-        return kernels.cosine_mask_forward(patches, classes, scale, eps, out_dtype)
-    return reference_cosine_mask(patches, classes, scale, eps, out_dtype)
+        masks, norm_p, norm_c = kernels.cosine_mask_forward(patches, classes, scale, eps, saved_dtype)
+    else:
+        acc = compute_dtype(patches.dtype)
+        masks = reference_cosine_mask(patches, classes, scale, eps, saved_dtype)
+        norm_p = torch.linalg.vector_norm(patches.to(acc), dim=-1)
+        norm_c = torch.linalg.vector_norm(classes.to(acc), dim=-1)
+    if saved_dtype == out_dtype:
+        return masks, masks.new_empty((0,)), norm_p, norm_c
+    return masks.to(out_dtype), masks, norm_p, norm_c
 
 
 @_cosine_mask_op.register_fake
 def _(patches, classes, scale, eps, out_dtype):
-    return patches.new_empty((patches.shape[0], classes.shape[1], patches.shape[1]), dtype=out_dtype)
+    acc = compute_dtype(patches.dtype)
+    batch, num_patches, num_classes = patches.shape[0], patches.shape[1], classes.shape[1]
+    saved_dtype = _saved_dtype(patches.dtype, out_dtype)
+    masks = patches.new_empty((batch, num_classes, num_patches), dtype=out_dtype)
+    saved = patches.new_empty((0,) if saved_dtype == out_dtype else masks.shape, dtype=saved_dtype)
+    norm_p = patches.new_empty((batch, num_patches), dtype=acc)
+    norm_c = patches.new_empty((batch, num_classes), dtype=acc)
+    return masks, saved, norm_p, norm_c
 
 
 @torch.library.custom_op("incrementer_fast::cosine_mask_backward", mutates_args=())
@@ -40,47 +69,60 @@ def _cosine_mask_backward_op(
     patches: torch.Tensor,
     classes: torch.Tensor,
     scale: torch.Tensor,
+    masks: torch.Tensor,
+    norm_p: torch.Tensor,
+    norm_c: torch.Tensor,
     eps: float,
     need_patches: bool,
     need_classes: bool,
+    need_scale: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d patches, d classes, d scale): contiguous gradients in the inputs' dtype, or empty (0,) tensors
-    when not needed; d scale 0-dim in the compute dtype."""
+    when not needed; d scale 0-dim in the compute dtype (0 when not needed)."""
     if backend(patches.device) == "triton":
-        return kernels.cosine_mask_backward(grad, patches, classes, scale, eps, need_patches, need_classes)
+        return kernels.cosine_mask_backward(
+            grad, patches, classes, scale, masks, norm_p, norm_c, eps, need_patches, need_classes, need_scale
+        )
     with torch.autocast(patches.device.type, enabled=False):  # a backward inside autocast: keep fp32 bmm
-        return _reference_backward(grad, patches, classes, scale, eps, need_patches, need_classes)
+        return _reference_backward(grad, patches, classes, scale, masks, norm_p, norm_c, eps, need_patches,
+                                   need_classes, need_scale)
 
 
-def _reference_backward(grad, patches, classes, scale, eps, need_patches, need_classes):
-    """The VJP derived in `incrementer_fast.kernels.cosine_mask`, in plain PyTorch (compute dtype).
+def _reference_backward(grad, patches, classes, scale, masks, norm_p, norm_c, eps, need_patches, need_classes,
+                        need_scale):
+    """The VJP derived in `incrementer_fast.kernels.cosine_mask`, in plain PyTorch (compute dtype), from the
+    same saved masks and norms as the kernels.
 
-    raw = ĉ p̂ᵀ, σ_p = Σ_k dM·raw, σ_c = Σ_n dM·raw, ds = Σ σ_c, and for x ∈ {p, c} with its partner y:
-    dx = s · (Σ dM ŷ − x̂ σ_x [‖x‖ ≥ eps]) / max(‖x‖, eps).
+    σ_p = Σ_k dM·masks, σ_c = Σ_n dM·masks, and for x ∈ {p, c} with its partner y:
+    dx = (s · Σ dM ŷ − x̂ σ_x [‖x‖ ≥ eps]) / max(‖x‖, eps); ds = Σ_k ⟨ĉ_k, Σ_n dM[k, n] p̂_n⟩.
     """
     acc = compute_dtype(patches.dtype)
     p, c, g, s = patches.to(acc), classes.to(acc), grad.to(acc), scale.to(acc)
-    norm_p = torch.linalg.vector_norm(p, dim=-1, keepdim=True)
-    norm_c = torch.linalg.vector_norm(c, dim=-1, keepdim=True)
+    norm_p, norm_c = norm_p.unsqueeze(-1), norm_c.unsqueeze(-1)
     inv_p = 1.0 / norm_p.clamp_min(eps)
     inv_c = 1.0 / norm_c.clamp_min(eps)
     p_hat, c_hat = p * inv_p, c * inv_c
-    grad_raw = g * torch.bmm(c_hat, p_hat.transpose(1, 2))
-    sigma_p = grad_raw.sum(1).unsqueeze(-1)
-    sigma_c = grad_raw.sum(2).unsqueeze(-1)
+    grad_masks = g * masks.to(acc)
     grad_patches = patches.new_empty(0)
     if need_patches:
-        tangent = torch.bmm(g.transpose(1, 2), c_hat) - p_hat * torch.where(norm_p >= eps, sigma_p, 0.0)
-        grad_patches = (s * tangent * inv_p).to(patches.dtype).contiguous()
+        sigma_p = grad_masks.sum(1).unsqueeze(-1)
+        tangent = s * torch.bmm(g.transpose(1, 2), c_hat) - p_hat * torch.where(norm_p >= eps, sigma_p, 0.0)
+        grad_patches = (tangent * inv_p).to(patches.dtype).contiguous()
     grad_classes = classes.new_empty(0)
-    if need_classes:
-        tangent = torch.bmm(g, p_hat) - c_hat * torch.where(norm_c >= eps, sigma_c, 0.0)
-        grad_classes = (s * tangent * inv_c).to(classes.dtype).contiguous()
-    return grad_patches, grad_classes, sigma_c.sum()
+    grad_scale = torch.zeros((), dtype=acc, device=patches.device)
+    if need_classes or need_scale:
+        weighted = torch.bmm(g, p_hat)  # Σ_n dM[k, n] p̂_n
+        if need_classes:
+            sigma_c = grad_masks.sum(2).unsqueeze(-1)
+            tangent = s * weighted - c_hat * torch.where(norm_c >= eps, sigma_c, 0.0)
+            grad_classes = (tangent * inv_c).to(classes.dtype).contiguous()
+        if need_scale:
+            grad_scale = (c_hat * weighted).sum()
+    return grad_patches, grad_classes, grad_scale
 
 
 @_cosine_mask_backward_op.register_fake
-def _(grad, patches, classes, scale, eps, need_patches, need_classes):
+def _(grad, patches, classes, scale, masks, norm_p, norm_c, eps, need_patches, need_classes, need_scale):
     grad_patches = patches.new_empty(patches.shape if need_patches else (0,))
     grad_classes = classes.new_empty(classes.shape if need_classes else (0,))
     return grad_patches, grad_classes, patches.new_empty((), dtype=compute_dtype(patches.dtype))
@@ -88,15 +130,17 @@ def _(grad, patches, classes, scale, eps, need_patches, need_classes):
 
 def _setup_context(ctx, inputs, output):
     patches, classes, scale, eps, _ = inputs
-    ctx.save_for_backward(patches, classes, scale)
+    masks, saved, norm_p, norm_c = output
+    ctx.mark_non_differentiable(saved, norm_p, norm_c)
+    ctx.save_for_backward(patches, classes, scale, saved if saved.numel() else masks, norm_p, norm_c)
     ctx.eps = eps
 
 
-def _backward(ctx, grad):
-    patches, classes, scale = ctx.saved_tensors
+def _backward(ctx, grad, _grad_saved, _grad_norm_p, _grad_norm_c):
+    patches, classes, scale, masks, norm_p, norm_c = ctx.saved_tensors
     need_patches, need_classes, need_scale = ctx.needs_input_grad[:3]
     grad_patches, grad_classes, grad_scale = _cosine_mask_backward_op(
-        grad, patches, classes, scale, ctx.eps, need_patches, need_classes
+        grad, patches, classes, scale, masks, norm_p, norm_c, ctx.eps, need_patches, need_classes, need_scale
     )
     return (
         grad_patches if need_patches else None,
@@ -134,7 +178,9 @@ def cosine_mask(
             own dtype whatever ``out_dtype`` is.
 
     Returns:
-        masks (B, K, N), contiguous, of dtype ``out_dtype`` (or the inputs' dtype).
+        masks (B, K, N), contiguous, of dtype ``out_dtype`` (or the inputs' dtype). The backward keeps a
+        reference to them (it reads them instead of recomputing the product): modifying them in place
+        before ``backward`` is an error, as for any tensor autograd saved.
 
     Examples:
         >>> p, c = torch.randn(2, 6, 8, dtype=torch.bfloat16), torch.randn(2, 3, 8, dtype=torch.bfloat16)
@@ -144,4 +190,5 @@ def cosine_mask(
     check_cosine_mask_args(patches, classes, scale, eps, out_dtype)
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), float(scale), dtype=compute_dtype(patches.dtype), device=patches.device)
-    return _cosine_mask_op(patches, classes, scale, float(eps), out_dtype or patches.dtype)
+    masks, _, _, _ = _cosine_mask_op(patches, classes, scale, float(eps), out_dtype or patches.dtype)
+    return masks

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import incrementer_fast as inc
 from helpers import REL_ERR_BOUND, assert_close_rel
+from incrementer_fast.kernels import utils as kernel_utils
 
 # The `device` fixture only names a device, so reusing it across hypothesis examples is safe. (Extends the
 # loaded profile's list rather than replacing it.)
@@ -225,6 +226,26 @@ def test_out_dtype_compiles_and_passes_opcheck(device):
         assert_close_rel(got, want, torch.bfloat16)
 
 
+@pytest.mark.parametrize("num_classes", [21, 70])
+def test_gpu_launch_plan(device, monkeypatch, num_classes):
+    """The tiles and grids planned for an H100/H200 (132 SMs: small tiles, many programs, K = 21 in 8-wide
+    class tiles), which the interpreter otherwise trades for its own fewest-programs plan."""
+    monkeypatch.setattr(kernel_utils, "PLAN_SMS", kernel_utils.H100_SMS)
+    gen = torch.Generator().manual_seed(13)
+    patches = _make((2, 70, 40), torch.float32, device, "transposed", gen, [1.0, 1e-9]).requires_grad_()
+    classes = _make((2, num_classes, 40), torch.float32, device, "strided", gen, [1.0, 2.0]).requires_grad_()
+    scale = torch.tensor(-1.5, device=device, requires_grad=True)
+    masks = inc.cosine_mask(patches, classes, scale)
+    upstream = _upstream("transposed", masks.shape, torch.float32, device, gen)
+    expected_masks, expected_grads, natural = _expected(patches, classes, scale, 1e-8, upstream)
+    assert_close_rel(masks, expected_masks, torch.float32, "masks")
+    grads = torch.autograd.grad(masks, (patches, classes, scale), upstream)
+    for index, name in enumerate(("patches", "classes")):
+        _assert_grad_close(grads[index], expected_grads[index], natural[index], torch.float32, f"grad {name}")
+    err = abs(grads[2].item() - expected_grads[2].item()) / natural[2].item()
+    assert err <= REL_ERR_BOUND[torch.float32], f"grad scale: {err:.3e}"
+
+
 def _small_inputs(device, dtype=torch.float32, batch=2, num_patches=5, num_classes=3, dim=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     patches = torch.randn(batch, num_patches, dim, generator=gen, dtype=torch.float64)
@@ -244,11 +265,17 @@ def test_opcheck(device):
         (patches.detach(), classes, scale.detach()),
     ]:
         torch.library.opcheck(forward, (p, c, s, 1e-8, torch.float32))
+    masks, _, norm_p, norm_c = forward(patches.detach(), transposed.detach(), scale.detach(), 1e-8, torch.float32)
+    # bf16 masks of fp32 inputs: the forward also returns fp32 masks for the backward
+    _, exact, _, _ = forward(patches.detach(), classes, scale.detach(), 1e-8, torch.bfloat16)
+    assert exact.dtype == torch.float32 and exact.shape == masks.shape
+    torch.library.opcheck(forward, (patches.detach(), classes, scale.detach(), 1e-8, torch.bfloat16))
     grad = torch.randn(2, 3, 5, device=device)
     ones = torch.ones((), device=device).expand(2, 3, 5)
-    for g, need_patches, need_classes in [(grad, True, True), (ones, True, False), (grad, False, True)]:
-        torch.library.opcheck(backward, (g, patches.detach(), transposed.detach(), scale.detach(), 1e-8,
-                                         need_patches, need_classes))
+    saved = (masks, norm_p, norm_c, 1e-8)
+    for g, needs in [(grad, (True, True, True)), (ones, (True, False, False)), (grad, (False, True, False)),
+                     (grad, (False, False, True))]:
+        torch.library.opcheck(backward, (g, patches.detach(), transposed.detach(), scale.detach(), *saved, *needs))
 
 
 def test_gradcheck(device):

@@ -1,0 +1,168 @@
+"""Host-side helpers shared by the Triton launchers of every op: dtypes, launch sizes, strides, devices.
+
+One home for what each op file would otherwise repeat (issue 12, "layout debts"). Nothing here launches a
+kernel; the helpers read shapes, strides, dtypes and device properties only (no host synchronisation).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from incrementer_fast._dispatch import INTERPRET
+
+__all__ = [
+    "INTERPRET",
+    "H100_SMS",
+    "PLAN_SMS",
+    "TL_DTYPE",
+    "accumulation_dtype",
+    "completion_counter",
+    "device_guard",
+    "merge_dims",
+    "multiprocessor_count",
+    "num_warps",
+    "pow2_tile",
+    "split_fp32",
+    "tl_dtype",
+    "two_dims",
+]
+
+TL_DTYPE = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+# Streaming multiprocessors of an H100 SXM / H200.
+H100_SMS = 132
+# The multiprocessors that launch plans (grid-filling tile choices) assume for tensors that are not on a GPU:
+# Triton's interpreter, the sm_90 codegen test, the performance ledger. Read once at import from
+# INCREMENTER_FAST_PLAN_SMS. Default 1: the interpreter runs programs one after another at a few ms of
+# Python each, so the parity suite runs fastest with the fewest, largest tiles. The ledger and the codegen
+# test set it to 132 (H100_SMS) to run exactly the tiles and grids of an H100/H200 launch.
+PLAN_SMS = int(os.environ.get("INCREMENTER_FAST_PLAN_SMS", "1"))
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch floating dtype."""
+    return TL_DTYPE[dtype]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate in: float64 for float64 inputs, float32 for every other float dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_warps(tile_elements: int, elements_per_thread: int) -> int:
+    """4 or 8 warps: 8 once a tile holds more than ``elements_per_thread`` values per thread at 4 warps.
+
+    Each op states its own budget (registers per thread it is willing to spend on one tile).
+    """
+    return 8 if tile_elements >= 8 * 32 * elements_per_thread else 4
+
+
+def pow2_tile(size: int, candidates=(64, 32, 16, 8), max_padding: float = 1.3) -> int:
+    """The largest power-of-two tile in ``candidates`` (largest first) whose whole tiles cover ``size`` with at
+    most ``max_padding`` × the work; the smallest candidate when none does (sizes below it).
+
+    E.g. 151 classes → 64 (192 lanes, 1.27×), 21 → 8 (24, 1.14×), 1024 → 64 (exact).
+    """
+    for tile in candidates:
+        if triton.cdiv(size, tile) * tile <= max_padding * size:
+            return tile
+    return candidates[-1]
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA ``device``; ``PLAN_SMS`` for any other device (see PLAN_SMS)."""
+    if device.type == "cuda":
+        return _cuda_multiprocessor_count(device)
+    return PLAN_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_multiprocessor_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def merge_dims(shape, *strides) -> list[tuple[int, tuple[int, ...]]]:
+    """Merge adjacent dims that are contiguous with each other in every tensor: [(size, (stride per tensor))].
+
+    ``shape`` is the common logical shape, ``strides`` one stride tuple per tensor. Dims of size 1 are
+    dropped; dim i merges into the group of dim i + 1 when, in every tensor, stride[i] equals that group's
+    stride times its size. Returned outermost first; [] when every dim has size 1.
+    """
+    groups: list[tuple[int, tuple[int, ...]]] = []
+    for dim in reversed(range(len(shape))):
+        size = shape[dim]
+        if size == 1:
+            continue
+        dim_strides = tuple(s[dim] for s in strides)
+        if groups and all(o == i * groups[-1][0] for o, i in zip(dim_strides, groups[-1][1])):
+            groups[-1] = (groups[-1][0] * size, groups[-1][1])
+        else:
+            groups.append((size, dim_strides))
+    return groups[::-1]
+
+
+def two_dims(shape, *strides) -> tuple[int, bool, list[tuple[int, int]]] | None:
+    """The dims of ``shape`` as at most two strided dims (outer, inner), shared by several tensors.
+
+    Returns (inner size, whether two dims remain, [(outer stride, inner stride) per tensor]), or None when
+    more than two remain after ``merge_dims`` (the caller then copies to contiguous memory). One remaining
+    dim has outer stride 0 (and the kernels can skip the div/mod of the two-dim case).
+    """
+    groups = merge_dims(shape, *strides)
+    if len(groups) > 2:
+        return None
+    if not groups:  # every dim has size 1: a single element
+        return 1, False, [(0, 0) for _ in strides]
+    inner_size, inner_strides = groups[-1]
+    outer_strides = groups[0][1] if len(groups) == 2 else (0,) * len(strides)
+    return inner_size, len(groups) == 2, list(zip(outer_strides, inner_strides))
+
+
+def split_fp32(value: float) -> tuple[float, float]:
+    """``value`` as hi + lo, both exactly representable in float32 (Triton passes Python floats as fp32), so a
+    float64 kernel can rebuild the exact double as ``hi.to(fp64) + lo.to(fp64)``."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, value - hi
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch. Triton launches on torch's *current* CUDA device and its current
+    stream, not on the device of the tensors it is given: without this, tensors on cuda:1 launched while
+    cuda:0 is current run on the wrong GPU (illegal address). A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def completion_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 counter for a "last program done" reduction on the current stream of ``device``.
+
+    The kernels that use it (one launch computes partials *and* their fixed-order sum) increment it once per
+    program with an atomic, and the last program — the one that sees ``programs − 1`` — reads every
+    partial in a fixed order and sets the counter back to 0 before it ends. So one counter per (device,
+    stream) can be reused by every later launch on that stream: launches on one stream run one after the
+    other, and no launch leaves it non-zero. While a CUDA graph is being captured a fresh zeroed counter is
+    made instead (its zero fill is then part of the graph), so that replays never share one with eager
+    launches; for CPU tensors (Triton's interpreter, where a failing kernel could stop half-way) a fresh one
+    every time, which costs nothing there. Integer atomics only: the reduction order, hence every bit of the
+    result, does not depend on which program finishes last.
+    """
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
