@@ -126,6 +126,8 @@ def check_fod_token_weights_args(labels, num_old, patch_size, bg_weight, ignore_
         raise ValueError(f"num_old must be an int >= 1, got {num_old!r}")
     if not isinstance(bg_weight, (int, float)) or isinstance(bg_weight, bool):
         raise TypeError(f"bg_weight must be a float, got {type(bg_weight).__name__}")
+    if not bg_weight >= 0:  # also NaN: the weights feed fod_loss's weighted mean
+        raise ValueError(f"bg_weight must be a non-negative float, got {bg_weight!r}")
     check_ignore_index(labels, ignore_index)
 
 

@@ -12,7 +12,8 @@ For one pixel s of image b, with x_c its logits,
 P_old is computed from its own sum L_old, not as 1 − P_new: when the new classes take almost all the mass,
 1 − P_new is pure rounding, while the gradient below is proportional to P_old. The kernel sweeps the channels
 in chunks of BLOCK_C with an online max (rescaling L_new and L_old by exp(m_old − m_new) when the max grows),
-so a pixel's logits are read exactly once whatever C is. With valid = (label ≠ ignore_index),
+so a pixel's logits are read exactly once whatever C is. With valid = (label ≠ ignore_index ∧ 0 ≤ label < C)
+(a label outside [0, C) that is not ignore_index counts as ignored, as in the reference),
 M_new = valid ∧ label ≥ num_old and M_old = valid ∧ label < num_old, each image needs six sums over its
 pixels:
 
@@ -20,12 +21,14 @@ pixels:
 
     dice_k = 1 − (2·I_k + smooth) / (Q_k + T_k + smooth),   loss = (1/B) Σ_b (dice_new + dice_old).
 
-Stage 1 (`_cds_dice_partials_kernel`, grid (n_chunks·B,)): each program owns a contiguous run of S-tiles of
-one image, keeps the six sums per pixel lane in registers across its tiles and writes six scalars to
-partials (6, B, n_chunks). Stage 2 (`_cds_dice_finalize_kernel`, one program) adds the partials in a fixed
-order into stats (6, B), forms the per-image dice and the batch mean. No atomics: two runs give bitwise the
-same loss, stats and gradients. n_chunks is chosen so that B·n_chunks is a few programs per SM, which keeps
-stage 2 tiny.
+One launch, `_cds_dice_forward_kernel`, grid (n_chunks·B,): each program owns a contiguous run of S-tiles
+of one image, keeps the six sums per pixel lane in registers across its tiles and writes six scalars to
+partials (6, B, n_chunks) — per-program partials, no atomics on the sums. Then each program increments a
+counter (one int32 atomic per program) and the program that finds itself last (`_finalize`) adds the
+partials in a fixed order into stats (6, B), forms the per-image dice and the batch mean, and resets the
+counter (`utils.completion_counter`). No float atomics: two runs give bitwise the same loss, stats and
+gradients, whichever program finishes last. n_chunks is chosen so that B·n_chunks is a few programs per
+SM, which keeps the final sum tiny. A batch of 0 images launches nothing: the loss is 0.
 
 Backward (VJP)
 --------------
@@ -44,9 +47,13 @@ dx_c = P_c (d_c − Σ_j P_j d_j) = P_c (d_c − a·P_new − b·P_old) simplifi
 
 a form without cancellation. The backward kernel (grid (n_tiles·B,)) loads the six stats of its image and
 g (a pointer, so a 0-dim or stride-0 upstream gradient costs no host sync), recomputes the softmax of its
-tile and writes the gradient once. When the channels fit one chunk (next_pow2(C) ≤ MAX_ONE_CHUNK) the tile
-stays in registers and the logits are read once; above that a first sweep finds max and sums and a second
-re-reads the tile (from L2: a C × BLOCK_S tile is tens of KB) to write the gradient.
+tile and writes the gradient once. When the channels fit one chunk (next_pow2(C) ≤ BACKWARD_ONE_CHUNK = 256,
+ADE20K's 151 classes included) the tile stays in registers and the logits are read once; above that a
+first sweep finds max and sums and a second re-reads the tile (from L2: a C × BLOCK_S tile is tens of KB)
+to write the gradient. The forward reads each logit once in either case (its online max needs no second
+sweep), so it keeps 64-wide chunks above FORWARD_ONE_CHUNK = 128 classes (151 → 192 lanes, not 256); the
+backward takes the 256-lane tile (1.7× the lanes of exp work, hidden under memory time) rather than a
+second read of the logits.
 
 Layout: any strides. The spatial dims of logits, labels (and the gradient) are merged into at most two
 (outer, inner) dims with their own strides, so channels-last and transposed views run in place; when they
@@ -61,19 +68,26 @@ tile or chunk fastest, then the image): CUDA caps grid axes 1 and 2 at 65535, wh
 """
 from __future__ import annotations
 
-import functools
 import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from . import device_guard
+from .utils import (
+    accumulation_dtype,
+    completion_counter,
+    device_guard,
+    multiprocessor_count,
+    num_warps,
+    split_fp32,
+    two_dims,
+)
 
 # Channels up to this many (after rounding to a power of two) are held as one register tile; above it the
-# kernels sweep chunks of CHUNK_C channels (C ≈ 151 for ADE20K would otherwise pad to 256 lanes).
-MAX_ONE_CHUNK = 128
+# kernels sweep chunks of CHUNK_C channels (see the module docstring for why the two limits differ).
+FORWARD_ONE_CHUNK = 128
+BACKWARD_ONE_CHUNK = 256
 CHUNK_C = 64
 # Elements of one (BLOCK_C × BLOCK_S) tile: 8192 fp32 values over 8 warps is 32 registers per thread.
 TILE_ELEMENTS = 8192
@@ -81,10 +95,13 @@ NUM_STATS = 6  # I_new, Q_new, T_new, I_old, Q_old, T_old (see the module docstr
 
 
 @triton.jit
-def _cds_dice_partials_kernel(
+def _cds_dice_forward_kernel(
     logits_ptr,  # (B, C, S_outer, S_inner) via the four strides below, any float dtype
     labels_ptr,  # (B, S_outer, S_inner) via the three strides below, any integer dtype
-    partials_ptr,  # (6, B, n_chunks) contiguous, accumulation dtype (float32 or float64): output
+    partials_ptr,  # (6, B, n_chunks) contiguous, accumulation dtype (float32 or float64): scratch
+    counter_ptr,  # (1,) int32, 0 on entry and on exit: programs done
+    stats_ptr,  # (6, B) contiguous, accumulation dtype: output, per-image sums (saved for backward)
+    loss_ptr,  # () accumulation dtype: output, the loss
     B,  # batch size
     C,  # number of classes
     S,  # pixels per image (S_outer · S_inner)
@@ -96,9 +113,13 @@ def _cds_dice_partials_kernel(
     tiles_per_chunk,  # S-tiles handled by one program (a contiguous run)
     stride_xb, stride_xc, stride_xo, stride_xi,  # logits strides: batch, class, outer, inner spatial
     stride_yb, stride_yo, stride_yi,  # labels strides: batch, outer, inner spatial
+    smooth_hi,  # smooth = smooth_hi + smooth_lo: two fp32 scalars, so the fp64 path gets smooth exactly
+    smooth_lo,
     BLOCK_C: tl.constexpr,  # channels per chunk
     BLOCK_S: tl.constexpr,  # pixels per tile
     SPATIAL_2D: tl.constexpr,  # two merged spatial dims; False: one (pixel · inner stride, no div/mod)
+    BLOCK_B: tl.constexpr,  # images per step of the final sum
+    BLOCK_T: tl.constexpr,  # partials per step of the final sum
 ):
     # Flat grid, chunk fastest: a separate batch axis (grid axis 1) would fail on CUDA for B > 65535.
     chunk = tl.program_id(0) % n_chunks
@@ -153,7 +174,7 @@ def _cds_dice_partials_kernel(
         total = mass_new + mass_old
         p_new = mass_new / total
         p_old = mass_old / total
-        valid = in_image & (label != ignore_index)
+        valid = in_image & (label != ignore_index) & (label >= 0) & (label < C)
         label_new = valid & (label >= num_old)
         label_old = valid & (label < num_old)
         inter_new += tl.where(label_new, p_new, 0.0)
@@ -172,20 +193,29 @@ def _cds_dice_partials_kernel(
     tl.store(out + 3 * plane, tl.sum(inter_old, axis=0))
     tl.store(out + 4 * plane, tl.sum(prob_old, axis=0))
     tl.store(out + 5 * plane, tl.sum(count_old, axis=0))
+    # Last program done: every thread's store above precedes the counter's release (barrier, then an
+    # acquire-release atomic at GPU scope), and the last program's acquire precedes its loads, which bypass
+    # L1 (.cg) so that they see the other programs' partials.
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if done == B * n_chunks - 1:
+        _finalize(partials_ptr, stats_ptr, loss_ptr, B, n_chunks, smooth_hi, smooth_lo, BLOCK_B, BLOCK_T)
+        tl.store(counter_ptr, 0)  # ready for the next launch on this stream
 
 
 @triton.jit
-def _cds_dice_finalize_kernel(
-    partials_ptr,  # (6, B, n_chunks) contiguous, accumulation dtype: stage-1 partial sums
+def _finalize(
+    partials_ptr,  # (6, B, n_chunks) contiguous, accumulation dtype: the programs' partial sums
     stats_ptr,  # (6, B) contiguous, accumulation dtype: output, per-image sums (saved for backward)
     loss_ptr,  # () accumulation dtype: output, the loss
     B,  # batch size
     n_chunks,  # partials per image
-    smooth_hi,  # smooth = smooth_hi + smooth_lo: two fp32 scalars, so the fp64 path gets smooth exactly
+    smooth_hi,  # smooth = smooth_hi + smooth_lo
     smooth_lo,
     BLOCK_B: tl.constexpr,  # images per step
     BLOCK_T: tl.constexpr,  # partials per step
 ):
+    """The fixed-order sums of the partials into stats (6, B), the per-image dice and the batch mean."""
     acc_dtype = stats_ptr.dtype.element_ty
     smooth = tl.cast(smooth_hi, acc_dtype) + tl.cast(smooth_lo, acc_dtype)
     plane = B * n_chunks
@@ -203,12 +233,12 @@ def _cds_dice_finalize_kernel(
             chunks = t_start + tl.arange(0, BLOCK_T)
             mask = in_batch[:, None] & (chunks < n_chunks)[None, :]
             ptrs = partials_ptr + images[:, None].to(tl.int64) * n_chunks + chunks[None, :]
-            inter_new += tl.sum(tl.load(ptrs, mask=mask, other=0.0), axis=1)
-            prob_new += tl.sum(tl.load(ptrs + plane, mask=mask, other=0.0), axis=1)
-            count_new += tl.sum(tl.load(ptrs + 2 * plane, mask=mask, other=0.0), axis=1)
-            inter_old += tl.sum(tl.load(ptrs + 3 * plane, mask=mask, other=0.0), axis=1)
-            prob_old += tl.sum(tl.load(ptrs + 4 * plane, mask=mask, other=0.0), axis=1)
-            count_old += tl.sum(tl.load(ptrs + 5 * plane, mask=mask, other=0.0), axis=1)
+            inter_new += tl.sum(tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg"), axis=1)
+            prob_new += tl.sum(tl.load(ptrs + plane, mask=mask, other=0.0, cache_modifier=".cg"), axis=1)
+            count_new += tl.sum(tl.load(ptrs + 2 * plane, mask=mask, other=0.0, cache_modifier=".cg"), axis=1)
+            inter_old += tl.sum(tl.load(ptrs + 3 * plane, mask=mask, other=0.0, cache_modifier=".cg"), axis=1)
+            prob_old += tl.sum(tl.load(ptrs + 4 * plane, mask=mask, other=0.0, cache_modifier=".cg"), axis=1)
+            count_old += tl.sum(tl.load(ptrs + 5 * plane, mask=mask, other=0.0, cache_modifier=".cg"), axis=1)
         tl.store(stats_ptr + images, inter_new, mask=in_batch)
         tl.store(stats_ptr + B + images, prob_new, mask=in_batch)
         tl.store(stats_ptr + 2 * B + images, count_new, mask=in_batch)
@@ -279,7 +309,7 @@ def _cds_dice_backward_kernel(
         label_offsets = pixels * stride_yi
         grad_pixel_offsets = pixels * stride_gi
     label = tl.load(labels_ptr + image * stride_yb + label_offsets, mask=in_image, other=0)
-    valid = in_image & (label != ignore_index)
+    valid = in_image & (label != ignore_index) & (label >= 0) & (label < C)
     label_new = label >= num_old
     a = tl.where(label_new, hit_new, miss_new)
     b = tl.where(label_new, miss_old, hit_old)
@@ -354,66 +384,18 @@ def _cds_dice_backward_kernel(
             )
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _split_smooth(smooth: float) -> tuple[float, float]:
-    """smooth as hi + lo, both exactly representable in fp32 (Triton passes Python floats as fp32)."""
-    hi = struct.unpack("f", struct.pack("f", smooth))[0]
-    return hi, smooth - hi
-
-
-def _merge_spatial(shape, *strides) -> list[tuple[int, tuple[int, ...]]]:
-    """Merge the spatial dims that are contiguous in every tensor: [(size, (stride per tensor...)), ...].
-
-    Dims of size 1 are dropped; an outer dim merges into the next inner group when, in every tensor, its
-    stride equals the group's stride times the group's size. Returned outermost first.
-    """
-    groups: list[tuple[int, tuple[int, ...]]] = []
-    for dim in reversed(range(len(shape))):
-        size = shape[dim]
-        if size == 1:
-            continue
-        dim_strides = tuple(s[dim] for s in strides)
-        if groups and all(o == i * groups[-1][0] for o, i in zip(dim_strides, groups[-1][1])):
-            groups[-1] = (groups[-1][0] * size, groups[-1][1])
-        else:
-            groups.append((size, dim_strides))
-    return groups[::-1]
-
-
-def _two_dim_spatial(shape, *strides) -> tuple[int, bool, list[tuple[int, int]]] | None:
-    """(S_inner, two dims?, [(outer stride, inner stride) per tensor]), or None when more than two remain."""
-    groups = _merge_spatial(shape, *strides)
-    if len(groups) > 2:
-        return None
-    if not groups:  # every spatial dim has size 1: a single pixel
-        return 1, False, [(0, 0) for _ in strides]
-    inner_size, inner_strides = groups[-1]
-    outer_strides = groups[0][1] if len(groups) == 2 else (0,) * len(strides)
-    return inner_size, len(groups) == 2, list(zip(outer_strides, inner_strides))
-
-
-def _blocks(num_classes: int, block_c: int | None, block_s: int | None) -> tuple[int, int, bool]:
+def _blocks(num_classes: int, block_c: int | None, block_s: int | None, one_chunk: int) -> tuple[int, int, bool]:
     if block_c is None:
         pow2 = triton.next_power_of_2(num_classes)
-        block_c = pow2 if pow2 <= MAX_ONE_CHUNK else CHUNK_C
+        block_c = pow2 if pow2 <= one_chunk else CHUNK_C
     if block_s is None:
         block_s = max(16, min(1024, TILE_ELEMENTS // block_c))
     return block_c, block_s, block_c >= num_classes
 
 
-@functools.lru_cache(maxsize=None)
 def _program_target(device: torch.device) -> int:
-    """Stage-1 programs to aim for: four per SM keeps the GPU busy and stage 2 tiny."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one after another: their number barely matters
-
-
-def _num_warps(block_c: int, block_s: int) -> int:
-    return 8 if block_c * block_s >= 8192 else 4
+    """Forward programs to aim for: four per SM keeps the GPU busy and the final sum tiny."""
+    return 4 * multiprocessor_count(device)
 
 
 def cds_dice_loss_forward(
@@ -435,40 +417,41 @@ def cds_dice_loss_forward(
     batch, num_classes = logits.shape[:2]
     spatial = tuple(logits.shape[2:])
     num_pixels = math.prod(spatial)
-    plan = _two_dim_spatial(spatial, logits.stride()[2:], labels.stride()[1:])
+    plan = two_dims(spatial, logits.stride()[2:], labels.stride()[1:])
     if plan is None:  # ≥ 3 spatial dims in a non-mergeable order: one copy (documented above)
         logits = logits.reshape(batch, num_classes, num_pixels)
         labels = labels.reshape(batch, num_pixels)
-        plan = _two_dim_spatial((num_pixels,), logits.stride()[2:], labels.stride()[1:])
+        plan = two_dims((num_pixels,), logits.stride()[2:], labels.stride()[1:])
     s_inner, spatial_2d, ((stride_xo, stride_xi), (stride_yo, stride_yi)) = plan
 
-    acc = _accumulation_dtype(logits.dtype)
-    block_c, block_s, _ = _blocks(num_classes, block_c, block_s)
+    acc = accumulation_dtype(logits.dtype)
+    block_c, block_s, _ = _blocks(num_classes, block_c, block_s, FORWARD_ONE_CHUNK)
     n_tiles = triton.cdiv(num_pixels, block_s)
     if chunks_per_image is None:
         chunks_per_image = triton.cdiv(_program_target(logits.device), max(batch, 1))
     tiles_per_chunk = max(1, triton.cdiv(n_tiles, chunks_per_image))
     n_chunks = max(1, triton.cdiv(n_tiles, tiles_per_chunk))
 
-    partials = torch.empty((NUM_STATS, batch, n_chunks), dtype=acc, device=logits.device)
-    stats = torch.empty((NUM_STATS, batch), dtype=acc, device=logits.device)
-    loss = torch.empty((), dtype=acc, device=logits.device)
-    smooth_hi, smooth_lo = _split_smooth(smooth)
-    block_b = min(16, triton.next_power_of_2(max(batch, 1)))
+    device = logits.device
+    stats = torch.empty((NUM_STATS, batch), dtype=acc, device=device)
+    if batch == 0:  # no image: the mean over the batch is taken as 0 (as in the reference), nothing to launch
+        return torch.zeros((), dtype=acc, device=device), stats
+    partials = torch.empty((NUM_STATS, batch, n_chunks), dtype=acc, device=device)
+    loss = torch.empty((), dtype=acc, device=device)
+    smooth_hi, smooth_lo = split_fp32(smooth)
+    block_b = min(16, triton.next_power_of_2(batch))
     block_t = min(128, triton.next_power_of_2(n_chunks))
-    with device_guard(logits.device):  # launch on the tensors' GPU, not the current one
-        if batch:
-            _cds_dice_partials_kernel[(n_chunks * batch,)](
-                logits, labels, partials,
-                batch, num_classes, num_pixels, s_inner, num_old, ignore_index,
-                n_tiles, n_chunks, tiles_per_chunk,
-                logits.stride(0), logits.stride(1), stride_xo, stride_xi,
-                labels.stride(0), stride_yo, stride_yi,
-                BLOCK_C=block_c, BLOCK_S=block_s, SPATIAL_2D=spatial_2d, num_warps=_num_warps(block_c, block_s),
-            )  # fmt: skip
-        _cds_dice_finalize_kernel[(1,)](
-            partials, stats, loss, batch, n_chunks, smooth_hi, smooth_lo, BLOCK_B=block_b, BLOCK_T=block_t
-        )
+    with device_guard(device):  # launch on the tensors' GPU, not the current one
+        _cds_dice_forward_kernel[(n_chunks * batch,)](
+            logits, labels, partials, completion_counter(device), stats, loss,
+            batch, num_classes, num_pixels, s_inner, num_old, ignore_index,
+            n_tiles, n_chunks, tiles_per_chunk,
+            logits.stride(0), logits.stride(1), stride_xo, stride_xi,
+            labels.stride(0), stride_yo, stride_yi,
+            smooth_hi, smooth_lo,
+            BLOCK_C=block_c, BLOCK_S=block_s, SPATIAL_2D=spatial_2d, BLOCK_B=block_b, BLOCK_T=block_t,
+            num_warps=num_warps(block_c * block_s, 32),
+        )  # fmt: skip
     return loss, stats
 
 
@@ -492,17 +475,17 @@ def cds_dice_loss_backward(
     if grad.numel() == 0:
         return grad
     out = grad
-    plan = _two_dim_spatial(spatial, logits.stride()[2:], labels.stride()[1:], grad.stride()[2:])
+    plan = two_dims(spatial, logits.stride()[2:], labels.stride()[1:], grad.stride()[2:])
     if plan is None:  # ≥ 3 spatial dims in a non-mergeable order: contiguous copies (documented above)
         logits = logits.reshape(batch, num_classes, num_pixels)
         labels = labels.reshape(batch, num_pixels)
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        plan = _two_dim_spatial((num_pixels,), logits.stride()[2:], labels.stride()[1:], out.stride()[2:])
+        plan = two_dims((num_pixels,), logits.stride()[2:], labels.stride()[1:], out.stride()[2:])
     s_inner, spatial_2d, ((stride_xo, stride_xi), (stride_yo, stride_yi), (stride_go, stride_gi)) = plan
 
-    block_c, block_s, one_chunk = _blocks(num_classes, block_c, block_s)
+    block_c, block_s, one_chunk = _blocks(num_classes, block_c, block_s, BACKWARD_ONE_CHUNK)
     n_tiles = triton.cdiv(num_pixels, block_s)
-    smooth_hi, smooth_lo = _split_smooth(smooth)
+    smooth_hi, smooth_lo = split_fp32(smooth)
     with device_guard(logits.device):  # launch on the tensors' GPU, not the current one
         _cds_dice_backward_kernel[(n_tiles * batch,)](
             logits, labels, out, stats, grad_loss,
@@ -511,7 +494,7 @@ def cds_dice_loss_backward(
             labels.stride(0), stride_yo, stride_yi,
             out.stride(0), out.stride(1), stride_go, stride_gi,
             BLOCK_C=block_c, BLOCK_S=block_s, ONE_CHUNK=one_chunk, SPATIAL_2D=spatial_2d,
-            num_warps=_num_warps(block_c, block_s),
+            num_warps=num_warps(block_c * block_s, 32),
         )  # fmt: skip
     if out is not grad:
         grad.copy_(out.view(grad.shape))

@@ -5,18 +5,20 @@ Reference: `incrementer_fast.reference.fod_loss` (the spec these kernels are tes
 Forward
 -------
 student s and teacher t have one shape (..., D); they are read as M = prod(...) rows of length D, with one
-weight w_i per row. With a_i = max(‖s_i‖, eps), b_i = max(‖t_i‖, eps) (eps clamps the norm, so
-ŝ_i = s_i / a_i, t̂_i = t_i / b_i),
+weight w_i per row, clamped at 0 (negative weights count as 0, as in the reference: see its docstring).
+With a_i = max(‖s_i‖, eps), b_i = max(‖t_i‖, eps) (eps clamps the norm, so ŝ_i = s_i / a_i, t̂_i = t_i / b_i),
 
     cos_i = ⟨ŝ_i, t̂_i⟩ = (⟨s_i, t_i⟩ / a_i) / b_i,      W = Σ_i w_i,
     loss  = Σ_i w_i (1 − cos_i) / W,   and exactly 0 when W = 0.
 
 One pass over the rows gives the three row sums Σ s², Σ t², Σ s·t, so each input element is read once and
 no normalised copy is ever written. The two divisions are done one after the other (never a_i · b_i)
-so that a zero row with a tiny eps cannot underflow the denominator to 0 and produce 0/0. A fixed grid of
-at most MAX_PARTIALS programs strides over blocks of BLOCK_M rows and writes its partial Σ w(1 − cos) and
-Σ w to a (2, P) buffer; a second one-program kernel adds the P partials in a fixed order and writes the
-loss and W. No atomics: the reduction order depends only on (M, D), so runs are bitwise reproducible.
+so that a zero row with a tiny eps cannot underflow the denominator to 0 and produce 0/0. One launch: a
+fixed grid of at most MAX_PARTIALS programs strides over blocks of BLOCK_M rows and writes its partial
+Σ w(1 − cos) and Σ w to a (2, P) buffer; then each program increments a counter (an int32 atomic), and the
+program that finds itself last adds the P partials in a fixed order and writes the loss and W ("last
+program done", `utils.completion_counter`). No float atomics: the reduction order depends only on (M, D),
+so runs are bitwise reproducible, whichever program finishes last.
 
 Backward (VJP)
 --------------
@@ -33,18 +35,23 @@ so, with [·] the indicator of the first branch (the reference's clamp_min passe
     ∂loss/∂t_i = −c_i / (a_i b_i) · s_i  +  [‖t_i‖ ≥ eps] · c_i cos_i / b_i² · t_i      (symmetric).
 
 The weight gets no gradient. The backward recomputes the row sums from s and t (cheap: the rows are loaded
-anyway to form the gradients) and needs only W from the forward. When a row fits in one tile (D ≤
-MAX_BLOCK_D) it stays in registers, so s and t are read once and ds, dt written once; longer rows take a
-second pass over the row.
+anyway to form the gradients) and needs only W from the forward. A row of up to 4 chunks of BLOCK_D
+columns stays in registers (one variable per chunk), so s and t are read once and ds, dt written once;
+longer rows take a second pass over the row.
+
+Lanes: BLOCK_D is a power of two, but a row is covered by up to 4 chunks of it, chosen to waste the
+fewest lanes (`_row_chunks`): D = 768 is 3 chunks of 256, not one 1024-wide tile with a quarter of its
+lanes masked off.
 
 Layout
 ------
-The leading dims (...) of student, teacher and weight are merged jointly where their strides allow it, down
-to at most two row dims (outer, inner) with one stride each per tensor, plus a column stride for
-student/teacher. That covers contiguous tensors, transposed views (N, B, D) → (B, N, D), transposed
-feature dims, and the FOD term on old classes `class_emb[:, :K_old]` (a non-contiguous slice of (B, K, D))
-without any copy. A layout needing three or more row dims (e.g. a 3-leading-dim permutation) is copied to
-contiguous memory first (one extra read and write of that input). Gradients are returned contiguous.
+The leading dims (...) of student, teacher and weight are merged jointly where their strides allow it
+(`utils.merge_dims`), down to at most two row dims (outer, inner) with one stride each per tensor, plus a
+column stride for student/teacher. That covers contiguous tensors, transposed views (N, B, D) → (B, N, D),
+transposed feature dims, and the FOD term on old classes `class_emb[:, :K_old]` (a non-contiguous slice of
+(B, K, D)) without any copy. A layout needing three or more row dims (e.g. a 3-leading-dim permutation) is
+copied to contiguous memory first (one extra read and write of that input). Gradients are returned
+contiguous.
 
 Precision: fp16/bf16/fp32 inputs accumulate in fp32, fp64 inputs in fp64 (so gradcheck works); the loss
 is 0-dim fp32 (fp64 for fp64 student); gradients come back in the student's / teacher's dtype. As in the
@@ -56,16 +63,15 @@ import torch
 import triton
 import triton.language as tl
 
-from incrementer_fast.reference.core import compute_dtype
+from .utils import accumulation_dtype, completion_counter, device_guard, merge_dims, num_warps
 
-from . import device_guard
-
-# Elements of one (BLOCK_M × BLOCK_D) tile per tensor: 4096 fp32 values over 8 warps is 16 registers per
+# Elements of one (BLOCK_M × D) row tile per tensor: 4096 fp32 values over 8 warps is 16 registers per
 # thread per tensor, enough bytes in flight per SM to saturate HBM without spilling in the backward.
 TILE_ELEMENTS = 4096
-# Longest row kept whole in registers (ViT-B/L features are 768/1024); longer rows are looped over.
+# Widest chunk of a row; a row of up to MAX_CHUNKS chunks stays in registers in the backward.
 MAX_BLOCK_D = 4096
-# The forward grid is capped so the partial sums fit one finalize tile: 1024 programs are ~8 per H100 SM.
+MAX_CHUNKS = 4
+# The forward grid is capped so the partial sums fit the last program's one tile: 1024 programs are ~8 per SM.
 MAX_PARTIALS = 1024
 
 
@@ -80,7 +86,10 @@ def _fod_loss_fwd_kernel(
     student_ptr,  # (M, D) student rows, strides (s_stride_outer, s_stride_inner) over rows, s_stride_col
     teacher_ptr,  # (M, D) teacher rows, same row decomposition, its own strides
     weight_ptr,  # (M,) one weight per row, strides (w_stride_outer, w_stride_inner)
-    partial_ptr,  # (2, P) out: per-program Σ w(1 − cos) in row 0, Σ w in row 1; compute dtype (fp32/fp64)
+    partial_ptr,  # (2, P) scratch: per-program Σ w(1 − cos) in row 0, Σ w in row 1; compute dtype
+    counter_ptr,  # (1,) int32, 0 on entry and on exit: programs done
+    loss_ptr,  # () out: the loss, compute dtype
+    weight_sum_ptr,  # () out: W = Σ w, compute dtype (kept for the backward)
     M,  # number of rows
     D,  # row length
     inner_size,  # rows are indexed as (row // inner_size, row % inner_size)
@@ -89,7 +98,8 @@ def _fod_loss_fwd_kernel(
     w_stride_outer, w_stride_inner,
     EPS: tl.constexpr,  # norm clamp; constexpr so that fp64 runs use eps exactly (a float arg is fp32)
     BLOCK_M: tl.constexpr,  # rows per tile
-    BLOCK_D: tl.constexpr,  # columns per tile (power of two)
+    BLOCK_D: tl.constexpr,  # columns per chunk (power of two)
+    BLOCK_P: tl.constexpr,  # power of two ≥ P (P ≤ MAX_PARTIALS: the partials are summed as one tile)
 ):
     acc_dtype = partial_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -121,30 +131,54 @@ def _fod_loss_fwd_kernel(
             st += tl.sum(s * t, axis=1)
         cos = st / tl.maximum(tl.sqrt(ss), eps) / tl.maximum(tl.sqrt(tt), eps)
         w_offsets = _row_offsets(rows, inner_size, w_stride_outer, w_stride_inner)
-        w = tl.load(weight_ptr + w_offsets, mask=row_mask, other=0.0).to(acc_dtype)
+        w = tl.maximum(tl.load(weight_ptr + w_offsets, mask=row_mask, other=0.0).to(acc_dtype), 0.0)
         numerator += w * (1.0 - cos)  # masked rows have w = 0 and add nothing
         denominator += w
     # pid < P by construction of the grid, so these two scalar stores are in bounds.
     tl.store(partial_ptr + pid, tl.sum(numerator, axis=0))
     tl.store(partial_ptr + num_programs + pid, tl.sum(denominator, axis=0))
+    # Last program done: every thread's store above precedes the counter's release (barrier, then an
+    # acquire-release atomic at GPU scope), and the last program's acquire precedes its loads, which bypass
+    # L1 (.cg) so that they see the other programs' partials.
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if done == num_programs - 1:
+        offsets = tl.arange(0, BLOCK_P)
+        mask = offsets < num_programs
+        total = tl.sum(tl.load(partial_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+        weight_sum = tl.sum(
+            tl.load(partial_ptr + num_programs + offsets, mask=mask, other=0.0, cache_modifier=".cg"), axis=0
+        )
+        nonzero = weight_sum != 0
+        tl.store(loss_ptr, tl.where(nonzero, total / tl.where(nonzero, weight_sum, 1.0), 0.0))
+        tl.store(weight_sum_ptr, weight_sum)
+        tl.store(counter_ptr, 0)  # ready for the next launch on this stream
 
 
 @triton.jit
-def _fod_loss_finalize_kernel(
-    partial_ptr,  # (2, P) per-program Σ w(1 − cos) and Σ w from the forward kernel
-    loss_ptr,  # () out: the loss, compute dtype
-    weight_sum_ptr,  # () out: W = Σ w, compute dtype (kept for the backward)
-    P,  # number of partials
-    BLOCK_P: tl.constexpr,  # power of two ≥ P (P ≤ MAX_PARTIALS, so one tile, fixed summation order)
-):
-    offsets = tl.arange(0, BLOCK_P)
-    mask = offsets < P
-    numerator = tl.sum(tl.load(partial_ptr + offsets, mask=mask, other=0.0), axis=0)
-    weight_sum = tl.sum(tl.load(partial_ptr + P + offsets, mask=mask, other=0.0), axis=0)
-    nonzero = weight_sum != 0
-    loss = tl.where(nonzero, numerator / tl.where(nonzero, weight_sum, 1.0), 0.0)
-    tl.store(loss_ptr, loss)
-    tl.store(weight_sum_ptr, weight_sum)
+def _load_chunk(student_ptr, teacher_ptr, s_rows, t_rows, row_mask, d0, D, s_stride_col, t_stride_col,
+                BLOCK_D: tl.constexpr, acc_dtype: tl.constexpr):
+    """Columns [d0, d0 + BLOCK_D) of the student and teacher rows, in the accumulation dtype."""
+    cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    s = tl.load(student_ptr + s_rows[:, None] + cols[None, :] * s_stride_col, mask=mask, other=0.0)
+    t = tl.load(teacher_ptr + t_rows[:, None] + cols[None, :] * t_stride_col, mask=mask, other=0.0)
+    return s.to(acc_dtype), t.to(acc_dtype)
+
+
+@triton.jit
+def _store_chunk(grad_student_ptr, grad_teacher_ptr, s, t, cross, self_s, self_t, out_rows, row_mask, d0, D,
+                 BLOCK_D: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
+    """ds = cross·t + self_s·s and dt = cross·s + self_t·t for columns [d0, d0 + BLOCK_D) (contiguous rows)."""
+    cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    out_offsets = out_rows[:, None] + cols[None, :]
+    if STUDENT_GRAD:
+        ds = cross[:, None] * t + self_s[:, None] * s
+        tl.store(grad_student_ptr + out_offsets, ds.to(grad_student_ptr.dtype.element_ty), mask=mask)
+    if TEACHER_GRAD:
+        dt = cross[:, None] * s + self_t[:, None] * t
+        tl.store(grad_teacher_ptr + out_offsets, dt.to(grad_teacher_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -163,7 +197,7 @@ def _fod_loss_bwd_kernel(
     EPS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    ONE_TILE: tl.constexpr,  # D ≤ BLOCK_D: the rows stay in registers between the sums and the gradients
+    NUM_CHUNKS: tl.constexpr,  # 1..4: the row is NUM_CHUNKS chunks of BLOCK_D, kept in registers; 0: loop twice
     STUDENT_GRAD: tl.constexpr,  # write ∂loss/∂student
     TEACHER_GRAD: tl.constexpr,  # write ∂loss/∂teacher
 ):
@@ -176,33 +210,44 @@ def _fod_loss_bwd_kernel(
     eps = tl.full([BLOCK_M], EPS, acc_dtype)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_mask = rows < M
-    col_range = tl.arange(0, BLOCK_D).to(tl.int64)
     s_rows = _row_offsets(rows, inner_size, s_stride_outer, s_stride_inner)
     t_rows = _row_offsets(rows, inner_size, t_stride_outer, t_stride_inner)
     out_rows = rows * D  # gradients are contiguous (M, D)
     w = tl.load(weight_ptr + _row_offsets(rows, inner_size, w_stride_outer, w_stride_inner), mask=row_mask, other=0.0)
-    c = scale * w.to(acc_dtype)
+    c = scale * tl.maximum(w.to(acc_dtype), 0.0)
 
-    if ONE_TILE:  # the whole row in one tile, kept in registers for the gradients below
-        mask = row_mask[:, None] & (col_range < D)[None, :]
-        s = tl.load(student_ptr + s_rows[:, None] + col_range[None, :] * s_stride_col, mask=mask, other=0.0)
-        t = tl.load(teacher_ptr + t_rows[:, None] + col_range[None, :] * t_stride_col, mask=mask, other=0.0)
-        s = s.to(acc_dtype)
-        t = t.to(acc_dtype)
-        ss = tl.sum(s * s, axis=1)
-        tt = tl.sum(t * t, axis=1)
-        st = tl.sum(s * t, axis=1)
-    else:  # first pass over the row: the sums only
+    # The row sums: from chunks kept in registers (NUM_CHUNKS ≥ 1), or a first pass over the row.
+    if NUM_CHUNKS >= 1:
+        s0, t0 = _load_chunk(student_ptr, teacher_ptr, s_rows, t_rows, row_mask, 0, D, s_stride_col,
+                             t_stride_col, BLOCK_D, acc_dtype)
+        ss = tl.sum(s0 * s0, axis=1)
+        tt = tl.sum(t0 * t0, axis=1)
+        st = tl.sum(s0 * t0, axis=1)
+        if NUM_CHUNKS >= 2:
+            s1, t1 = _load_chunk(student_ptr, teacher_ptr, s_rows, t_rows, row_mask, BLOCK_D, D, s_stride_col,
+                                 t_stride_col, BLOCK_D, acc_dtype)
+            ss += tl.sum(s1 * s1, axis=1)
+            tt += tl.sum(t1 * t1, axis=1)
+            st += tl.sum(s1 * t1, axis=1)
+        if NUM_CHUNKS >= 3:
+            s2, t2 = _load_chunk(student_ptr, teacher_ptr, s_rows, t_rows, row_mask, 2 * BLOCK_D, D,
+                                 s_stride_col, t_stride_col, BLOCK_D, acc_dtype)
+            ss += tl.sum(s2 * s2, axis=1)
+            tt += tl.sum(t2 * t2, axis=1)
+            st += tl.sum(s2 * t2, axis=1)
+        if NUM_CHUNKS >= 4:
+            s3, t3 = _load_chunk(student_ptr, teacher_ptr, s_rows, t_rows, row_mask, 3 * BLOCK_D, D,
+                                 s_stride_col, t_stride_col, BLOCK_D, acc_dtype)
+            ss += tl.sum(s3 * s3, axis=1)
+            tt += tl.sum(t3 * t3, axis=1)
+            st += tl.sum(s3 * t3, axis=1)
+    else:
         ss = tl.zeros([BLOCK_M], acc_dtype)
         tt = tl.zeros([BLOCK_M], acc_dtype)
         st = tl.zeros([BLOCK_M], acc_dtype)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + col_range
-            mask = row_mask[:, None] & (cols < D)[None, :]
-            s = tl.load(student_ptr + s_rows[:, None] + cols[None, :] * s_stride_col, mask=mask, other=0.0)
-            t = tl.load(teacher_ptr + t_rows[:, None] + cols[None, :] * t_stride_col, mask=mask, other=0.0)
-            s = s.to(acc_dtype)
-            t = t.to(acc_dtype)
+            s, t = _load_chunk(student_ptr, teacher_ptr, s_rows, t_rows, row_mask, d0, D, s_stride_col,
+                               t_stride_col, BLOCK_D, acc_dtype)
             ss += tl.sum(s * s, axis=1)
             tt += tl.sum(t * t, axis=1)
             st += tl.sum(s * t, axis=1)
@@ -215,29 +260,24 @@ def _fod_loss_bwd_kernel(
     self_s = tl.where(norm_s >= eps, c * cos / a / a, 0.0)  # coefficient of s in ds
     self_t = tl.where(norm_t >= eps, c * cos / b / b, 0.0)  # coefficient of t in dt
 
-    if ONE_TILE:
-        out_offsets = out_rows[:, None] + col_range[None, :]
-        if STUDENT_GRAD:
-            ds = cross[:, None] * t + self_s[:, None] * s
-            tl.store(grad_student_ptr + out_offsets, ds.to(grad_student_ptr.dtype.element_ty), mask=mask)
-        if TEACHER_GRAD:
-            dt = cross[:, None] * s + self_t[:, None] * t
-            tl.store(grad_teacher_ptr + out_offsets, dt.to(grad_teacher_ptr.dtype.element_ty), mask=mask)
+    if NUM_CHUNKS >= 1:
+        _store_chunk(grad_student_ptr, grad_teacher_ptr, s0, t0, cross, self_s, self_t, out_rows, row_mask, 0, D,
+                     BLOCK_D, STUDENT_GRAD, TEACHER_GRAD)
+        if NUM_CHUNKS >= 2:
+            _store_chunk(grad_student_ptr, grad_teacher_ptr, s1, t1, cross, self_s, self_t, out_rows, row_mask,
+                         BLOCK_D, D, BLOCK_D, STUDENT_GRAD, TEACHER_GRAD)
+        if NUM_CHUNKS >= 3:
+            _store_chunk(grad_student_ptr, grad_teacher_ptr, s2, t2, cross, self_s, self_t, out_rows, row_mask,
+                         2 * BLOCK_D, D, BLOCK_D, STUDENT_GRAD, TEACHER_GRAD)
+        if NUM_CHUNKS >= 4:
+            _store_chunk(grad_student_ptr, grad_teacher_ptr, s3, t3, cross, self_s, self_t, out_rows, row_mask,
+                         3 * BLOCK_D, D, BLOCK_D, STUDENT_GRAD, TEACHER_GRAD)
     else:  # second pass over the row: reload and write the gradients
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + col_range
-            mask = row_mask[:, None] & (cols < D)[None, :]
-            s = tl.load(student_ptr + s_rows[:, None] + cols[None, :] * s_stride_col, mask=mask, other=0.0)
-            t = tl.load(teacher_ptr + t_rows[:, None] + cols[None, :] * t_stride_col, mask=mask, other=0.0)
-            s = s.to(acc_dtype)
-            t = t.to(acc_dtype)
-            out_offsets = out_rows[:, None] + cols[None, :]
-            if STUDENT_GRAD:
-                ds = cross[:, None] * t + self_s[:, None] * s
-                tl.store(grad_student_ptr + out_offsets, ds.to(grad_student_ptr.dtype.element_ty), mask=mask)
-            if TEACHER_GRAD:
-                dt = cross[:, None] * s + self_t[:, None] * t
-                tl.store(grad_teacher_ptr + out_offsets, dt.to(grad_teacher_ptr.dtype.element_ty), mask=mask)
+            s, t = _load_chunk(student_ptr, teacher_ptr, s_rows, t_rows, row_mask, d0, D, s_stride_col,
+                               t_stride_col, BLOCK_D, acc_dtype)
+            _store_chunk(grad_student_ptr, grad_teacher_ptr, s, t, cross, self_s, self_t, out_rows, row_mask, d0,
+                         D, BLOCK_D, STUDENT_GRAD, TEACHER_GRAD)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,22 +291,12 @@ def row_layout(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tenso
 
     Returns (student, teacher, weight, inner_size, strides) where strides holds, per tensor, the
     (outer, inner) row strides in elements. Size-1 dims are dropped and adjacent dims merged where all three
-    tensors allow it; if more than two row dims remain, all three are made contiguous (a copy of each
-    non-contiguous one), after which they merge into one.
+    tensors allow it (`utils.merge_dims`); if more than two row dims remain, all three are made contiguous
+    (a copy of each non-contiguous one), after which they merge into one.
     """
-    dims = [
-        (size, (student.stride(i), teacher.stride(i), weight.stride(i)))
-        for i, size in enumerate(weight.shape)
-        if size != 1
-    ]
-    merged: list[tuple[int, tuple[int, int, int]]] = []
-    for size, strides in dims:
-        if merged and all(prev == cur * size for prev, cur in zip(merged[-1][1], strides)):
-            merged[-1] = (merged[-1][0] * size, strides)
-        else:
-            merged.append((size, strides))
     if weight.numel() == 0:
-        merged = []
+        return student, teacher, weight, 1, ((0, 0), (0, 0), (0, 0))
+    merged = merge_dims(weight.shape, student.stride()[:-1], teacher.stride()[:-1], weight.stride())
     if len(merged) > 2:
         return row_layout(student.contiguous(), teacher.contiguous(), weight.contiguous())
     while len(merged) < 2:
@@ -276,14 +306,23 @@ def row_layout(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tenso
     return student, teacher, weight, inner_size, strides
 
 
-def _block_sizes(num_rows: int, dim: int) -> tuple[int, int]:
-    block_d = min(triton.next_power_of_2(max(dim, 1)), MAX_BLOCK_D)
-    block_m = max(1, min(TILE_ELEMENTS // block_d, triton.next_power_of_2(max(num_rows, 1))))
-    return block_m, block_d
+def row_chunks(dim: int) -> tuple[int, int]:
+    """(BLOCK_D, chunks): a row of ``dim`` columns as 1 to MAX_CHUNKS power-of-two chunks wasting the fewest
+    lanes (fewer chunks on ties), e.g. 768 → 3 × 256, 1024 → 1 × 1024, 48 → 3 × 16; chunks = 0 (a loop
+    over MAX_BLOCK_D-wide chunks) for rows too long to keep in registers."""
+    if dim > MAX_CHUNKS * MAX_BLOCK_D:
+        return MAX_BLOCK_D, 0
+    narrowest = min(16, triton.next_power_of_2(max(dim, 1)))  # 16-wide loads at least, unless D < 16
+    options = [(max(narrowest, triton.next_power_of_2(triton.cdiv(max(dim, 1), k))), k)
+               for k in range(1, MAX_CHUNKS + 1)]
+    options = [option for option in options if option[0] <= MAX_BLOCK_D]
+    return min(options, key=lambda option: (option[0] * option[1], option[1]))
 
 
-def _num_warps(block_m: int, block_d: int) -> int:
-    return 8 if block_m * block_d >= 2048 else 4
+def _rows_per_block(num_rows: int, block_d: int, chunks: int) -> int:
+    """Rows per program: a power of two keeping the row tile within TILE_ELEMENTS values per tensor."""
+    budget = max(1, TILE_ELEMENTS // (block_d * max(chunks, 1)))
+    return max(1, min(1 << (budget.bit_length() - 1), triton.next_power_of_2(max(num_rows, 1))))
 
 
 def _layout_args(student, teacher, weight):
@@ -296,24 +335,26 @@ def _layout_args(student, teacher, weight):
 def fod_loss_forward(
     student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (loss, W): the 0-dim loss and Σ w, both in the compute dtype (fp32, or fp64 for fp64 student)."""
-    acc = compute_dtype(student.dtype)
+    """Return (loss, W): the 0-dim loss and Σ max(w, 0), both in the compute dtype (fp32, or fp64 for fp64
+    student). One launch."""
+    acc = accumulation_dtype(student.dtype)
+    device = student.device
     dim = student.shape[-1]
     num_rows = weight.numel()
-    block_m, block_d = _block_sizes(num_rows, dim)
+    block_d, chunks = row_chunks(dim)
+    block_m = _rows_per_block(num_rows, block_d, chunks)
     num_programs = max(1, min(triton.cdiv(num_rows, block_m), MAX_PARTIALS))
     student, teacher, weight, layout = _layout_args(student, teacher, weight)
-    partials = torch.empty((2, num_programs), dtype=acc, device=student.device)
-    loss = torch.empty((), dtype=acc, device=student.device)
-    weight_sum = torch.empty((), dtype=acc, device=student.device)
-    with device_guard(student.device):
+    partials = torch.empty((2, num_programs), dtype=acc, device=device)
+    loss = torch.empty((), dtype=acc, device=device)
+    weight_sum = torch.empty((), dtype=acc, device=device)
+    with device_guard(device):
         _fod_loss_fwd_kernel[(num_programs,)](
-            student, teacher, weight, partials, num_rows, dim, *layout,
-            EPS=float(eps), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_num_warps(block_m, block_d),
-        )
-        _fod_loss_finalize_kernel[(1,)](
-            partials, loss, weight_sum, num_programs, BLOCK_P=triton.next_power_of_2(num_programs), num_warps=4
-        )
+            student, teacher, weight, partials, completion_counter(device), loss, weight_sum,
+            num_rows, dim, *layout,
+            EPS=float(eps), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_P=triton.next_power_of_2(num_programs),
+            num_warps=num_warps(block_m * block_d, 8),
+        )  # fmt: skip
     return loss, weight_sum
 
 
@@ -336,17 +377,18 @@ def fod_loss_backward(
     num_rows = weight.numel()
     if num_rows * dim == 0 or not (student_grad or teacher_grad):
         return grad_student, grad_teacher
-    block_m, block_d = _block_sizes(num_rows, dim)
+    block_d, chunks = row_chunks(dim)
+    block_m = _rows_per_block(num_rows, block_d, chunks)
     student, teacher, weight, layout = _layout_args(student, teacher, weight)
-    grid = (triton.cdiv(num_rows, block_m),)
     with device_guard(device):
-        _fod_loss_bwd_kernel[grid](
+        _fod_loss_bwd_kernel[(triton.cdiv(num_rows, block_m),)](
             grad_loss, weight_sum, student, teacher, weight,
             # an unrequested gradient's pointer is never dereferenced (its store is compiled out)
             grad_student if student_grad else grad_teacher,
             grad_teacher if teacher_grad else grad_student,
             num_rows, dim, *layout,
-            EPS=float(eps), BLOCK_M=block_m, BLOCK_D=block_d, ONE_TILE=dim <= block_d,
-            STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, num_warps=_num_warps(block_m, block_d),
-        )
+            EPS=float(eps), BLOCK_M=block_m, BLOCK_D=block_d, NUM_CHUNKS=chunks,
+            STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad,
+            num_warps=num_warps(block_m * block_d * max(chunks, 1), 8),
+        )  # fmt: skip
     return grad_student, grad_teacher

@@ -42,3 +42,9 @@ def test_check_labels_names_the_offending_values():
         inc.check_labels(labels, num_classes=4.0)
     with pytest.raises(ValueError, match="ignore_index=-1"):
         inc.check_labels(torch.zeros(3, dtype=torch.uint8), num_classes=4, ignore_index=-1)
+
+
+def test_negative_bg_weight_is_rejected():
+    labels = torch.zeros(1, 4, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"bg_weight .*-0\.5"):
+        inc.fod_token_weights(labels, num_old=2, patch_size=2, bg_weight=-0.5)

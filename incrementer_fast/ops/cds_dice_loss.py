@@ -8,6 +8,8 @@ the kernels' docstring), and the tests hold both against autograd through `refer
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._checks import check_cds_dice_args
@@ -20,19 +22,21 @@ __all__ = ["cds_dice_loss"]
 def _probabilities(logits: torch.Tensor, num_old: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """softmax over C as (B, C, S), and P_new, P_old as (B, S), in the compute dtype."""
     batch, num_classes = logits.shape[:2]
-    probs = torch.softmax(logits.to(compute_dtype(logits.dtype)).reshape(batch, num_classes, -1), dim=1)
+    pixels = math.prod(logits.shape[2:])
+    probs = torch.softmax(logits.to(compute_dtype(logits.dtype)).reshape(batch, num_classes, pixels), dim=1)
     return probs, probs[:, num_old:].sum(1), probs[:, :num_old].sum(1)
 
 
-def _label_masks(labels: torch.Tensor, num_old: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """valid and label ≥ num_old as boolean (B, S)."""
-    flat = labels.reshape(labels.shape[0], -1)
-    return flat != ignore_index, flat >= num_old
+def _label_masks(labels: torch.Tensor, num_old: int, num_classes: int, ignore_index: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """valid (label ≠ ignore_index and 0 ≤ label < C) and label ≥ num_old as boolean (B, S)."""
+    flat = labels.reshape(labels.shape[0], math.prod(labels.shape[1:]))
+    return (flat != ignore_index) & (flat >= 0) & (flat < num_classes), flat >= num_old
 
 
 def _torch_stats(logits: torch.Tensor, labels: torch.Tensor, num_old: int, ignore_index: int) -> torch.Tensor:
     _, p_new, p_old = _probabilities(logits, num_old)
-    valid, label_new = _label_masks(labels, num_old, ignore_index)
+    valid, label_new = _label_masks(labels, num_old, logits.shape[1], ignore_index)
     mask_new = (valid & label_new).to(p_new.dtype)
     mask_old = (valid & ~label_new).to(p_new.dtype)
     valid = valid.to(p_new.dtype)
@@ -43,7 +47,7 @@ def _torch_stats(logits: torch.Tensor, labels: torch.Tensor, num_old: int, ignor
 def _torch_loss(stats: torch.Tensor, smooth: float) -> torch.Tensor:
     inter, prob, count = stats.view(2, 3, -1).unbind(1)  # each (2, B): rows new, old
     dice = 1.0 - (2.0 * inter + smooth) / (prob + count + smooth)
-    return dice.sum(0).mean()
+    return dice.sum(0).sum() / max(stats.shape[1], 1)  # 0 for a batch of no image
 
 
 def _torch_grad(grad_loss, logits, labels, stats, num_old, ignore_index, smooth) -> torch.Tensor:
@@ -53,7 +57,7 @@ def _torch_grad(grad_loss, logits, labels, stats, num_old, ignore_index, smooth)
     scale = grad_loss.to(stats.dtype) / batch
     miss = scale * (2.0 * inter + smooth) / (den * den)  # (2, B): g/B · ∂dice_k/∂P_k off the mask
     hit = miss - 2.0 * scale / den  # on the mask
-    valid, label_new = _label_masks(labels, num_old, ignore_index)
+    valid, label_new = _label_masks(labels, num_old, logits.shape[1], ignore_index)
     a = torch.where(label_new, hit[0, :, None], miss[0, :, None])
     b = torch.where(label_new, miss[1, :, None], hit[1, :, None])
     a_minus_b = torch.where(valid, a - b, 0.0)
@@ -132,10 +136,20 @@ def cds_dice_loss(
     """CDS old/new dice loss of logits (B, C, *spatial) against integer labels (B, *spatial): 0-dim.
 
     P = softmax over C; P_new = Σ_{c ≥ num_old} P_c, P_old = Σ_{c < num_old} P_c; valid = label ≠
-    ignore_index, M_new = valid ∧ label ≥ num_old, M_old = valid ∧ label < num_old. Per image, over its
-    valid pixels, dice(P, M) = 1 − (2·Σ P·M + smooth) / (Σ P + Σ M + smooth); the loss is the batch mean
-    of dice(P_new, M_new) + dice(P_old, M_old), float32 (float64 for float64 logits). Requires
-    1 ≤ num_old < C. The gradient reaches logits in their dtype.
+    ignore_index and 0 ≤ label < C, M_new = valid ∧ label ≥ num_old, M_old = valid ∧ label < num_old. Per
+    image, over its valid pixels, dice(P, M) = 1 − (2·Σ P·M + smooth) / (Σ P + Σ M + smooth); the loss is
+    the batch mean of dice(P_new, M_new) + dice(P_old, M_old), float32 (float64 for float64 logits), and 0
+    (with an empty gradient) for a batch of no image. Requires 1 ≤ num_old < C. The gradient reaches
+    logits in their dtype.
+
+    A label outside [0, C) that is not ignore_index is treated as ignore_index, on the kernel and the
+    reference path alike; `incrementer_fast.check_labels(labels, C, ignore_index)` raises a ValueError
+    naming such values instead, for callers who want it (opt-in: it synchronises with the host).
+
+    Examples:
+        >>> logits, labels = torch.randn(2, 5, 8, 8), torch.randint(0, 5, (2, 8, 8))
+        >>> cds_dice_loss(logits, labels, num_old=3).shape
+        torch.Size([])
     """
     check_cds_dice_args(logits, labels, num_old, ignore_index, smooth)
     loss, _ = _cds_dice_loss_op(logits, labels, num_old, ignore_index, float(smooth))

@@ -1,6 +1,6 @@
 """`incrementer_fast::fod_loss`: the FOD cosine distillation loss as a torch custom op with autograd.
 
-Forward op returns (loss, W = Σ w); the public `fod_loss` returns the loss and W is kept for the backward,
+Forward op returns (loss, W = Σ max(w, 0)); the public `fod_loss` returns the loss and W is kept for the backward,
 itself the custom op `incrementer_fast::fod_loss_backward`. Tensors on a Triton backend (CUDA, or the CPU
 under TRITON_INTERPRET=1) run the kernels of `incrementer_fast.kernels.fod_loss`; other CPU tensors run
 the reference forward and the same VJP formula written in PyTorch.
@@ -26,7 +26,7 @@ def _fod_loss(
     if backend(student.device) == "triton":
         return kernels.fod_loss_forward(student, teacher, weight, eps)
     acc = reference.compute_dtype(student.dtype)
-    return reference.fod_loss(student, teacher, weight, eps), weight.to(acc).sum()
+    return reference.fod_loss(student, teacher, weight, eps), weight.to(acc).clamp_min(0.0).sum()
 
 
 @_fod_loss.register_fake
@@ -69,7 +69,7 @@ def _reference_backward(grad_loss, student, teacher, weight, weight_sum, eps, st
     cos = (s * t).sum(-1, keepdim=True) / a / b
     nonzero = weight_sum != 0
     c = torch.where(nonzero, grad_loss.to(acc) / torch.where(nonzero, weight_sum, 1.0), 0.0)
-    c = c * weight.to(acc).unsqueeze(-1)
+    c = c * weight.to(acc).clamp_min(0.0).unsqueeze(-1)
     cross = -c / a / b
     if student_grad:
         grad_student = (cross * t + torch.where(norm_s >= eps, c * cos / a / a, 0.0) * s).to(student.dtype)
@@ -111,11 +111,26 @@ _fod_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fod_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Σ_i w_i·(1 − ⟨ŝ_i, t̂_i⟩) / Σ_i w_i over the vectors i of student/teacher (..., D), weight (...).
+    """FOD's cosine distillation loss: the weighted mean of 1 − cos over paired vectors.
 
-    x̂ = x / max(‖x‖₂, eps). Returns a 0-dim float32 tensor (float64 for float64 student); exactly 0, with
-    zero gradients, when Σ w = 0. Gradients flow to student and to teacher when it requires grad, in
-    their dtypes; weight gets none.
+    loss = Σ_i w_i·(1 − ⟨ŝ_i, t̂_i⟩) / Σ_i w_i with x̂ = x / max(‖x‖₂, eps), over the vectors i of
+    student/teacher (..., D).
+
+    Args:
+        student: (..., D) float tensor; gets a gradient, in its dtype.
+        teacher: (..., D), the shape of student; gets a gradient when it requires one.
+        weight: (...) one weight per vector; gets no gradient. Negative weights count as 0 (clamped on the
+            device, both on the kernel and the reference path; see `incrementer_fast.reference.fod_loss`).
+        eps: the norm clamp, > 0.
+
+    Returns:
+        0-dim float32 tensor (float64 for float64 student); exactly 0, with zero gradients, when
+        Σ max(w, 0) = 0 (all weights ≤ 0, or no vectors at all, e.g. a batch of 0).
+
+    Examples:
+        >>> s, t = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+        >>> fod_loss(s, t, torch.ones(2, 16)).shape
+        torch.Size([])
     """
     check_fod_loss_args(student, teacher, weight, eps)
     loss, _ = torch.ops.incrementer_fast.fod_loss(student, teacher, weight, float(eps))

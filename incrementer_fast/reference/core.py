@@ -5,6 +5,8 @@ Notation: x̂ = x / max(‖x‖₂, eps), norms over the last dimension. Everyth
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._checks import (
@@ -46,12 +48,18 @@ def cosine_mask(
 
 
 def fod_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Σ_i w_i·(1 − ⟨ŝ_i, t̂_i⟩) / Σ_i w_i over the vectors i of student/teacher (..., D); 0 when Σ w = 0."""
+    """Σ_i w_i·(1 − ⟨ŝ_i, t̂_i⟩) / Σ_i w_i over the vectors i of student/teacher (..., D); 0 when Σ w = 0.
+
+    Negative weights count as 0 (w_i = max(w_i, 0)): a weighted mean needs non-negative weights, and with
+    weights of both signs Σ w can cancel to almost 0 and blow the loss up (1.4e6 from +1, −0.999999).
+    Clamping is checked on the device, so it costs no host synchronisation (a ValueError would need one);
+    FOD's own weights (`fod_token_weights`) are never negative.
+    """
     check_fod_loss_args(student, teacher, weight, eps)
     acc = compute_dtype(student.dtype)
     s = _normalize(student.to(acc), eps)
     t = _normalize(teacher.to(acc), eps)
-    w = weight.detach().to(acc)
+    w = weight.detach().to(acc).clamp_min(0.0)
     cos = (s * t).sum(-1)
     numerator = (w * (1.0 - cos)).sum()
     denominator = w.sum()
@@ -87,16 +95,22 @@ def cds_dice_loss(
 
     P = softmax over C; P_new = Σ_{c ≥ num_old} P_c, P_old = Σ_{c < num_old} P_c; over each image's valid
     pixels, dice(P, M) = 1 − (2·Σ P·M + smooth) / (Σ P + Σ M + smooth); loss = mean over the batch of
-    dice(P_new, M_new) + dice(P_old, M_old).
+    dice(P_new, M_new) + dice(P_old, M_old), and 0 for a batch of no image.
+
+    Valid pixels: label ≠ ignore_index and 0 ≤ label < C. A label outside [0, C) is treated as
+    ignore_index (it belongs to no class the logits score); `incrementer_fast.check_labels` raises on such
+    labels for users who want an error instead (it costs a host synchronisation, hence opt-in).
     """
     check_cds_dice_args(logits, labels, num_old, ignore_index, smooth)
     acc = compute_dtype(logits.dtype)
     batch = logits.shape[0]
     probs = torch.softmax(logits.to(acc), dim=1)
-    p_new = probs[:, num_old:].sum(1).reshape(batch, -1)
-    p_old = probs[:, :num_old].sum(1).reshape(batch, -1)
-    flat_labels = labels.reshape(batch, -1)
-    valid = (flat_labels != ignore_index).to(acc)
+    pixels = math.prod(labels.shape[1:])  # explicit: a batch of 0 leaves -1 undetermined
+    p_new = probs[:, num_old:].sum(1).reshape(batch, pixels)
+    p_old = probs[:, :num_old].sum(1).reshape(batch, pixels)
+    flat_labels = labels.reshape(batch, pixels)
+    num_classes = logits.shape[1]
+    valid = ((flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)).to(acc)
     m_new = valid * (flat_labels >= num_old).to(acc)
     m_old = valid * (flat_labels < num_old).to(acc)
 
@@ -104,4 +118,4 @@ def cds_dice_loss(
         intersection = (p * m).sum(1)
         return 1.0 - (2.0 * intersection + smooth) / ((p * valid).sum(1) + m.sum(1) + smooth)
 
-    return (dice(p_new, m_new) + dice(p_old, m_old)).mean()
+    return (dice(p_new, m_new) + dice(p_old, m_old)).sum() / max(batch, 1)

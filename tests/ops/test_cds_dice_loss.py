@@ -254,6 +254,42 @@ def test_kernels_with_small_blocks(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.uint8])
+def test_labels_outside_the_classes_are_ignored(device, label_dtype):
+    """Issue 14: labels ≥ C or < 0 (other than ignore_index) used to count as new/old classes. They are
+    ignored on both paths: the loss and gradient equal those with ignore_index in their place."""
+    gen = torch.Generator().manual_seed(19)
+    logits = make_logits((3, 7, 6, 5), torch.float32, device, "contiguous", "normal", gen)
+    labels = torch.randint(0, 7, (3, 6, 5), generator=gen)
+    labels[0, 0, :4] = torch.tensor([7, 9, 200, 255])
+    labels[1, 2] = 12  # a whole row of one out-of-range value
+    if label_dtype == torch.int64:
+        labels[2, 1, :3] = torch.tensor([-1, -7, -300])
+    labels = labels.to(device, label_dtype)
+    cleaned = labels.clone()
+    cleaned[(labels < 0) | (labels >= 7)] = 255
+    upstream = torch.tensor(0.8, device=device)
+    loss, grad = op_loss_and_grad(logits, labels, 4, 255, 1.0, upstream)
+    clean_loss, clean_grad = op_loss_and_grad(logits, cleaned, 4, 255, 1.0, upstream)
+    assert torch.equal(loss, clean_loss) and torch.equal(grad, clean_grad)
+    ref_loss, ref_grad = reference_loss_and_grad(logits, labels, 4, 255, 1.0, upstream)
+    assert_close_rel(loss, ref_loss, torch.float32, "loss")
+    assert_close_rel(grad, ref_grad, torch.float32, "grad")
+    with pytest.raises(ValueError, match="outside"):
+        inc.check_labels(labels, 7, 255)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_gives_zero(device):
+    logits = torch.randn(0, 5, 4, 4, device=device, requires_grad=True)
+    labels = torch.zeros(0, 4, 4, dtype=torch.int64, device=device)
+    loss = inc.cds_dice_loss(logits, labels, num_old=2)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert loss.item() == 0.0 and grad.shape == logits.shape
+    assert inc.reference.cds_dice_loss(logits, labels, 2).item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_deterministic(device):
     gen = torch.Generator().manual_seed(11)
     logits = make_logits((2, 151, 9, 13), torch.float32, device, "contiguous", "normal", gen)
@@ -282,7 +318,7 @@ def test_opcheck(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_float64(device):
     logits = torch.randn(2, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
-    labels = torch.tensor([[1, 255], [0, 3]], device=device)  # new, ignored | old, a value ≥ C (new)
+    labels = torch.tensor([[1, 255], [0, 3]], device=device)  # new, ignored | old, a value ≥ C (ignored)
     assert torch.autograd.gradcheck(lambda x: inc.cds_dice_loss(x, labels, 1, smooth=0.1), (logits,))
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import incrementer_fast as inc
 from helpers import REL_ERR_BOUND, assert_close_rel
+from incrementer_fast.kernels import fod_loss as fod_kernels
 from incrementer_fast.kernels.fod_loss import row_layout
 
 # The `device` fixture only names a device, so reusing it across hypothesis examples is safe.
@@ -175,16 +176,16 @@ def test_forward_and_gradients_match_float64_reference(device, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_zero_weight_sum_gives_exact_zero_and_zero_gradients(device, dtype):
-    # Σ w = 0 with all-zero weights, with zero vectors among the rows, and with weights that cancel out.
+    # Σ max(w, 0) = 0 with all-zero weights, with zero vectors among the rows, and with weights ≤ 0.
     student = torch.randn(5, 7, 33, dtype=dtype, device=device)
     student[0, 0] = 0
     student.requires_grad_()
     teacher = torch.randn(5, 7, 33, dtype=dtype, device=device)
     teacher[1, 2] = 0
     teacher.requires_grad_()
-    cancelling = torch.zeros(5, 7, device=device)
-    cancelling[0, 1], cancelling[3, 4] = 2.0, -2.0
-    for weight in (torch.zeros(5, 7, device=device), cancelling):
+    non_positive = torch.zeros(5, 7, device=device)
+    non_positive[0, 1], non_positive[3, 4] = -2.0, -0.5
+    for weight in (torch.zeros(5, 7, device=device), non_positive):
         loss = inc.fod_loss(student, teacher, weight)
         grad_student, grad_teacher = torch.autograd.grad(loss, [student, teacher])
         assert loss.item() == 0.0 and not loss.isnan()
@@ -195,7 +196,47 @@ def test_empty_input_gives_zero(device):
     student = torch.randn(0, 3, 16, device=device, requires_grad=True)
     loss = inc.fod_loss(student, torch.randn(0, 3, 16, device=device), torch.ones(0, 3, device=device))
     (grad,) = torch.autograd.grad(loss, [student])
-    assert loss.item() == 0.0 and grad.shape == student.shape
+    assert loss.item() == 0.0 and grad.shape == student.shape and not grad.any()
+
+
+@pytest.mark.parametrize("dim, chunks", [(48, 3), (32, 2), (64, 4), (80, 0)])
+def test_row_chunks(device, monkeypatch, dim, chunks):
+    """Rows held in registers as 1–4 chunks, and the two-pass loop for longer rows; with 16-wide chunks at
+    most, so that every path runs at a small D (at full size: 768 → 3 × 256, > 16384 → the loop)."""
+    monkeypatch.setattr(fod_kernels, "MAX_BLOCK_D", 16)
+    assert fod_kernels.row_chunks(dim) == (16, chunks)
+    gen = torch.Generator().manual_seed(dim)
+    student = _make((3, 9, dim), torch.float32, device, "strided_features", gen).requires_grad_()
+    teacher = _make((3, 9, dim), torch.float32, device, "transposed", gen).requires_grad_()
+    weight = torch.rand(3, 9, generator=gen).to(device)
+    grad_loss = torch.tensor(0.7, device=device)
+    loss = inc.fod_loss(student, teacher, weight)
+    grads = torch.autograd.grad(loss, [student, teacher], grad_loss)
+    ref_loss, ref_grads = _reference(student, teacher, weight, 1e-8, True, grad_loss)
+    assert_close_rel(loss, ref_loss, torch.float32, "loss")
+    for name, grad, ref_grad, x in zip(("student", "teacher"), grads, ref_grads, (student, teacher)):
+        floor = _gradient_term_norm(x, weight, 1e-8, grad_loss)
+        _assert_close_floor(grad, ref_grad, torch.float32, floor, f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_negative_weights_count_as_zero(device, dtype):
+    """Issue 14's probe: weights +1 and −0.999999 gave a loss of 1.4e6 (Σ w ≈ 1e-6). Negative weights are
+    clamped at 0 on both paths: the loss and gradients equal those of the clamped weights."""
+    gen = torch.Generator().manual_seed(5)
+    student = torch.randn(3, 11, 24, generator=gen).to(device, dtype).requires_grad_()
+    teacher = torch.randn(3, 11, 24, generator=gen).to(device, dtype).requires_grad_()
+    weight = torch.rand(3, 11, generator=gen).to(device) - 0.4  # a third of them negative
+    weight[0, 0], weight[0, 1] = 1.0, -0.999999
+    loss = inc.fod_loss(student, teacher, weight)
+    clamped = inc.fod_loss(student, teacher, weight.clamp_min(0.0))
+    assert torch.equal(loss, clamped) and 0.0 <= loss.item() <= 2.0
+    grads = torch.autograd.grad(loss, [student, teacher])
+    clamped_grads = torch.autograd.grad(clamped, [student, teacher])
+    for got, want in zip(grads, clamped_grads):
+        assert torch.equal(got, want)
+    expected = inc.reference.fod_loss(student.double(), teacher.double(), weight.double().clamp_min(0.0))
+    assert_close_rel(loss, expected, dtype, "loss")
 
 
 def test_weight_gets_no_gradient_and_teacher_none_without_requires_grad(device):
