@@ -203,8 +203,12 @@ def use_cuda_tiles(choice: str) -> str:
     import incrementer_fast._dispatch as dispatch
     import incrementer_fast.kernels as kernel_package
 
-    modules = [importlib.import_module(f"{kernel_package.__name__}.{m.name}")
-               for m in pkgutil.iter_modules(kernel_package.__path__)]
+    # utils first: the op modules import INTERPRET and the launch-plan helpers from it. Launch plans are made
+    # for an H100/H200's 132 SMs (kernels/utils.py, PLAN_SMS), not for the interpreter's default of 1.
+    modules = sorted((importlib.import_module(f"{kernel_package.__name__}.{m.name}")
+                      for m in pkgutil.iter_modules(kernel_package.__path__)),
+                     key=lambda module: module.__name__.rsplit(".", 1)[-1] != "utils")
+    os.environ["INCREMENTER_FAST_PLAN_SMS"] = "132"
     dispatch.INTERPRET = False
     try:
         for module in modules:

@@ -6,11 +6,14 @@ Backends
   operator). It takes (B, M, heads, Dh) while SDPA takes (B, heads, M, Dh): :func:`attention` keeps the
   SDPA layout at its interface and transposes views (no copy; xformers only needs the last stride to be 1).
 * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, on any device.
-* ``"auto"``: xformers for CUDA tensors in float16/bfloat16 when xformers is installed, SDPA otherwise.
-  float32 stays on SDPA: xformers' float32 kernels (cutlass) live in its C++ extension, which a wheel built
-  for another torch cannot load (0.0.35 on this stack's torch: only its half-precision flash kernels,
-  served through PyTorch's own ops, remain), and SDPA's float32 memory-efficient kernel is as fast.
-  Training runs under bf16 autocast on CUDA, so the fast path is the half-precision one anyway.
+* ``"auto"``: SDPA, on every device and dtype, until a GPU measurement shows xformers at least as fast
+  for training (forward + backward) somewhere; the rule will then name those cases (the GPU check,
+  ``benchmarks/gpu_check.sh``, times both at the model's shapes and prints the ratio). Why SDPA until
+  then: xformers 0.0.35's attention operators for a Hopper GPU without the separate ``flash_attn_3``
+  package are PyTorch's own kernels (``aten._flash_attention_forward`` and
+  ``aten._efficient_attention_forward``), the ones SDPA itself dispatches to, reached through xformers'
+  Python dispatch and a custom op; there is no reason to expect them faster, and one measurement will
+  tell. (Earlier versions of this library took xformers for CUDA float16/bfloat16 tensors.)
 
 The choice is made per call: the ``backend`` argument when given (the model passes its ``attention=``
 option), else the environment variable ``INCREMENTER_ATTENTION`` (``auto|xformers|sdpa``), else
@@ -21,13 +24,25 @@ compiled call. A forced choice that cannot run (xformers on CPU, or not installe
 torch.compile
 -------------
 SDPA traces natively. Dynamo breaks on ``memory_efficient_attention`` (its operator dispatch is Python
-code with device queries: facebookresearch/xformers#765, #1107), so the xformers call is wrapped as the
-custom op ``incrementer_fast::xformers_attention`` with a fake implementation and an autograd formula
-whose backward is another custom op. The backward recomputes the forward under autograd and asks xformers
-for the gradients: it costs one extra attention forward per backward, but relies only on xformers' stable
-public API (the shape of the log-sum-exp its lower-level API returns differs between its kernels, which a
-fake implementation would have to know). This path cannot be exercised without a GPU; it is written to
-run on one and the CUDA tests in tests/test_attention.py check it there.
+code with device queries: facebookresearch/xformers#765, #1107), so the xformers calls are custom ops with
+fake implementations:
+
+* ``incrementer_fast::xformers_attention`` — inference (no input requires grad):
+  ``memory_efficient_attention``, which skips the log-sum-exp.
+* ``incrementer_fast::xformers_attention_train`` — training: xformers' split API,
+  ``memory_efficient_attention_forward_requires_grad`` → (output, log-sum-exp), both saved for the
+  backward, ``incrementer_fast::xformers_attention_backward``, which calls
+  ``memory_efficient_attention_backward(grad, output, lse, q, k, v)``: no attention forward is recomputed.
+  The log-sum-exp xformers returns is (B, H, Mq) from its flash operator but padded to a multiple of 32
+  along Mq from its cutlass one; the op returns it cut to (B, H, Mq), a shape the fake implementation can
+  state without knowing which operator xformers dispatches to, and which every xformers backward operator
+  accepts (cutlass pads it again itself, ``Context.get_padded_lse``). Both operators store the natural-log
+  log-sum-exp of the scaled scores, so xformers may pick different forward and backward operators, as its
+  own autograd does.
+
+These paths run only on a GPU with xformers; tests/test_attention.py checks their wiring on the CPU with a
+plain-PyTorch stand-in for xformers' split API (registration, fake, opcheck, no recomputation, a
+fullgraph compile) and the real thing against SDPA on CUDA.
 
 Attention dropout (``dropout_p > 0``) on xformers uses ``memory_efficient_attention``'s own autograd
 (the dropout mask lives in xformers' RNG state, which the non-autograd API does not expose): correct in
@@ -47,7 +62,6 @@ from timm.layers import Attention as TimmAttention
 ENV_VAR = "INCREMENTER_ATTENTION"
 BACKENDS = ("auto", "xformers", "sdpa")
 XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # accepted when forced
-XFORMERS_AUTO_DTYPES = (torch.float16, torch.bfloat16)  # chosen by "auto" (see the module docstring)
 
 # Whether xformers can be imported, decided once without importing it (importing it is slow and pulls in
 # its CUDA extensions); the import itself happens in the custom op's implementation, on first CUDA use.
@@ -75,11 +89,8 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, backend: Optional[
     """
     requested = requested_backend(backend)
     device = torch.device(device)
-    if requested == "sdpa":
+    if requested in ("sdpa", "auto"):  # auto: SDPA until measured otherwise (see the module docstring)
         return "sdpa"
-    if requested == "auto":
-        usable = XFORMERS_INSTALLED and device.type == "cuda" and dtype in XFORMERS_AUTO_DTYPES
-        return "xformers" if usable else "sdpa"
     if device.type != "cuda":
         raise RuntimeError(
             f"attention backend 'xformers' was forced (argument or {ENV_VAR}) but the tensors are on "
@@ -105,8 +116,13 @@ def _import_xformers_ops():
 
 @torch.library.custom_op("incrementer_fast::xformers_attention", mutates_args=())
 def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√Dh)·v for q (B, Mq, H, Dh), k (B, Mk, H, Dh), v (B, Mk, H, Dv) → (B, Mq, H, Dv)."""
-    return _import_xformers_ops().memory_efficient_attention(q, k, v)
+    """softmax(q·kᵀ/√Dh)·v for q (B, Mq, H, Dh), k (B, Mk, H, Dh), v (B, Mk, H, Dv) → (B, Mq, H, Dv).
+
+    Inference only (registered without autograd): the training path is ``_xformers_attention_train``.
+    Outputs of these ops are contiguous, as their fake implementations state (a no-op copy for xformers'
+    own outputs, which are; a guarantee for compiled graphs, which trust the fake's strides).
+    """
+    return _import_xformers_ops().memory_efficient_attention(q, k, v).contiguous()
 
 
 @_xformers_attention.register_fake
@@ -114,36 +130,50 @@ def _(q, k, v):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+@torch.library.custom_op("incrementer_fast::xformers_attention_train", mutates_args=())
+def _xformers_attention_train(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output (B, Mq, H, Dv), log-sum-exp (B, H, Mq) float32) for the backward (see the module docstring)."""
+    out, lse = _import_xformers_ops().memory_efficient_attention_forward_requires_grad(q, k, v)
+    return out.contiguous(), lse[..., : q.shape[1]].contiguous()
+
+
+@_xformers_attention_train.register_fake
+def _(q, k, v):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
 @torch.library.custom_op("incrementer_fast::xformers_attention_backward", mutates_args=())
 def _xformers_attention_backward(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of _xformers_attention; recomputes the forward (see the module docstring for why)."""
-    xops = _import_xformers_ops()
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = xops.memory_efficient_attention(*inputs)
-        # contiguous(): the upstream gradient may be a stride-0 expansion (the gradient of a .sum()), and
-        # xformers needs a unit last stride; a no-op in the usual case.
-        dq, dk, dv = torch.autograd.grad(out, inputs, grad_out.contiguous())
-    return dq, dk, dv
+    """(dq, dk, dv) from the saved output and log-sum-exp: no attention forward is recomputed."""
+    # contiguous(): the upstream gradient may be a stride-0 expansion (the gradient of a .sum()), and
+    # xformers needs a unit last stride; a no-op in the usual case.
+    grads = _import_xformers_ops().memory_efficient_attention_backward(grad_out.contiguous(), out, lse, q, k, v)
+    return tuple(grad.contiguous() for grad in grads)
 
 
 @_xformers_attention_backward.register_fake
-def _(grad_out, q, k, v):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, out, lse):
+    contiguous = torch.contiguous_format
+    return tuple(torch.empty_like(t, memory_format=contiguous) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(*inputs, out, lse)
 
 
-def _backward(ctx, grad_out):
-    q, k, v = ctx.saved_tensors
-    return torch.ops.incrementer_fast.xformers_attention_backward(grad_out, q, k, v)
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return torch.ops.incrementer_fast.xformers_attention_backward(grad_out, q, k, v, out, lse)
 
 
-_xformers_attention.register_autograd(_backward, setup_context=_setup_context)
+_xformers_attention_train.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -179,6 +209,8 @@ def attention(
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if dropout_p > 0.0:
         out = _import_xformers_ops().memory_efficient_attention(q, k, v, p=dropout_p)
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, _ = torch.ops.incrementer_fast.xformers_attention_train(q, k, v)
     else:
         out = torch.ops.incrementer_fast.xformers_attention(q, k, v)
     return out.transpose(1, 2)

@@ -1,9 +1,14 @@
 """incrementer_fast.attention: backend choice, SDPA parity with timm's attention, forced-backend errors,
 and (with a GPU and xformers) the xformers custom op against SDPA, eager and compiled."""
+from collections import Counter
+
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_close_rel
 from timm.layers import Attention as TimmAttention
+
+import incrementer_fast.attention as attention_module
 
 from incrementer_fast.attention import (
     ENV_VAR,
@@ -70,11 +75,12 @@ def test_env_var_selects_backend(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert requested_backend() == "auto"
     assert resolve_backend(cpu, torch.float32) == "sdpa"  # auto on CPU: xformers has no CPU operator
-    # "auto" decides from the device type and dtype only, so the CUDA rule is checked without a GPU:
-    # float32 stays on SDPA; half precision takes xformers when it is installed.
+    # "auto" is SDPA until a GPU measurement shows xformers at least as fast (incrementer_fast/attention.py);
+    # it decides from the request alone, so the CUDA rule is checked without a GPU.
     assert resolve_backend(torch.device("cuda"), torch.float32) == "sdpa"
-    expected_half = "xformers" if XFORMERS_INSTALLED else "sdpa"
-    assert resolve_backend(torch.device("cuda"), torch.bfloat16) == expected_half
+    assert resolve_backend(torch.device("cuda"), torch.bfloat16) == "sdpa"
+    if XFORMERS_INSTALLED:
+        assert resolve_backend(torch.device("cuda"), torch.bfloat16, "xformers") == "xformers"
     monkeypatch.setenv(ENV_VAR, "SDPA")
     assert requested_backend() == "sdpa"
     monkeypatch.setenv(ENV_VAR, "xformers")
@@ -145,7 +151,12 @@ def test_xformers_custom_op_opcheck_and_compile():
     q, k, v = (
         torch.randn(2, 50, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
     )
-    torch.library.opcheck(torch.ops.incrementer_fast.xformers_attention.default, (q, k, v))
+    torch.library.opcheck(torch.ops.incrementer_fast.xformers_attention_train.default, (q, k, v))
+    torch.library.opcheck(torch.ops.incrementer_fast.xformers_attention.default, tuple(t.detach() for t in (q, k, v)))
+    out, lse = torch.ops.incrementer_fast.xformers_attention_train(q, k, v)
+    assert lse.shape == (2, 4, 50)  # cut to (B, H, Mq) whichever xformers operator ran
+    saved = tuple(t.detach() for t in (q, k, v, out, lse))
+    torch.library.opcheck(torch.ops.incrementer_fast.xformers_attention_backward.default, (torch.randn_like(out), *saved))
 
     def step(q, k, v):
         return attention(q, k, v, backend="xformers").square().sum()
@@ -154,3 +165,124 @@ def test_xformers_custom_op_opcheck_and_compile():
     compiled = torch.autograd.grad(torch.compile(step, fullgraph=True)(q, k, v), (q, k, v))
     for name, a, b in zip(("dq", "dk", "dv"), compiled, eager):
         assert_close_rel(a, b, torch.bfloat16, name)
+
+
+class _SplitApiStandIn:
+    """A plain-PyTorch stand-in for the three functions of ``xformers.ops`` that incrementer_fast.attention
+    calls, so that the custom ops' wiring is checked on the CPU (xformers has no CPU operator). It counts its
+    calls, pads the log-sum-exp to a multiple of 32 along Mq like xformers' cutlass operator, and its
+    backward computes the gradients from the given output and log-sum-exp alone (FlashAttention's
+    formulas), so a wrong saved tensor gives wrong gradients. The real xformers is checked on CUDA below."""
+
+    def __init__(self):
+        self.calls = Counter()
+
+    @staticmethod
+    def _scores(q, k):  # (B, Mq, H, D), (B, Mk, H, D) → (B, H, Mq, Mk), float32
+        return torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5
+
+    def memory_efficient_attention(self, q, k, v):
+        self.calls["memory_efficient_attention"] += 1
+        probs = torch.softmax(self._scores(q, k), dim=-1)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
+
+    def memory_efficient_attention_forward_requires_grad(self, q, k, v):
+        self.calls["forward_requires_grad"] += 1
+        scores = self._scores(q, k)
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(scores - lse[..., None]), v.float()).to(q.dtype)
+        padding = -lse.shape[-1] % 32
+        return out, F.pad(lse, (0, padding), value=float("inf"))
+
+    def memory_efficient_attention_backward(self, grad, out, lse, q, k, v):
+        self.calls["backward"] += 1
+        assert lse.shape[-1] >= q.shape[1] and lse.dtype == torch.float32
+        probs = torch.exp(self._scores(q, k) - lse[..., : q.shape[1], None])
+        grad, out = grad.float(), out.float()
+        grad_v = torch.einsum("bhqk,bqhd->bkhd", probs, grad)
+        grad_probs = torch.einsum("bqhd,bkhd->bhqk", grad, v.float())
+        row = torch.einsum("bqhd,bqhd->bhq", grad, out)
+        grad_scores = probs * (grad_probs - row[..., None]) * q.shape[-1] ** -0.5
+        grad_q = torch.einsum("bhqk,bkhd->bqhd", grad_scores, k.float())
+        grad_k = torch.einsum("bhqk,bqhd->bkhd", grad_scores, q.float())
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+@pytest.fixture
+def split_api(monkeypatch):
+    stand_in = _SplitApiStandIn()
+    monkeypatch.setattr(attention_module, "_import_xformers_ops", lambda: stand_in)
+    return stand_in
+
+
+def _bmhk_inputs(shape=(2, 37, 3, 16), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator, requires_grad=True) for _ in range(3)]
+
+
+def _sdpa_bmhk(q, k, v):
+    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+def test_xformers_training_op_reuses_the_forward(split_api):
+    """The training op saves xformers' output and log-sum-exp; its backward calls xformers' backward with
+    them and never recomputes the forward; the gradients are SDPA's."""
+    q, k, v = _bmhk_inputs()
+    upstream = torch.randn(2, 37, 3, 16, generator=torch.Generator().manual_seed(1))
+    out, lse = torch.ops.incrementer_fast.xformers_attention_train(q, k, v)
+    assert lse.shape == (2, 3, 37) and lse.dtype == torch.float32 and lse.is_contiguous()
+    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    assert split_api.calls == Counter(forward_requires_grad=1, backward=1)
+    expected = _sdpa_bmhk(q, k, v)
+    assert_close_rel(out, expected, torch.float32, "out")
+    for name, got, want in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(expected, (q, k, v), upstream)):
+        assert_close_rel(got, want, torch.float32, name)
+
+
+def test_xformers_ops_opcheck(split_api):
+    q, k, v = _bmhk_inputs(shape=(2, 5, 2, 8))
+    torch.library.opcheck(torch.ops.incrementer_fast.xformers_attention_train.default, (q, k, v))
+    torch.library.opcheck(torch.ops.incrementer_fast.xformers_attention.default, tuple(t.detach() for t in (q, k, v)))
+    out, lse = torch.ops.incrementer_fast.xformers_attention_train(q, k, v)
+    grad = torch.ones(()).expand(out.shape)  # a stride-0 upstream gradient, as from out.sum()
+    saved = tuple(t.detach() for t in (q, k, v, out, lse))
+    torch.library.opcheck(torch.ops.incrementer_fast.xformers_attention_backward.default, (grad, *saved))
+
+
+def test_xformers_fake_shapes_on_cuda_without_a_gpu():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 1025, 12, 64, device="cuda", dtype=torch.bfloat16)
+        v = torch.empty(2, 1025, 12, 32, device="cuda", dtype=torch.bfloat16)
+        out, lse = torch.ops.incrementer_fast.xformers_attention_train(q, q, v)
+        assert out.shape == (2, 1025, 12, 32) and out.dtype == torch.bfloat16 and out.device.type == "cuda"
+        assert lse.shape == (2, 12, 1025) and lse.dtype == torch.float32
+        assert torch.ops.incrementer_fast.xformers_attention(q, q, v).shape == (2, 1025, 12, 32)
+        grads = torch.ops.incrementer_fast.xformers_attention_backward(out, q, q, v, out, lse)
+        assert [g.shape for g in grads] == [q.shape, q.shape, v.shape]
+
+
+def test_xformers_dispatch_and_fullgraph_compile(split_api, monkeypatch):
+    """attention(): the training op when an input requires grad and grad mode is on, the inference op
+    otherwise; the training path compiles with fullgraph=True, one xformers forward per step."""
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda device, dtype, backend=None: "xformers")
+    q, k, v = (t.detach().transpose(1, 2).requires_grad_() for t in _bmhk_inputs())  # (B, heads, M, Dh)
+    with torch.no_grad():
+        attention(q, k, v)
+    attention(q.detach(), k.detach(), v.detach())
+    assert split_api.calls == Counter(memory_efficient_attention=2)
+
+    def step(q, k, v):
+        return attention(q, k, v).square().sum()
+
+    split_api.calls.clear()
+    eager = torch.autograd.grad(step(q, k, v), (q, k, v))
+    assert split_api.calls == Counter(forward_requires_grad=1, backward=1)
+    compiled_step = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.autograd.grad(compiled_step(q, k, v), (q, k, v))
+    split_api.calls.clear()
+    compiled = torch.autograd.grad(compiled_step(q, k, v), (q, k, v))
+    assert split_api.calls == Counter(forward_requires_grad=1, backward=1)
+    for name, a, b in zip(("dq", "dk", "dv"), compiled, eager):
+        assert_close_rel(a, b, torch.float32, name)
