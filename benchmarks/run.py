@@ -3,6 +3,7 @@
     python benchmarks/run.py                       # CUDA when present: paper shapes, fp32 and bf16
     python benchmarks/run.py --quick               # tiny CPU shapes, seconds: checks the harness
     python benchmarks/run.py --device cuda --dtype fp32,bf16 --out runs/benchmarks --budget-s 200
+    python benchmarks/run.py --no-ops --step-dtype bf16,fp32 --step-tf32 --merge --out DIR   # add the step
 
 Writes ``results.json`` (every number, the environment, the calibration) and ``results.md`` (the tables)
 into ``--out``, rewritten after every case so that a run stopped early keeps what it measured.
@@ -32,6 +33,13 @@ Targets (issue 5; CUDA, fp32 and bf16, forward+backward rows of the fused provid
 * issue 6, seg_head_loss and loss_stage at K = 151: peak MB ≥ 20× below eager (the reference path) and
   ≥ 2× faster (``x_eager``).
 * the training step with the fused ops ≥ 1.3× faster than with the reference ops.
+
+Order and budget: at the paper size the (case, dtype) pairs run in the priority order of issue 11
+(``PRIORITY``: seg_head_loss and loss_stage at K = 151, cosine_mask K = 151 and 21, cds_dice_loss,
+fod_loss, pseudo_label, the K = 21 seg head), so that a run cut short by ``--budget-s`` or by a signal
+(SIGINT: the results measured so far are written, exit 130) keeps the numbers that matter most.
+``--autotune first`` pins every Triton autotuner of ``incrementer_fast.kernels`` to its first config, which
+bounds compile time (today no kernel autotunes: their tiles are planned on the host).
 Each is PASS or MISS; ``n/a`` where it does not apply (CPU runs, ops without a backward), ``not measured``
 where a number is missing (an error, a skipped provider, the fused op still being the reference).
 """
@@ -67,6 +75,43 @@ NEAR_LIMIT_COMPILED = 0.85 / 1.3  # compiled at ≥ 65 % of copy BW: 1.3× over 
 TARGET_BANDWIDTH_NEAR_LIMIT = 0.85
 TARGET_ISSUE6_MEMORY = 20.0
 TARGET_STEP = 1.3
+# Issue 11's order for the paper-size cases: (op, K or None), first to last.
+PRIORITY = [("seg_head_loss", 151), ("loss_stage", 151), ("cosine_mask", 151), ("cosine_mask", 21),
+            ("cds_dice_loss", 151), ("cds_dice_loss", 21), ("fod_loss", None), ("pseudo_label", None),
+            ("seg_head_loss", 21)]
+
+
+def in_priority_order(cases: list) -> list:
+    """``cases`` sorted by ``PRIORITY`` (stable; cases it does not name keep their order, last)."""
+    def rank(case):
+        for index, (op, k) in enumerate(PRIORITY):
+            if case.op == op and (k is None or case.d.get("K") == k):
+                return index
+        return len(PRIORITY)
+
+    return sorted(cases, key=rank)
+
+
+def pin_autotuners(choice: str) -> list[str]:
+    """Pin every ``triton.autotune`` of incrementer_fast.kernels to one config (``first``); returns what was
+    pinned. ``all`` leaves them alone."""
+    if choice == "all":
+        return []
+    import importlib
+    import pkgutil
+
+    from triton.runtime.autotuner import Autotuner
+
+    import incrementer_fast.kernels as kernel_package
+
+    pinned = []
+    for info in pkgutil.iter_modules(kernel_package.__path__):
+        module = importlib.import_module(f"{kernel_package.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, Autotuner) and len(obj.configs) > 1:
+                obj.configs = obj.configs[:1]
+                pinned.append(f"{info.name}.{name}")
+    return pinned
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -420,12 +465,26 @@ def _one_target(name: str, spec: W.OpSpec, fused: dict, eager: dict | None, comp
 
 
 # --------------------------------------------------------------------------------- training step
-def measure_step(step_case: W.StepCase, dtype_name: str, device: torch.device, quick: bool) -> list[dict]:
+def measure_step(step_case: W.StepCase, dtype_name: str, device: torch.device, quick: bool,
+                 tf32: bool = False) -> list[dict]:
+    """Fused vs reference ops in one training step. ``tf32``: fp32 steps let the backbone's matmuls and
+    convolutions use TF32 (torch.backends' allow_tf32), as fp32 training on Ampere+ usually does; the fused
+    ops are unaffected (cosine_mask's fp32 dots are 3×TF32 either way)."""
     rows = []
     amp = None if dtype_name == "fp32" else W.DTYPES[dtype_name]
+    tf32 = tf32 and amp is None
+    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32 or saved_tf32[0]
+    try:
+        return _measure_step(step_case, dtype_name, device, quick, amp, tf32, rows)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+
+
+def _measure_step(step_case, dtype_name, device, quick, amp, tf32, rows) -> list[dict]:
     for variant, fused in (("fused ops", True), ("reference ops", False)):
         row = dict(step=step_case.title, dtype=dtype_name, variant=variant,
-                   autocast=str(amp).replace("torch.", "") if amp else "none")
+                   autocast=str(amp).replace("torch.", "") if amp else "none", tf32=tf32)
         step = None
         try:
             step = W.TrainingStep(step_case, device, fused=fused, amp_dtype=amp)
@@ -522,7 +581,8 @@ def render_markdown(report: dict) -> str:
                              f"{s.get('note', '')} | | | | |")
                 continue
             speed = f"{_f(s['x_reference'])} {s['target']}" if "x_reference" in s else ""
-            lines.append(f"| {s['step']} | {s['dtype']} | {s['variant']} | {s.get('attention')} | "
+            dtype_cell = s["dtype"] + (" (TF32 backbone)" if s.get("tf32") else "")
+            lines.append(f"| {s['step']} | {dtype_cell} | {s['variant']} | {s.get('attention')} | "
                          f"{_f(s['median_ms'])} | {_f(s['p20_ms'])}–{_f(s['p80_ms'])} | {_f(s.get('extra_mb'))} | "
                          f"{speed} | {s['loss']:.6g} |")
         lines += ["", "Loss: one step at a fixed seed (the same dropout masks for both variants); the two "
@@ -578,6 +638,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--providers", default=",".join(W.PROVIDERS), help="comma list of providers")
     parser.add_argument("--modes", default=",".join(W.MODES), help="comma list of modes")
     parser.add_argument("--no-step", action="store_true", help="skip the whole training step")
+    parser.add_argument("--no-ops", action="store_true", help="skip the op cases (only the training step)")
+    parser.add_argument("--step-dtype", default=None,
+                        help="comma list of the training step's dtypes (default: --dtype)")
+    parser.add_argument("--step-tf32", action="store_true",
+                        help="fp32 training steps with TF32 allowed for the backbone (stated in the results)")
+    parser.add_argument("--order", choices=("priority", "listed"), default="priority",
+                        help="case order: issue 11's priority (default) or workloads.py's listing")
+    parser.add_argument("--autotune", choices=("all", "first"), default="all",
+                        help="first: pin every Triton autotuner to its first config (bounded compile time)")
+    parser.add_argument("--merge", action="store_true",
+                        help="add to the results.json already in --out instead of starting a new one")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of the compiled provider (default inductor; --quick: "
                              "aot_eager, which traces the same graph in seconds but generates no kernels)")
@@ -594,9 +665,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.device is None:
         args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     args.dtype = args.dtype or ("fp32" if args.quick else "fp32,bf16")
+    args.step_dtype = args.step_dtype or args.dtype
     args.size = args.size or ("tiny" if args.quick else ("paper" if args.device == "cuda" else "small"))
     args.compile_backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
-    for name, allowed in (("dtype", W.DTYPES), ("ops", W.OPS), ("providers", W.PROVIDERS), ("modes", W.MODES)):
+    for name, allowed in (("dtype", W.DTYPES), ("step_dtype", W.DTYPES), ("ops", W.OPS), ("providers", W.PROVIDERS),
+                          ("modes", W.MODES)):
         values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
         unknown = [v for v in values if v not in allowed]
         if unknown or not values:
@@ -616,15 +689,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     started = time.perf_counter()
-    report = {"environment": environment(device, argv, args.compile_backend), "partial": True,
-              "quick": args.quick, "size": args.size, "rows": [], "targets": [], "step": []}
-    report["calibration"] = calibrate(device, args.quick)
+    previous = out / "results.json"
+    if args.merge and previous.exists():
+        report = json.loads(previous.read_text(encoding="utf-8"))
+        report["environment"].setdefault("commands", [report["environment"]["command"]])
+        report["environment"]["commands"].append("python benchmarks/run.py " + " ".join(argv))
+    else:
+        report = {"environment": environment(device, argv, args.compile_backend), "partial": True,
+                  "quick": args.quick, "size": args.size, "rows": [], "targets": [], "step": []}
+        report["calibration"] = calibrate(device, args.quick)
+    report["environment"]["autotune_pinned"] = pin_autotuners(args.autotune)
     print(f"[bench] {report['environment']['card']}: copy {report['calibration']['copy_gbps']:.0f} GB/s, "
           f"matmul {report['calibration']['matmul_tflops']}", flush=True)
+    try:
+        skipped = _run(args, device, report, out, started)
+    except KeyboardInterrupt:  # a time box's SIGINT: keep what was measured
+        report["partial"] = True
+        report["interrupted"] = True
+        write(report, out)
+        print(f"[bench] interrupted after {time.perf_counter() - started:.0f} s; wrote what was measured", flush=True)
+        return 130
+    report["partial"] = bool(skipped) or bool(report.get("skipped_for_budget"))
+    report["seconds"] = report.get("seconds", 0.0) + time.perf_counter() - started
+    write(report, out)
+    print(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'} in {report['seconds']:.0f} s", flush=True)
+    return 0
+
+
+def _run(args, device: torch.device, report: dict, out: Path, started: float) -> list[str]:
     # Time kept for the training step (two variants per dtype, ~10 s each on an H100 at fp32).
     step_reserve = 0.0 if args.no_step else (60.0 if device.type == "cuda" else 20.0)
     skipped = []
-    for case in (c for c in W.cases(args.size) if c.op in args.ops):
+    cases = [] if args.no_ops else [c for c in W.cases(args.size) if c.op in args.ops]
+    if args.order == "priority":
+        cases = in_priority_order(cases)
+    for case in cases:
         for dtype_name in args.dtype:
             elapsed = time.perf_counter() - started
             if args.budget_s is not None and elapsed > args.budget_s - step_reserve:
@@ -639,20 +738,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {time.perf_counter() - started:6.1f}s {case.key} {dtype_name}: {' '.join(done)}",
                   flush=True)
     if skipped:
-        report["skipped_for_budget"] = skipped
+        report["skipped_for_budget"] = report.get("skipped_for_budget", []) + skipped
         print(f"[bench] skipped for the time budget: {skipped}", flush=True)
     if not args.no_step:
         step_case = W.STEP_CASES["tiny" if args.size == "tiny" else "paper"]
-        for dtype_name in args.dtype:
-            report["step"] += measure_step(step_case, dtype_name, device, args.quick)
+        for dtype_name in args.step_dtype:
+            report["step"] += measure_step(step_case, dtype_name, device, args.quick, tf32=args.step_tf32)
             write(report, out)
             print(f"[bench] {time.perf_counter() - started:6.1f}s step {dtype_name}: "
                   + " ".join(f"{s['variant']}={_f(s.get('median_ms'))}" for s in report["step"][-2:]), flush=True)
-    report["partial"] = bool(skipped)
-    report["seconds"] = time.perf_counter() - started
-    write(report, out)
-    print(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'} in {report['seconds']:.0f} s", flush=True)
-    return 0
+    return skipped
 
 
 if __name__ == "__main__":

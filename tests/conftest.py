@@ -1,7 +1,8 @@
 """Shared test configuration: hypothesis profiles and the relative-norm error used by parity tests.
 
 Profiles: `ci` (default; derandomised, few examples, so the suite is reproducible and fits the 10-minute
-budget on 2 cores) and `thorough` (random, many examples) for local runs:
+budget on 2 cores), `gpu` (3 examples: benchmarks/gpu_check.sh's CUDA stage) and `thorough` (random, many
+examples) for local runs:
     HYPOTHESIS_PROFILE=thorough pytest tests
 """
 import os
@@ -21,6 +22,16 @@ settings.register_profile(
 settings.register_profile(
     "thorough",
     max_examples=300,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# `gpu`: the light profile of benchmarks/gpu_check.sh — a few derandomised examples, since on a GPU every new
+# shape or dtype compiles new kernels (seconds each) and the whole CUDA test stage has ~2 minutes.
+settings.register_profile(
+    "gpu",
+    max_examples=3,
+    derandomize=True,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -16,7 +16,7 @@ from helpers import assert_close_rel
 from timm.layers import Attention as TimmAttention
 
 import incrementer_fast as inc
-from incrementer_fast.attention import ENV_VAR, Attention
+from incrementer_fast.attention import ENV_VAR, XFORMERS_INSTALLED, Attention
 
 BACKBONE = "vit_tiny_patch16_224"
 SMALL_BACKBONE = "test_vit"
@@ -290,9 +290,12 @@ def test_compiled_forward_and_backward_match_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_training_step_on_cuda():
+@pytest.mark.parametrize("attention", ["sdpa", "xformers"])
+def test_compiled_training_step_on_cuda(attention):
+    if attention == "xformers" and not XFORMERS_INSTALLED:
+        pytest.skip("xformers is not installed")
     torch.manual_seed(0)
-    model = tiny(4, dropout=0.0).cuda()
+    model = tiny(4, dropout=0.0, attention=attention).cuda()
     model.add_classes(2)
     images, labels = (t.cuda() for t in batch(64, 80, num_classes=6))
     params = [p for p in model.parameters() if p.requires_grad]
