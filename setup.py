@@ -24,7 +24,11 @@ setup(
         "tqdm",
         "matplotlib",
         "safetensors",
+        "pyyaml",
     ],
-    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark"]},
+    extras_require={
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "tensorboard"],
+    },
     entry_points={"console_scripts": ["incrementer-fast=incrementer_fast.cli:main"]},
 )

@@ -8,7 +8,8 @@
     incrementer-fast check [--device cuda|cpu] [--quick | --thorough]
 
 ``train`` has one option per field of ``TrainConfig`` (``--lambda-visual 1.0``, ``--no-use-fod``, ...; the
-help text is the field's documentation). Its defaults are the preset's (``--preset voc|ade|demo``, by default
+help text is the field's documentation), and ``--config FILE`` reads any of them from a JSON or YAML file
+(a run's ``config.json`` included), the command line's options taking precedence. Its defaults are the preset's (``--preset voc|ade|demo``, by default
 the one of ``--dataset``: voc, ade, or demo for synthetic; see ``config.PRESETS`` for every value's source);
 with ``--resume`` they are the run directory's ``config.json`` and any option given must agree with it. Under ``torchrun`` every process runs this same command.
 
@@ -31,13 +32,14 @@ import ast
 import dataclasses
 import inspect
 import json
+import logging
 import os
 import sys
 import time
 import typing
 from pathlib import Path
 
-from .continual.config import PRESETS, RESUMABLE_FIELDS, TrainConfig
+from .continual.config import PRESETS, RESUMABLE_FIELDS, TrainConfig, read_config_file, upgrade_config_values
 from .errors import InputError, WorkError
 
 DATASET_PRESETS = {"voc": "voc", "ade": "ade", "synthetic": "demo"}  # the preset of each --dataset
@@ -113,11 +115,18 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, stored: dict | None = None) -> TrainConfig:
-    """TrainConfig from the options given on the command line over the base (stored config.json when
-    resuming, else the dataset's defaults); ``CommandError`` for invalid values or stored-config clashes."""
+    """TrainConfig from the options given — the ``--config`` file's fields, then the command line's over them —
+    over the base (stored config.json when resuming, else the preset's defaults); ``CommandError`` for
+    invalid values, an unreadable config file or stored-config clashes."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "config", None):
+        try:
+            given = {**read_config_file(args.config), **given}
+        except (OSError, ValueError) as error:
+            raise CommandError(str(error)) from None
     if stored is not None:
+        stored = upgrade_config_values(stored)
         clashes = [f"--{k.replace('_', '-')} {v!r} (the run has {stored.get(k)!r})" for k, v in given.items()
                    if stored.get(k) != v and k not in RESUMABLE_FIELDS]
         if clashes:
@@ -243,7 +252,7 @@ def demo_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out, *, resume: bool = False, progress: bool = True, log=print, **overrides) -> dict[str, list[dict]]:
+def run_demo(out, *, resume: bool = False, progress: bool = True, **overrides) -> dict[str, list[dict]]:
     """The demo: synthetic data in ``out/data``; ``incrementer`` then ``finetune`` on every step of the demo
     task. Step 0 (plain CE for both methods, same seed) is trained once and copied into the finetune run."""
     from .continual.run import copy_finished_step, finished_steps, run_scenario
@@ -252,12 +261,11 @@ def run_demo(out, *, resume: bool = False, progress: bool = True, log=print, **o
     base = TrainConfig.demo(data_root=str(out / "data"), **overrides)
     results = {}
     incrementer = dataclasses.replace(base, method="incrementer")
-    results["incrementer"] = run_scenario(incrementer, out / "incrementer", resume=resume, progress=progress,
-                                          log=log)
+    results["incrementer"] = run_scenario(incrementer, out / "incrementer", resume=resume, progress=progress)
     finetune = dataclasses.replace(base, method="finetune")
     if 0 not in finished_steps(out / "finetune"):
         copy_finished_step(out / "incrementer", out / "finetune", 0)
-    results["finetune"] = run_scenario(finetune, out / "finetune", resume=True, progress=progress, log=log)
+    results["finetune"] = run_scenario(finetune, out / "finetune", resume=True, progress=progress)
     return results
 
 
@@ -296,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=list(PRESETS), default=None,
                        help="the defaults of every option below: voc / ade (paper scale, each value's source in "
                             "config.PRESETS) or demo (the synthetic CPU demo); default: the one of --dataset")
+    train.add_argument("--config", metavar="FILE",
+                       help="TrainConfig fields from a JSON or YAML file (a run's config.json works): they "
+                            "replace the preset's defaults, and options given here override them")
     _add_config_options(train)
     train.set_defaults(handler=_train)
     evaluation = commands.add_parser("eval", help="re-score a saved step on its validation set (the metrics.json "
@@ -363,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as error:
         print(_one_line(error), file=sys.stderr)
         return EXIT_BAD_INPUT
+    from .continual.logs import ROOT_LOGGER, configure_logging
+
+    # Progress messages of rank 0 (and warnings of every rank) to stderr, for this command only.
+    handler = configure_logging(logging.INFO)
     try:
         return args.handler(args)
     except (Exception, KeyboardInterrupt) as error:
@@ -371,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         code, message = describe_error(error)
         print(f"incrementer-fast {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return code
+    finally:
+        logging.getLogger(ROOT_LOGGER).removeHandler(handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

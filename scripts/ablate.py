@@ -80,9 +80,9 @@ def run_variant(out: Path, name: str, seed: int, base: TrainConfig) -> dict:
     if config.method != "joint" and 0 not in finished_steps(run_dir):
         shared = out / f"seed{seed}" / "step0"
         if 0 not in finished_steps(shared):
-            run_scenario(dataclasses.replace(base, seed=seed), shared, step=0, progress=False, log=None)
+            run_scenario(dataclasses.replace(base, seed=seed), shared, step=0, progress=False)
         copy_finished_step(shared, run_dir, 0)
-    records = run_scenario(config, run_dir, resume=True, progress=False, log=None)
+    records = run_scenario(config, run_dir, resume=True, progress=False)
     return final_split(records[-1], base)
 
 

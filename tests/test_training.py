@@ -7,6 +7,8 @@ small fixed-seed run — that ``incrementer`` keeps more old-class mIoU than ``f
 import csv
 import dataclasses
 import json
+import logging
+import math
 
 import pytest
 import torch
@@ -54,10 +56,21 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, data_root):
-    """One uninterrupted run: (run directory, records)."""
+    """One uninterrupted run, with TensorBoard and INFO logging on: (run directory, records)."""
     out = tmp_path_factory.mktemp("baseline")
-    records = run_scenario(tiny_config(data_root), out, progress=False, log=None)
+    logger = logging.getLogger("incrementer_fast")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        records = run_scenario(tiny_config(data_root, tensorboard=True), out, progress=False)
+    finally:
+        logger.setLevel(level)
     return out, records
+
+
+def epoch_rows(out):
+    with open(out / "epochs.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -102,7 +115,7 @@ def test_run_directory_holds_every_artifact(baseline):
         rows = list(csv.DictReader(f))
     assert [row["step"] for row in rows] == ["0", "1", "2"] and "iou_12" in rows[0]
     stored = json.loads((out / "config.json").read_text())
-    assert stored["config"] == tiny_config(stored["config"]["data_root"]).to_dict()
+    assert stored["config"] == tiny_config(stored["config"]["data_root"], tensorboard=True).to_dict()
     assert stored["launch"]["accumulation_steps"] == 2 and stored["launch"]["effective_batch_size"] == 4
     assert finished_steps(out) == [0, 1, 2]
     for name in ("miou.png", "predictions_step0.png", "predictions_step2.png"):
@@ -115,12 +128,39 @@ def test_run_directory_holds_every_artifact(baseline):
 
 def test_same_seed_gives_the_same_run(baseline, tmp_path, data_root):
     out, records = baseline
-    again = run_scenario(tiny_config(data_root), tmp_path, progress=False, log=None)
+    again = run_scenario(tiny_config(data_root), tmp_path, progress=False)
     assert metrics_only(again) == metrics_only(records)
     first = torch.load(out / "step_2.pt", weights_only=True)["state_dict"]
     second = torch.load(tmp_path / "step_2.pt", weights_only=True)["state_dict"]
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_epochs_csv_run_log_and_tensorboard(baseline):
+    """epochs.csv: one row per epoch with every loss term, the poly lr (PolynomialLR, within float rounding of
+    lr·(1 − u/U)^p) and the time; run.log holds the progress records; TensorBoard the same numbers."""
+    out, records = baseline
+    config = tiny_config(out)
+    rows = epoch_rows(out)
+    assert list(rows[0]) == ["step", "epoch", "total", "ce", "dice", "fod_visual", "fod_class", "lr", "seconds"]
+    assert [(row["step"], row["epoch"]) for row in rows] == [("0", "1"), ("1", "1"), ("2", "1")]
+    for row, record in zip(rows, records):
+        updates = math.ceil(record["train_images"] / config.batch_size)  # one epoch: U updates, last u = U − 1
+        base = config.lr if record["step"] == 0 else config.lr_incremental
+        assert float(row["lr"]) == pytest.approx(base * (1 / updates) ** config.poly_power, rel=1e-5)
+        assert float(row["total"]) > 0 and float(row["seconds"]) > 0
+    assert float(rows[0]["fod_visual"]) == 0 and float(rows[1]["fod_visual"]) > 0  # distillation from step 1
+    log = (out / "run.log").read_text()
+    assert "step 0: classes" in log and "step 2 done in" in log
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    total = [(e.step, e.value) for e in events.Scalars("loss/total")]
+    assert total == [(i + 1, pytest.approx(float(row["total"]), rel=1e-5)) for i, row in enumerate(rows)]
+    assert [e.step for e in events.Scalars("miou/old")] == [0, 1, 2]
+    assert [e.value for e in events.Scalars("miou/all")] == pytest.approx([r["miou_all"] for r in records])
 
 
 class Crash(RuntimeError):
@@ -138,12 +178,12 @@ def test_resume_after_a_crash_during_training(baseline, tmp_path, data_root, mon
 
     monkeypatch.setattr(run_module, "train_step", crashing_train_step)
     with pytest.raises(Crash):
-        run_scenario(tiny_config(data_root), tmp_path, progress=False, log=None)
+        run_scenario(tiny_config(data_root), tmp_path, progress=False)
     assert finished_steps(tmp_path) == [0, 1]
     monkeypatch.setattr(run_module, "train_step", train_step)
     with pytest.raises(RunError, match="--resume"):
-        run_scenario(tiny_config(data_root), tmp_path, progress=False, log=None)
-    resumed = run_scenario(tiny_config(data_root), tmp_path, resume=True, progress=False, log=None)
+        run_scenario(tiny_config(data_root), tmp_path, progress=False)
+    resumed = run_scenario(tiny_config(data_root), tmp_path, resume=True, progress=False)
     assert metrics_only(resumed) == metrics_only(records)
 
 
@@ -159,29 +199,32 @@ def test_resume_after_a_crash_between_checkpoint_and_metrics(baseline, tmp_path,
 
     monkeypatch.setattr(run_module, "write_metrics", crashing_write_metrics)
     with pytest.raises(Crash):
-        run_scenario(tiny_config(data_root), tmp_path, progress=False, log=None)
+        run_scenario(tiny_config(data_root), tmp_path, progress=False)
     assert (tmp_path / "step_1.pt").exists() and finished_steps(tmp_path) == [0]
     monkeypatch.setattr(run_module, "write_metrics", write_metrics)
-    resumed = run_scenario(tiny_config(data_root), tmp_path, resume=True, progress=False, log=None)
+    resumed = run_scenario(tiny_config(data_root), tmp_path, resume=True, progress=False)
     assert metrics_only(resumed) == metrics_only(records)
+    # Step 1 was trained twice: epochs.csv holds its second training only, as the uninterrupted run's.
+    without_time = [{k: v for k, v in row.items() if k != "seconds"} for row in epoch_rows(tmp_path)]
+    assert without_time == [{k: v for k, v in row.items() if k != "seconds"} for row in epoch_rows(baseline[0])]
 
 
 def test_resume_refuses_another_configuration_and_skips_finished_runs(baseline, data_root):
     out, records = baseline
     with pytest.raises(RunError, match="new_class_weight"):
-        run_scenario(tiny_config(data_root, new_class_weight=0.25), out, resume=True, progress=False, log=None)
-    assert run_scenario(tiny_config(data_root), out, resume=True, progress=False, log=None) == records
+        run_scenario(tiny_config(data_root, new_class_weight=0.25), out, resume=True, progress=False)
+    assert run_scenario(tiny_config(data_root), out, resume=True, progress=False) == records
 
 
 def test_single_step_needs_the_previous_one(baseline, tmp_path, data_root):
     with pytest.raises(RunError, match="needs step 0"):
-        run_scenario(tiny_config(data_root), tmp_path, step=1, progress=False, log=None)
+        run_scenario(tiny_config(data_root), tmp_path, step=1, progress=False)
     with pytest.raises(ValueError, match="out of range"):
-        run_scenario(tiny_config(data_root), tmp_path, step=3, progress=False, log=None)
+        run_scenario(tiny_config(data_root), tmp_path, step=3, progress=False)
 
 
 def test_joint_trains_every_class_in_one_step(tmp_path, data_root):
-    records = run_scenario(tiny_config(data_root, method="joint"), tmp_path, progress=False, log=None)
+    records = run_scenario(tiny_config(data_root, method="joint"), tmp_path, progress=False)
     assert [(r["step"], r["classes"]) for r in records] == [(0, list(range(13)))]
     assert len(records[0]["per_class_iou"]) == 13
 
@@ -191,7 +234,7 @@ def test_incrementer_keeps_more_old_classes_than_finetune(tmp_path):
     """The demo's claim on a small fixed-seed run (the demo's code path, smaller data and fewer epochs, one
     incremental step of 4 classes): distillation + pseudo-labels keep clearly more old-class mIoU than plain
     finetuning. (At this size the new classes barely start to be learned; the demo's full run shows them.)"""
-    results = run_demo(tmp_path, progress=False, log=None, task="8-4", synthetic_train_images=240,
+    results = run_demo(tmp_path, progress=False, task="8-4", synthetic_train_images=240,
                        synthetic_val_images=40, epochs=4, epochs_incremental=3)
     incrementer, finetune = results["incrementer"][-1], results["finetune"][-1]
     assert incrementer["step"] == finetune["step"] == 1

@@ -22,6 +22,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..constants import NEW_TOKEN_INITS
 
@@ -34,10 +35,11 @@ OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("random_resized_crop", "rescale_pad_crop")
 PLOP_ENTROPIES = ("plop", "normalized")
 EVAL_MODES = ("resize", "slide")
-# Fields a resumed run may change because they change where or how fast it runs, not what it computes
-# (micro_batch_size changes only the float rounding of the accumulated gradients) ...
+AMPS = ("bf16", "fp16", "off")
+# Fields a resumed run may change because they change where or how fast it runs, or what it reports, not what
+# it computes (micro_batch_size changes only the float rounding of the accumulated gradients) ...
 RUNTIME_FIELDS = frozenset({"num_workers", "eval_batch_size", "compile", "data_root", "micro_batch_size",
-                            "num_visualised"})
+                            "num_visualised", "tensorboard"})
 # ... and the learning rates, which change only the steps still to train: a finished step keeps what it was
 # trained with, and config.json's "changes" records from which step a new value applies. (So the advice
 # after a non-finite loss, a lower learning rate, can be followed with --resume.)
@@ -208,10 +210,14 @@ class TrainConfig:
     """DataLoader worker processes per training process (0 = load in the main process)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
-    amp: bool = True
-    """bf16 autocast on CUDA (ignored on the CPU, where training runs in fp32)."""
+    amp: str = "bf16"
+    """Mixed precision on CUDA: ``bf16`` (autocast to bfloat16), ``fp16`` (autocast to float16, with a gradient
+    scaler against underflow) or ``off`` (float32). Ignored on the CPU, where training runs in float32."""
     compile: bool = False
     """``torch.compile`` the model of each step."""
+    tensorboard: bool = False
+    """Also write every epoch's loss terms and lr, and every step's mIoU, as TensorBoard scalars to
+    ``<run>/tensorboard`` (needs ``pip install incrementer_fast[tensorboard]``)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -245,6 +251,7 @@ class TrainConfig:
             "train_augmentation": AUGMENTATIONS,
             "plop_entropy": PLOP_ENTROPIES,
             "eval_mode": EVAL_MODES,
+            "amp": AMPS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -308,6 +315,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        values = upgrade_config_values(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -395,3 +403,50 @@ PRESETS: dict[str, dict] = {
     "ade": dict(_PAPER_SCALE, dataset="ade", task="100-50", epochs=60, epochs_incremental=60),  # MiB/PLOP ADE
     "demo": DEMO_PRESET,
 }
+
+
+def upgrade_config_values(values: dict) -> dict:
+    """Field values written by earlier versions, in today's form: ``amp`` was a bool (True = bf16)."""
+    values = dict(values)
+    if isinstance(values.get("amp"), bool):
+        values["amp"] = "bf16" if values["amp"] else "off"
+    return values
+
+
+def read_config_file(path) -> dict:
+    """The TrainConfig fields of a JSON or YAML file (by its suffix: ``.json``, ``.yaml``/``.yml``).
+
+    The file holds the fields as a mapping, or is a run's ``config.json`` (``{"config": {...}, "launch":
+    {...}}``), whose ``config`` part is taken. Only the fields it names are returned (the caller fills in the
+    defaults); ``ValueError`` naming the file for unreadable content, a non-mapping or an unknown field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise FileNotFoundError(f"config file {path}: {error.strerror or error}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        elif suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ValueError(f"config file {path}: expected a .json, .yaml or .yml file")
+    except (json.JSONDecodeError, ImportError) as error:
+        raise ValueError(f"config file {path}: {error}") from None
+    except Exception as error:  # yaml.YAMLError, without importing yaml for JSON files
+        if type(error).__module__.startswith("yaml"):
+            raise ValueError(f"config file {path}: {error}") from None
+        raise
+    if isinstance(values, dict) and isinstance(values.get("config"), dict) and "launch" in values:
+        values = values["config"]  # a run directory's config.json
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path}: expected a mapping of TrainConfig fields, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown TrainConfig fields: {', '.join(unknown)}")
+    return upgrade_config_values(values)

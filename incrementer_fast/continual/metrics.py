@@ -5,7 +5,9 @@ The confusion matrix counts pixels over the whole evaluation set (rows: ground t
 prediction; pixels whose ground truth is the ignore index are skipped), and IoU is computed once from
 the totals, never averaged over images: the convention of MiB, PLOP and SSUL (their
 ``StreamSegMetrics``). Under DDP each process counts its shard and ``all_reduce`` sums the matrices, so
-the result does not depend on the number of processes.
+the result does not depend on the number of processes. (Hand-written on purpose rather than a metrics
+library's IoU: the rule of which classes enter a mean, below, must be MiB's and PLOP's exactly, and the one
+matrix serves the DDP reduction and every old/new split.)
 
 Which classes enter a mean: the classes with ground-truth pixels in the evaluated set. MiB's and PLOP's
 ``StreamSegMetrics.get_results`` (fcdl94/MiB and arthurdouillard/CVPR2021_PLOP,

@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,14 +41,17 @@ import torch.distributed as dist
 from .._files import atomic_write, atomic_write_json
 from ..errors import CheckpointError, InputError
 from ..model import Incrementer
-from .config import RESUMABLE_FIELDS, TrainConfig
+from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
 from .datasets import build_dataset
+from .logs import RunReports, run_log_file, tensorboard_available
 from .metrics import summarize
 from .scenarios import (cached_select_images, classes_up_to, get_task, remap_eval_labels,
                         select_eval_images)
 from .transforms import train_transform, val_transform
 from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
-                    seed_everything, train_step)
+                    seed_everything, step_epochs, train_step)
+
+logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("step", "classes", "miou_old", "miou_new", "miou_all", "miou_prev", "miou_step", "per_class_iou",
                "new_fp_rate")
@@ -103,6 +107,7 @@ def finished_steps(out_dir: Path) -> list[int]:
 
 
 def _check_resumable(stored: dict, config: TrainConfig, out_dir: Path) -> None:
+    stored = upgrade_config_values(stored)
     current = config.to_dict()
     differing = [f"{k}: run has {stored.get(k)!r}, asked {current[k]!r}" for k in current
                  if k not in RESUMABLE_FIELDS and stored.get(k) != current[k]]
@@ -281,14 +286,18 @@ def _barrier(env: DistEnv) -> None:
 
 
 def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resume: bool = False,
-                 progress: bool = True, log=print) -> list[dict]:
+                 progress: bool = True) -> list[dict]:
     """Train and evaluate the steps of ``config`` into ``out_dir``; returns the metrics records of the run
     directory (every finished step). ``step=k`` trains step k only (step k − 1 must be finished there);
-    ``resume=True`` continues a run directory, skipping its finished steps."""
+    ``resume=True`` continues a run directory, skipping its finished steps. Progress is logged through
+    ``logging`` and tqdm bars (``progress=False``: none); ``epochs.csv``, ``run.log`` and, with
+    ``config.tensorboard``, TensorBoard scalars go to ``out_dir`` (see ``incrementer_fast.continual.logs``)."""
     out_dir = Path(out_dir)
     owns_group = _init_distributed(config)
     try:
-        return _run(config, out_dir, step=step, resume=resume, progress=progress, log=log)
+        is_main = current_dist_env().is_main
+        with run_log_file(out_dir, enabled=is_main), RunReports(out_dir, config, enabled=is_main) as reports:
+            return _run(config, out_dir, step=step, resume=resume, progress=progress, reports=reports)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -332,10 +341,9 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
             dist.destroy_process_group()
 
 
-def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> list[dict]:
+def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports: RunReports) -> list[dict]:
     env = current_dist_env()
-    if log is None or not env.is_main:
-        log = _silent
+    log = logger.info if env.is_main else _silent
 
     # Everything that can be wrong with the request is found before anything is written: the device, the
     # task and step, the output folder, the run directory, the data's layout (cheap: before the model, which
@@ -352,6 +360,8 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
     if step is not None and not 0 <= step < len(task):
         raise InputError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has "
                          f"{len(task)} steps, 0..{len(task) - 1}")
+    if config.tensorboard and not tensorboard_available():
+        raise InputError("--tensorboard needs the tensorboard package: pip install 'incrementer_fast[tensorboard]'")
     check_writable_folder(out_dir)
     records = read_records(out_dir)
     done = set(finished_steps(out_dir))
@@ -445,9 +455,10 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
             raise RunError(f"step {current} of task {config.task!r} has no training image in {data_root}")
         step_train = train_set.subset(ids)
         log(f"step {current}: classes {task[current]}, {len(step_train)} training images, "
-                f"{model.num_classes} classes in the model")
+            f"{model.num_classes} classes in the model")
+        reports.start_step(current, epochs_before=sum(step_epochs(config, s) for s in range(current)))
         train_step(model, teacher, step_train, config=config, task=task, step=current, device=device, env=env,
-                   progress=progress, log=log)
+                   progress=progress, on_epoch=reports.epoch)
         del teacher
         eval_ids = select_eval_images(val_labels, config.dataset, task, current)
         step_val = val_set.subset(eval_ids)
@@ -463,6 +474,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, log) -> 
             write_metrics(out_dir, records, len(classes_up_to(task, len(task) - 1)))
             plot_miou(out_dir, records)
             _visualise(model, step_val, config, task, current, device, out_dir, mean, std)
+            reports.step(record)
             log(f"step {current} done in {record['seconds']:.1f} s: " + format_record(record))
         _barrier(env)
     return sorted(records, key=lambda r: r["step"])
@@ -525,7 +537,7 @@ def _config_changes(out_dir: Path, stored: dict | None, config: TrainConfig, fir
     return previous + ([{"from_step": first, **changed}] if changed else [])
 
 
-def _silent(*_args) -> None:
+def _silent(*_args, **_kwargs) -> None:
     """The log of a quiet run, and of every rank but 0."""
 
 
