@@ -376,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from .continual.logs import ROOT_LOGGER, configure_logging
 
-    # Progress messages of rank 0 (and warnings of every rank) to stderr, for this command only.
-    handler = configure_logging(logging.INFO)
+    # Progress messages of rank 0 (and warnings of every rank) to stdout, for this command only: stderr is
+    # kept for the one-line error (and the progress bars).
+    handler = configure_logging(logging.INFO, sys.stdout)
     try:
         return args.handler(args)
     except (Exception, KeyboardInterrupt) as error:

@@ -51,7 +51,8 @@ class RankFilter(logging.Filter):
 
 
 def configure_logging(level: int = logging.INFO, stream=None) -> logging.Handler:
-    """Print the package's records at ``level`` and above to ``stream`` (stderr), rank-aware (``RankFilter``).
+    """Print the package's records at ``level`` and above to ``stream`` (default stderr; the command passes
+    stdout), rank-aware (``RankFilter``).
     For commands: a library leaves handlers to its user. Calling it again replaces the earlier handler."""
     logger = logging.getLogger(ROOT_LOGGER)
     for handler in [h for h in logger.handlers if getattr(h, "_incrementer_fast_console", False)]:
