@@ -39,6 +39,7 @@ import time
 import typing
 from pathlib import Path
 
+from ._files import atomic_write
 from .continual.config import PRESETS, RESUMABLE_FIELDS, TrainConfig, read_config_file, upgrade_config_values
 from .errors import InputError, WorkError
 
@@ -209,7 +210,8 @@ def _eval(args: argparse.Namespace) -> int:
     if output is None and run_dir is not None:
         output = run_dir / f"eval_step{args.step}_{config.eval_mode}.json"
     if output is not None:
-        Path(output).write_text(text + "\n", encoding="utf-8")
+        with atomic_write(output) as handle:
+            handle.write((text + "\n").encode("utf-8"))
         print(f"written to {output}", file=sys.stderr)
     return 0
 
