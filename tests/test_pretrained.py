@@ -73,7 +73,7 @@ def test_cli_refuses_a_random_vit_b_before_creating_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--out", str(out), "--dataset", "synthetic", "--backbone", "vit_base_patch16_384",
                  "--no-pretrained", "--quiet"])
-    assert code == 1 and "--from-scratch" in capsys.readouterr().err and not out.exists()
+    assert code == 2 and "--from-scratch" in capsys.readouterr().err and not out.exists()  # refused input: 2
 
 
 def test_presets_and_their_selection():
