@@ -14,8 +14,8 @@ Providers
   lanes, tl.dot FLOPs issued and useful, lane and transcendental operations, grids and tile sizes, all as
   the kernels issue them. The torch ops of the launchers (partial-sum reductions, fills) count as eager
   launches. This script sets ``TRITON_INTERPRET=1`` itself, before triton is imported.
-* ``eager`` — the plain-PyTorch reference (``inc.reference.<op>``) on ``meta`` tensors (shapes without
-  data, so paper shapes cost nothing) under ``ledger_count.AtenCounter``: every aten op is a launch that
+* ``eager`` — the plain-PyTorch reference (``inc.reference.<op>``) on fake CPU tensors (``FakeTensorMode``:
+  shapes without data, so paper shapes cost nothing) under ``ledger_count.AtenCounter``: every aten op is a launch that
   reads its inputs and writes its outputs; FLOPs from ``torch.utils.flop_counter``'s formulas.
 
 Modes: ``forward``, ``backward`` (one ``torch.autograd.grad`` of the forward's output) and
@@ -36,8 +36,12 @@ of its CUDA configs (``--tiles cuda`` = the first, ``cuda:largest`` = the larges
 ``cuda:N`` = the N-th); the values then computed are not checked (bf16 tl.dot is unreliable in the
 interpreter), only counted. Every launch records the constexprs it ran with (its ``config``).
 
-The run's wall time per fused case is reported; ``--overhead`` also runs each fused case once without the
-instrumentation to state the harness's own cost.
+Paper size: the fused counts are extrapolated exactly from small samples along the independent axes of
+each workload (images, pixel or patch rows) — ``ledger_scale`` (``--scale auto|on|off``; auto = on for
+``--size paper``). The eager provider and the training step run at the paper shapes (fake tensors).
+
+The run's wall time per fused case is reported; ``--overhead`` also runs one run per fused case (the case,
+or its smallest sample) without the instrumentation, to state the harness's own cost.
 """
 from __future__ import annotations
 
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32,bf16")
     parser.add_argument("--providers", default="fused,eager")
     parser.add_argument("--tiles", default="interpreter", help="interpreter | cuda | cuda:largest | cuda:N")
+    parser.add_argument("--scale", choices=("auto", "on", "off"), default="auto",
+                        help="extrapolate fused counts from small samples (ledger_scale); auto: for --size paper")
     parser.add_argument("--no-step", action="store_true", help="skip the training step's peak memory")
     parser.add_argument("--overhead", action="store_true",
                         help="also time each fused case without instrumentation (the harness's overhead)")

@@ -10,6 +10,9 @@ Two instruments, used together (``benchmarks/ledger.py`` drives them):
   - ``bytes_read`` / ``bytes_written``: every *active* lane (mask true) of every load and store, times
     its element size; atomics count one element per active lane as written (a read-modify-write at the
     memory side). No cache model: a value loaded twice counts twice.
+  - ``distinct_bytes_read`` / ``_written``: the same accesses attributed to the tensors the launch was
+    given (by address), each tensor capped at its storage's size: the traffic a perfect cache would leave
+    (a lower bound; a part of a tensor accessed repeatedly counts up to the whole tensor).
   - ``dot_flops`` by operand precision (``fp32_ieee``, ``fp32_tf32``, ``fp32_tf32x3``, ``bf16``, ``fp16``,
     ``fp64``...): 2·M·N·K of every ``tl.dot`` at the tile sizes issued, padding included;
     ``useful_dot_flops``: 2 × the multiply-adds whose two operands are both non-zero (padding lanes are
@@ -110,6 +113,8 @@ class Launch:
     config: dict = field(default_factory=dict)  # constexpr arguments (tile sizes) and num_warps
     bytes_read: int = 0
     bytes_written: int = 0
+    distinct_bytes_read: int = 0  # per tensor argument, capped at its storage size: a perfect cache's traffic
+    distinct_bytes_written: int = 0
     atomic_lanes: int = 0
     atomic_max_per_address: int = 0  # the most active lanes that hit one address in this launch
     dot_flops: Counter = field(default_factory=Counter)  # precision -> FLOPs issued (2·M·N·K per tl.dot)
@@ -151,6 +156,7 @@ class KernelCounter:
         self._depth = 0  # builder calls made by other builder calls (create_load → create_masked_load) count once
         self._restore: list = []
         self._addresses: Counter | None = None
+        self._begin_tensors((), {})
 
     @property
     def in_kernel(self) -> bool:
@@ -252,8 +258,7 @@ class KernelCounter:
             with self._outermost() as count:
                 result = original(ptrs, *args, **kwargs)
                 if count:
-                    mask = args[0] if name == "create_masked_load" else None
-                    self.current.bytes_read += _active_lanes(ptrs, mask) * _element_bytes(ptrs.dtype)
+                    self._access(ptrs, args[0] if name == "create_masked_load" else None, write=False)
                 return result
 
         return wrapper
@@ -263,8 +268,7 @@ class KernelCounter:
             with self._outermost() as count:
                 result = original(ptrs, value, *args, **kwargs)
                 if count:
-                    mask = args[0] if name == "create_masked_store" else None
-                    self.current.bytes_written += _active_lanes(ptrs, mask) * _element_bytes(ptrs.dtype)
+                    self._access(ptrs, args[0] if name == "create_masked_store" else None, write=True)
                 return result
 
         return wrapper
@@ -278,24 +282,64 @@ class KernelCounter:
                         ptr, mask = args[1], args[3]
                     else:  # (ptr, cmp, val, sem, scope)
                         ptr, mask = args[0], None
-                    lanes = _active_lanes(ptr, mask)
-                    self.current.atomic_lanes += lanes
-                    self.current.bytes_written += lanes * _element_bytes(ptr.dtype)
-                    addresses = np.broadcast_to(ptr.data, np.shape(ptr.data))
-                    if mask is not None:
-                        addresses = addresses[np.broadcast_to(mask.data, addresses.shape)]
+                    addresses = self._access(ptr, mask, write=True)
+                    self.current.atomic_lanes += addresses.size
                     values, counts = np.unique(addresses, return_counts=True)
                     self._addresses.update(dict(zip(values.tolist(), counts.tolist())))
                 return result
 
         return wrapper
 
+    def _access(self, ptrs, mask, write: bool) -> np.ndarray:
+        """Count the active lanes of one memory access; returns their addresses."""
+        addresses = np.asarray(ptrs.data).reshape(-1)
+        if mask is not None:
+            active = np.broadcast_to(np.asarray(mask.data), np.shape(ptrs.data)).reshape(-1)
+            addresses = addresses[active]
+        nbytes = addresses.size * _element_bytes(ptrs.dtype)
+        if write:
+            self.current.bytes_written += nbytes
+        else:
+            self.current.bytes_read += nbytes
+        accessed = self._written if write else self._read
+        if self._starts.size and addresses.size:
+            index = np.searchsorted(self._starts, addresses, side="right") - 1
+            inside = (index >= 0) & (addresses < self._ends[np.maximum(index, 0)])
+            per_tensor = np.bincount(index[inside], minlength=self._starts.size) * _element_bytes(ptrs.dtype)
+            accessed[: self._starts.size] += per_tensor
+            accessed[-1] += int((~inside).sum()) * _element_bytes(ptrs.dtype)  # outside every argument
+        else:
+            accessed[-1] += nbytes
+        return addresses
+
+    def _begin_tensors(self, args, kwargs) -> None:
+        """The storages of a launch's tensor arguments, sorted by address, for the distinct-bytes bound."""
+        storages = {}
+        for value in list(args) + list(kwargs.values()):
+            value = getattr(value, "base", value)  # triton's TensorWrapper (a reinterpreted dtype)
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                if storage.nbytes():
+                    storages[storage.data_ptr()] = storage.nbytes()
+        starts = sorted(storages)
+        self._starts = np.array(starts, dtype=np.uint64)
+        self._ends = np.array([start + storages[start] for start in starts], dtype=np.uint64)
+        self._sizes = np.array([storages[start] for start in starts] + [np.iinfo(np.int64).max], dtype=np.int64)
+        self._read = np.zeros(len(starts) + 1, dtype=np.int64)  # the last slot: outside every argument
+        self._written = np.zeros(len(starts) + 1, dtype=np.int64)
+
+    def _end_tensors(self, record: Launch) -> None:
+        record.distinct_bytes_read = int(np.minimum(self._read, self._sizes).sum())
+        record.distinct_bytes_written = int(np.minimum(self._written, self._sizes).sum())
+
     def _on_descriptor_load(self, original, name):
         def wrapper(*args, **kwargs):
             with self._outermost() as count:
                 result = original(*args, **kwargs)
                 if count:
-                    self.current.bytes_read += result.data.size * _element_bytes(result.dtype)
+                    nbytes = result.data.size * _element_bytes(result.dtype)
+                    self.current.bytes_read += nbytes
+                    self._read[-1] += nbytes  # tensor descriptors: not attributed to a tensor
                 return result
 
         return wrapper
@@ -305,7 +349,9 @@ class KernelCounter:
             with self._outermost() as count:
                 result = original(desc, value, *args, **kwargs)
                 if count:
-                    self.current.bytes_written += value.data.size * _element_bytes(value.dtype)
+                    nbytes = value.data.size * _element_bytes(value.dtype)
+                    self.current.bytes_written += nbytes
+                    self._written[-1] += nbytes
                 return result
 
         return wrapper
@@ -378,25 +424,18 @@ class KernelCounter:
         def wrapper(executor, *args, **kwargs):
             record = Launch("triton", executor.fn.__name__, counter.phase, config=_launch_config(executor, args, kwargs))
             counter.current, counter._addresses = record, Counter()
+            counter._begin_tensors(args, kwargs)
             start = time.perf_counter()
             try:
                 return original(executor, *args, **kwargs)
             finally:
                 record.interpreter_s = time.perf_counter() - start
                 record.atomic_max_per_address = max(counter._addresses.values(), default=0)
+                counter._end_tensors(record)
                 counter.current, counter._addresses = None, None
                 counter.launches.append(record)
 
         return wrapper
-
-
-def _active_lanes(ptrs, mask) -> int:
-    if mask is None:
-        return int(np.size(ptrs.data))
-    active = np.count_nonzero(mask.data)
-    if np.size(mask.data) != np.size(ptrs.data):  # a scalar mask over a block of pointers
-        active = active * np.size(ptrs.data) // max(np.size(mask.data), 1)
-    return int(active)
 
 
 def _launch_config(executor, args, kwargs) -> dict:
@@ -584,8 +623,8 @@ class AtenCounter(TorchDispatchMode):
         mutated_storages = {t.untyped_storage()._cdata for t in mutated}
         outputs = [t for t in _tensors(out) if t.untyped_storage()._cdata not in mutated_storages]
         launch = Launch("aten", str(func), self.phase)
-        launch.bytes_read = sum(_footprint(t) for t in read)
-        launch.bytes_written = sum(_footprint(t) for t in mutated + outputs)
+        launch.bytes_read = launch.distinct_bytes_read = sum(_footprint(t) for t in read)
+        launch.bytes_written = launch.distinct_bytes_written = sum(_footprint(t) for t in mutated + outputs)
         packet = func.overloadpacket
         if packet in flop_registry:
             flops = int(flop_registry[packet](*args, **kwargs, out_val=out))

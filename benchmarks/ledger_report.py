@@ -51,6 +51,10 @@ def _moved(row) -> int:
     return row["bytes_read"] + row["bytes_written"]
 
 
+def _distinct(row) -> int:
+    return row["distinct_bytes_read"] + row["distinct_bytes_written"]
+
+
 def _index(rows):
     return {(r["op"], r["case_key"], r["dtype"], r["mode"], r["provider"]): r for r in rows}
 
@@ -101,19 +105,24 @@ def ledger_markdown(ledger) -> str:
         table.append([
             row["op"], row["case"], row["dtype"], row["mode"], row["provider"],
             f"{row['launches']} ({row['triton_launches']})", row["max_grid"] if row["max_grid"] is not None else "—",
-            _mb(_moved(row)), _pct(_moved(row), row["min_bytes"]), _giga(row["flops"]),
+            _mb(_moved(row)), _pct(_moved(row), row["min_bytes"]), _mb(_distinct(row)), _giga(row["flops"]),
             _pct(row["useful_flops"], row["flops"]) if row["flops"] else "—", _giga(row["lane_ops"]),
             _giga(row["transcendental_ops"]), _mb(row["peak_bytes"]),
-            *(_ms(row["predicted_ms"][d]) for d in MODEL_DEVICES), row["bound"]["h200"],
+            *(_ms(row["predicted_ms"][d]) for d in MODEL_DEVICES), _ms(row["predicted_ms_perfect_cache"]["h200"]),
+            row["bound"]["h200"],
             _ratio(eager["predicted_ms"]["h200"], h200) if eager and row["provider"] == "fused" else "—",
         ])
-    out.append("\n## Ops\n\nlaunches: all (Triton); MB moved = read + written as issued; % of min = moved / the "
-               "minimum bytes of workloads.py; GFLOP = dot / matmul FLOPs issued, useful = share with both "
+    out.append("\n## Ops\n\nlaunches: all (Triton); MB moved = read + written as issued (no cache); % of min = "
+               "moved / the minimum bytes of workloads.py; MB distinct = each tensor a launch touches counted at "
+               "most once (a perfect cache); GFLOP = dot / matmul FLOPs issued, useful = share with both "
                "operands non-zero; lane ops and transcendentals in G; peak MB = live bytes allocated above the "
-               "mode's start; ms = modelled; × eager = eager's modelled H200 time / this row's.\n\n")
+               "mode's start; ms = modelled (no cache), \"cached\" = modelled with the distinct bytes; "
+               "× eager = eager's modelled H200 time / this row's.\n\n")
     out.append(_table(["op", "case", "dtype", "mode", "provider", "launches", "max grid", "MB moved", "% of min",
-                       "GFLOP", "useful", "G lane ops", "G transc.", "peak MB",
-                       *(f"{DEVICE_TITLES[d]} ms" for d in MODEL_DEVICES), "bound (H200)", "× eager (H200)"], table))
+                       "MB distinct", "GFLOP", "useful", "G lane ops", "G transc.", "peak MB",
+                       *(f"{DEVICE_TITLES[d]} ms" for d in MODEL_DEVICES), "H200 ms cached", "bound (H200)",
+                       "× eager (H200)"], table))
+    out.append(scaling_markdown(rows))
     out.append("\n## Fused kernels (forward+backward, or forward for ops without a backward)\n")
     for row in rows:
         if row["provider"] != "fused" or row["mode"] != ("forward+backward" if any(
@@ -127,13 +136,14 @@ def ledger_markdown(ledger) -> str:
                                          ) for c in k["configs"]) or "—"
             kernel_rows.append([
                 k["name"], k["launches"], "/".join(str(g) for g in k["grids"]) if k["kind"] == "triton" else "—",
-                config, _mb(k["bytes_read"] + k["bytes_written"]), _precisions(k),
+                config, _mb(k["bytes_read"] + k["bytes_written"]), _mb(k["distinct_bytes"]), _precisions(k),
                 ", ".join(f"{s}×{n}" for s, n in k["dot_shapes"].items()) or "—",
                 _pct(k["useful_flops"], k["flops"]) if k["flops"] else "—",
                 _giga(k["lane_ops"]), _giga(k["lane_ops_by_kind"].get("int_divmod", 0)), _giga(k["transcendental_ops"]),
                 k["atomic_max_per_address"] or "—", _ms(k["predicted_ms"]["h200"]),
             ])
-        out.append(_table(["kernel / op", "launches", "grid", "config (tiles)", "MB moved", "GFLOP by precision",
+        out.append(_table(["kernel / op", "launches", "grid", "config (tiles)", "MB moved", "MB distinct",
+                           "GFLOP by precision",
                            "dot tiles × calls", "useful", "G lane ops", "G int div/mod", "G transc.",
                            "max atomics / address", "H200 ms (modelled)"], kernel_rows))
         uncounted = {k["name"]: k["uncounted"] for k in row["kernels"] if k["uncounted"]}
@@ -143,6 +153,27 @@ def ledger_markdown(ledger) -> str:
         out.append("\n## Training step — modelled peak memory\n\n" + step_markdown(ledger["step"]))
     out.append("\n## Harness cost (this machine, shared; wall seconds of the counting runs)\n\n" + runs_markdown(ledger))
     return "".join(out)
+
+
+def scaling_markdown(rows) -> str:
+    """Which fused rows were extrapolated from smaller samples (ledger_scale), along which axes."""
+    seen, table = set(), []
+    for row in rows:
+        scaling = row.get("scaling")
+        key = (row["op"], row["case"], row["dtype"])
+        if row["provider"] != "fused" or not scaling or key in seen:
+            continue
+        seen.add(key)
+        axes = "; ".join(f"{name}: {a['samples'][0]}, {a['samples'][1]} → {a['target']}"
+                         for name, a in scaling["axes"].items())
+        table.append([row["op"], row["case"], row["dtype"], axes, len(scaling["samples"]),
+                      "yes" if scaling["exact"] else "NO: " + ", ".join(scaling["non_integral"][:3])])
+    if not table:
+        return ""
+    return ("\n## Scaling\n\nThese fused rows are extrapolated from counts at smaller sizes (`ledger_scale.py`: "
+            "multilinear in the axes below, the same launches and tiles at every sample; integral results = "
+            "consistent with it; the data-dependent counts — atomics, useful FLOPs on zero operands — are "
+            "estimates).\n\n" + _table(["op", "case", "dtype", "axes: samples → target", "runs", "integral"], table))
 
 
 def step_markdown(step) -> str:
@@ -159,12 +190,13 @@ def step_markdown(step) -> str:
 def runs_markdown(ledger) -> str:
     rows = []
     for r in ledger["runs"]:
-        plain = r.get("plain_interpreter_s")
+        o = r.get("overhead")
         rows.append([r["op"], r["case"], r["dtype"], r["provider"], f"{r['wall_s']:.2f}",
                      f"{r['interpreter_s']:.2f}" if r["provider"] == "fused" else "—",
-                     f"{plain:.2f}" if plain else "—", _ratio(r["wall_s"], plain) if plain else "—"])
-    return _table(["op", "case", "dtype", "provider", "counted run s", "in Triton grids s",
-                   "plain interpreter s", "overhead ×"], rows)
+                     o["case"] if o else "—", f"{o['instrumented_s']:.2f} / {o['plain_s']:.2f}" if o else "—",
+                     _ratio(o["instrumented_s"], o["plain_s"]) if o else "—"])
+    return _table(["op", "case", "dtype", "provider", "counted s (all samples)", "in Triton grids s",
+                   "overhead timed on", "instrumented / plain s", "overhead ×"], rows)
 
 
 # ------------------------------------------------------------------------------------ RESULTS.md
@@ -203,6 +235,7 @@ def results_section(ledger) -> str:
             _pct(row["useful_flops"], row["flops"]) if row["flops"] else "—",
             f"{row['launches']} / {eager['launches']}",
             f"{_ms(row['predicted_ms']['h200'])} / {_ms(eager['predicted_ms']['h200'])}",
+            _ms(row["predicted_ms_perfect_cache"]["h200"]),
             _ratio(eager["predicted_ms"]["h200"], row["predicted_ms"]["h200"]),
             _ratio(eager["predicted_ms"]["h100"], row["predicted_ms"]["h100"]),
             _ratio(eager["predicted_ms"]["h200_measured"], row["predicted_ms"]["h200_measured"]),
@@ -211,7 +244,8 @@ def results_section(ledger) -> str:
         ])
     out.append(_table(["op", "case", "dtype", "mode", "MB moved fused / eager", "% of min bytes fused / eager",
                        "GFLOP fused / eager", "fused useful FLOPs", "launches fused / eager",
-                       "H200 ms fused / eager (modelled)", "× eager H200", "× eager H100", "× eager H200 meas.",
+                       "H200 ms fused / eager (modelled)", "fused H200 ms, perfect cache", "× eager H200",
+                       "× eager H100", "× eager H200 meas.",
                        "fused bound (H200)", "peak MB fused / eager"], table))
     if ledger.get("step"):
         out.append("\n### Training step — modelled peak memory (live tensor bytes, not measured)\n\n")
@@ -221,12 +255,13 @@ def results_section(ledger) -> str:
         total = sum(r["wall_s"] for r in ledger["runs"])
         out.append(f"\nHarness: the counting runs took {total:.0f} s of wall time on the development machine "
                    "(2 shared cores)")
-        plain = [r for r in runs if r.get("plain_interpreter_s")]
-        if plain:
-            counted = sum(r["wall_s"] for r in plain)
-            base = sum(r["plain_interpreter_s"] for r in plain)
-            out.append(f"; over the fused cases whose plain-interpreter time was taken, the instrumented runs "
-                       f"took {counted:.0f} s against {base:.0f} s uninstrumented ({counted / base:.2f}×)")
+        timed = [r["overhead"] for r in runs if r.get("overhead")]
+        if timed:
+            counted = sum(o["instrumented_s"] for o in timed)
+            base = sum(o["plain_s"] for o in timed)
+            out.append(f"; the instrumentation's own cost, on one run per fused case (the case, or its smallest "
+                       f"sample): {counted:.1f} s instrumented against {base:.1f} s in the plain interpreter "
+                       f"({counted / base:.2f}×)")
         out.append(".\n")
     out.append("\n" + END)
     return "".join(out)

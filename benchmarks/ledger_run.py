@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import incrementer_fast as inc
 import ledger_model as model
+import ledger_scale as scale
 import workloads as W
 from ledger_count import AtenCounter, KernelCounter
 
@@ -66,13 +67,13 @@ def count_case(case: W.Case, dtype: torch.dtype, provider: str) -> dict:
     """Run one op case once (forward, then backward where the op has one) under the counters."""
     spec = W.OPS[case.op]
     namespace = inc if provider == "fused" else inc.reference
-    gc.collect()
-    start = time.perf_counter()
     with provider_mode(provider):
         inputs = make_inputs(case, provider, dtype)
         has_backward = "backward" in spec.modes and bool(inputs.differentiable)
+        gc.collect()
+        start = time.perf_counter()  # the counted run only (not the drawing of its inputs)
         counted = _count(spec, namespace, inputs, has_backward)
-    counted["wall_s"] = time.perf_counter() - start
+        counted["wall_s"] = time.perf_counter() - start
     counted["shapes"] = {name: list(t.shape) for name, t in zip(input_names(case.op), inputs.args)
                          if isinstance(t, torch.Tensor)}
     return counted
@@ -97,13 +98,38 @@ def _count(spec, namespace, inputs: W.Inputs, has_backward: bool) -> dict:
             "syncs": aten.syncs, "custom_ops": dict(aten.custom_ops)}
 
 
+def case_shapes(case: W.Case, dtype: torch.dtype) -> dict:
+    """Input name → shape of a case, from fake tensors (no memory, whatever the size)."""
+    with FakeTensorMode():
+        inputs = W.OPS[case.op].make(case.d, torch.device("cpu"), dtype, None)
+    return {name: list(t.shape) for name, t in zip(input_names(case.op), inputs.args) if isinstance(t, torch.Tensor)}
+
+
+def count_fused_scaled(case: W.Case, dtype: torch.dtype, log) -> dict:
+    """The fused counts of ``case`` extrapolated from small samples (``ledger_scale``), or counted directly
+    when the case has no scaling plan."""
+    axes = scale.plan(case)
+    if not axes:
+        return count_case(case, dtype, "fused")
+    samples, runs = [], []
+    for corner, sample in scale.sample_cases(case, axes):
+        counted = count_case(sample, dtype, "fused")
+        log(f"  sample {sample.shape_text}: {counted['wall_s']:.1f} s")
+        samples.append((corner, counted))
+        runs.append((sample, counted["wall_s"]))
+    counted = scale.extrapolate(axes, samples)
+    counted["shapes"] = case_shapes(case, dtype)
+    counted["sample_runs"] = runs
+    return counted
+
+
 def plain_interpreter_seconds(case: W.Case, dtype: torch.dtype) -> float:
     """Wall time of the same fused forward + backward without any instrumentation (the harness's baseline)."""
     spec = W.OPS[case.op]
     inputs = make_inputs(case, "fused", dtype)
-    gc.collect()
-    start = time.perf_counter()
     with provider_mode("fused"):
+        gc.collect()
+        start = time.perf_counter()
         output = spec.call(inc, *inputs.args)
         if "backward" in spec.modes and inputs.differentiable:
             torch.autograd.grad(output, inputs.differentiable, inputs.grad_output)
@@ -114,11 +140,11 @@ def totals(launches: list[dict]) -> dict:
     """Sums over launches of the counted quantities."""
     dot = Counter()
     lanes = Counter()
-    out = {"bytes_read": 0, "bytes_written": 0, "useful_flops": 0, "transcendental_ops": 0, "atomic_lanes": 0,
-           "atomic_max_per_address": 0}
+    out = {"bytes_read": 0, "bytes_written": 0, "distinct_bytes_read": 0, "distinct_bytes_written": 0,
+           "useful_flops": 0, "transcendental_ops": 0, "atomic_lanes": 0, "atomic_max_per_address": 0}
     for launch in launches:
-        out["bytes_read"] += launch["bytes_read"]
-        out["bytes_written"] += launch["bytes_written"]
+        for key in ("bytes_read", "bytes_written", "distinct_bytes_read", "distinct_bytes_written"):
+            out[key] += launch[key]
         out["useful_flops"] += launch["useful_dot_flops"]
         out["transcendental_ops"] += launch["transcendental_ops"]
         out["atomic_lanes"] += launch["atomic_lanes"]
@@ -150,6 +176,7 @@ def kernel_breakdown(launches: list[dict]) -> list[dict]:
         rows.append({
             "kind": kind, "name": name, "launches": len(group), "grids": sorted({launch["grid"] for launch in group}),
             "configs": configs, "bytes_read": t["bytes_read"], "bytes_written": t["bytes_written"],
+            "distinct_bytes": t["distinct_bytes_read"] + t["distinct_bytes_written"],
             "flops": t["flops"], "useful_flops": t["useful_flops"], "dot_flops_by_precision": t["dot_flops_by_precision"],
             "dot_shapes": dict(shapes), "lane_ops": t["lane_ops"], "lane_ops_by_kind": t["lane_ops_by_kind"],
             "transcendental_ops": t["transcendental_ops"], "atomic_lanes": t["atomic_lanes"],
@@ -169,12 +196,14 @@ def rows_for(case: W.Case, dtype_name: str, provider: str, counted: dict) -> lis
         launches = [launch for launch in counted["launches"] if launch["phase"] in MODE_PHASES[mode]]
         t = totals(launches)
         predictions = {name: model.predict(launches, device) for name, device in model.DEVICES.items()}
+        cached = {name: model.predict(launches, device, perfect_cache=True) for name, device in model.DEVICES.items()}
         triton = [launch for launch in launches if launch["kind"] == "triton"]
         rows.append({
             "op": case.op, "case": case.title, "case_key": case.key, "dtype": dtype_name, "mode": mode,
             "provider": provider, "shapes": counted["shapes"],
             "bytes_read": t["bytes_read"], "bytes_written": t["bytes_written"],
             "min_bytes": spec.bytes(case.d, dtype, mode),
+            "distinct_bytes_read": t["distinct_bytes_read"], "distinct_bytes_written": t["distinct_bytes_written"],
             "flops": t["flops"], "useful_flops": t["useful_flops"],
             "lane_ops": t["lane_ops"], "transcendental_ops": t["transcendental_ops"],
             "launches": len(launches),
@@ -182,9 +211,11 @@ def rows_for(case: W.Case, dtype_name: str, provider: str, counted: dict) -> lis
             "peak_bytes": counted["peaks"][mode],
             "predicted_ms": {name: p["ms"] for name, p in predictions.items()},
             "bound": {name: p["bound"] for name, p in predictions.items()},
+            "predicted_ms_perfect_cache": {name: p["ms"] for name, p in cached.items()},
             "dot_flops_by_precision": t["dot_flops_by_precision"], "lane_ops_by_kind": t["lane_ops_by_kind"],
             "atomic_lanes": t["atomic_lanes"], "atomic_max_per_address": t["atomic_max_per_address"],
             "triton_launches": len(triton), "syncs": counted["syncs"],
+            "scaling": counted.get("scaling"),
             "kernels": kernel_breakdown(launches),
         })
     return rows
@@ -275,6 +306,7 @@ def run(args, argv) -> dict:
     cases = [parse_case(text) for text in args.case] if args.case else \
         [case for case in W.cases(args.size) if case.op in ops]
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    scaled = args.scale == "on" or (args.scale == "auto" and args.size == "paper" and not args.case)
     ledger = {"schema_version": SCHEMA_VERSION, "size": "custom" if args.case else args.size,
               "environment": environment(argv, tiles),
               "devices": {name: device.to_json() for name, device in model.DEVICES.items()},
@@ -284,12 +316,18 @@ def run(args, argv) -> dict:
     for case in cases:
         for dtype_name in dtypes:
             for provider in providers:
-                counted = count_case(case, DTYPES[dtype_name], provider)
+                if provider == "fused" and scaled:
+                    counted = count_fused_scaled(case, DTYPES[dtype_name], print)
+                else:
+                    counted = count_case(case, DTYPES[dtype_name], provider)
                 run_info = {"op": case.op, "case": case.title, "dtype": dtype_name, "provider": provider,
                             "wall_s": counted["wall_s"], "interpreter_s": counted["interpreter_s"],
                             "custom_ops": counted["custom_ops"]}
                 if args.overhead and provider == "fused":
-                    run_info["plain_interpreter_s"] = plain_interpreter_seconds(case, DTYPES[dtype_name])
+                    # The same run without instrumentation: the case itself, or its first (smallest) sample.
+                    timed, instrumented_s = counted.get("sample_runs", [(case, counted["wall_s"])])[0]
+                    run_info["overhead"] = {"case": timed.shape_text, "instrumented_s": instrumented_s,
+                                            "plain_s": plain_interpreter_seconds(timed, DTYPES[dtype_name])}
                 ledger["runs"].append(run_info)
                 ledger["rows"].extend(rows_for(case, dtype_name, provider, counted))
                 print(f"[ledger] {case.op} [{case.title}] {dtype_name} {provider}: {counted['wall_s']:.1f} s",

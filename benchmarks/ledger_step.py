@@ -12,8 +12,8 @@ for CUDA's: both run the linear layers and matrix products in bf16).
 As on a GPU:
 * attention runs as PyTorch's memory-efficient SDPA kernel (``aten._scaled_dot_product_efficient_attention``:
   output and log-sum-exp saved, no (N, N) matrix), which is what CUDA's SDPA dispatch picks for these
-  shapes; on ``meta`` the dispatcher would otherwise take the math path and materialise every attention
-  matrix. The ledger substitutes it with a ``TorchFunctionMode`` around the step (the model is not changed);
+  shapes (and xformers' kernels keep the same for bf16); off CUDA the dispatcher would take the math path
+  and materialise every attention matrix. The ledger substitutes it with a ``TorchFunctionMode`` around the step (the model is not changed);
 * the fused ops run their fake implementations, which allocate their outputs and the tensors they save for
   the backward; their transient internals (per-tile partial sums, a few MB at these shapes) are not in the
   figure.

@@ -87,6 +87,9 @@ def test_tiles_covering_the_shape_exactly():
     # Each of the 4 programs takes 2 K-steps, each loading a 16×16 tile of A and of B (fp32): all lanes active.
     assert launch.bytes_read == 4 * 2 * (16 * 16 + 16 * 16) * 4 == 16384
     assert launch.bytes_written == m * n * 4 == 4096
+    # With a perfect cache each tensor once: A and B are each read by two programs.
+    assert launch.distinct_bytes_read == (m * k + k * n) * 4 == 8192
+    assert launch.distinct_bytes_written == 4096
     # 8 dots of 16×16×16: 2·16³ FLOPs each, all of them on non-zero operands.
     assert dict(launch.dot_flops) == {"fp32_ieee": 8 * 2 * 16**3}
     assert launch.useful_dot_flops == 2 * m * n * k == 65536
@@ -102,6 +105,8 @@ def test_tiles_with_masked_edges():
     # Only active lanes count: A (20×40) is read once per column tile (2), B (40×24) once per row tile (2).
     assert launch.bytes_read == (2 * m * k + 2 * k * n) * 4 == 14080
     assert launch.bytes_written == m * n * 4 == 1920
+    assert launch.distinct_bytes_read == (m * k + k * n) * 4 == 7040
+    assert launch.distinct_bytes_written == 1920
     # Issued: 4 programs × 3 steps of full 16×16×16 dots; useful: the products of the unpadded operands.
     assert dict(launch.dot_flops) == {"fp32_ieee": 4 * 3 * 2 * 16**3} == {"fp32_ieee": 98304}
     assert launch.useful_dot_flops == 2 * m * n * k == 38400
@@ -146,7 +151,42 @@ def test_atomics_count_active_lanes_and_the_hottest_address():
     assert launch.atomic_lanes == 10  # 16 lanes issued, 6 masked off
     assert launch.bytes_written == 10 * 4
     assert launch.bytes_read == 10 * 4  # the masked load of the values
+    assert launch.distinct_bytes_written == hist.numel() * 4  # ten updates of a 16-byte histogram
+    assert launch.distinct_bytes_read == 10 * 4
     assert launch.atomic_max_per_address == 6
+
+
+# Counts that depend on the data, not only on the shapes: the extrapolation estimates them (see ledger_scale).
+DATA_DEPENDENT = ("useful_dot_flops", "atomic_lanes", "atomic_max_per_address")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("text", [
+    "seg_head_loss:K=5,B=3,h=4,w=4,H=64,W=16",  # two axes: images, and low-res rows with H = 16·h
+    "cosine_mask:B=3,N=384,D=32,K=5",  # images and patches
+    "cds_dice_loss:B=2,H=24,W=16,K=5",  # pixel rows at a fixed batch
+])
+def test_scaled_counts_equal_a_direct_count(text):
+    """The per-dimension extrapolation behind --size paper, against counting the same case directly."""
+    import ledger_run
+    import ledger_scale
+
+    case = ledger_run.parse_case(text)
+    assert ledger_scale.plan(case), "the case must be one the ledger scales"
+    direct = ledger_run.count_case(case, torch.float32, "fused")
+    scaled = ledger_run.count_fused_scaled(case, torch.float32, log=lambda message: None)
+    assert scaled["scaling"]["exact"], scaled["scaling"]["non_integral"]
+    assert [launch["name"] for launch in scaled["launches"]] == [launch["name"] for launch in direct["launches"]]
+    for ours, theirs in zip(scaled["launches"], direct["launches"]):
+        assert ours["config"] == theirs["config"]
+        for field in ledger_scale.ADDITIVE_FIELDS + ledger_scale.COUNTER_FIELDS:
+            if field in DATA_DEPENDENT:
+                continue
+            expected = theirs[field]
+            if isinstance(expected, dict):
+                expected = {k: v for k, v in expected.items() if v}
+            assert ours[field] == expected, (ours["name"], field)
+    assert scaled["peaks"] == direct["peaks"]
 
 
 def test_aten_counter_bytes_flops_and_live_memory():
@@ -185,4 +225,4 @@ def test_counts_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "6 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]  # everything ran but this test
+    assert "9 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]  # everything ran but this test
