@@ -41,7 +41,6 @@ Nothing here times anything on a GPU: every number is a count of what was issued
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import time
@@ -154,6 +153,7 @@ class KernelCounter:
         self.phase = "forward"
         self.current: Launch | None = None
         self._depth = 0  # builder calls made by other builder calls (create_load → create_masked_load) count once
+        self._outermost = _Outermost(self)
         self._restore: list = []
         self._addresses: Counter | None = None
         self._begin_tensors((), {})
@@ -236,14 +236,7 @@ class KernelCounter:
             return None
         return self._on_unknown
 
-    # -- the counting wrappers
-    @contextlib.contextmanager
-    def _outermost(self):
-        self._depth += 1
-        try:
-            yield self._depth == 1 and self.current is not None
-        finally:
-            self._depth -= 1
+    # -- the counting wrappers (``with self._outermost as count``: true for a call no other counted call made)
 
     def _on_grid(self, original, name):
         def wrapper(nx, ny, nz):
@@ -255,7 +248,7 @@ class KernelCounter:
 
     def _on_load(self, original, name):
         def wrapper(ptrs, *args, **kwargs):
-            with self._outermost() as count:
+            with self._outermost as count:
                 result = original(ptrs, *args, **kwargs)
                 if count:
                     self._access(ptrs, args[0] if name == "create_masked_load" else None, write=False)
@@ -265,7 +258,7 @@ class KernelCounter:
 
     def _on_store(self, original, name):
         def wrapper(ptrs, value, *args, **kwargs):
-            with self._outermost() as count:
+            with self._outermost as count:
                 result = original(ptrs, value, *args, **kwargs)
                 if count:
                     self._access(ptrs, args[0] if name == "create_masked_store" else None, write=True)
@@ -275,7 +268,7 @@ class KernelCounter:
 
     def _on_atomic(self, original, name):
         def wrapper(*args, **kwargs):
-            with self._outermost() as count:
+            with self._outermost as count:
                 result = original(*args, **kwargs)
                 if count:
                     if name == "create_atomic_rmw":  # (rmwOp, ptr, val, mask, sem, scope)
@@ -334,7 +327,7 @@ class KernelCounter:
 
     def _on_descriptor_load(self, original, name):
         def wrapper(*args, **kwargs):
-            with self._outermost() as count:
+            with self._outermost as count:
                 result = original(*args, **kwargs)
                 if count:
                     nbytes = result.data.size * _element_bytes(result.dtype)
@@ -346,7 +339,7 @@ class KernelCounter:
 
     def _on_descriptor_store(self, original, name):
         def wrapper(desc, value, *args, **kwargs):
-            with self._outermost() as count:
+            with self._outermost as count:
                 result = original(desc, value, *args, **kwargs)
                 if count:
                     nbytes = value.data.size * _element_bytes(value.dtype)
@@ -358,7 +351,7 @@ class KernelCounter:
 
     def _on_dot(self, original, name):
         def wrapper(*args, **kwargs):
-            with self._outermost() as count:
+            with self._outermost as count:
                 result = original(*args, **kwargs)
                 if count and name == "create_dot":  # (a, b, d, input_precision, max_num_imprecise_acc)
                     a, b, _, precision = args[:4]
@@ -383,7 +376,7 @@ class KernelCounter:
         kind = LANE_KINDS.get(op)
 
         def wrapper(*args, **kwargs):
-            with self._outermost() as count:
+            with self._outermost as count:
                 result = original(*args, **kwargs)
                 if count:
                     lanes = int(np.size(result.data))
@@ -397,7 +390,7 @@ class KernelCounter:
 
     def _on_unknown(self, original, name):
         def wrapper(*args, **kwargs):
-            with self._outermost() as count:
+            with self._outermost as count:
                 if count:
                     self.current.uncounted[name] += 1
                 return original(*args, **kwargs)
@@ -409,7 +402,7 @@ class KernelCounter:
         # combine function element by element (through the builder): count the reduced elements once here
         # and none of the combine calls.
         def wrapper(reducer, inputs):
-            with self._outermost() as count:
+            with self._outermost as count:
                 result = original(reducer, inputs)
                 if count:
                     lanes = sum(int(np.size(t.handle.data)) for t in inputs)
@@ -436,6 +429,24 @@ class KernelCounter:
                 counter.launches.append(record)
 
         return wrapper
+
+
+class _Outermost:
+    """Context manager of the builder wrappers: is this call the outermost counted one, inside a grid?"""
+
+    __slots__ = ("counter",)
+
+    def __init__(self, counter: KernelCounter):
+        self.counter = counter
+
+    def __enter__(self) -> bool:
+        counter = self.counter
+        counter._depth += 1
+        return counter._depth == 1 and counter.current is not None
+
+    def __exit__(self, *exc) -> bool:
+        self.counter._depth -= 1
+        return False
 
 
 def _launch_config(executor, args, kwargs) -> dict:
