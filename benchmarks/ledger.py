@@ -4,6 +4,7 @@ the CPU, and their GPU time *modelled* from those counts (issue 10). Nothing her
     python benchmarks/ledger.py --size tiny|small|paper [--ops a,b] [--dtype fp32,bf16] --out DIR
     python benchmarks/ledger.py --case cosine_mask:B=1,N=64,K=64,D=64 --dtype fp32 --out DIR
     python benchmarks/ledger.py --from-json DIR/ledger.json --update-results benchmarks/RESULTS.md
+    python benchmarks/ledger.py --compare BEFORE/ledger.json AFTER/ledger.json      # a kernel change
 
 writes ``DIR/ledger.json`` and ``DIR/ledger.md``: one row per op × case × dtype × mode × provider.
 
@@ -80,10 +81,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time each fused case without instrumentation (the harness's overhead)")
     parser.add_argument("--out", default="runs/ledger")
     parser.add_argument("--from-json", help="render an existing ledger.json instead of counting")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE_JSON", "AFTER_JSON"),
+                        help="print a before/after table of two ledger.json files and exit")
     parser.add_argument("--update-results", metavar="RESULTS_MD",
                         help="rewrite the 'Modelled (not measured)' section of this file from the ledger")
     args = parser.parse_args(argv[1:])
 
+    if args.compare:
+        before, after = (json.loads(Path(path).read_text(encoding="utf-8")) for path in args.compare)
+        print(report.compare_markdown(before, after))
+        return 0
     if args.from_json:
         ledger = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
     else:

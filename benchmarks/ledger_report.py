@@ -199,6 +199,35 @@ def runs_markdown(ledger) -> str:
                    "overhead timed on", "instrumented / plain s", "overhead ×"], rows)
 
 
+# ------------------------------------------------------------------------------------- compare
+def compare_markdown(old, new) -> str:
+    """Before/after table of two ledgers (a kernel change measured on the CPU): the rows present in both."""
+    old_index = _index(old["rows"])
+    rows = []
+    for row in new["rows"]:
+        key = (row["op"], row["case_key"], row["dtype"], row["mode"], row["provider"])
+        before = old_index.get(key)
+        if before is None:
+            continue
+        rows.append([
+            row["op"], row["case"], row["dtype"], row["mode"], row["provider"],
+            f"{_mb(_moved(before))} → {_mb(_moved(row))}", f"{_giga(before['flops'])} → {_giga(row['flops'])}",
+            f"{_giga(before['lane_ops'])} → {_giga(row['lane_ops'])}",
+            f"{before['launches']} → {row['launches']}",
+            f"{before['max_grid'] or '—'} → {row['max_grid'] or '—'}",
+            f"{_ms(before['predicted_ms']['h200'])} → {_ms(row['predicted_ms']['h200'])}",
+            _ratio(before["predicted_ms"]["h200"], row["predicted_ms"]["h200"]),
+        ])
+    def describe(ledger) -> str:
+        env = ledger["environment"]
+        return f"`{env['command']}` ({env['date']}; tiles: {env['tiles'].split(' (')[0]})"
+
+    header = (f"# Ledger comparison (counted on the CPU, times modelled — not measured)\n\n"
+              f"- before: {describe(old)}\n- after: {describe(new)}\n\n")
+    return header + _table(["op", "case", "dtype", "mode", "provider", "MB moved", "GFLOP", "G lane ops",
+                            "launches", "max grid", "H200 ms (modelled)", "speed-up ×"], rows)
+
+
 # ------------------------------------------------------------------------------------ RESULTS.md
 def results_section(ledger) -> str:
     """The "Modelled (not measured)" section of RESULTS.md: per op fused vs eager, and the step's memory."""

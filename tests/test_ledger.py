@@ -130,6 +130,15 @@ def test_training_step_peak_memory(tiny):
     assert variants["reference ops"]["loss_peak_bytes"] > variants["fused ops"]["loss_peak_bytes"]
 
 
+def test_compare_two_ledgers(tiny):
+    out, ledger = tiny
+    proc = _run(["--compare", str(out / "ledger.json"), str(out / "ledger.json")])
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(table) == len(ledger["rows"])
+    assert all(line.rstrip().endswith("| 1.00 |") for line in table)  # the same ledger: no change
+    assert "modelled — not measured" in proc.stdout
+
+
 def test_results_section_is_regenerated_in_place(tiny, tmp_path):
     out, _ = tiny
     results = tmp_path / "RESULTS.md"
