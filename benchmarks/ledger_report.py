@@ -297,12 +297,16 @@ def results_section(ledger) -> str:
 
 
 def update_results(path: Path, ledger) -> None:
-    """Replace the text between the ledger markers of ``path`` (appending the section when absent)."""
+    """Replace the text between the ledger markers of ``path``; without markers, insert the section before
+    the CPU quick-mode section (a harness check, kept last) or append it."""
     text = path.read_text(encoding="utf-8")
     section = results_section(ledger)
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
+    elif "\n## CPU quick mode" in text:
+        head, tail = text.split("\n## CPU quick mode", 1)
+        text = head.rstrip("\n") + "\n\n" + section + "\n\n## CPU quick mode" + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")

@@ -130,6 +130,17 @@ def test_training_step_peak_memory(tiny):
     assert variants["reference ops"]["loss_peak_bytes"] > variants["fused ops"]["loss_peak_bytes"]
 
 
+def test_cuda_tiles_count_what_a_gpu_would_issue(tmp_path):
+    """--tiles cuda: the kernel modules as CUDA configures them (16-bit tl.dot operands, CUDA tiles)."""
+    _run(["--tiles", "cuda", "--case", "cosine_mask:B=1,N=64,D=32,K=5", "--dtype", "bf16", "--providers", "fused",
+          "--out", str(tmp_path)])
+    ledger = json.loads((tmp_path / "ledger.json").read_text(encoding="utf-8"))
+    assert ledger["environment"]["tiles"].startswith("cuda")
+    row = next(r for r in ledger["rows"] if r["mode"] == "forward")
+    assert "bf16" in row["dot_flops_by_precision"]  # on a GPU bf16 tiles enter tl.dot as they are
+    assert ledger["step"] is None  # custom cases: no training step
+
+
 def test_compare_two_ledgers(tiny):
     out, ledger = tiny
     proc = _run(["--compare", str(out / "ledger.json"), str(out / "ledger.json")])
