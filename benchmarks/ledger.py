@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32,bf16")
     parser.add_argument("--providers", default="fused,eager")
     parser.add_argument("--tiles", default="interpreter", help="interpreter | cuda | cuda:largest | cuda:N")
+    parser.add_argument("--plan-sms", type=int, default=132,
+                        help="SMs the launchers plan grid-filling tiles for (INCREMENTER_FAST_PLAN_SMS; 132: H100/H200)")
     parser.add_argument("--scale", choices=("auto", "on", "off"), default="auto",
                         help="extrapolate fused counts from small samples (ledger_scale); auto: for --size paper")
     parser.add_argument("--no-step", action="store_true", help="skip the training step's peak memory")
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-results", metavar="RESULTS_MD",
                         help="rewrite the 'Modelled (not measured)' section of this file from the ledger")
     args = parser.parse_args(argv[1:])
+    # Tile and grid choices that fill the GPU are planned for this many SMs off CUDA (kernels/utils.PLAN_SMS,
+    # read when the package is imported): an H100/H200's, so the interpreter runs a GPU launch's tiles.
+    os.environ["INCREMENTER_FAST_PLAN_SMS"] = str(args.plan_sms)
 
     if args.compare:
         before, after = (json.loads(Path(path).read_text(encoding="utf-8")) for path in args.compare)

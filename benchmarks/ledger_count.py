@@ -42,6 +42,7 @@ Nothing here times anything on a GPU: every number is a count of what was issued
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import time
 from collections import Counter
@@ -145,10 +146,13 @@ class KernelCounter:
     host copies of the arguments are then not the program's work).
     """
 
-    def __init__(self):
+    def __init__(self, dry: bool = False):
         import triton.runtime.interpreter as interpreter
 
         self._interpreter = interpreter
+        # dry: record each launch's kernel, constexprs and grid without running a program (the launch plan
+        # of a shape too large to interpret; the tensors may then be fake).
+        self.dry = dry
         self.launches: list[Launch] = []
         self.phase = "forward"
         self.current: Launch | None = None
@@ -416,6 +420,10 @@ class KernelCounter:
 
         def wrapper(executor, *args, **kwargs):
             record = Launch("triton", executor.fn.__name__, counter.phase, config=_launch_config(executor, args, kwargs))
+            if counter.dry:
+                record.grid = _grid_size(executor, args, kwargs)
+                counter.launches.append(record)
+                return None
             counter.current, counter._addresses = record, Counter()
             counter._begin_tensors(args, kwargs)
             start = time.perf_counter()
@@ -425,10 +433,24 @@ class KernelCounter:
                 record.interpreter_s = time.perf_counter() - start
                 record.atomic_max_per_address = max(counter._addresses.values(), default=0)
                 counter._end_tensors(record)
+                # The interpreter leaves reference cycles that would keep tensors alive until some later
+                # garbage collection: free them now, as refcounting frees tensors on a GPU run.
+                gc.collect()
                 counter.current, counter._addresses = None, None
                 counter.launches.append(record)
 
         return wrapper
+
+
+def _grid_size(executor, args, kwargs) -> int:
+    """The number of programs a GridExecutor call would run, computed as the interpreter does."""
+    names = set(inspect.getfullargspec(executor.fn).args)
+    call_args = inspect.getcallargs(executor.fn, *args, **{k: v for k, v in kwargs.items() if k in names})
+    grid = executor.grid(call_args) if callable(executor.grid) else executor.grid
+    size = 1
+    for dim in tuple(grid):
+        size *= int(dim)
+    return size
 
 
 class _Outermost:
@@ -569,9 +591,13 @@ class AtenCounter(TorchDispatchMode):
     count as nothing but their allocations.
     """
 
-    def __init__(self, kernels: KernelCounter | None = None, open_namespaces=("incrementer_fast",)):
+    def __init__(self, kernels: KernelCounter | None = None, open_namespaces=("incrementer_fast",),
+                 open_fake: bool = False):
         super().__init__()
         self.kernels = kernels
+        # open_fake: run the custom ops' CPU implementation on fake tensors too (with a dry KernelCounter:
+        # the launchers' host code on shapes alone, for the launch plan of a large shape)
+        self.open_fake = open_fake
         self.open_namespaces = set(open_namespaces)
         self.launches: list[Launch] = []
         self.live = LiveBytes()
@@ -586,8 +612,8 @@ class AtenCounter(TorchDispatchMode):
         if func.namespace in self.open_namespaces:
             self.custom_ops[func.name()] += 1
             tensors = _tensors((args, kwargs))
-            real_cpu = all(t.device.type == "cpu" and not isinstance(t, FakeTensor) for t in tensors)
-            if real_cpu:
+            on_cpu = all(t.device.type == "cpu" and (self.open_fake or not isinstance(t, FakeTensor)) for t in tensors)
+            if on_cpu:
                 with self:
                     out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
             else:

@@ -70,9 +70,10 @@ def _precisions(row) -> str:
 
 def _header(ledger) -> str:
     env = ledger["environment"]
-    return (f"- date: {env['date']}; torch {env['torch']}, triton {env['triton']}, Python {env['python']}; "
-            f"{env['machine']}\n- command: `{env['command']}`\n- tiles counted: {env['tiles']}\n"
-            f"- {env['note']}\n")
+    return (f"- date: {env['date']}; commit {env.get('commit', 'unknown')}; torch {env['torch']}, triton "
+            f"{env['triton']}, Python {env['python']}; {env['machine']}\n- command: `{env['command']}`\n"
+            f"- tiles counted: {env['tiles']}; launches planned for {env.get('plan_sms', '?')} SMs "
+            f"(INCREMENTER_FAST_PLAN_SMS)\n- {env['note']}\n")
 
 
 def devices_markdown(ledger) -> str:

@@ -79,8 +79,19 @@ def count_case(case: W.Case, dtype: torch.dtype, provider: str) -> dict:
     return counted
 
 
-def _count(spec, namespace, inputs: W.Inputs, has_backward: bool) -> dict:
-    with KernelCounter() as kernels, AtenCounter(kernels) as aten:
+def launch_plan(case: W.Case, dtype: torch.dtype) -> dict:
+    """The fused op's launch plan at ``case``'s shape, on fake tensors with no kernel executed: every launch
+    with its tiles and grid, the launchers' torch ops with their bytes, the peak live bytes (exact; the
+    Triton launches' own counts are zero). Cheap at any size (see ledger_scale)."""
+    spec = W.OPS[case.op]
+    with FakeTensorMode(), inc.use_backend("triton"):
+        inputs = W.OPS[case.op].make(case.d, torch.device("cpu"), dtype, None)
+        has_backward = "backward" in spec.modes and bool(inputs.differentiable)
+        return _count(spec, inc, inputs, has_backward, dry=True)
+
+
+def _count(spec, namespace, inputs: W.Inputs, has_backward: bool, dry: bool = False) -> dict:
+    with KernelCounter(dry=dry) as kernels, AtenCounter(kernels, open_fake=dry) as aten:
         output = spec.call(namespace, *inputs.args)
         forward_peak = aten.live.peak
         peaks = {"forward": forward_peak}
@@ -107,17 +118,20 @@ def case_shapes(case: W.Case, dtype: torch.dtype) -> dict:
 
 def count_fused_scaled(case: W.Case, dtype: torch.dtype, log) -> dict:
     """The fused counts of ``case`` extrapolated from small samples (``ledger_scale``), or counted directly
-    when the case has no scaling plan."""
-    axes = scale.plan(case)
-    if not axes:
+    when no sampling reproduces its launch plan."""
+    target_plan = launch_plan(case, dtype)
+    choice = scale.choose_axes(case, target_plan, lambda sample: launch_plan(sample, dtype))
+    if choice is None:
+        log(f"  no sampling reproduces the launch plan of {case.shape_text}: counting it directly")
         return count_case(case, dtype, "fused")
     samples, runs = [], []
-    for corner, sample in scale.sample_cases(case, axes):
+    for corner in scale.corners(choice):
+        sample = scale.sample_case(case, choice.axes, corner)
         counted = count_case(sample, dtype, "fused")
         log(f"  sample {sample.shape_text}: {counted['wall_s']:.1f} s")
-        samples.append((corner, counted))
+        samples.append(counted)
         runs.append((sample, counted["wall_s"]))
-    counted = scale.extrapolate(axes, samples)
+    counted = scale.extrapolate(choice, samples, target_plan)
     counted["shapes"] = case_shapes(case, dtype)
     counted["sample_runs"] = runs
     return counted
@@ -234,12 +248,11 @@ def use_cuda_tiles(choice: str) -> str:
     import incrementer_fast._dispatch as dispatch
     import incrementer_fast.kernels as kernel_package
 
-    # utils first: the op modules import INTERPRET and the launch-plan helpers from it. Launch plans are made
-    # for an H100/H200's 132 SMs (kernels/utils.py, PLAN_SMS), not for the interpreter's default of 1.
+    # utils first: the op modules import INTERPRET and the launch-plan helpers from it (whose PLAN_SMS
+    # ledger.py has set through INCREMENTER_FAST_PLAN_SMS before the first import).
     modules = sorted((importlib.import_module(f"{kernel_package.__name__}.{m.name}")
                       for m in pkgutil.iter_modules(kernel_package.__path__)),
                      key=lambda module: module.__name__.rsplit(".", 1)[-1] != "utils")
-    os.environ["INCREMENTER_FAST_PLAN_SMS"] = "132"
     dispatch.INTERPRET = False
     try:
         for module in modules:
@@ -271,15 +284,32 @@ def _tile_product(config) -> int:
 
 
 # --------------------------------------------------------------------------------------- driver
+def _commit() -> str:
+    """The commit counted, with "+changes" when kernels/ or incrementer_fast/ differ from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "kernels", "incrementer_fast"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+changes" if dirty else "")
+
+
 def environment(argv: list[str], tiles: str) -> dict:
     import triton
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(argv),
+        "commit": _commit(),
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
         "tiles": tiles,
+        "plan_sms": int(os.environ.get("INCREMENTER_FAST_PLAN_SMS", "1")),
         "note": "Every number is counted on the CPU or modelled from those counts; nothing is measured on a GPU.",
     }
 

@@ -1,26 +1,34 @@
 """Exact per-dimension scaling of the fused counts: how ``--size paper`` fits in minutes on two CPU cores.
 
-Triton's interpreter costs tens of microseconds per builder call, so the paper shapes (up to 8·151·512²
-class-pixels) would take hours. But what a kernel issues is a count over its programs, and the programs
-of these ops are laid out along independent axes — images (B), and rows of pixels or patches — so each
-counted quantity of each launch is, at the sizes the paper uses, *multilinear* in those axes: of the form
-c₀ + c₁·B + c₂·t + c₃·B·t for two axes B and t. Two samples per axis (2ᵏ runs at small sizes) then give the
-coefficients exactly, and the value at the paper's size follows. This module knows the workloads (which
-dims are batch-like, which move together), not the kernels; it checks what it can:
+Triton's interpreter costs tens of microseconds per builder call, so interpreting the paper shapes (up to
+8·151·512² class-pixels) would take hours. Two observations make that unnecessary:
 
-* every sample must issue the same launches in the same order with the same constexprs (tile sizes) — a
-  launcher that changes strategy with the size (a different kernel, other tiles) makes the scaling refuse;
-* every extrapolated count must come out an integer (rational weights): a non-integer is reported as
-  inexact (``scaling.non_integral``) rather than rounded silently;
+1. **The launch plan is cheap at any size.** Running the fused op on *fake* tensors with the kernels not
+   executed (``KernelCounter(dry=True)``) runs every launcher's host code — its tile and grid choices, its
+   torch ops, its allocations — in well under a second at the paper shapes. That gives, exactly: the
+   launches in order, each Triton launch's constexprs (tiles) and grid, every launcher aten op with its
+   bytes, and the peak live bytes (``launch_plan``).
+2. **What a kernel issues is a sum over its programs**, laid out along independent axes — images (B), rows
+   of pixels or patches — so, at sizes where the launchers keep the same tiles and the same grid shape, each
+   count of each Triton launch is *multilinear* in those axes: c₀ + c₁·B + c₂·t + c₃·B·t for two axes. Two
+   interpreted samples per axis (2ᵏ runs at small sizes) then give the coefficients exactly.
+
+The samples are chosen automatically (``choose_axes``): for each axis the workload lists candidate pairs
+of values, smallest first; a choice is accepted when the launch plans of its samples issue the same
+launches with the same tiles as the target's plan and their grids extrapolate *exactly* to the target's
+grids. A launcher whose tiles or grid regime change with the size (grid-filling tiles of cosine_mask, the
+capped grid of fod_loss, programs per SM of the dice) thus either gets samples in the target's regime or
+is counted directly at the paper shape — never extrapolated across a regime change. Then:
+
+* Triton launches: counts extrapolated from the samples (rational weights; a non-integer result is
+  reported in ``scaling.non_integral``), grids from the plan (they agree by construction);
+* aten launches (the launchers' torch ops) and peak live bytes: exact, from the target's plan;
 * ``tests/test_ledger_counts.py`` extrapolates small samples to a larger size and compares with a direct
-  run of that size, field by field.
+  count of that size, field by field, and compares a plan with a real run.
 
-Where multilinearity does not hold by design, the plan avoids scaling that axis: ``fod_loss``'s forward
-caps its grid at 1024 programs (paper shapes exceed the cap), so it runs at the paper size; the dice's
-programs per image depend on the batch (a CPU target of 4 programs), so it runs at B = 8 and scales rows
-only. Counts that depend on the data rather than the shapes (atomic lanes of the PLOP histogram, useful
-FLOPs where an operand is zero for ignored pixels) are extrapolated the same way from random samples: they
-are estimates, not exact counts. Peak live bytes are extrapolated like the counts.
+This module knows the workloads (which dims are batch-like, which move together), not the kernels. Counts
+that depend on the data rather than the shapes (atomic lanes of the PLOP histogram, useful FLOPs where an
+operand is zero for ignored pixels) are extrapolated from random samples: estimates, not exact counts.
 """
 from __future__ import annotations
 
@@ -32,86 +40,117 @@ from typing import Callable
 import workloads as W
 
 ADDITIVE_FIELDS = ("grid", "bytes_read", "bytes_written", "distinct_bytes_read", "distinct_bytes_written",
-                   "atomic_lanes", "atomic_max_per_address",
-                   "useful_dot_flops", "transcendental_ops")
+                   "atomic_lanes", "atomic_max_per_address", "useful_dot_flops", "transcendental_ops")
 COUNTER_FIELDS = ("dot_flops", "dot_shapes", "lane_ops")
 
 
 @dataclass(frozen=True)
 class Axis:
-    """One scaled axis: its parameter's two sampled values and the dims a parameter value sets."""
+    """One scaled axis: candidate pairs of its parameter (smallest first), the target value, and the dims a
+    parameter value sets."""
 
     name: str
-    samples: tuple[int, int]
+    candidates: tuple[tuple[int, int], ...]
     target: int
     dims: Callable[[int], dict]
 
 
-def plan(case: W.Case) -> list[Axis] | None:
-    """The axes along which the counts of ``case`` are extrapolated; None: count the case directly."""
+@dataclass(frozen=True)
+class Choice:
+    """Axes with one pair of sampled values each."""
+
+    axes: tuple[Axis, ...]
+    samples: tuple[tuple[int, int], ...]
+
+
+def _pairs(target: int, candidates) -> tuple[tuple[int, int], ...]:
+    return tuple((a, b) for a, b in candidates if a < b < target)
+
+
+def axes_of(case: W.Case) -> list[Axis]:
+    """The workload's scalable axes of ``case`` (empty: count directly)."""
     d = case.d
-    batch = Axis("B", (1, 2), d["B"], lambda b: {"B": b}) if d.get("B", 1) > 2 else None
-    if case.op in ("seg_head_loss", "loss_stage", "pseudo_label"):
-        ratio = d["H"] // d["h"]
-        if d["H"] != ratio * d["h"] or d["h"] <= 3:
-            return None
-        # Low-res rows h with H = ratio·h: each interior low-res row has the same high-res window, the first
-        # and the last are clamped (the same two at every h ≥ 2); pixel tiles grow with H.
-        rows = Axis("rows", (2, 3), d["h"], lambda t: {"h": t, "H": ratio * t})
-        return [a for a in (batch, rows) if a is not None]
-    if case.op == "cosine_mask":
-        if d["N"] <= 256 or d["N"] % 128:
-            return None
-        # Patches: N tiles of every tile size used (≤ 128) fit 128 and 256 exactly.
-        return [a for a in (batch, Axis("N", (128, 256), d["N"], lambda n: {"N": n})) if a is not None]
-    if case.op == "cds_dice_loss":
-        if d["H"] <= 16:
-            return None
-        # Rows of pixels at the paper's batch (its programs per image depend on B, so B is not scaled).
-        return [Axis("H", (8, 16), d["H"], lambda t: {"H": t})]
-    return None  # fod_loss: its grid is capped at the paper size; counted directly
+    axes = []
+    if d.get("B", 1) > 2:
+        axes.append(Axis("B", _pairs(d["B"], ((1, 2), (2, 3), (2, 4), (4, 6))), d["B"], lambda b: {"B": b}))
+    if case.op in ("seg_head_loss", "loss_stage", "pseudo_label") and d["H"] % d["h"] == 0:
+        ratio = d["H"] // d["h"]  # low-res rows h and image rows H = ratio·h move together
+        axes.append(Axis("rows", _pairs(d["h"], ((2, 3), (3, 4), (4, 6), (8, 12))), d["h"],
+                         lambda t, ratio=ratio: {"h": t, "H": ratio * t}))
+    elif case.op == "cosine_mask":
+        axes.append(Axis("N", _pairs(d["N"], ((128, 256), (256, 384), (256, 512), (512, 768))), d["N"],
+                         lambda n: {"N": n}))
+    elif case.op == "cds_dice_loss":
+        axes.append(Axis("H", _pairs(d["H"], ((8, 16), (16, 32), (32, 48), (32, 64), (64, 128))), d["H"],
+                         lambda t: {"H": t}))
+    # fod_loss: its rows are B·N; the same as the B axis above
+    return [axis for axis in axes if axis.candidates]
 
 
-def sample_cases(case: W.Case, axes: list[Axis]) -> list[tuple[tuple[int, ...], W.Case]]:
-    """The 2ᵏ sample cases (corner parameters, case), dims in the case's order."""
-    out = []
-    for corner in product(*(axis.samples for axis in axes)):
-        dims = dict(case.dims)
-        for axis, value in zip(axes, corner):
-            dims.update(axis.dims(value))
-        title = ", ".join(f"{k}={v}" for k, v in dims.items())
-        out.append((corner, W.Case(case.op, case.size, f"sample {title}", tuple(dims.items()))))
-    return out
-
-
-def _weights(axes: list[Axis], corner: tuple[int, ...]) -> Fraction:
-    weight = Fraction(1)
+def sample_case(case: W.Case, axes, corner) -> W.Case:
+    dims = dict(case.dims)
     for axis, value in zip(axes, corner):
-        x0, x1 = axis.samples
+        dims.update(axis.dims(value))
+    title = ", ".join(f"{k}={v}" for k, v in dims.items())
+    return W.Case(case.op, case.size, f"sample {title}", tuple(dims.items()))
+
+
+def corners(choice: Choice):
+    return list(product(*choice.samples))
+
+
+def _weights(choice: Choice, corner) -> Fraction:
+    weight = Fraction(1)
+    for axis, (x0, x1), value in zip(choice.axes, choice.samples, corner):
         weight *= Fraction(axis.target - x0 if value == x1 else x1 - axis.target, x1 - x0)
     return weight
 
 
-class ScalingError(RuntimeError):
-    """The samples do not issue the same launches: their counts cannot be extrapolated."""
-
-
-def _signature(launch: dict) -> tuple:
+def signature(launch: dict) -> tuple:
+    """What must agree between samples and target: kind, name, phase and (for Triton) the constexprs."""
     return launch["kind"], launch["name"], launch["phase"], tuple(sorted(launch["config"].items()))
 
 
-def extrapolate(axes: list[Axis], samples: list[tuple[tuple[int, ...], dict]]) -> dict:
-    """Combine the counted samples (``ledger_run.count_case`` results) into the counts at the target."""
-    signatures = [[_signature(launch) for launch in counted["launches"]] for _, counted in samples]
-    for (corner, _), signature in zip(samples[1:], signatures[1:]):
-        if signature != signatures[0]:
-            first = next((i for i, (a, b) in enumerate(zip(signature, signatures[0])) if a != b),
-                         min(len(signature), len(signatures[0])))
-            raise ScalingError(
-                f"the sample at {dict(zip((a.name for a in axes), corner))} issues other launches than the first "
-                f"sample (launch #{first}: {signature[first] if first < len(signature) else 'none'} vs "
-                f"{signatures[0][first] if first < len(signatures[0]) else 'none'}): count this case directly")
-    weights = [_weights(axes, corner) for corner, _ in samples]
+def _triton(launches):
+    return [launch for launch in launches if launch["kind"] == "triton"]
+
+
+def plans_agree(choice: Choice, sample_plans: list[dict], target_plan: dict) -> bool:
+    """Same launches and tiles everywhere, and the samples' Triton grids extrapolate exactly to the target's."""
+    expected = [signature(launch) for launch in target_plan["launches"]]
+    if any([signature(launch) for launch in plan["launches"]] != expected for plan in sample_plans):
+        return False
+    weights = [_weights(choice, corner) for corner in corners(choice)]
+    for i, launch in enumerate(_triton(target_plan["launches"])):
+        grid = sum((w * _triton(plan["launches"])[i]["grid"] for w, plan in zip(weights, sample_plans)), Fraction(0))
+        if grid != launch["grid"]:
+            return False
+    return True
+
+
+def choose_axes(case: W.Case, target_plan: dict, plan_of: Callable[[W.Case], dict]) -> Choice | None:
+    """The cheapest sampling whose launch plans agree with the target's (see the module docstring), or None."""
+    axes = tuple(axes_of(case))
+    if not axes:
+        return None
+    options = []
+    for samples in product(*(axis.candidates for axis in axes)):
+        cost = 1
+        for low, high in samples:
+            cost *= low + high
+        options.append((cost, samples))
+    for _, samples in sorted(options):
+        choice = Choice(axes, samples)
+        plans = [plan_of(sample_case(case, axes, corner)) for corner in corners(choice)]
+        if plans_agree(choice, plans, target_plan):
+            return choice
+    return None
+
+
+def extrapolate(choice: Choice, samples: list[dict], target_plan: dict) -> dict:
+    """The counts at the target: Triton launches extrapolated from the counted ``samples`` (in ``corners``
+    order), aten launches and peaks from ``target_plan``."""
+    weights = [_weights(choice, corner) for corner in corners(choice)]
     non_integral: list[str] = []
 
     def combine(values, where: str) -> int:
@@ -120,27 +159,34 @@ def extrapolate(axes: list[Axis], samples: list[tuple[tuple[int, ...], dict]]) -
             non_integral.append(where)
         return round(total)
 
+    expected = [signature(launch) for launch in target_plan["launches"]]
+    for counted in samples:
+        if [signature(launch) for launch in counted["launches"]] != expected:
+            raise RuntimeError("a sample's counted launches differ from its plan: ledger_scale cannot extrapolate")
     launches = []
-    for i, template in enumerate(samples[0][1]["launches"]):
-        group = [counted["launches"][i] for _, counted in samples]
-        launch = {key: template[key] for key in ("kind", "name", "phase", "config", "uncounted")}
-        where = f"{template['name']}#{i}"
+    for i, planned in enumerate(target_plan["launches"]):
+        if planned["kind"] != "triton":
+            launches.append(planned)  # exact: the launcher's torch op at the target shape
+            continue
+        group = [counted["launches"][i] for counted in samples]
+        launch = {key: group[0][key] for key in ("kind", "name", "phase", "config")}
+        where = f"{planned['name']}#{i}"
         for field in ADDITIVE_FIELDS:
             launch[field] = combine([g[field] for g in group], f"{where}.{field}")
         for field in COUNTER_FIELDS:
             keys = sorted({k for g in group for k in g[field]})
-            launch[field] = {k: combine([g[field].get(k, 0) for g in group], f"{where}.{field}.{k}") for k in keys}
-            launch[field] = {k: v for k, v in launch[field].items() if v}
+            values = {k: combine([g[field].get(k, 0) for g in group], f"{where}.{field}.{k}") for k in keys}
+            launch[field] = {k: v for k, v in values.items() if v}
+        launch["uncounted"] = dict(group[0]["uncounted"])
         launch["interpreter_s"] = sum(g["interpreter_s"] for g in group)  # spent on the samples
         launches.append(launch)
-    peaks = {mode: max(0, combine([counted["peaks"][mode] for _, counted in samples], f"peak.{mode}"))
-             for mode in samples[0][1]["peaks"]}
     return {
-        "launches": launches, "peaks": peaks,
-        "interpreter_s": sum(counted["interpreter_s"] for _, counted in samples),
-        "wall_s": sum(counted["wall_s"] for _, counted in samples),
-        "syncs": samples[0][1]["syncs"], "custom_ops": samples[0][1]["custom_ops"],
-        "scaling": {"axes": {axis.name: {"samples": list(axis.samples), "target": axis.target} for axis in axes},
-                    "samples": [dict(zip((a.name for a in axes), corner)) for corner, _ in samples],
+        "launches": launches, "peaks": dict(target_plan["peaks"]),
+        "interpreter_s": sum(counted["interpreter_s"] for counted in samples),
+        "wall_s": sum(counted["wall_s"] for counted in samples),
+        "syncs": target_plan["syncs"], "custom_ops": target_plan["custom_ops"],
+        "scaling": {"axes": {axis.name: {"samples": list(pair), "target": axis.target}
+                             for axis, pair in zip(choice.axes, choice.samples)},
+                    "samples": [dict(zip((a.name for a in choice.axes), corner)) for corner in corners(choice)],
                     "exact": not non_integral, "non_integral": non_integral[:20]},
     }
