@@ -14,7 +14,7 @@ Triton's interpreter costs tens of microseconds per builder call, so interpretin
    interpreted samples per axis (2ᵏ runs at small sizes) then give the coefficients exactly.
 
 The samples are chosen automatically (``choose_axes``): for each axis the workload lists candidate pairs
-of values, smallest first; a choice is accepted when the launch plans of its samples issue the same
+of values (or keeps the axis at its target); the cheapest choice is accepted when the launch plans of its samples issue the same
 launches with the same tiles as the target's plan and their grids extrapolate *exactly* to the target's
 grids. A launcher whose tiles or grid regime change with the size (grid-filling tiles of cosine_mask, the
 capped grid of fod_loss, programs per SM of the dice) thus either gets samples in the target's regime or
@@ -57,10 +57,10 @@ class Axis:
 
 @dataclass(frozen=True)
 class Choice:
-    """Axes with one pair of sampled values each."""
+    """Axes with one pair of sampled values each, or None for an axis kept at its target."""
 
     axes: tuple[Axis, ...]
-    samples: tuple[tuple[int, int], ...]
+    samples: tuple[tuple[int, int] | None, ...]
 
 
 def _pairs(target: int, candidates) -> tuple[tuple[int, int], ...]:
@@ -96,12 +96,15 @@ def sample_case(case: W.Case, axes, corner) -> W.Case:
 
 
 def corners(choice: Choice):
-    return list(product(*choice.samples))
+    return list(product(*(pair if pair else (axis.target,) for axis, pair in zip(choice.axes, choice.samples))))
 
 
 def _weights(choice: Choice, corner) -> Fraction:
     weight = Fraction(1)
-    for axis, (x0, x1), value in zip(choice.axes, choice.samples, corner):
+    for axis, pair, value in zip(choice.axes, choice.samples, corner):
+        if pair is None:
+            continue
+        x0, x1 = pair
         weight *= Fraction(axis.target - x0 if value == x1 else x1 - axis.target, x1 - x0)
     return weight
 
@@ -133,13 +136,18 @@ def choose_axes(case: W.Case, target_plan: dict, plan_of: Callable[[W.Case], dic
     axes = tuple(axes_of(case))
     if not axes:
         return None
+    direct = 1
+    for axis in axes:
+        direct *= axis.target
     options = []
-    for samples in product(*(axis.candidates for axis in axes)):
+    for samples in product(*((None,) + axis.candidates for axis in axes)):
+        # Interpreting the corners costs about Π(low + high) (Π target for unsampled axes) against Π target.
         cost = 1
-        for low, high in samples:
-            cost *= low + high
-        options.append((cost, samples))
-    for _, samples in sorted(options):
+        for axis, pair in zip(axes, samples):
+            cost *= sum(pair) if pair else axis.target
+        if cost < direct:
+            options.append((cost, samples))
+    for _, samples in sorted(options, key=lambda option: option[0]):
         choice = Choice(axes, samples)
         plans = [plan_of(sample_case(case, axes, corner)) for corner in corners(choice)]
         if plans_agree(choice, plans, target_plan):
@@ -186,7 +194,7 @@ def extrapolate(choice: Choice, samples: list[dict], target_plan: dict) -> dict:
         "wall_s": sum(counted["wall_s"] for counted in samples),
         "syncs": target_plan["syncs"], "custom_ops": target_plan["custom_ops"],
         "scaling": {"axes": {axis.name: {"samples": list(pair), "target": axis.target}
-                             for axis, pair in zip(choice.axes, choice.samples)},
+                             for axis, pair in zip(choice.axes, choice.samples) if pair},
                     "samples": [dict(zip((a.name for a in choice.axes), corner)) for corner in corners(choice)],
                     "exact": not non_integral, "non_integral": non_integral[:20]},
     }
