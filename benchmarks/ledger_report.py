@@ -242,10 +242,13 @@ def results_section(ledger) -> str:
            "**modelled** for a GPU by a per-launch roofline (`benchmarks/ledger_model.py`: datasheet H100 SXM / "
            "H200 figures and the H200 copy and bf16 figures measured by this workplace; caches, occupancy, tails, "
            "latency and compiler optimisations are left out). These are not measurements. "
-           "Regenerate with `python benchmarks/ledger.py --size paper --out runs/ledger-paper "
-           "--update-results benchmarks/RESULTS.md` (or `--from-json runs/ledger-paper/ledger.json "
-           "--update-results benchmarks/RESULTS.md` to re-render). Full tables, per-kernel counts and tile "
-           "configs: the run's `ledger.md`.\n\n", _header(ledger), "\n"]
+           f"Regenerate with `{_regenerate_command(env)}` (or `python benchmarks/ledger.py --from-json "
+           "DIR/ledger.json --update-results benchmarks/RESULTS.md` to re-render a run). Full tables, per-kernel "
+           "counts and tile configs: the run's `ledger.md`. GFLOP are tl.dot / matmul FLOPs only (flop_counter counts no "
+           "elementwise work: the eager seg-head has none); \"perfect cache\" charges each tensor a launch touches "
+           "once (the no-cache figure charges every access). Fused rows at the paper size come from exact "
+           "per-dimension scaling of small interpreted samples where the launch plan allows it "
+           "(`ledger_scale.py`).\n\n", _header(ledger), "\n"]
     table = []
     for row in rows:
         if row["provider"] != "fused":
@@ -282,9 +285,15 @@ def results_section(ledger) -> str:
         out.append(step_markdown(ledger["step"]))
     runs = [r for r in ledger["runs"] if r["provider"] == "fused"]
     if runs:
-        total = sum(r["wall_s"] for r in ledger["runs"])
-        out.append(f"\nHarness: the counting runs took {total:.0f} s of wall time on the development machine "
-                   "(2 shared cores)")
+        harness = ledger.get("harness")
+        if harness:
+            out.append(f"\nHarness: the run took {harness['wall_s'] / 60:.1f} min of wall time and "
+                       f"{harness['cpu_s'] / 60:.1f} min of CPU time on the development machine (2 cores shared "
+                       f"with other jobs)")
+        else:
+            total = sum(r["wall_s"] for r in ledger["runs"])
+            out.append(f"\nHarness: the counting runs took {total:.0f} s of wall time on the development machine "
+                       "(2 shared cores)")
         timed = [r["overhead"] for r in runs if r.get("overhead")]
         if timed:
             counted = sum(o["instrumented_s"] for o in timed)
@@ -295,6 +304,11 @@ def results_section(ledger) -> str:
         out.append(".\n")
     out.append("\n" + END)
     return "".join(out)
+
+
+def _regenerate_command(env) -> str:
+    command = re.sub(r"\s--(update-results|from-json)\s+\S+", "", env["command"])
+    return command + " --update-results benchmarks/RESULTS.md"
 
 
 def update_results(path: Path, ledger) -> None:

@@ -337,6 +337,7 @@ def run(args, argv) -> dict:
         [case for case in W.cases(args.size) if case.op in ops]
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     scaled = args.scale == "on" or (args.scale == "auto" and args.size == "paper" and not args.case)
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
     ledger = {"schema_version": SCHEMA_VERSION, "size": "custom" if args.case else args.size,
               "environment": environment(argv, tiles),
               "devices": {name: device.to_json() for name, device in model.DEVICES.items()},
@@ -366,4 +367,5 @@ def run(args, argv) -> dict:
         import ledger_step
 
         ledger["step"] = ledger_step.step_memory(args.size)
+    ledger["harness"] = {"wall_s": time.perf_counter() - start_wall, "cpu_s": time.process_time() - start_cpu}
     return ledger
