@@ -164,8 +164,8 @@ DATA_DEPENDENT = ("useful_dot_flops", "atomic_lanes", "atomic_max_per_address")
 @pytest.mark.skipif(os.environ.get("INCREMENTER_FAST_PLAN_SMS") != "132",
                     reason="the ledger plans launches for 132 SMs (the re-run below sets it)")
 @pytest.mark.parametrize("text", [
-    "seg_head_loss:K=5,B=3,h=4,w=4,H=64,W=16",  # two axes: images, and low-res rows with H = 16·h
-    "cosine_mask:B=3,N=384,D=32,K=5",  # images and patches
+    "seg_head_loss:K=5,B=5,h=6,w=4,H=96,W=16",  # two axes: images, and low-res rows with H = 16·h
+    "cosine_mask:B=4,N=512,D=32,K=5",  # images and patches
     "cds_dice_loss:B=2,H=64,W=16,K=5",  # pixel rows at a fixed batch
 ])
 def test_scaled_counts_equal_a_direct_count(text):
