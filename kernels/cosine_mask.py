@@ -58,8 +58,7 @@ Accumulation is fp32 (fp64 for fp64 inputs, with IEEE fp64 dots).
 * fp16/bf16 inputs: the forward dot takes the 16-bit tiles as they are (products of 16-bit numbers are
   exact in fp32). The backward dots take ŷ (an fp32 value) and dM converted to fp32, with
   ``input_precision="tf32"``: dM is exact in TF32 when it is 16-bit (TF32 keeps fp16's 10-bit mantissa),
-  ŷ is rounded to TF32 (2^-12 relative), well inside the bounds of 16-bit gradients, and the reduction
-  over K may then run in steps of 8 (16-bit dots need 16). Under Triton's interpreter a bf16 `tl.dot` is
+  ŷ is rounded to TF32 (2^-12 relative), well inside the bounds of 16-bit gradients. Under Triton's interpreter a bf16 `tl.dot` is
   unreliable, so there bf16 tiles are upcast and dotted in fp32 (the same exact products).
 
 Masks in a dtype less precise than the inputs' (``out_dtype`` bf16 for fp32 inputs) would make σ
@@ -76,8 +75,8 @@ grid keeps at least two programs per multiprocessor (`utils.PLAN_SMS` of them fo
 At ViT-B/16 512²,
 batch 8 (N = 1024, D = 768): K = 151 → forward tiles 128 × 32 patches × classes (320 programs), backward
 tiles (D × rows) dp 64 × 64 (1536 programs) and dc 64 × 32 (480 programs); K = 21 → forward 64 × 8 (384),
-dc 64 × 8 (288). Reduction steps: 32 features forward; 32 classes (K = 151) or 8 (K = 21) for dp, 32
-patches for dc.
+dc 64 × 8 (288). Reduction steps (the dots' K, ≥ 16 for Triton 3.6): 32 features forward, 32 classes for dp
+(K = 21 is padded to 32 there: 1.52× that product's work, 1.27× over the three products), 32 patches for dc.
 
 Limits: fp32 inputs whose squared row norms overflow fp32 (‖x‖ ≳ 1e19) give inf norms, like the reference.
 Offsets are int64 throughout (outputs beyond 2^31 elements work); every load and store is masked; inputs
@@ -165,7 +164,7 @@ def _forward_kernel(
         c_acc = c.to(ACC_DTYPE)
         sq_p += tl.sum(p_acc * p_acc, axis=1)
         sq_c += tl.sum(c_acc * c_acc, axis=0)
-        raw = tl.dot(p.to(DOT_DTYPE), c.to(DOT_DTYPE), raw, input_precision=DOT_PRECISION)
+        raw = tl.dot(p.to(DOT_DTYPE), c.to(DOT_DTYPE), raw, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         p_ptrs += p_step
         c_ptrs += c_step
 
@@ -241,7 +240,7 @@ def _input_grad_tile(
         y = tl.load(y_ptrs, mask=mask_d[:, None] & mask_j[None, :], other=0.0).to(ACC_DTYPE)
         norm_y = tl.load(norm_y_ptr + b * J + j0 + offs_j, mask=mask_j, other=0.0)
         inv_y = 1.0 / tl.where(norm_y >= EPS, norm_y, EPS)
-        acc = tl.dot(y * inv_y[None, :], g, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(y * inv_y[None, :], g, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         g_ptrs += g_step
         m_ptrs += m_step
         y_ptrs += y_step
@@ -336,7 +335,8 @@ def forward_tiles(batch: int, num_patches: int, num_classes: int, dim: int, dtyp
 def input_grad_tiles(batch: int, rows: int, reduced: int, dim: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_J, BLOCK_D) of one input gradient: rows of x, the reduced rows of y, features."""
     block_r = pow2_tile(rows, max_padding=MAX_PADDING)
-    block_j = pow2_tile(reduced, candidates=(32, 16, 8), max_padding=MAX_PADDING)
+    # The reduced rows are the dot's K: Triton 3.6 (the GPU image's) needs K ≥ 16 for fp32 dots (3.8: 8).
+    block_j = pow2_tile(reduced, candidates=(32, 16), max_padding=MAX_PADDING)
     target = PROGRAMS_PER_SM * multiprocessor_count(device)
     block_d = _grown_tile(batch * triton.cdiv(rows, block_r), dim, target, candidates=(64, 32, 16))
     return block_r, block_j, block_d

@@ -70,14 +70,14 @@ def num_warps(tile_elements: int, elements_per_thread: int) -> int:
 
 def pow2_tile(size: int, candidates=(64, 32, 16, 8), max_padding: float = 1.3) -> int:
     """The largest power-of-two tile in ``candidates`` (largest first) whose whole tiles cover ``size`` with at
-    most ``max_padding`` × the work; the smallest candidate when none does (sizes below it).
+    most ``max_padding`` × the work; when none does, the one that pads least (the larger on ties).
 
-    E.g. 151 classes → 64 (192 lanes, 1.27×), 21 → 8 (24, 1.14×), 1024 → 64 (exact).
+    E.g. 151 classes → 64 (192 lanes, 1.27×), 21 → 8 (24, 1.14×), 1024 → 64 (exact); 21 among (32, 16) → 32.
     """
     for tile in candidates:
         if triton.cdiv(size, tile) * tile <= max_padding * size:
             return tile
-    return candidates[-1]
+    return min(candidates, key=lambda tile: (triton.cdiv(size, tile) * tile, -tile))
 
 
 def multiprocessor_count(device: torch.device) -> int:
