@@ -165,10 +165,13 @@ def _(grad_out, q, k, v, out, lse):
 def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # the lse never gets a gradient: no (B, H, Mq) zero fill for it
     ctx.save_for_backward(*inputs, out, lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:
+        return None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     return torch.ops.incrementer_fast.xformers_attention_backward(grad_out, q, k, v, out, lse)
 

@@ -95,6 +95,7 @@ from .utils import (
     multiprocessor_count,
     num_warps,
     pow2_tile,
+    split_fp32,
     tl_dtype,
 )
 
@@ -109,10 +110,21 @@ VALUES_PER_THREAD = 16
 
 
 @triton.jit
+def _scale(scale_ptr, scale_hi, scale_lo, ACC_DTYPE: tl.constexpr, SCALE_TENSOR: tl.constexpr):
+    """The scale s: from its tensor (a learnable temperature), or from the two fp32 halves of a Python float
+    (no device tensor, hence no fill launch, for a fixed scale)."""
+    if SCALE_TENSOR:
+        return tl.load(scale_ptr).to(ACC_DTYPE)
+    return tl.cast(scale_hi, ACC_DTYPE) + tl.cast(scale_lo, ACC_DTYPE)
+
+
+@triton.jit
 def _forward_kernel(
     patches_ptr,  # (B, N, D) any strides
     classes_ptr,  # (B, K, D) any strides
-    scale_ptr,  # () the scale s, any float dtype
+    scale_ptr,  # () the scale s, any float dtype, when SCALE_TENSOR (else any pointer, never read)
+    scale_hi,  # s = scale_hi + scale_lo (two fp32 scalars: exact for fp64) when not SCALE_TENSOR
+    scale_lo,
     masks_ptr,  # (B, K, N) contiguous output, in the requested out_dtype
     norm_p_ptr,  # (B, N) out: ‖p[b, n]‖ in ACC_DTYPE, written by the programs of the first K tile
     norm_c_ptr,  # (B, K) out: ‖c[b, k]‖ in ACC_DTYPE, written by the programs of the first N tile
@@ -125,6 +137,7 @@ def _forward_kernel(
     DOT_DTYPE: tl.constexpr,  # dtype the tiles enter tl.dot in (16-bit inputs as they are, else ACC_DTYPE)
     DOT_PRECISION: tl.constexpr,  # "tf32x3" for fp32, "ieee" for fp64; 16-bit dots ignore it ("tf32")
     ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 inputs
+    SCALE_TENSOR: tl.constexpr,  # s is read from scale_ptr (a tensor scale); else scale_hi + scale_lo
     BLOCK_N: tl.constexpr,  # patches per program (the dot's M)
     BLOCK_K: tl.constexpr,  # classes per program (the dot's N)
     BLOCK_D: tl.constexpr,  # features per loop step (the dot's K)
@@ -168,7 +181,7 @@ def _forward_kernel(
         p_ptrs += p_step
         c_ptrs += c_step
 
-    scale = tl.load(scale_ptr).to(ACC_DTYPE)
+    scale = _scale(scale_ptr, scale_hi, scale_lo, ACC_DTYPE, SCALE_TENSOR)
     norm_p = tl.sqrt(sq_p)
     norm_c = tl.sqrt(sq_c)
     # tl.where materialises EPS in the norms' dtype (tl.maximum would round a Python float to fp32).
@@ -190,7 +203,9 @@ def _input_grad_tile(
     y_ptr,  # (B, J, D) any strides: the other input
     norm_x_ptr,  # (B, R) contiguous: ‖x‖ from the forward
     norm_y_ptr,  # (B, J) contiguous: ‖y‖ from the forward
-    scale_ptr,  # () the scale s
+    scale_ptr,  # () the scale s when SCALE_TENSOR
+    scale_hi,  # else s = scale_hi + scale_lo
+    scale_lo,
     grad_x_ptr,  # (B, R, D) contiguous output dx, in x's dtype
     scale_partial_ptr,  # (programs,) out when SCALE_GRAD: this tile's share of ds
     R, J, D,  # rows of x, rows of y (the reduced axis), feature size
@@ -201,6 +216,7 @@ def _input_grad_tile(
     EPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "tf32x3" (fp32 inputs), "tf32" (16-bit inputs), "ieee" (fp64)
     ACC_DTYPE: tl.constexpr,
+    SCALE_TENSOR: tl.constexpr,
     SCALE_GRAD: tl.constexpr,  # write this tile's share of ds = Σ x̂ · (Σ_j dM ŷ)
     BLOCK_R: tl.constexpr,  # rows of x per program (the dot's N)
     BLOCK_J: tl.constexpr,  # rows of y per loop step (the dot's K)
@@ -252,7 +268,7 @@ def _input_grad_tile(
         mask=mask_d[:, None] & mask_r[None, :],
         other=0.0,
     ).to(ACC_DTYPE)
-    scale = tl.load(scale_ptr).to(ACC_DTYPE)
+    scale = _scale(scale_ptr, scale_hi, scale_lo, ACC_DTYPE, SCALE_TENSOR)
     # dx = s·acc·ι_x − x·ι_x²·σ_x, the projection only where the clamp is inactive (‖x‖ ≥ eps).
     projection = tl.where(norm_x >= EPS, sigma_x * inv_x * inv_x, 0.0)
     grad_x = acc * (scale * inv_x)[None, :] - x * projection[None, :]
@@ -270,7 +286,9 @@ def _backward_kernel(
     classes_ptr,  # (B, K, D) any strides
     norm_p_ptr,  # (B, N) ‖p‖ from the forward
     norm_c_ptr,  # (B, K) ‖c‖ from the forward
-    scale_ptr,  # () the scale s
+    scale_ptr,  # () the scale s when SCALE_TENSOR
+    scale_hi,  # else s = scale_hi + scale_lo
+    scale_lo,
     grad_patches_ptr,  # (B, N, D) contiguous output dp
     grad_classes_ptr,  # (B, K, D) contiguous output dc
     scale_partial_ptr,  # (dc programs,) out when SCALE_GRAD: per-program shares of ds
@@ -282,6 +300,7 @@ def _backward_kernel(
     EPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    SCALE_TENSOR: tl.constexpr,
     SCALE_GRAD: tl.constexpr,
     P_BLOCK_R: tl.constexpr, P_BLOCK_J: tl.constexpr, P_BLOCK_D: tl.constexpr,  # dp tiles (R = N, J = K)
     C_BLOCK_R: tl.constexpr, C_BLOCK_J: tl.constexpr, C_BLOCK_D: tl.constexpr,  # dc tiles (R = K, J = N)
@@ -289,19 +308,19 @@ def _backward_kernel(
     pid = tl.program_id(0)
     if pid < patch_programs:
         _input_grad_tile(
-            pid, grad_ptr, masks_ptr, patches_ptr, classes_ptr, norm_p_ptr, norm_c_ptr, scale_ptr,
-            grad_patches_ptr, scale_partial_ptr, N, K, D,
+            pid, grad_ptr, masks_ptr, patches_ptr, classes_ptr, norm_p_ptr, norm_c_ptr, scale_ptr, scale_hi,
+            scale_lo, grad_patches_ptr, scale_partial_ptr, N, K, D,
             stride_gb, stride_gn, stride_gk, 1, N,
             stride_pb, stride_pn, stride_pd, stride_cb, stride_ck, stride_cd,
-            EPS, DOT_PRECISION, ACC_DTYPE, False, P_BLOCK_R, P_BLOCK_J, P_BLOCK_D,
+            EPS, DOT_PRECISION, ACC_DTYPE, SCALE_TENSOR, False, P_BLOCK_R, P_BLOCK_J, P_BLOCK_D,
         )
     else:
         _input_grad_tile(
             pid - patch_programs, grad_ptr, masks_ptr, classes_ptr, patches_ptr, norm_c_ptr, norm_p_ptr,
-            scale_ptr, grad_classes_ptr, scale_partial_ptr, K, N, D,
+            scale_ptr, scale_hi, scale_lo, grad_classes_ptr, scale_partial_ptr, K, N, D,
             stride_gb, stride_gk, stride_gn, N, 1,
             stride_cb, stride_ck, stride_cd, stride_pb, stride_pn, stride_pd,
-            EPS, DOT_PRECISION, ACC_DTYPE, SCALE_GRAD, C_BLOCK_R, C_BLOCK_J, C_BLOCK_D,
+            EPS, DOT_PRECISION, ACC_DTYPE, SCALE_TENSOR, SCALE_GRAD, C_BLOCK_R, C_BLOCK_J, C_BLOCK_D,
         )
 
 
@@ -360,12 +379,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _scale_args(scale: torch.Tensor | None, scale_value: float, like: torch.Tensor) -> tuple:
+    """(pointer, hi, lo) kernel arguments of the scale: a 0-dim tensor, or a Python float in two fp32 halves."""
+    hi, lo = split_fp32(float(scale_value))
+    return (scale if scale is not None else like), hi, lo
+
+
 def cosine_mask_forward(
-    patches: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
+    patches: torch.Tensor,
+    classes: torch.Tensor,
+    scale: torch.Tensor | None,
+    scale_value: float,
+    eps: float,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(masks (B, K, N) in out_dtype, ‖p‖ (B, N), ‖c‖ (B, K)) for patches (B, N, D), classes (B, K, D).
 
-    masks = scale · ĉ p̂ᵀ; the norms are in the accumulation dtype (the backward's inputs).
+    masks = s · ĉ p̂ᵀ with s the 0-dim tensor ``scale``, or ``scale_value`` when it is None; the norms are
+    in the accumulation dtype (the backward's inputs).
     """
     batch, num_patches, dim = patches.shape
     num_classes = classes.shape[1]
@@ -382,13 +413,14 @@ def cosine_mask_forward(
     grid = (batch * triton.cdiv(num_patches, block_n) * triton.cdiv(num_classes, block_k),)
     with device_guard(device):  # launch on the tensors' GPU, not the current one
         _forward_kernel[grid](
-            patches, classes, scale, masks, norm_p, norm_c,
+            patches, classes, *_scale_args(scale, scale_value, patches), masks, norm_p, norm_c,
             num_patches, num_classes, dim,
             *patches.stride(), *classes.stride(),
             EPS=eps,
             DOT_DTYPE=tl_dtype(_forward_dot_dtype(patches.dtype)),
             DOT_PRECISION=_precision(patches.dtype),
             ACC_DTYPE=tl_dtype(acc),
+            SCALE_TENSOR=scale is not None,
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
             num_warps=num_warps(block_n * block_d, VALUES_PER_THREAD),
         )  # fmt: skip
@@ -399,7 +431,8 @@ def cosine_mask_backward(
     grad: torch.Tensor,
     patches: torch.Tensor,
     classes: torch.Tensor,
-    scale: torch.Tensor,
+    scale: torch.Tensor | None,
+    scale_value: float,
     masks: torch.Tensor,
     norm_p: torch.Tensor,
     norm_c: torch.Tensor,
@@ -410,9 +443,10 @@ def cosine_mask_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d patches, d classes, d scale) for the upstream gradient ``grad`` (B, K, N), any strides.
 
-    ``masks`` (B, K, N) contiguous and the norms are the forward's. d patches / d classes are contiguous, in
-    the inputs' dtype, or empty (0,) tensors when not needed; d scale is a 0-dim tensor in the accumulation
-    dtype (the caller casts it to the scale's dtype), 0 when not needed.
+    ``masks`` (B, K, N) contiguous and the norms are the forward's; the scale is ``scale`` (a 0-dim tensor)
+    or ``scale_value`` when that is None. d patches / d classes are contiguous, in the inputs' dtype, or
+    empty (0,) tensors when not needed; d scale is a 0-dim tensor in the accumulation dtype (the caller
+    casts it to the scale's dtype), or an empty (0,) tensor when not needed.
     """
     batch, num_patches, dim = patches.shape
     num_classes = classes.shape[1]
@@ -425,7 +459,8 @@ def cosine_mask_backward(
     if batch * num_patches * num_classes * dim == 0 or not (need_patches or run_classes):
         # No mask entry, or only zero vectors (D = 0): nothing flows back.
         grad_classes = grad_classes if need_classes else grad_classes.new_empty((0,))
-        return grad_patches.zero_(), grad_classes.zero_(), torch.zeros((), dtype=acc, device=device)
+        grad_scale = torch.zeros((), dtype=acc, device=device) if need_scale else torch.empty((0,), device=device)
+        return grad_patches.zero_(), grad_classes.zero_(), grad_scale
 
     p_tiles = input_grad_tiles(batch, num_patches, num_classes, dim, device)
     c_tiles = input_grad_tiles(batch, num_classes, num_patches, dim, device)
@@ -435,7 +470,7 @@ def cosine_mask_backward(
     largest_tile = max(p_tiles[0] * p_tiles[2], c_tiles[0] * c_tiles[2])
     with device_guard(device):  # launch on the tensors' GPU, not the current one
         _backward_kernel[(patch_programs + class_programs,)](
-            grad, masks, patches, classes, norm_p, norm_c, scale,
+            grad, masks, patches, classes, norm_p, norm_c, *_scale_args(scale, scale_value, patches),
             # an unrequested gradient's pointer is never dereferenced (its programs are not in the grid)
             grad_patches if need_patches else grad_classes,
             grad_classes if run_classes else grad_patches,
@@ -445,13 +480,14 @@ def cosine_mask_backward(
             EPS=eps,
             DOT_PRECISION=_precision(patches.dtype),
             ACC_DTYPE=tl_dtype(acc),
+            SCALE_TENSOR=scale is not None,
             SCALE_GRAD=need_scale,
             P_BLOCK_R=p_tiles[0], P_BLOCK_J=p_tiles[1], P_BLOCK_D=p_tiles[2],
             C_BLOCK_R=c_tiles[0], C_BLOCK_J=c_tiles[1], C_BLOCK_D=c_tiles[2],
             num_warps=num_warps(largest_tile, VALUES_PER_THREAD),
         )  # fmt: skip
     # Fixed-order sum of the per-program shares: deterministic, no atomics.
-    grad_scale = scale_partials.sum() if need_scale else torch.zeros((), dtype=acc, device=device)
+    grad_scale = scale_partials.sum() if need_scale else torch.empty((0,), dtype=acc, device=device)
     if not need_classes:
         grad_classes = grad_classes.new_empty((0,))
     return grad_patches, grad_classes, grad_scale

@@ -115,11 +115,14 @@ def _setup_context(ctx, inputs, output):
     logits, labels, num_old, ignore_index, smooth = inputs
     _, stats = output
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)  # stats never get a gradient: no zero tensor (a fill launch) for them
     ctx.save_for_backward(logits, labels, stats)
     ctx.num_old, ctx.ignore_index, ctx.smooth = num_old, ignore_index, smooth
 
 
 def _backward(ctx, grad_loss, _grad_stats):
+    if grad_loss is None:
+        return None, None, None, None, None
     logits, labels, stats = ctx.saved_tensors
     grad_logits = _cds_dice_loss_backward_op(
         grad_loss, logits, labels, stats, ctx.num_old, ctx.ignore_index, ctx.smooth

@@ -2,8 +2,10 @@
 
 masks[b, k, n] = scale · ⟨p̂[b, n], ĉ[b, k]⟩ with x̂ = x / max(‖x‖₂, eps): the Triton kernels of
 `incrementer_fast.kernels.cosine_mask` (which derives the VJP) for tensors whose backend is "triton", the
-plain-PyTorch reference otherwise. The scale always enters the ops as a 0-dim tensor, so one schema serves a
-Python float and a learnable temperature, and a float64 scale keeps full precision inside the kernels.
+plain-PyTorch reference otherwise. The scale enters the ops as an optional 0-dim tensor (a learnable
+temperature, which gets a gradient) and a float used when it is None (a fixed scale, such as the model's
+γ: no device tensor is made for it, so no fill launch per call; the kernels receive it as two fp32 halves,
+exact for float64 inputs).
 
 What the backward needs is saved by the forward, on both paths: the masks themselves (the backward's row
 sums σ = Σ dM·masks come from them) and the row norms ‖p‖ (B, N), ‖c‖ (B, K) — so no forward product is
@@ -12,6 +14,8 @@ rounded to it would make σ less precise than the gradients it enters: the forwa
 masks in the inputs' dtype, kept for the backward only (one extra (B, K, N) tensor in that case alone).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -35,15 +39,20 @@ def _saved_dtype(inputs_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dty
 
 @torch.library.custom_op("incrementer_fast::cosine_mask", mutates_args=())
 def _cosine_mask_op(
-    patches: torch.Tensor, classes: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype
+    patches: torch.Tensor,
+    classes: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    scale_value: float,
+    eps: float,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(masks in out_dtype, masks for the backward or an empty (0,) tensor when masks serve, ‖p‖, ‖c‖)."""
     saved_dtype = _saved_dtype(patches.dtype, out_dtype)
     if backend(patches.device) == "triton":
-        masks, norm_p, norm_c = kernels.cosine_mask_forward(patches, classes, scale, eps, saved_dtype)
+        masks, norm_p, norm_c = kernels.cosine_mask_forward(patches, classes, scale, scale_value, eps, saved_dtype)
     else:
         acc = compute_dtype(patches.dtype)
-        masks = reference_cosine_mask(patches, classes, scale, eps, saved_dtype)
+        masks = reference_cosine_mask(patches, classes, scale_value if scale is None else scale, eps, saved_dtype)
         norm_p = torch.linalg.vector_norm(patches.to(acc), dim=-1)
         norm_c = torch.linalg.vector_norm(classes.to(acc), dim=-1)
     if saved_dtype == out_dtype:
@@ -52,7 +61,7 @@ def _cosine_mask_op(
 
 
 @_cosine_mask_op.register_fake
-def _(patches, classes, scale, eps, out_dtype):
+def _(patches, classes, scale, scale_value, eps, out_dtype):
     acc = compute_dtype(patches.dtype)
     batch, num_patches, num_classes = patches.shape[0], patches.shape[1], classes.shape[1]
     saved_dtype = _saved_dtype(patches.dtype, out_dtype)
@@ -68,7 +77,8 @@ def _cosine_mask_backward_op(
     grad: torch.Tensor,
     patches: torch.Tensor,
     classes: torch.Tensor,
-    scale: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    scale_value: float,
     masks: torch.Tensor,
     norm_p: torch.Tensor,
     norm_c: torch.Tensor,
@@ -78,18 +88,17 @@ def _cosine_mask_backward_op(
     need_scale: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d patches, d classes, d scale): contiguous gradients in the inputs' dtype, or empty (0,) tensors
-    when not needed; d scale 0-dim in the compute dtype (0 when not needed)."""
+    when not needed; d scale 0-dim in the compute dtype (an empty (0,) tensor when not needed)."""
     if backend(patches.device) == "triton":
-        return kernels.cosine_mask_backward(
-            grad, patches, classes, scale, masks, norm_p, norm_c, eps, need_patches, need_classes, need_scale
-        )
+        return kernels.cosine_mask_backward(grad, patches, classes, scale, scale_value, masks, norm_p, norm_c, eps,
+                                            need_patches, need_classes, need_scale)
     with torch.autocast(patches.device.type, enabled=False):  # a backward inside autocast: keep fp32 bmm
-        return _reference_backward(grad, patches, classes, scale, masks, norm_p, norm_c, eps, need_patches,
-                                   need_classes, need_scale)
+        return _reference_backward(grad, patches, classes, scale, scale_value, masks, norm_p, norm_c, eps,
+                                   need_patches, need_classes, need_scale)
 
 
-def _reference_backward(grad, patches, classes, scale, masks, norm_p, norm_c, eps, need_patches, need_classes,
-                        need_scale):
+def _reference_backward(grad, patches, classes, scale, scale_value, masks, norm_p, norm_c, eps, need_patches,
+                        need_classes, need_scale):
     """The VJP derived in `incrementer_fast.kernels.cosine_mask`, in plain PyTorch (compute dtype), from the
     same saved masks and norms as the kernels.
 
@@ -97,7 +106,8 @@ def _reference_backward(grad, patches, classes, scale, masks, norm_p, norm_c, ep
     dx = (s · Σ dM ŷ − x̂ σ_x [‖x‖ ≥ eps]) / max(‖x‖, eps); ds = Σ_k ⟨ĉ_k, Σ_n dM[k, n] p̂_n⟩.
     """
     acc = compute_dtype(patches.dtype)
-    p, c, g, s = patches.to(acc), classes.to(acc), grad.to(acc), scale.to(acc)
+    p, c, g = patches.to(acc), classes.to(acc), grad.to(acc)
+    s = scale_value if scale is None else scale.to(acc)
     norm_p, norm_c = norm_p.unsqueeze(-1), norm_c.unsqueeze(-1)
     inv_p = 1.0 / norm_p.clamp_min(eps)
     inv_c = 1.0 / norm_c.clamp_min(eps)
@@ -109,7 +119,7 @@ def _reference_backward(grad, patches, classes, scale, masks, norm_p, norm_c, ep
         tangent = s * torch.bmm(g.transpose(1, 2), c_hat) - p_hat * torch.where(norm_p >= eps, sigma_p, 0.0)
         grad_patches = (tangent * inv_p).to(patches.dtype).contiguous()
     grad_classes = classes.new_empty(0)
-    grad_scale = torch.zeros((), dtype=acc, device=patches.device)
+    grad_scale = patches.new_empty((0,), dtype=acc)
     if need_classes or need_scale:
         weighted = torch.bmm(g, p_hat)  # Σ_n dM[k, n] p̂_n
         if need_classes:
@@ -122,30 +132,38 @@ def _reference_backward(grad, patches, classes, scale, masks, norm_p, norm_c, ep
 
 
 @_cosine_mask_backward_op.register_fake
-def _(grad, patches, classes, scale, masks, norm_p, norm_c, eps, need_patches, need_classes, need_scale):
+def _(grad, patches, classes, scale, scale_value, masks, norm_p, norm_c, eps, need_patches, need_classes,
+      need_scale):
     grad_patches = patches.new_empty(patches.shape if need_patches else (0,))
     grad_classes = classes.new_empty(classes.shape if need_classes else (0,))
-    return grad_patches, grad_classes, patches.new_empty((), dtype=compute_dtype(patches.dtype))
+    grad_scale = patches.new_empty(() if need_scale else (0,), dtype=compute_dtype(patches.dtype))
+    return grad_patches, grad_classes, grad_scale
 
 
 def _setup_context(ctx, inputs, output):
-    patches, classes, scale, eps, _ = inputs
+    patches, classes, scale, scale_value, eps, _ = inputs
     masks, saved, norm_p, norm_c = output
     ctx.mark_non_differentiable(saved, norm_p, norm_c)
+    # The outputs other than the masks never get a gradient: no zero tensors (fill launches) for them.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(patches, classes, scale, saved if saved.numel() else masks, norm_p, norm_c)
-    ctx.eps = eps
+    ctx.scale_value, ctx.eps = scale_value, eps
 
 
 def _backward(ctx, grad, _grad_saved, _grad_norm_p, _grad_norm_c):
     patches, classes, scale, masks, norm_p, norm_c = ctx.saved_tensors
     need_patches, need_classes, need_scale = ctx.needs_input_grad[:3]
+    if grad is None:
+        return None, None, None, None, None, None
     grad_patches, grad_classes, grad_scale = _cosine_mask_backward_op(
-        grad, patches, classes, scale, masks, norm_p, norm_c, ctx.eps, need_patches, need_classes, need_scale
+        grad, patches, classes, scale, ctx.scale_value, masks, norm_p, norm_c, ctx.eps, need_patches,
+        need_classes, need_scale,
     )
     return (
         grad_patches if need_patches else None,
         grad_classes if need_classes else None,
         grad_scale.to(scale.dtype) if need_scale else None,
+        None,
         None,
         None,
     )
@@ -188,7 +206,6 @@ def cosine_mask(
         torch.float32
     """
     check_cosine_mask_args(patches, classes, scale, eps, out_dtype)
-    if not isinstance(scale, torch.Tensor):
-        scale = torch.full((), float(scale), dtype=compute_dtype(patches.dtype), device=patches.device)
-    masks, _, _, _ = _cosine_mask_op(patches, classes, scale, float(eps), out_dtype or patches.dtype)
+    tensor, value = (scale, 0.0) if isinstance(scale, torch.Tensor) else (None, float(scale))
+    masks, _, _, _ = _cosine_mask_op(patches, classes, tensor, value, float(eps), out_dtype or patches.dtype)
     return masks

@@ -93,6 +93,8 @@ def _(grad_loss, student, teacher, weight, weight_sum, eps, student_grad, teache
 def _setup_context(ctx, inputs, output):
     student, teacher, weight, eps = inputs
     _, weight_sum = output
+    ctx.mark_non_differentiable(weight_sum)
+    ctx.set_materialize_grads(False)  # W never gets a gradient: no zero tensor (a fill launch) for it
     ctx.save_for_backward(student, teacher, weight, weight_sum)
     ctx.eps = eps
 
@@ -100,6 +102,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_weight_sum):
     student, teacher, weight, weight_sum = ctx.saved_tensors
     student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_loss is None:
+        return None, None, None, None
     grad_student, grad_teacher = torch.ops.incrementer_fast.fod_loss_backward(
         grad_loss, student, teacher, weight, weight_sum, ctx.eps, student_grad, teacher_grad
     )

@@ -211,7 +211,8 @@ def test_out_dtype_compiles_and_passes_opcheck(device):
     patches, classes = _small_inputs(device, torch.bfloat16)
     scale = torch.tensor(2.0, device=device)
     forward = torch.ops.incrementer_fast.cosine_mask.default
-    torch.library.opcheck(forward, (patches.requires_grad_(), classes.requires_grad_(), scale, 1e-8, torch.float32))
+    torch.library.opcheck(forward, (patches.requires_grad_(), classes.requires_grad_(), scale, 0.0, 1e-8,
+                                    torch.float32))
 
     def loss_fn(p, c):
         return inc.cosine_mask(p, c, 10.0, out_dtype=torch.float32).square().sum()
@@ -264,18 +265,23 @@ def test_opcheck(device):
         (patches.requires_grad_(), transposed.requires_grad_(), scale.requires_grad_()),
         (patches.detach(), classes, scale.detach()),
     ]:
-        torch.library.opcheck(forward, (p, c, s, 1e-8, torch.float32))
-    masks, _, norm_p, norm_c = forward(patches.detach(), transposed.detach(), scale.detach(), 1e-8, torch.float32)
+        torch.library.opcheck(forward, (p, c, s, 0.0, 1e-8, torch.float32))
+    # A Python-float scale: no tensor, the value passed as a float
+    torch.library.opcheck(forward, (patches.detach().requires_grad_(), classes, None, -0.75, 1e-8, torch.float32))
+    masks, _, norm_p, norm_c = forward(patches.detach(), transposed.detach(), scale.detach(), 0.0, 1e-8,
+                                       torch.float32)
     # bf16 masks of fp32 inputs: the forward also returns fp32 masks for the backward
-    _, exact, _, _ = forward(patches.detach(), classes, scale.detach(), 1e-8, torch.bfloat16)
+    _, exact, _, _ = forward(patches.detach(), classes, scale.detach(), 0.0, 1e-8, torch.bfloat16)
     assert exact.dtype == torch.float32 and exact.shape == masks.shape
-    torch.library.opcheck(forward, (patches.detach(), classes, scale.detach(), 1e-8, torch.bfloat16))
+    torch.library.opcheck(forward, (patches.detach(), classes, scale.detach(), 0.0, 1e-8, torch.bfloat16))
     grad = torch.randn(2, 3, 5, device=device)
     ones = torch.ones((), device=device).expand(2, 3, 5)
     saved = (masks, norm_p, norm_c, 1e-8)
+    torch.library.opcheck(backward, (grad, patches.detach(), transposed.detach(), None, 1.5, *saved, True, True, False))
     for g, needs in [(grad, (True, True, True)), (ones, (True, False, False)), (grad, (False, True, False)),
                      (grad, (False, False, True))]:
-        torch.library.opcheck(backward, (g, patches.detach(), transposed.detach(), scale.detach(), *saved, *needs))
+        torch.library.opcheck(backward, (g, patches.detach(), transposed.detach(), scale.detach(), 0.0, *saved,
+                                         *needs))
 
 
 def test_gradcheck(device):
