@@ -441,9 +441,9 @@ def cds_dice_loss_forward(
     smooth_hi, smooth_lo = split_fp32(smooth)
     block_b = min(16, triton.next_power_of_2(batch))
     block_t = min(128, triton.next_power_of_2(n_chunks))
-    with device_guard(device):  # launch on the tensors' GPU, not the current one
+    with device_guard(device), completion_counter(device) as counter:  # launch on the tensors' GPU
         _cds_dice_forward_kernel[(n_chunks * batch,)](
-            logits, labels, partials, completion_counter(device), stats, loss,
+            logits, labels, partials, counter, stats, loss,
             batch, num_classes, num_pixels, s_inner, num_old, ignore_index,
             n_tiles, n_chunks, tiles_per_chunk,
             logits.stride(0), logits.stride(1), stride_xo, stride_xi,

@@ -348,9 +348,9 @@ def fod_loss_forward(
     partials = torch.empty((2, num_programs), dtype=acc, device=device)
     loss = torch.empty((), dtype=acc, device=device)
     weight_sum = torch.empty((), dtype=acc, device=device)
-    with device_guard(device):
+    with device_guard(device), completion_counter(device) as counter:
         _fod_loss_fwd_kernel[(num_programs,)](
-            student, teacher, weight, partials, completion_counter(device), loss, weight_sum,
+            student, teacher, weight, partials, counter, loss, weight_sum,
             num_rows, dim, *layout,
             EPS=float(eps), BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_P=triton.next_power_of_2(num_programs),
             num_warps=num_warps(block_m * block_d, 8),

@@ -146,23 +146,30 @@ def device_guard(device: torch.device):
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def completion_counter(device: torch.device) -> torch.Tensor:
-    """A zeroed int32 counter for a "last program done" reduction on the current stream of ``device``.
+@contextlib.contextmanager
+def completion_counter(device: torch.device):
+    """A zeroed int32 counter for a "last program done" reduction on the current stream of ``device``, as a
+    context manager around the launch that uses it.
 
     The kernels that use it (one launch computes partials *and* their fixed-order sum) increment it once per
     program with an atomic, and the last program — the one that sees ``programs − 1`` — reads every
     partial in a fixed order and sets the counter back to 0 before it ends. So one counter per (device,
-    stream) can be reused by every later launch on that stream: launches on one stream run one after the
-    other, and no launch leaves it non-zero. While a CUDA graph is being captured a fresh zeroed counter is
-    made instead (its zero fill is then part of the graph), so that replays never share one with eager
-    launches; for CPU tensors (Triton's interpreter, where a failing kernel could stop half-way) a fresh one
-    every time, which costs nothing there. Integer atomics only: the reduction order, hence every bit of the
-    result, does not depend on which program finishes last.
+    stream) serves every later launch on that stream: launches on one stream run one after the other, and
+    no launch leaves it non-zero. A launch that raises (Triton's interpreter can stop half-way through the
+    programs) has the counter zeroed again on the way out. While a CUDA graph is being captured a fresh
+    zeroed counter is made instead (its zero fill is then part of the graph), so that replays never share
+    one with eager launches. Integer atomics only: the reduction order, hence every bit of the result, does
+    not depend on which program finishes last.
     """
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(1, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream)
-    counter = _COUNTERS.get(key)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        yield torch.zeros(1, dtype=torch.int32, device=device)
+        return
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counter = _COUNTERS.get((device, stream))
     if counter is None:
-        counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+        counter = _COUNTERS[(device, stream)] = torch.zeros(1, dtype=torch.int32, device=device)
+    try:
+        yield counter
+    except BaseException:
+        counter.zero_()
+        raise

@@ -385,3 +385,17 @@ def test_more_than_2_31_elements_cuda():
     assert_close_rel(grad_teacher[picked], ref_gt.half().double(), torch.float16, "grad of teacher")
     unpicked = weight == 0
     assert torch.count_nonzero(grad_student[unpicked]) == 0 and torch.count_nonzero(grad_teacher[unpicked]) == 0
+
+
+def test_completion_counter_is_reset_after_a_failed_launch():
+    """The one-launch reductions share a counter per device and stream; a launch that raises must leave it at 0
+    for the next one (kernels/utils.py, completion_counter)."""
+    from incrementer_fast.kernels.utils import completion_counter
+
+    device = torch.device("cpu")
+    with pytest.raises(RuntimeError, match="half-way"):
+        with completion_counter(device) as counter:
+            counter += 3  # programs that incremented it before the failure
+            raise RuntimeError("stopped half-way")
+    with completion_counter(device) as counter:
+        assert counter.item() == 0
