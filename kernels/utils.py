@@ -167,7 +167,9 @@ def completion_counter(device: torch.device):
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     counter = _COUNTERS.get((device, stream))
     if counter is None:
-        counter = _COUNTERS[(device, stream)] = torch.zeros(1, dtype=torch.int32, device=device)
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        if type(counter) is torch.Tensor:  # not a fake or meta tensor (made under a FakeTensorMode): those never run
+            _COUNTERS[(device, stream)] = counter
     try:
         yield counter
     except BaseException:
