@@ -144,6 +144,9 @@ def device_guard(device: torch.device):
 
 
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+# The CPU's counter (Triton's interpreter runs programs one after another, on one "stream"), made once here so
+# that no launch, real or planned on fake tensors, ever issues a torch op for it.
+_CPU_COUNTER = torch.zeros(1, dtype=torch.int32)
 
 
 @contextlib.contextmanager
@@ -158,18 +161,22 @@ def completion_counter(device: torch.device):
     no launch leaves it non-zero. A launch that raises (Triton's interpreter can stop half-way through the
     programs) has the counter zeroed again on the way out. While a CUDA graph is being captured a fresh
     zeroed counter is made instead (its zero fill is then part of the graph), so that replays never share
-    one with eager launches. Integer atomics only: the reduction order, hence every bit of the result, does
-    not depend on which program finishes last.
+    one with eager launches; a CUDA counter first asked for under a FakeTensorMode is not kept (it is fake).
+    Integer atomics only: the reduction order, hence every bit of the result, does not depend on which
+    program finishes last.
     """
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda":
+        counter = _CPU_COUNTER
+    elif torch.cuda.is_current_stream_capturing():
         yield torch.zeros(1, dtype=torch.int32, device=device)
         return
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    counter = _COUNTERS.get((device, stream))
-    if counter is None:
-        counter = torch.zeros(1, dtype=torch.int32, device=device)
-        if type(counter) is torch.Tensor:  # not a fake or meta tensor (made under a FakeTensorMode): those never run
-            _COUNTERS[(device, stream)] = counter
+    else:
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+        counter = _COUNTERS.get(key)
+        if counter is None:
+            counter = torch.zeros(1, dtype=torch.int32, device=device)
+            if type(counter) is torch.Tensor:  # not a fake tensor (made under a FakeTensorMode): those never run
+                _COUNTERS[key] = counter
     try:
         yield counter
     except BaseException:
