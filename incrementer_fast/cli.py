@@ -4,7 +4,7 @@
         --method incrementer --out runs/voc-15-1 [--step K] [--resume] [--epochs N] [...]
     incrementer-fast eval --run runs/voc-15-1 --step 5 [--eval-mode slide]
     incrementer-fast eval --checkpoint step_5.pt --dataset voc --data-root DATA --task 15-1 --step 5
-    incrementer-fast demo [--out DIR]
+    incrementer-fast demo [--out DIR] [--seed N] [--no-joint] [--workers 1|2]
     incrementer-fast check [--device cuda|cpu] [--quick | --thorough]
 
 ``train`` has one option per field of ``TrainConfig`` (``--lambda-visual 1.0``, ``--no-use-fod``, ...; the
@@ -13,9 +13,11 @@ help text is the field's documentation), and ``--config FILE`` reads any of them
 the one of ``--dataset``: voc, ade, or demo for synthetic; see ``config.PRESETS`` for every value's source);
 with ``--resume`` they are the run directory's ``config.json`` and any option given must agree with it. Under ``torchrun`` every process runs this same command.
 
-``demo`` is the main job on the embedded default: the synthetic dataset generated into ``DIR/data``, a tiny
-ViT on the CPU, every step of the demo task for ``incrementer`` and ``finetune`` (``DIR/incrementer``,
-``DIR/finetune``), then the old / new / all mIoU table of both.
+``demo`` is the main job on the embedded default: the synthetic dataset generated into ``DIR/data``, a small
+ViT with the encoder pretrained for the demo (``incrementer_fast/assets``), on the CPU: every step of the demo
+task for ``incrementer`` and ``finetune`` (``DIR/incrementer``, ``DIR/finetune``) and the joint upper bound
+(``DIR/joint``), then the old / new / all mIoU table, ``DIR/comparison.png`` and ``DIR/predictions.png``
+(``incrementer_fast.continual.demo``).
 
 Errors. ``main`` is the one place where an exception becomes what the user sees: one line on stderr,
 ``incrementer-fast COMMAND: error: MESSAGE``, and the exit status — 2 for input that cannot be used as given
@@ -40,7 +42,8 @@ import typing
 from pathlib import Path
 
 from ._files import atomic_write
-from .continual.config import PRESETS, RESUMABLE_FIELDS, TrainConfig, read_config_file, upgrade_config_values
+from .continual.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, preset_values, read_config_file,
+                               upgrade_config_values)
 from .errors import InputError, WorkError
 
 DATASET_PRESETS = {"voc": "voc", "ade": "ade", "synthetic": "demo"}  # the preset of each --dataset
@@ -136,7 +139,10 @@ def config_from_args(args: argparse.Namespace, stored: dict | None = None) -> Tr
         values = {**stored, **given}
     else:
         preset = getattr(args, "preset", None) or DATASET_PRESETS.get(given.get("dataset"), "voc")
-        values = {**TrainConfig.preset(preset).to_dict(), **given}
+        try:
+            values = preset_values(preset, given)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     try:
         config = TrainConfig.from_dict(values)
         config.accumulation_steps(int(os.environ.get("WORLD_SIZE", "1")))
@@ -222,11 +228,12 @@ def _check(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def demo_table(results: dict[str, list[dict]]) -> str:
+def demo_table(results: dict[str, list[dict]], joint: dict | None = None) -> str:
     """Old / new / all mIoU (%) per step, one column group per method, and the constant-prediction
     reference of the new classes (``chance``: the mean share of their pixels, the same for every method).
     As in the papers' tables, old = the step-0 classes (background included) and new = every class added
-    after step 0 so far (``metrics.summarize``)."""
+    after step 0 so far (``metrics.summarize``). ``joint`` (old / new / all of the joint upper bound,
+    ``report.first_step_split``) adds a last line."""
     methods = list(results)
     steps = sorted({r["step"] for records in results.values() for r in records})
 
@@ -251,35 +258,29 @@ def demo_table(results: dict[str, list[dict]]) -> str:
         span = f"{classes[0]}-{classes[-1]}" if len(classes) > 1 else str(classes[0])
         chance = f" | {cell(row.get('chance_miou_new')):>5}"
         lines.append(f"{step:>4}  {span:<8}" + "".join(cells) + chance)
+    if joint is not None:
+        lines.append(f"joint (every class in one step, the upper bound): old {cell(joint['miou_old'])}, "
+                     f"new {cell(joint['miou_new'])}, all {cell(joint['miou_all'])}")
     return "\n".join(lines)
 
 
-def run_demo(out, *, resume: bool = False, progress: bool = True, **overrides) -> dict[str, list[dict]]:
-    """The demo: synthetic data in ``out/data``; ``incrementer`` then ``finetune`` on every step of the demo
-    task. Step 0 (plain CE for both methods, same seed) is trained once and copied into the finetune run."""
-    from .continual.run import copy_finished_step, finished_steps, run_scenario
-
-    out = Path(out)
-    base = TrainConfig.demo(data_root=str(out / "data"), **overrides)
-    results = {}
-    incrementer = dataclasses.replace(base, method="incrementer")
-    results["incrementer"] = run_scenario(incrementer, out / "incrementer", resume=resume, progress=progress)
-    finetune = dataclasses.replace(base, method="finetune")
-    if 0 not in finished_steps(out / "finetune"):
-        copy_finished_step(out / "incrementer", out / "finetune", 0)
-    results["finetune"] = run_scenario(finetune, out / "finetune", resume=True, progress=progress)
-    return results
-
-
 def _demo(args: argparse.Namespace) -> int:
+    from .continual.demo import run_demo
+    from .continual.report import first_step_split
+    from .continual.scenarios import get_task
+
     started = time.perf_counter()
-    results = run_demo(args.out, resume=args.resume, progress=not args.quiet)
+    results = run_demo(args.out, resume=args.resume, progress=not args.quiet, joint=not args.no_joint,
+                       workers=args.workers, seed=args.seed)
+    config = TrainConfig.demo(seed=args.seed)
+    joint = results.pop("joint", None)
+    split = None if joint is None else first_step_split(joint[-1], get_task(config.dataset, config.task))
     print()
-    print(f"demo: synthetic task {TrainConfig.demo().task}, mIoU (%) on the validation images of the classes "
-          f"seen so far; old = step-0 classes (background included), new = the classes added since")
-    print(demo_table(results))
-    print(f"runs in {Path(args.out).resolve()} (metrics.json, miou.png, predictions_step*.png); "
-          f"{time.perf_counter() - started:.0f} s")
+    print(f"demo: synthetic task {config.task}, seed {config.seed}, mIoU (%) on the validation images of the classes "
+          "seen so far; old = the classes of step 0 (background included), new = every class added after step 0")
+    print(demo_table(results, split))
+    print(f"runs in {Path(args.out).resolve()} (comparison.png, predictions.png; per run: metrics.json, "
+          f"miou.png, predictions_step*.png); {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -329,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the synthetic scenario, tiny ViT, CPU: incrementer vs finetune")
     demo.add_argument("--out", default="runs/demo", help="where the data and both runs go (default runs/demo)")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seeds the model initialisation, data order, augmentation and dropout (the synthetic "
+                           "dataset is the same for every seed; default 0)")
+    demo.add_argument("--no-joint", action="store_true", help="skip the joint upper bound (every class at once)")
+    demo.add_argument("--workers", type=int, default=2, choices=(1, 2),
+                      help="processes, one intra-op thread each (same numbers either way; progress bars only "
+                           "with 1; default 2)")
     add_common_options(demo)
     demo.set_defaults(handler=_demo)
     from .check import build_parser as add_check_options  # torch and the ops only: no timm

@@ -136,6 +136,19 @@ def test_demo_table_lists_both_methods_per_step():
     assert "incrementer" in lines[0] and "finetune" in lines[0]
     assert lines[3].split() == ["0", "0-2", "|", "50.0", "-", "50.0", "|", "50.0", "-", "50.0", "|", "-"]
     assert lines[4].split() == ["1", "3", "|", "40.0", "30.0", "37.5", "|", "10.0", "35.0", "16.2", "|", "2.0"]
+    with_joint = demo_table({"incrementer": [record(0, [0, 1, 2], 0.5, None, 0.5, None)]},
+                            {"miou_old": 0.7, "miou_new": 0.6, "miou_all": 0.65}).splitlines()
+    assert with_joint[-1] == "joint (every class in one step, the upper bound): old 70.0, new 60.0, all 65.0"
+
+
+def test_a_presets_weights_belong_to_its_backbone():
+    demo = TrainConfig.demo()
+    assert demo.weights is not None and demo.backbone == "vit_demo_patch8"
+    assert TrainConfig.demo(backbone="test_vit").weights is None  # the demo's encoder does not fit test_vit
+    assert TrainConfig.demo(backbone="test_vit", weights="w.pt").weights == "w.pt"
+    config = config_from_args(build_parser().parse_args(["train", "--out", "r", "--dataset", "synthetic",
+                                                         "--backbone", "test_vit"]))
+    assert config.weights is None and config.pretrained is False
 
 
 def test_eval_rescores_a_saved_step(tiny_data, capsys, tmp_path):

@@ -1,5 +1,5 @@
-"""The demo's encoder pretraining (scripts/pretrain_demo_encoder.py): classes disjoint from the demo's,
-deterministic images and weights, a file that loads into the demo's model."""
+"""The demo's pretrained encoder: scripts/pretrain_demo_encoder.py pretrains on classes disjoint from the
+demo's, deterministically; the shipped file matches its provenance and is the demo's default."""
 import hashlib
 import importlib.util
 import json
@@ -11,7 +11,7 @@ import torch
 
 from incrementer_fast import Incrementer
 from incrementer_fast.continual import synthetic
-from incrementer_fast.continual.config import TrainConfig
+from incrementer_fast.continual.config import DEMO_ENCODER_WEIGHTS, TrainConfig
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pretrain_demo_encoder.py"
 
@@ -75,3 +75,17 @@ def test_a_tiny_pretraining_is_reproducible_and_loads_into_the_demo_model(pretra
         digests.append(provenance["sha256"])
     assert digests[0] == digests[1]
     Incrementer(TrainConfig.demo().backbone, 3, img_size=64, weights=out)
+
+
+def test_the_shipped_encoder_matches_its_provenance_and_is_the_demos_default():
+    path = Path(DEMO_ENCODER_WEIGHTS)
+    demo = TrainConfig.demo()
+    assert demo.weights == str(path)
+    provenance = json.loads(path.with_name(path.name + ".json").read_text())
+    data = path.read_bytes()
+    assert len(data) < 5_000_000 and provenance["bytes"] == len(data)
+    assert provenance["sha256"] == hashlib.sha256(data).hexdigest()
+    assert provenance["settings"]["seed"] == 0 and provenance["settings"]["size"] == demo.img_size
+    assert len(provenance["git_commit"]) == 40  # a clean checkout: no "-dirty"
+    model = Incrementer(demo.backbone, 9, img_size=demo.img_size, weights=path)
+    assert torch.isfinite(model.encoder.pos_embed).all()

@@ -1,8 +1,9 @@
 """The class-incremental runs end to end on tiny synthetic data (incrementer_fast/continual/{train,run}.py).
 
 Run directory contents, determinism for a seed, resumption after a crash (no finished step lost, same
-metrics as an uninterrupted run), the data order's independence from the number of processes, and — on a
-small fixed-seed run — that ``incrementer`` keeps more old-class mIoU than ``finetune``.
+metrics as an uninterrupted run), the data order's independence from the number of processes, the demo's
+two-process orchestration and figures, and — on a small fixed-seed run of the demo's preset — that the model
+segments after step 0 and ``incrementer`` keeps old classes and learns new ones where ``finetune`` forgets.
 """
 import csv
 import dataclasses
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from incrementer_fast.cli import run_demo
+from incrementer_fast.continual.demo import run_demo
 from incrementer_fast.continual import run as run_module
 from incrementer_fast.continual.config import TrainConfig
 from incrementer_fast.continual.run import RunError, finished_steps, run_scenario
@@ -230,13 +231,34 @@ def test_joint_trains_every_class_in_one_step(tmp_path, data_root):
 
 
 @pytest.mark.slow
-def test_incrementer_keeps_more_old_classes_than_finetune(tmp_path):
-    """The demo's claim on a small fixed-seed run (the demo's code path, smaller data and fewer epochs, one
-    incremental step of 4 classes): distillation + pseudo-labels keep clearly more old-class mIoU than plain
-    finetuning. (At this size the new classes barely start to be learned; the demo's full run shows them.)"""
-    results = run_demo(tmp_path, progress=False, task="8-4", synthetic_train_images=240,
-                       synthetic_val_images=40, epochs=4, epochs_incremental=3)
+def test_the_demo_segments_keeps_old_classes_and_learns_new_ones(tmp_path):
+    """The demo's claims on a small fixed-seed run (its preset and code path — the pretrained encoder, 80²
+    images — with 160 training images, 3 epochs per step and one incremental step of 4 classes; ~33 s of
+    one CPU core). Measured at seed 0: step 0 50.5 % mIoU; after step 1 incrementer old / new 49.2 / 15.3,
+    finetune 8.9 / 3.2, the new classes' constant-prediction reference 1.8. Asserted with margins: the model
+    segments at step 0, incrementer keeps at least twice finetune's old-class mIoU, and learns the new
+    classes well above a constant prediction."""
+    results = run_demo(tmp_path, progress=False, workers=1, joint=False, figures=False, task="8-4",
+                       synthetic_train_images=160, synthetic_val_images=40, epochs=3, epochs_incremental=3)
     incrementer, finetune = results["incrementer"][-1], results["finetune"][-1]
     assert incrementer["step"] == finetune["step"] == 1
     assert results["incrementer"][0] == results["finetune"][0]  # step 0 is shared
-    assert incrementer["miou_old"] > finetune["miou_old"] + 0.05, (incrementer, finetune)
+    assert results["incrementer"][0]["miou_all"] > 0.40, results["incrementer"][0]
+    assert incrementer["miou_old"] > 2 * finetune["miou_old"], (incrementer, finetune)
+    assert incrementer["miou_new"] > 3 * incrementer["chance_miou_new"], incrementer
+
+
+def test_the_demo_gives_the_same_numbers_on_two_processes_and_draws_its_figures(tmp_path):
+    """``incrementer_fast.continual.demo``: its pieces run with one thread each, so two worker processes give
+    exactly the records of one; the comparison figure and the prediction grid are drawn; a finished demo
+    directory is not overwritten without ``resume``."""
+    tiny = dict(synthetic_train_images=24, synthetic_val_images=6, synthetic_image_size=32, img_size=32,
+                crop_size=32, val_size=32, epochs=1, epochs_incremental=1, batch_size=4, eval_batch_size=6)
+    one = run_demo(tmp_path / "one", progress=False, workers=1, figures=False, **tiny)
+    two = run_demo(tmp_path / "two", progress=False, workers=2, **tiny)
+    assert {m: metrics_only(r) for m, r in one.items()} == {m: metrics_only(r) for m, r in two.items()}
+    assert set(two) == {"incrementer", "finetune", "joint"} and len(two["joint"]) == 1
+    assert (tmp_path / "two" / "comparison.png").exists() and (tmp_path / "two" / "predictions.png").exists()
+    with pytest.raises(RunError, match="--resume"):
+        run_demo(tmp_path / "one", progress=False, workers=1, **tiny)
+    assert run_demo(tmp_path / "one", resume=True, progress=False, workers=1, figures=False, **tiny) == one

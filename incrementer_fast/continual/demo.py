@@ -1,0 +1,121 @@
+"""The demo's runs: ``incrementer`` and ``finetune`` on every step of the demo task, and the joint upper bound,
+on two CPU processes.
+
+Four pieces of work, in two phases whose pieces are independent of each other:
+
+1. step 0 (plain CE; the same training for both methods, trained once into ``out/incrementer`` and copied
+   into ``out/finetune``) and ``joint`` (every class in one step, ``out/joint``);
+2. the incremental steps of ``incrementer`` and of ``finetune``.
+
+With ``workers=2`` the two pieces of a phase run at once in two spawned processes; with ``workers=1`` one after
+the other in this process. Every piece runs with ONE intra-op thread either way, so the numbers are the same
+for any ``workers`` and on any machine with the same torch build (a multi-threaded reduction's rounding
+depends on the thread count), and two processes use two cores better than one process with two threads
+(the demo's matrices are small). Each run directory is resumable as ``run_scenario`` makes it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .run import RunError, copy_finished_step, finished_steps, read_records, run_scenario
+
+DEMO_METHODS = ("incrementer", "finetune")
+
+
+def _run_piece(config: TrainConfig, out_dir: Path, step: int | None, resume: bool, progress: bool) -> list[dict]:
+    """One piece of the demo with one intra-op thread (the thread count restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_scenario(config, out_dir, step=step, resume=resume, progress=progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_in_worker(name: str, console_level: int | None, *piece) -> list[dict]:
+    """``_run_piece`` in a worker process, whose log records go to stdout prefixed ``[name]`` when the parent
+    prints the package's records (``console_level``: the parent's level, or None)."""
+    if console_level is not None:
+        from .logs import configure_logging
+
+        handler = configure_logging(console_level, sys.stdout)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [{name}] %(message)s", datefmt="%H:%M:%S"))
+    return _run_piece(*piece, False)
+
+
+def _console_level() -> int | None:
+    """The level at which this process prints the package's records to a console, None when it does not."""
+    from .logs import ROOT_LOGGER
+
+    logger = logging.getLogger(ROOT_LOGGER)
+    return logger.getEffectiveLevel() if logger.handlers else None
+
+
+def _run_phase(pieces: list[tuple], pool, progress: bool) -> list[list[dict]]:
+    """Run ``pieces`` — (name, config, out_dir, step, resume) — in ``pool`` (None: here, one after the other)
+    and return their records in order."""
+    if pool is None:
+        return [_run_piece(config, out_dir, step, resume, progress) for _name, config, out_dir, step, resume in pieces]
+    level = _console_level()
+    futures = [pool.submit(_run_in_worker, name, level, config, out_dir, step, resume)
+               for name, config, out_dir, step, resume in pieces]
+    return [future.result() for future in futures]
+
+
+def _pool(workers: int):
+    """Two worker processes (spawned: forking a process whose torch thread pools exist can deadlock), or a
+    null context for ``workers=1``."""
+    if workers <= 1:
+        return contextlib.nullcontext()
+    import multiprocessing
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def run_demo(out, *, resume: bool = False, progress: bool = True, joint: bool = True,
+             figures: bool = True, workers: int = 2, **overrides) -> dict[str, list[dict]]:
+    """The demo in ``out``: synthetic data in ``out/data``; ``incrementer`` and ``finetune`` on every step of
+    the demo task (``out/incrementer``, ``out/finetune``) and, with ``joint``, every class in one step
+    (``out/joint``, the upper bound); ``overrides`` change the demo preset (``TrainConfig.demo``). With
+    ``figures``, ``out/comparison.png`` (mIoU per step, every method) and ``out/predictions.png``
+    (validation images, ground truth and each method's final prediction). ``workers``: processes (see the
+    module docstring; progress bars only with one). Returns method → metrics records (``joint``: its
+    single record)."""
+    out = Path(out)
+    base = TrainConfig.demo(data_root=str(out / "data"), **overrides)
+    configs = {m: dataclasses.replace(base, method=m) for m in (*DEMO_METHODS, "joint")}
+    runs = {m: out / m for m in configs}
+    progress = progress and workers <= 1
+    if not resume:
+        for run_dir in runs.values():
+            if read_records(run_dir):
+                raise RunError(f"{run_dir} already holds a run: pass --resume to continue the demo in {out} or "
+                               "choose another --out")
+
+    # Every piece skips what is finished (resume=True), so an interrupted demo continues where it stopped.
+    first = []
+    if 0 not in finished_steps(runs["incrementer"]):
+        first.append(("step 0", configs["incrementer"], runs["incrementer"], 0, True))
+    if joint:
+        first.append(("joint", configs["joint"], runs["joint"], None, True))
+    with _pool(workers) as pool:
+        _run_phase(first, pool, progress)
+        if 0 not in finished_steps(runs["finetune"]):
+            copy_finished_step(runs["incrementer"], runs["finetune"], 0)
+        second = [(m, configs[m], runs[m], None, True) for m in DEMO_METHODS]
+        results = dict(zip(DEMO_METHODS, _run_phase(second, pool, progress)))
+    if joint:
+        results["joint"] = read_records(runs["joint"])
+    if figures:
+        from .report import demo_figures
+
+        demo_figures(out, base, {m: runs[m] for m in DEMO_METHODS}, results)
+    return results
