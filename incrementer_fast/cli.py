@@ -327,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "--dataset)")
     _add_config_options(evaluation)
     evaluation.set_defaults(handler=_eval)
-    demo = commands.add_parser("demo", help="the synthetic scenario, tiny ViT, CPU: incrementer vs finetune")
-    demo.add_argument("--out", default="runs/demo", help="where the data and both runs go (default runs/demo)")
+    demo = commands.add_parser("demo", help="the synthetic scenario, small pretrained ViT, CPU: incrementer vs "
+                                            "finetune vs joint")
+    demo.add_argument("--out", default="runs/demo",
+                      help="where the data, the runs and the figures go (default runs/demo)")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     demo.add_argument("--seed", type=int, default=0,
                       help="seeds the model initialisation, data order, augmentation and dropout (the synthetic "
