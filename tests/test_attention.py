@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rel
+from helpers import ZeroFills, assert_close_rel
 from timm.layers import Attention as TimmAttention
 
 import incrementer_fast.attention as attention_module
@@ -237,6 +237,18 @@ def test_xformers_training_op_reuses_the_forward(split_api):
     assert_close_rel(out, expected, torch.float32, "out")
     for name, got, want in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(expected, (q, k, v), upstream)):
         assert_close_rel(got, want, torch.float32, name)
+
+
+def test_xformers_training_backward_fills_no_zero_lse_gradient(split_api):
+    """The log-sum-exp never gets a gradient and the op sets materialize_grads=False: autograd issues no
+    (B, H, Mq) zero fill for it in the backward (one launch per attention layer on a GPU)."""
+    q, k, v = _bmhk_inputs()
+    out, _ = torch.ops.incrementer_fast.xformers_attention_train(q, k, v)
+    upstream = torch.ones_like(out)
+    with ZeroFills() as fills:
+        torch.autograd.grad(out, (q, k, v), upstream)
+    assert split_api.calls["backward"] == 1
+    assert not fills.ops, f"the backward filled zero gradients: {fills.ops}"
 
 
 def test_xformers_ops_opcheck(split_api):

@@ -7,7 +7,7 @@ TRITON_INTERPRET=1, on the kernels through the interpreter.
 import torch
 
 import incrementer_fast as inc
-from helpers import assert_close_rel
+from helpers import ZeroFills, assert_close_rel
 
 
 def _step(patches, classes, scale, teacher_patches, teacher_classes, labels, num_old, patch_size):
@@ -45,3 +45,22 @@ def test_all_ops_compile_fullgraph_and_match_eager():
     assert_close_rel(compiled_loss, eager_loss, torch.float32, "loss")
     for i, name in enumerate(("patches", "classes", "scale")):
         assert_close_rel(compiled_inputs[i].grad, eager_inputs[i].grad, torch.float32, f"grad {name}")
+
+
+def test_backwards_fill_no_zero_gradients_for_outputs_without_one():
+    """The ops' auxiliary outputs (cosine_mask's norms, fod_loss's W, cds_dice_loss's stats) never get a
+    gradient, and their custom ops set materialize_grads=False: autograd issues no zero fill (one launch
+    each on a GPU) for them in the backward."""
+    patches, classes, scale, teacher_patches, _, labels, num_old, _ = _inputs(0)
+    b, n, _ = patches.shape
+    weight = torch.rand(b, n, generator=torch.Generator().manual_seed(1))
+    logits = patches[..., : classes.shape[1]].transpose(1, 2).reshape(b, -1, *labels.shape[1:])
+    losses = {
+        "cosine_mask": inc.cosine_mask(patches, classes, scale=scale).square().sum(),
+        "fod_loss": inc.fod_loss(patches, teacher_patches, weight),
+        "cds_dice_loss": inc.cds_dice_loss(logits, labels, num_old=num_old),
+    }
+    for name, loss in losses.items():
+        with ZeroFills() as fills:
+            torch.autograd.grad(loss, patches, torch.ones(()))
+        assert not fills.ops, f"{name}'s backward filled zero gradients: {fills.ops}"
