@@ -273,10 +273,21 @@ def _provider_note(op: str, provider: str, device: torch.device, compile_backend
     return "inc.reference"
 
 
+def timed_modes(spec: W.OpSpec, requested: list[str]) -> list[str]:
+    """The requested modes that ``spec``'s op has. An op without a backward (pseudo_label) is timed in its
+    forward when forward+backward is requested (gpu_check's --modes): that forward is all it does in a
+    training step, and the row its targets are judged on."""
+    modes = [m for m in spec.modes if m in requested]
+    if not modes and "forward+backward" in requested and "backward" not in spec.modes:
+        modes = ["forward"]
+    return modes
+
+
 def measure_case(case: W.Case, dtype_name: str, device: torch.device, providers: list[str], modes: list[str],
                  calib: dict, quick: bool, compile_backend: str) -> list[dict]:
     spec = W.OPS[case.op]
     dtype = W.DTYPES[dtype_name]
+    modes = timed_modes(spec, modes)
     rows = []
     inputs = W.make_inputs(case, device, dtype)
     eager_out = W.build(case.op, "eager")(*inputs.args).detach()
@@ -284,7 +295,7 @@ def measure_case(case: W.Case, dtype_name: str, device: torch.device, providers:
         base = dict(op=case.op, case=case.key, title=case.title, shape=case.shape_text, size=case.size,
                     dtype=dtype_name, provider=provider)
         if provider == "fused" and device.type == "cpu":
-            for mode in (m for m in spec.modes if m in modes):
+            for mode in modes:
                 rows.append(dict(base, mode=mode, status="skipped",
                                  note="fused is not timed on the CPU (Triton's interpreter is for correctness)"))
             continue
@@ -297,11 +308,11 @@ def measure_case(case: W.Case, dtype_name: str, device: torch.device, providers:
             fn = W.build(case.op, provider, compile_backend)
             check = None if provider == "eager" else _check(case.op, fn(*inputs.args), eager_out)
         except Exception as error:  # a provider that cannot run this case is reported, not fatal
-            for mode in (m for m in spec.modes if m in modes):
+            for mode in modes:
                 rows.append(dict(base, mode=mode, status="error", note=f"{note}; {_error_text(error)}"))
             _free(device)
             continue
-        for mode in (m for m in spec.modes if m in modes):
+        for mode in modes:
             row = dict(base, mode=mode, note=note, check=check)
             timed = None
             try:

@@ -211,3 +211,20 @@ def test_fused_provider_runs_every_mode_and_matches_eager():
             result = workloads.mode_fn(fused, inputs, mode)()
             outputs = result if isinstance(result, tuple) else (result,)
             assert all(torch.isfinite(t).all() for t in outputs), (case.key, mode)
+
+
+def test_forward_only_op_is_timed_when_only_forward_and_backward_is_asked():
+    """gpu_check.sh asks run.py for --modes forward+backward; pseudo_label has no backward and must still
+    give its forward row (the one its targets are judged on) rather than no row at all."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+    import workloads
+
+    assert run.timed_modes(workloads.OPS["pseudo_label"], ["forward+backward"]) == ["forward"]
+    assert run.timed_modes(workloads.OPS["cosine_mask"], ["forward+backward"]) == ["forward+backward"]
+    assert run.timed_modes(workloads.OPS["pseudo_label"], ["backward"]) == []
+    case = next(c for c in workloads.cases("tiny") if c.op == "pseudo_label")
+    calibration = {"copy_gbps": 10.0, "matmul_tflops": {}}
+    rows = run.measure_case(case, "fp32", torch.device("cpu"), ["eager"], ["forward+backward"], calibration,
+                            quick=True, compile_backend="inductor")
+    assert [(r["mode"], r["status"]) for r in rows] == [("forward", "ok")]
