@@ -44,9 +44,12 @@ from __future__ import annotations
 import dataclasses
 import gc
 import inspect
+import random
 import time
+import types
 from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -124,6 +127,9 @@ class Launch:
     transcendental_ops: int = 0
     uncounted: Counter = field(default_factory=Counter)  # builder calls the ledger does not classify
     interpreter_s: float = 0.0  # CPU seconds the interpreter spent in this launch (harness cost, not GPU time)
+    # Programs actually interpreted, when only a sample of the grid ran (``KernelCounter(sample_programs=)``):
+    # the counts are then that sample's, scaled by grid / sampled_programs — an estimate. 0: every program.
+    sampled_programs: int = 0
 
     @property
     def flops(self) -> int:
@@ -146,13 +152,20 @@ class KernelCounter:
     host copies of the arguments are then not the program's work).
     """
 
-    def __init__(self, dry: bool = False):
+    def __init__(self, dry: bool = False, sample_programs: int = 0):
         import triton.runtime.interpreter as interpreter
 
         self._interpreter = interpreter
         # dry: record each launch's kernel, constexprs and grid without running a program (the launch plan
         # of a shape too large to interpret; the tensors may then be fake).
         self.dry = dry
+        # sample_programs > 0: a launch of more programs than that interprets only a fixed pseudo-random sample
+        # of them (seeded by the grid size) and scales its counts by grid / sample. For kernels whose
+        # programs do near-identical work (bands of cells, tiles) at shapes too large to interpret in full
+        # and which no exact extrapolation covers (ledger_scale). An estimate, recorded as such per launch;
+        # the outputs of the skipped programs are left unwritten, so only counts that do not depend on
+        # the data are meaningful downstream of such a launch.
+        self.sample_programs = sample_programs
         self.launches: list[Launch] = []
         self.phase = "forward"
         self.current: Launch | None = None
@@ -426,12 +439,22 @@ class KernelCounter:
                 return None
             counter.current, counter._addresses = record, Counter()
             counter._begin_tensors(args, kwargs)
+            grid = _grid_size(executor, args, kwargs) if counter.sample_programs else 0
+            sampled = counter.sample_programs if grid > counter.sample_programs > 0 else 0
+            kernel = executor.fn
+            if sampled:
+                executor.fn = _only_programs(kernel, counter._interpreter.interpreter_builder,
+                                             random.Random(grid).sample(range(grid), sampled))
             start = time.perf_counter()
             try:
                 return original(executor, *args, **kwargs)
             finally:
+                executor.fn = kernel
                 record.interpreter_s = time.perf_counter() - start
                 record.atomic_max_per_address = max(counter._addresses.values(), default=0)
+                if sampled:
+                    record.sampled_programs = sampled
+                    _scale_counts(record, counter, Fraction(grid, sampled))
                 counter._end_tensors(record)
                 # The interpreter leaves reference cycles that would keep tensors alive until some later
                 # garbage collection: free them now, as refcounting frees tensors on a GPU run.
@@ -440,6 +463,40 @@ class KernelCounter:
                 counter.launches.append(record)
 
         return wrapper
+
+
+def _only_programs(kernel, builder, programs):
+    """``kernel`` run only for the flat program ids in ``programs`` (the grid's x fastest, as CUDA numbers them);
+    the interpreter reads the kernel's arguments from its signature, which the wrapper carries."""
+    chosen = set(programs)
+
+    def run(**kwargs):
+        x, y, z = builder.grid_idx
+        nx, ny, _ = builder.grid_dim
+        if x + nx * (y + ny * z) in chosen:
+            return kernel(**kwargs)
+        return None
+
+    # The kernel's globals (the interpreter patches the triton.language it finds there), its signature (the
+    # interpreter passes the arguments it names).
+    wrapper = types.FunctionType(run.__code__, kernel.__globals__, kernel.__name__, None, run.__closure__)
+    wrapper.__signature__ = inspect.signature(kernel)
+    return wrapper
+
+
+def _scale_counts(record: Launch, counter: "KernelCounter", factor: Fraction) -> None:
+    """Scale a sampled launch's counts (and its per-tensor bytes, before the distinct-bytes cap) to its grid."""
+    def scaled(value: int) -> int:
+        return int(round(value * factor))
+
+    for name in ("bytes_read", "bytes_written", "atomic_lanes", "useful_dot_flops", "transcendental_ops"):
+        setattr(record, name, scaled(getattr(record, name)))
+    for name in ("dot_flops", "dot_shapes", "lane_ops", "uncounted"):
+        counts = getattr(record, name)
+        for key in counts:
+            counts[key] = scaled(counts[key])
+    counter._read = np.array([scaled(v) for v in counter._read], dtype=np.int64)
+    counter._written = np.array([scaled(v) for v in counter._written], dtype=np.int64)
 
 
 def _grid_size(executor, args, kwargs) -> int:

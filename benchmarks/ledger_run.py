@@ -63,8 +63,9 @@ def provider_mode(provider: str):
 
 
 # ------------------------------------------------------------------------------------ counting
-def count_case(case: W.Case, dtype: torch.dtype, provider: str) -> dict:
-    """Run one op case once (forward, then backward where the op has one) under the counters."""
+def count_case(case: W.Case, dtype: torch.dtype, provider: str, sample_programs: int = 0) -> dict:
+    """Run one op case once (forward, then backward where the op has one) under the counters
+    (``sample_programs``: see ``KernelCounter``)."""
     spec = W.OPS[case.op]
     namespace = inc if provider == "fused" else inc.reference
     with provider_mode(provider):
@@ -72,7 +73,7 @@ def count_case(case: W.Case, dtype: torch.dtype, provider: str) -> dict:
         has_backward = "backward" in spec.modes and bool(inputs.differentiable)
         gc.collect()
         start = time.perf_counter()  # the counted run only (not the drawing of its inputs)
-        counted = _count(spec, namespace, inputs, has_backward)
+        counted = _count(spec, namespace, inputs, has_backward, sample_programs=sample_programs)
         counted["wall_s"] = time.perf_counter() - start
     counted["shapes"] = {name: list(t.shape) for name, t in zip(input_names(case.op), inputs.args)
                          if isinstance(t, torch.Tensor)}
@@ -90,8 +91,9 @@ def launch_plan(case: W.Case, dtype: torch.dtype) -> dict:
         return _count(spec, inc, inputs, has_backward, dry=True)
 
 
-def _count(spec, namespace, inputs: W.Inputs, has_backward: bool, dry: bool = False) -> dict:
-    with KernelCounter(dry=dry) as kernels, AtenCounter(kernels, open_fake=dry) as aten:
+def _count(spec, namespace, inputs: W.Inputs, has_backward: bool, dry: bool = False,
+           sample_programs: int = 0) -> dict:
+    with KernelCounter(dry=dry, sample_programs=sample_programs) as kernels, AtenCounter(kernels, open_fake=dry) as aten:
         output = spec.call(namespace, *inputs.args)
         forward_peak = aten.live.peak
         peaks = {"forward": forward_peak}
@@ -120,6 +122,9 @@ def count_fused_scaled(case: W.Case, dtype: torch.dtype, log) -> dict:
     """The fused counts of ``case`` extrapolated from small samples (``ledger_scale``), or counted directly
     when no sampling reproduces its launch plan."""
     target_plan = launch_plan(case, dtype)
+    if case.op in W.PROGRAM_SAMPLED_OPS:
+        log(f"  {case.shape_text}: counting {W.PROGRAM_SAMPLE} programs of each launch (an estimate)")
+        return count_case(case, dtype, "fused", sample_programs=W.PROGRAM_SAMPLE)
     choice = scale.choose_axes(case, target_plan, lambda sample: launch_plan(sample, dtype))
     if choice is None:
         log(f"  no sampling reproduces the launch plan of {case.shape_text}: counting it directly")

@@ -73,11 +73,9 @@ def axes_of(case: W.Case) -> list[Axis]:
     axes = []
     if d.get("B", 1) > 2:
         axes.append(Axis("B", _pairs(d["B"], ((1, 2), (2, 3), (2, 4), (4, 6))), d["B"], lambda b: {"B": b}))
-    if case.op in ("seg_head_loss", "loss_stage", "pseudo_label") and d["H"] % d["h"] == 0:
-        ratio = d["H"] // d["h"]  # low-res rows h and image rows H = ratio·h move together
-        axes.append(Axis("rows", _pairs(d["h"], ((2, 3), (3, 4), (4, 6), (8, 12))), d["h"],
-                         lambda t, ratio=ratio: {"h": t, "H": ratio * t}))
-    elif case.op == "cosine_mask":
+    # The seg-head ops are not extrapolated: their paper cases interpret a sample of programs instead
+    # (workloads.PROGRAM_SAMPLED_OPS).
+    if case.op == "cosine_mask":
         axes.append(Axis("N", _pairs(d["N"], ((128, 256), (256, 384), (256, 512), (512, 768))), d["N"],
                          lambda n: {"N": n}))
     elif case.op == "cds_dice_loss":

@@ -4,5 +4,3 @@ One op per module: kernels first, then their launchers. Launchers take and retur
 registration as custom ops and the autograd wiring live in `incrementer_fast.ops`. Host helpers shared by
 the launchers (dtypes, tiles, warps, stride merging, devices) live in `utils`.
 """
-
-from .utils import device_guard  # noqa: F401  (seg_head imports it from here until it moves to .utils)

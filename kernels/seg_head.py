@@ -1,44 +1,57 @@
 """Triton kernels of the segmentation head straight from patch-resolution masks: loss sums, their backward,
 and PLOP's teacher statistics — none of them ever holds the (B, K, H, W) pixel logits.
 
-Bilinear upsampling (align_corners=False, as F.interpolate)
------------------------------------------------------------
+Bilinear upsampling (align_corners=False, as F.interpolate) and its cells
+--------------------------------------------------------------------------
 Along one axis of input size n and output size N, output index d reads the input at
 
-    src = max((d + 0.5)·(n/N) − 0.5, 0),  i0 = ⌊src⌋,  i1 = min(i0 + 1, n − 1),  λ = src − i0,
+    src(d) = max((d + 0.5)·(n/N) − 0.5, 0),  i0 = ⌊src⌋,  i1 = min(i0 + 1, n − 1),  λ = src − i0,
 
-and the logit of class c at pixel (y, x) of image b is
+computed in the accumulation dtype exactly as PyTorch does (scale n/N in that dtype), and the logit of class c
+at pixel (y, x) of image b is, with top = m[y0,x0] + (m[y0,x1] − m[y0,x0])·λx and bottom likewise on row y1,
 
-    z_c = (1−λy)(1−λx)·m[b,c,y0,x0] + (1−λy)λx·m[b,c,y0,x1] + λy(1−λx)·m[b,c,y1,x0] + λyλx·m[b,c,y1,x1].
+    z_c = top + (bottom − top)·λy.
 
-The kernels gather the four K-vectors of a pixel from the masks (a few KB per image: they stay in L1/L2)
-and interpolate in registers; the interpolation weights are computed in the accumulation dtype exactly as
-PyTorch does (scale n/N in that dtype).
+i0 is monotone in d, so the outputs with i0 = I form one run, the *cell* I: [start(I), start(I + 1)), where
+start(I) is the first d with i0(d) ≥ I (`_cell_start`: the rational estimate ((2I + 1)·N − n) / 2n, then i0
+evaluated exactly on eight candidates around it). A pixel tile inside one cell (Y, X) of rows × columns has
+the same four corners for every pixel: per class, the four mask values are loaded once per tile, top and
+(bottom − top) are (classes × columns) vectors, and z costs one multiply-add per class-pixel. No kernel
+gathers per class-pixel. Every kernel walks cells: a program owns a band of BAND × BAND cells of one image
+(the backward: also a chunk of classes), and inside a cell takes BLOCK_R × BLOCK_C pixel tiles, so a
+(BLOCK_K, BLOCK_R, BLOCK_C) block of logits is formed at a time. Empty cells (down-sampling) are loops of
+zero trips. The bands are a fixed number of cells (not chosen to fill the grid: a constant plan keeps each
+kernel's work a sum of identical interior bands, which the performance ledger extrapolates exactly); at
+the paper shapes (32² masks, 512² labels, batch 8) they give 512 forward programs and 1280 (K = 151) or
+384 (K = 21) backward programs, ≥ 2 per SM of an H100/H200.
 
-Forward: per-image sums (`_seg_head_sums_kernel`, grid (n_tiles·B,))
---------------------------------------------------------------------
-One program owns BLOCK_P pixels of one image and sweeps the classes in chunks of BLOCK_K with an online
-softmax: running max m and the masses L_old = Σ_{c<num_old} e^{z_c−m}, L_new = Σ_{c≥num_old} e^{z_c−m}
-(rescaled by e^{m_old−m_new} when the max grows), and the label's logit z_y. Per pixel
+Forward: per-band sums (`_seg_head_sums_kernel`, grid (bands·B,))
+-----------------------------------------------------------------
+For each pixel tile the classes are swept in chunks of BLOCK_K with an online softmax: running max m and the
+masses L_old = Σ_{c<num_old} e^{z_c−m}, L_new = Σ_{c≥num_old} e^{z_c−m} (rescaled by e^{m_old−m_new} when the
+max grows; a chunk entirely of old or of new classes adds its whole sum to one mass). The label's logit
+z_y is interpolated per pixel from the label's own four mask values (one gather per pixel, not one compare
+per class-pixel), with the operations that formed z_c (the same rounding, up to the compiler's choice of
+fused multiply-adds). Per pixel
 
     lse = m + log(L_old + L_new),  CE = lse − z_y,  P_new = L_new / (L_old + L_new),  P_old = L_old / (…),
 
 P_old from its own mass (not 1 − P_new, which is pure rounding when the new classes hold all the mass).
 Two label maps are read per pixel: y (``labels``, the CE targets) and d (``dice_labels``, the dice's masks).
 A value outside [0, K) counts as ignore_index. With C_old / C_new = y counted and < / ≥ num_old, valid = d
-counted, M_new = valid ∧ d ≥ num_old, M_old = valid ∧ d < num_old, the program writes eight partial sums
-over its pixels to partials (B, n_tiles, 8):
+counted, M_new = valid ∧ d ≥ num_old, M_old = valid ∧ d < num_old, the program writes eight sums over its
+pixels to partials (B, bands, 8):
 
     [Σ CE·C_old, Σ CE·C_new, Σ M_old, Σ M_new, Σ P_new·M_new, Σ P_new·valid, Σ P_old·M_old, Σ P_old·valid]
 
 and the per-pixel (lse, P_new, P_old) to pixel_stats (B, 3, H·W), saved for the backward (3·B·H·W values,
-K× fewer than the logits). The launcher sums the partials over tiles with torch (a fixed-order reduction:
+K× fewer than the logits). The launcher sums the partials over bands with torch (a fixed-order reduction:
 deterministic, no atomics). Class weights, image weights, smooth, the CE mean and the dice are formed from
 these (B, 8) sums by a few tiny torch ops in `incrementer_fast.ops.seg_head`, so autograd differentiates
 that combination and hands the kernels the gradient of the sums, g (B, 8).
 
-Backward (VJP of the sums)
---------------------------
+Backward (VJP of the sums): separable, one axis contracted per step, in registers
+--------------------------------------------------------------------------------
 Only the CE sums and the four probability sums depend on the logits (the counts do not). For a pixel of
 image b with g = g[b],
 
@@ -48,26 +61,29 @@ image b with g = g[b],
 (the forms without cancellation, using P_new + P_old = 1), so with G_ce = g0·C_old + g1·C_new and
 G_p = g4·M_new + g5·valid − g6·M_old − g7·valid,
 
-    dz_c = G_ce·(p_c − [c = y]) + G_p·p_c·(P_old if c ≥ num_old else −P_new),   p_c = e^{z_c − lse}.
+    dz_c = p_c·(G_ce + G_p·(P_old if c ≥ num_old else −P_new)) − G_ce·[c = y],   p_c = e^{z_c − lse},
 
-dz_c needs only z_c and the saved per-pixel stats, so classes are processed in independent chunks.
-The gradient of the masks is the transpose of the interpolation: dm[b,c,Y,X] = Σ_{y,x} Ay[y,Y]·Ax[x,X]·
-dz_c(y,x), with Ay[y,Y] = (1−λy)[y0=Y] + λy[y1=Y] (at most two nonzeros per row). A scatter from pixels
-to their four low-res neighbours would need float atomics (non-deterministic order); instead
-`_seg_head_sums_backward_kernel` is a *gather*: one program per (image b, low-res row Y, class chunk,
-low-res column block) visits only the window of high-res pixels whose interpolation touches them: i0(y)
-is monotone in y, so the rows touching row Y form one run of about 2·H/h + 1 rows, between
-((2Y−1)·H − h)/(2h) and ((2Y+3)·H − h)/(2h) (integer arithmetic with a margin of two rows; rows in the
-margin get the weight 0), and likewise the columns touching the column block. The window's pixels,
-flattened, are taken BLOCK_X at a time: recompute dz (BLOCK_K × BLOCK_X), scale each pixel by its row
-weight Ay[y, Y], and contract with Ax (BLOCK_X × BLOCK_XL, built in registers from the column indices) by
-tl.dot into the (BLOCK_K × BLOCK_XL) accumulator. Each pixel's dz is recomputed about twice (two low-res
-rows touch a high-res row) instead of being stored (B·K·H·W values);
-the gradient is written once, in order: bitwise deterministic. The dot runs in full precision
-(input_precision="ieee"; float64 for float64 masks), since TF32 would cost three decimal digits.
+which needs only z_c and the saved per-pixel stats. The gradient of the masks is the transpose of the
+interpolation: dm[c,Y,X] = Σ_{y,x} Ay[y,Y]·Ax[x,X]·dz_c(y,x), where row y gives weight 1−λy to its y0 and λy
+to its y1 (both to y0 at the last row, where y1 = y0), and likewise the columns. A scatter from pixels to
+their four corners would need float atomics (non-deterministic order); instead a program owns the outputs
+(class chunk, BAND × BAND cells) and *gathers* what reaches them, walking its cells column by column
+(`_seg_head_sums_backward_kernel`):
 
-PLOP teacher statistics (`_teacher_histogram_kernel`, `_pseudo_label_kernel`, grid (n_tiles·B,))
-------------------------------------------------------------------------------------------------
+* a pixel tile of cell (Y, X) contracts its columns first: per class and tile row, Σ_x dz·(1−λx) goes to
+  column X and Σ_x dz·λx to column X + 1 (one multiply and two adds per class-pixel);
+* then its rows: the (classes × tile rows) sums are spread with the rows' (1−λy, λy) onto the band's
+  output rows (classes × BAND accumulators, a few operations per class and tile row, not per pixel);
+* after the last cell of column X, column X's gradient is its (1−λx) part plus the λx part carried from
+  column X − 1 (both parts at the last column, where x1 = x0), written once; the λx part is carried on.
+
+Each pixel's dz is formed once in its own band; a band also walks the cells just above and left of it (their
+λ-parts reach its first row and column), so the work issued is (BAND + 1)²/BAND² of the useful work
+(1.27× at BAND = 8) plus the two contractions, with no tl.dot and no multiplications by zero. The gradient
+is written once, in order: bitwise deterministic.
+
+PLOP teacher statistics (`_teacher_histogram_kernel`, `_pseudo_label_kernel`, grid (bands·B,))
+----------------------------------------------------------------------------------------------
 Per pixel of the upsampled teacher, as the reference's ``entropy`` option says. ``"normalized"``: the
 argmax of the logits (first index on ties, as torch.argmax) and e = H(p)/log K with H(p) = log L − T/L,
 L = Σ e^{z_c−m}, T = Σ e^{z_c−m}·(z_c−m) (online over class chunks: on a max change m → m', L ← αL,
@@ -75,15 +91,17 @@ T ← α(T + (m−m')L) with α = e^{m−m'}), which avoids the cancellation of 
 (PLOP_ENTROPY): PLOP's e = −(1/ln(K + 1e-8))·mean_c p_c·log(p_c + 1e-8) / ln K_total needs p_c = e^{z_c−m}/L
 with the final m and L inside the log, so a first sweep finds m and L online and a second one sums
 p_c·log(p_c + 1e-8) and takes the argmax of p_c (PLOP's ``probs.max``); the two constants are computed in
-float64 and rounded once. The histogram kernel adds 1 at (argmax, clamp(⌊e·num_bins⌋, 0,
-num_bins−1)) of an int32 histogram for every label-0 pixel with an integer atomic add: integer sums are
-exact and order-independent, so the counts are deterministic. The pseudo-label kernel writes the new label
-(int64) and per-tile counts of label-0 pixels and of those that took a pseudo-label (B, n_tiles, 2).
+float64 and rounded once. The histogram kernel counts every label-0 pixel at (argmax, clamp(⌊e·num_bins⌋,
+0, num_bins−1)) in its *own* int32 histogram (one per program; the launcher sums them over programs, a
+fixed-order reduction): inside a pixel tile, equal (prediction, bin) pairs are first counted together, so
+each distinct pair of a tile is one integer atomic add to a histogram no other program touches — no hot
+spot, and integer sums are exact and order-independent. The pseudo-label kernel writes the new label
+(int64) and per-band counts of label-0 pixels and of those that took a pseudo-label (B, bands, 2).
 
-All index arithmetic that multiplies by a stride is int64; every load and store is masked; any strides
-of masks and labels are read in place; sums accumulate in float32 (float64 for float64 masks). Every grid
-is one flat axis (its fastest index first, the image last): CUDA caps grid axes 1 and 2 at 65535, which a
-batch (or low-res row) axis would hit.
+Offsets inside an image (pixels, label and mask strides) are int32 unless an image spans 2³¹ elements or
+more (the launchers then pass int64, IDX); image offsets are int64. Every load and store is masked; any
+strides of masks and labels are read in place; sums accumulate in float32 (float64 for float64 masks).
+Every grid is one flat axis (its fastest index first, the image last): CUDA caps grid axes 1 and 2 at 65535.
 """
 from __future__ import annotations
 
@@ -91,66 +109,71 @@ import torch
 import triton
 import triton.language as tl
 
-from incrementer_fast._dispatch import INTERPRET
-
-from . import device_guard
+from .utils import INTERPRET, accumulation_dtype, device_guard, num_warps, pow2_tile, tl_dtype
 
 NUM_SUMS = 8  # see the module docstring: CE·M_old, CE·M_new, M_old, M_new, P_new·M_new, P_new·valid, P_old·M_old, P_old·valid
-# Forward / teacher kernels: BLOCK_P pixels × BLOCK_K classes per step: 32 × 128 fp32 values per gathered
-# neighbour keeps the four gathers plus the exp in registers at 4 warps. Backward: tl.dot needs every dim
-# ≥ 16; 32 classes × 64 window pixels × 32 low-res columns balances the recomputation (elementwise) against
-# the contraction. Under the interpreter every loop iteration and program costs Python overhead whatever
-# its size, so there the blocks are as large as the problem (one class chunk, few window steps).
+# Cells per side of a program's band. The backward walks one ring of cells beyond its band (their λ-parts
+# reach its first row and column): 8 × 8 cells cost (9/8)² = 1.27× the useful work and still give ≥ 2
+# programs per SM at the paper shapes (above). The forward and teacher kernels recompute nothing: 4 × 4
+# cells give them 512 programs at batch 8. Under the interpreter, where programs run one after another,
+# a band is the whole mask (the launchers' ``band`` argument lets a test cross band boundaries there).
+FWD_BAND = 64 if INTERPRET else 4
+BWD_BAND = 64 if INTERPRET else 8
+# Pixel tiles inside a cell: at most BLOCK_R rows × BLOCK_C columns (powers of two ≥ the cell where they fit,
+# so a 16 × 16 cell of the paper's 16× upsampling is four 4 × 16 tiles: larger ones spill registers on
+# sm_90). Classes per block: a pow2_tile of K among FWD_BLOCK_KS (the online softmax's chunks: 32 for 151
+# classes, 8 for 21) and BWD_BLOCK_KS (a backward program's classes: 16 for 151, 8 for 21). Under the
+# interpreter every loop trip costs Python overhead whatever its size, so there the tiles are as large as a
+# cell and a class block holds every class (up to 256; empty candidate lists below).
 if INTERPRET:
-    FWD_BLOCK_P = 256
-    FWD_BLOCK_K = 256
-    BWD_BLOCK_K = 256
-    BWD_BLOCK_X = 512
+    MAX_BLOCK_R, MAX_BLOCK_C, FWD_BLOCK_KS, BWD_BLOCK_KS = 64, 64, (), ()
 else:
-    FWD_BLOCK_P = 128
-    FWD_BLOCK_K = 32
-    BWD_BLOCK_K = 32
-    BWD_BLOCK_X = 64
-BWD_MAX_BLOCK_XL = 32
+    MAX_BLOCK_R, MAX_BLOCK_C, FWD_BLOCK_KS, BWD_BLOCK_KS = 4, 16, (32, 16, 8), (16, 8)
+# Pixels per tile of the entropy histogram, whose tiles compare all pairs of their pixels' keys.
+HISTOGRAM_TILE_PIXELS = 256 if INTERPRET else 64
+# Registers per thread the launchers spend on one (classes × rows × columns) block before going to 8 warps.
+VALUES_PER_THREAD = 4
 
 
 @triton.jit
-def _source_index(dst, in_size, out_size, acc_dtype: tl.constexpr):
-    """(i0, i1, λ) of output indices dst (int64) along an axis of input size in_size, output size out_size."""
-    # tl.cast, not .to(): Triton specialises an int argument equal to 1 into a constexpr.
-    scale = tl.cast(in_size, acc_dtype) / tl.cast(out_size, acc_dtype)
-    src = tl.maximum((dst.to(acc_dtype) + 0.5) * scale - 0.5, 0.0)
-    i0 = src.to(tl.int64)  # truncation is ⌊·⌋: src ≥ 0
-    i1 = tl.where(i0 < in_size - 1, i0 + 1, i0)
-    return i0, i1, src - i0.to(acc_dtype)
+def _cell_starts(first, in_size, out_size, ACC_DTYPE: tl.constexpr, N: tl.constexpr):
+    """(N,) int32: for cells first, …, first + N − 1, the first output index d with ⌊src(d)⌋ ≥ cell (0 for a
+    cell ≤ 0, out_size for a cell ≥ in_size).
+
+    Exact: ⌊src⌋ is evaluated, as the pixels evaluate it, on eight candidates around the rational solution
+    ((2·cell + 1)·out − in) / (2·in) of src = cell, which float rounding moves by at most one index.
+    """
+    cells = tl.cast(first, tl.int64) + tl.arange(0, N).to(tl.int64)
+    estimate = ((2 * cells + 1) * out_size - in_size) // (2 * tl.cast(in_size, tl.int64))
+    candidates = estimate[:, None] - 3 + tl.arange(0, 8).to(tl.int64)[None, :]
+    src = tl.maximum((candidates.to(ACC_DTYPE) + 0.5) * (tl.cast(in_size, ACC_DTYPE) / tl.cast(out_size, ACC_DTYPE))
+                     - 0.5, 0.0)
+    below = (candidates < 0) | (src.to(tl.int64) < cells[:, None])
+    start = tl.minimum(tl.maximum(estimate - 3 + tl.sum(below.to(tl.int64), axis=1), 0), out_size)
+    start = tl.where(cells <= 0, 0, tl.where(cells >= in_size, out_size, start))
+    return start.to(tl.int32)
 
 
 @triton.jit
-def _interpolated_logits(
-    masks_image,  # pointer to masks[b] (class, row, column strides below)
-    classes,  # (BLOCK_K,) int64 class indices
-    class_mask,  # (BLOCK_K,) classes < K
-    pixel_mask,  # (BLOCK_P,) pixels inside the image
-    y0, y1, ly,  # (BLOCK_P,) or scalars: source rows and row weight
-    x0, x1, lx,  # (BLOCK_P,): source columns and column weight
-    stride_mk, stride_my, stride_mx,
-    acc_dtype: tl.constexpr,
-):
-    """(BLOCK_K, BLOCK_P) bilinear logits; 0 outside the masks (the caller sets absent classes to −inf)."""
-    mask = class_mask[:, None] & pixel_mask[None, :]
-    class_ptr = masks_image + classes[:, None] * stride_mk
-    row0 = y0 * stride_my
-    row1 = y1 * stride_my
-    col0 = x0 * stride_mx
-    col1 = x1 * stride_mx
-    m00 = tl.load(class_ptr + (row0 + col0)[None, :], mask=mask, other=0.0).to(acc_dtype)
-    m01 = tl.load(class_ptr + (row0 + col1)[None, :], mask=mask, other=0.0).to(acc_dtype)
-    m10 = tl.load(class_ptr + (row1 + col0)[None, :], mask=mask, other=0.0).to(acc_dtype)
-    m11 = tl.load(class_ptr + (row1 + col1)[None, :], mask=mask, other=0.0).to(acc_dtype)
-    lx_ = lx[None, :]
-    top = m00 + (m01 - m00) * lx_
-    bottom = m10 + (m11 - m10) * lx_
-    return top + (bottom - top) * ly[None, :]
+def _cell_lerps(class_ptr, in_classes, row0, row1, col0, col1, lx, ACC_DTYPE: tl.constexpr):
+    """(top, bottom − top) of a cell's tile columns, (BLOCK_K, BLOCK_C): the four corner values of each class
+    (class_ptr (BLOCK_K,) pointers to their mask plane; row/col offsets already times the strides), 0 for
+    classes outside [0, K)."""
+    m00 = tl.load(class_ptr + row0 + col0, mask=in_classes, other=0.0).to(ACC_DTYPE)
+    m01 = tl.load(class_ptr + row0 + col1, mask=in_classes, other=0.0).to(ACC_DTYPE)
+    m10 = tl.load(class_ptr + row1 + col0, mask=in_classes, other=0.0).to(ACC_DTYPE)
+    m11 = tl.load(class_ptr + row1 + col1, mask=in_classes, other=0.0).to(ACC_DTYPE)
+    top = m00[:, None] + (m01 - m00)[:, None] * lx[None, :]
+    bottom = m10[:, None] + (m11 - m10)[:, None] * lx[None, :]
+    return top, bottom - top
+
+
+@triton.jit
+def _band_of(program, n_row_bands, n_col_bands, BAND: tl.constexpr):
+    """(image int64, first cell row, first cell column) of a band program (column bands fastest)."""
+    col_band = program % n_col_bands
+    rest = program // n_col_bands
+    return (rest // n_row_bands).to(tl.int64), (rest % n_row_bands) * BAND, col_band * BAND
 
 
 @triton.jit
@@ -158,88 +181,142 @@ def _seg_head_sums_kernel(
     masks_ptr,  # (B, K, h, w) any strides, any float dtype: patch-resolution logits
     labels_ptr,  # (B, H, W) any strides, any integer dtype: CE targets
     dice_labels_ptr,  # (B, H, W) any strides, any integer dtype: the dice's M_old / M_new
-    partials_ptr,  # (B, n_tiles, 8) contiguous, accumulation dtype: output, per-tile sums
+    partials_ptr,  # (B, bands, 8) contiguous, accumulation dtype: output, per-band sums
     pixel_stats_ptr,  # (B, 3, H·W) contiguous, accumulation dtype: output, per-pixel (lse, P_new, P_old)
     K, h, w, H, W,  # classes, mask size, label size
     num_old,  # classes [0, num_old) are old
     ignore_index,  # label value of ignored pixels
-    n_tiles,  # cdiv(H·W, BLOCK_P)
+    n_row_bands, n_col_bands,  # cdiv(h, BAND), cdiv(w, BAND)
     stride_mb, stride_mk, stride_my, stride_mx,  # masks strides
     stride_lb, stride_ly, stride_lx,  # labels strides
     stride_db, stride_dy, stride_dx,  # dice_labels strides
     ACC_DTYPE: tl.constexpr,  # accumulation dtype (tl.float32 or tl.float64)
-    BLOCK_P: tl.constexpr,  # pixels per program
+    IDX: tl.constexpr,  # dtype of offsets inside an image (tl.int32 or tl.int64)
+    BAND: tl.constexpr,  # cells per side of a band
     BLOCK_K: tl.constexpr,  # classes per chunk
+    BLOCK_R: tl.constexpr,  # pixel rows per tile
+    BLOCK_C: tl.constexpr,  # pixel columns per tile
 ):
-    # Flat grid, tile fastest: a separate batch axis (grid axis 1) would fail on CUDA for B > 65535.
-    tile = tl.program_id(0) % n_tiles
-    image = (tl.program_id(0) // n_tiles).to(tl.int64)
-    num_pixels = tl.cast(H, tl.int64) * W
-    pixels = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = pixels < num_pixels
-    y = pixels // W
-    x = pixels % W
-    y0, y1, ly = _source_index(y, h, H, ACC_DTYPE)
-    x0, x1, lx = _source_index(x, w, W, ACC_DTYPE)
-    label = tl.load(
-        labels_ptr + image * stride_lb + y * stride_ly + x * stride_lx, mask=in_image, other=ignore_index
-    ).to(tl.int64)
-    dice_label = tl.load(
-        dice_labels_ptr + image * stride_db + y * stride_dy + x * stride_dx, mask=in_image, other=ignore_index
-    ).to(tl.int64)
+    image, first_row, first_col = _band_of(tl.program_id(0), n_row_bands, n_col_bands, BAND)
     masks_image = masks_ptr + image * stride_mb
+    labels_image = labels_ptr + image * stride_lb
+    dice_labels_image = dice_labels_ptr + image * stride_db
+    num_pixels = tl.cast(H, tl.int64) * W
+    stats_image = pixel_stats_ptr + image * 3 * num_pixels
+    tile_rows = tl.arange(0, BLOCK_R).to(IDX)
+    tile_cols = tl.arange(0, BLOCK_C).to(IDX)
+    chunk = tl.arange(0, BLOCK_K).to(IDX)
+    # The eight sums, per pixel position of the tile; reduced once at the end.
+    sum_ce_old = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+    sum_ce_new = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+    sum_m_old = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+    sum_m_new = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+    sum_pnew_new = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+    sum_pnew_valid = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+    sum_pold_old = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+    sum_pold_valid = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
 
-    running_max = tl.full((BLOCK_P,), float("-inf"), ACC_DTYPE)
-    mass_old = tl.zeros((BLOCK_P,), ACC_DTYPE)
-    mass_new = tl.zeros((BLOCK_P,), ACC_DTYPE)
-    label_logit = tl.zeros((BLOCK_P,), ACC_DTYPE)
-    for k_start in range(0, K, BLOCK_K):
-        classes = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-        in_classes = classes < K
-        z = _interpolated_logits(
-            masks_image, classes, in_classes, in_image, y0, y1, ly, x0, x1, lx,
-            stride_mk, stride_my, stride_mx, ACC_DTYPE,
-        )
-        z = tl.where(in_classes[:, None], z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        rescale = tl.exp(running_max - new_max)
-        e = tl.exp(z - new_max[None, :])
-        is_new_class = (classes >= num_old)[:, None]
-        mass_new = mass_new * rescale + tl.sum(tl.where(is_new_class, e, 0.0), axis=0)
-        mass_old = mass_old * rescale + tl.sum(tl.where(is_new_class, 0.0, e), axis=0)
-        # A label outside [0, K) matches no class: its logit stays 0 (never −inf) and the pixel is ignored.
-        is_label = (classes[:, None] == label[None, :]) & in_classes[:, None]
-        label_logit += tl.sum(tl.where(is_label, z, 0.0), axis=0)
-        running_max = new_max
+    # Cell starts of the band's rows and columns, computed once; entry i is cell first + i.
+    scale_y = tl.cast(h, ACC_DTYPE) / tl.cast(H, ACC_DTYPE)
+    scale_x = tl.cast(w, ACC_DTYPE) / tl.cast(W, ACC_DTYPE)
+    cell_index = tl.arange(0, 2 * BAND)
+    row_starts = _cell_starts(first_row, h, H, ACC_DTYPE, 2 * BAND)
+    col_starts = _cell_starts(first_col, w, W, ACC_DTYPE, 2 * BAND)
+    row_start = tl.sum(tl.where(cell_index == 0, row_starts, 0))
+    for Y in range(first_row, tl.minimum(first_row + BAND, h)):
+        row_end = tl.sum(tl.where(cell_index == Y + 1 - first_row, row_starts, 0))
+        row0 = tl.cast(Y, IDX) * stride_my
+        row1 = tl.cast(tl.minimum(Y + 1, h - 1), IDX) * stride_my
+        col_start = tl.sum(tl.where(cell_index == 0, col_starts, 0))
+        for X in range(first_col, tl.minimum(first_col + BAND, w)):
+            col_end = tl.sum(tl.where(cell_index == X + 1 - first_col, col_starts, 0))
+            col0 = tl.cast(X, IDX) * stride_mx
+            col1 = tl.cast(tl.minimum(X + 1, w - 1), IDX) * stride_mx
+            for r_start in range(row_start, row_end, BLOCK_R):
+                rows = r_start + tile_rows
+                ly = tl.maximum((rows.to(ACC_DTYPE) + 0.5) * scale_y - 0.5, 0.0) - tl.cast(Y, ACC_DTYPE)
+                for c_start in range(col_start, col_end, BLOCK_C):
+                    cols = c_start + tile_cols
+                    lx = tl.maximum((cols.to(ACC_DTYPE) + 0.5) * scale_x - 0.5, 0.0) - tl.cast(X, ACC_DTYPE)
+                    in_tile = (rows < row_end)[:, None] & (cols < col_end)[None, :]
+                    label = tl.load(labels_image + rows[:, None] * stride_ly + cols[None, :] * stride_lx,
+                                    mask=in_tile, other=ignore_index).to(tl.int64)
+                    dice_label = tl.load(dice_labels_image + rows[:, None] * stride_dy + cols[None, :] * stride_dx,
+                                         mask=in_tile, other=ignore_index).to(tl.int64)
+                    ce_valid = in_tile & (label != ignore_index) & (label >= 0) & (label < K)
 
-    total = mass_old + mass_new
-    lse = running_max + tl.log(total)
-    p_new = mass_new / total
-    p_old = mass_old / total
-    # Labels outside [0, K) count as ignore_index (see the reference).
-    ce_valid = in_image & (label != ignore_index) & (label >= 0) & (label < K)
-    ce_new = ce_valid & (label >= num_old)
-    ce_old = ce_valid & (label < num_old)
-    valid = in_image & (dice_label != ignore_index) & (dice_label >= 0) & (dice_label < K)
-    label_new = valid & (dice_label >= num_old)
-    label_old = valid & (dice_label < num_old)
-    ce = lse - label_logit
+                    running_max = tl.full((BLOCK_R, BLOCK_C), float("-inf"), ACC_DTYPE)
+                    mass_old = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+                    mass_new = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+                    for k_start in range(0, K, BLOCK_K):
+                        classes = k_start + chunk
+                        in_classes = classes < K
+                        top, span = _cell_lerps(masks_image + classes * stride_mk, in_classes,
+                                                row0, row1, col0, col1, lx, ACC_DTYPE)
+                        z = tl.where(in_classes[:, None, None], (top[:, None, :] + span[:, None, :] * ly[None, :, None]), float("-inf"))
+                        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+                        rescale = tl.exp(running_max - new_max)
+                        e = tl.exp(z - new_max[None, :, :])
+                        if k_start >= num_old:  # a chunk of new classes only
+                            chunk_new = tl.sum(e, axis=0)
+                            chunk_old = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+                        elif k_start + BLOCK_K <= num_old:  # old classes only
+                            chunk_new = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+                            chunk_old = tl.sum(e, axis=0)
+                        else:
+                            is_new_class = (classes >= num_old)[:, None, None]
+                            chunk_new = tl.sum(tl.where(is_new_class, e, 0.0), axis=0)
+                            chunk_old = tl.sum(tl.where(is_new_class, 0.0, e), axis=0)
+                        mass_new = mass_new * rescale + chunk_new
+                        mass_old = mass_old * rescale + chunk_old
+                        running_max = new_max
 
-    stats_image = pixel_stats_ptr + image * 3 * num_pixels + pixels
-    tl.store(stats_image, lse, mask=in_image)
-    tl.store(stats_image + num_pixels, p_new, mask=in_image)
-    tl.store(stats_image + 2 * num_pixels, p_old, mask=in_image)
+                    # The label's own logit, from its four mask values, formed as z_c was (same rounding).
+                    # A pixel whose label is outside [0, K) (ignored) reads class 0's values and drops them:
+                    # what is loaded depends on the shapes only, not on the labels.
+                    label_ptr = masks_image + tl.where(ce_valid, label, 0).to(IDX) * stride_mk
+                    l00 = tl.load(label_ptr + row0 + col0, mask=in_tile, other=0.0).to(ACC_DTYPE)
+                    l01 = tl.load(label_ptr + row0 + col1, mask=in_tile, other=0.0).to(ACC_DTYPE)
+                    l10 = tl.load(label_ptr + row1 + col0, mask=in_tile, other=0.0).to(ACC_DTYPE)
+                    l11 = tl.load(label_ptr + row1 + col1, mask=in_tile, other=0.0).to(ACC_DTYPE)
+                    label_top = l00 + (l01 - l00) * lx[None, :]
+                    label_logit = label_top + ((l10 + (l11 - l10) * lx[None, :]) - label_top) * ly[:, None]
 
-    slot = tl.arange(0, 8)
-    sums = tl.where(slot == 0, tl.sum(tl.where(ce_old, ce, 0.0), axis=0), 0.0)
-    sums += tl.where(slot == 1, tl.sum(tl.where(ce_new, ce, 0.0), axis=0), 0.0)
-    sums += tl.where(slot == 2, tl.sum(label_old.to(ACC_DTYPE), axis=0), 0.0)
-    sums += tl.where(slot == 3, tl.sum(label_new.to(ACC_DTYPE), axis=0), 0.0)
-    sums += tl.where(slot == 4, tl.sum(tl.where(label_new, p_new, 0.0), axis=0), 0.0)
-    sums += tl.where(slot == 5, tl.sum(tl.where(valid, p_new, 0.0), axis=0), 0.0)
-    sums += tl.where(slot == 6, tl.sum(tl.where(label_old, p_old, 0.0), axis=0), 0.0)
-    sums += tl.where(slot == 7, tl.sum(tl.where(valid, p_old, 0.0), axis=0), 0.0)
-    tl.store(partials_ptr + (image * n_tiles + tile) * 8 + slot, sums, mask=slot < 8)
+                    total = mass_old + mass_new
+                    lse = running_max + tl.log(total)
+                    p_new = mass_new / total
+                    p_old = mass_old / total
+                    # Labels outside [0, K) count as ignore_index (see the reference).
+                    ce_new = ce_valid & (label >= num_old)
+                    ce_old = ce_valid & (label < num_old)
+                    valid = in_tile & (dice_label != ignore_index) & (dice_label >= 0) & (dice_label < K)
+                    label_new = valid & (dice_label >= num_old)
+                    label_old = valid & (dice_label < num_old)
+                    ce = lse - label_logit
+
+                    pixel = rows.to(tl.int64)[:, None] * W + cols[None, :]
+                    tl.store(stats_image + pixel, lse, mask=in_tile)
+                    tl.store(stats_image + num_pixels + pixel, p_new, mask=in_tile)
+                    tl.store(stats_image + 2 * num_pixels + pixel, p_old, mask=in_tile)
+                    sum_ce_old += tl.where(ce_old, ce, 0.0)
+                    sum_ce_new += tl.where(ce_new, ce, 0.0)
+                    sum_m_old += label_old.to(ACC_DTYPE)
+                    sum_m_new += label_new.to(ACC_DTYPE)
+                    sum_pnew_new += tl.where(label_new, p_new, 0.0)
+                    sum_pnew_valid += tl.where(valid, p_new, 0.0)
+                    sum_pold_old += tl.where(label_old, p_old, 0.0)
+                    sum_pold_valid += tl.where(valid, p_old, 0.0)
+            col_start = col_end
+        row_start = row_end
+    partials = partials_ptr + tl.program_id(0).to(tl.int64) * 8
+    tl.store(partials, tl.sum(tl.sum(sum_ce_old, axis=1), axis=0))
+    tl.store(partials + 1, tl.sum(tl.sum(sum_ce_new, axis=1), axis=0))
+    tl.store(partials + 2, tl.sum(tl.sum(sum_m_old, axis=1), axis=0))
+    tl.store(partials + 3, tl.sum(tl.sum(sum_m_new, axis=1), axis=0))
+    tl.store(partials + 4, tl.sum(tl.sum(sum_pnew_new, axis=1), axis=0))
+    tl.store(partials + 5, tl.sum(tl.sum(sum_pnew_valid, axis=1), axis=0))
+    tl.store(partials + 6, tl.sum(tl.sum(sum_pold_old, axis=1), axis=0))
+    tl.store(partials + 7, tl.sum(tl.sum(sum_pold_valid, axis=1), axis=0))
 
 
 @triton.jit
@@ -254,31 +331,28 @@ def _seg_head_sums_backward_kernel(
     num_old,
     ignore_index,
     n_k_blocks,  # cdiv(K, BLOCK_K)
-    n_xl_blocks,  # cdiv(w, BLOCK_XL)
+    n_row_bands, n_col_bands,  # cdiv(h, BAND), cdiv(w, BAND)
     stride_mb, stride_mk, stride_my, stride_mx,  # masks strides
     stride_lb, stride_ly, stride_lx,  # labels strides
     stride_db, stride_dy, stride_dx,  # dice_labels strides
     stride_gb, stride_gs,  # grad_sums strides
     ACC_DTYPE: tl.constexpr,  # accumulation dtype (tl.float32 or tl.float64)
-    BLOCK_K: tl.constexpr,  # classes per program (≥ 16, tl.dot)
-    BLOCK_X: tl.constexpr,  # window pixels per step (≥ 16)
-    BLOCK_XL: tl.constexpr,  # low-res columns per program (≥ 16)
+    IDX: tl.constexpr,  # dtype of offsets inside an image (tl.int32 or tl.int64)
+    BAND: tl.constexpr,  # cells per side of a band (output rows / columns of a program)
+    BLOCK_K: tl.constexpr,  # classes per program
+    BLOCK_R: tl.constexpr,  # pixel rows per tile
+    BLOCK_C: tl.constexpr,  # pixel columns per tile
 ):
-    # Flat grid, (class chunk, column block) fastest, then the low-res row, then the image: rows and images on
-    # grid axes 1 and 2 would fail on CUDA beyond 65535 (large batches).
-    pid = tl.program_id(0)
-    xl_block = pid % n_xl_blocks
-    k_block = (pid // n_xl_blocks) % n_k_blocks
-    row_and_image = pid // (n_xl_blocks * n_k_blocks)
-    low_row = (row_and_image % h).to(tl.int64)
-    image = (row_and_image // h).to(tl.int64)
-    num_pixels = tl.cast(H, tl.int64) * W
-
-    classes = k_block.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    # Flat grid: class chunk fastest (the programs of one band share its labels and stats in L2), then the
+    # band, then the image.
+    k_block = tl.program_id(0) % n_k_blocks
+    image, first_row, first_col = _band_of(tl.program_id(0) // n_k_blocks, n_row_bands, n_col_bands, BAND)
+    classes = (k_block * BLOCK_K + tl.arange(0, BLOCK_K)).to(IDX)
     in_classes = classes < K
-    is_new_class = (classes >= num_old)[:, None]
-    low_cols = xl_block.to(tl.int64) * BLOCK_XL + tl.arange(0, BLOCK_XL)
-    in_low_cols = low_cols < w
+    is_new_class = (classes >= num_old)[:, None, None]
+    band_rows = tl.arange(0, BAND)
+    tile_rows = tl.arange(0, BLOCK_R).to(IDX)
+    tile_cols = tl.arange(0, BLOCK_C).to(IDX)
 
     # Scalar loads, in bounds by construction (the grid has exactly B images; slots 0..7 of 8).
     grad_image = grad_sums_ptr + image * stride_gb
@@ -289,132 +363,123 @@ def _seg_head_sums_backward_kernel(
     g_pold_old = tl.load(grad_image + 6 * stride_gs).to(ACC_DTYPE)
     g_pold_valid = tl.load(grad_image + 7 * stride_gs).to(ACC_DTYPE)
 
-    # The window: high-res rows / columns whose interpolation can touch this low-res row / column block
-    # (see the module docstring; `//` truncates toward zero, hence the margin of two and the clamps).
-    two_h = 2 * tl.cast(h, tl.int64)
-    two_w = 2 * tl.cast(w, tl.int64)
-    row_begin = tl.maximum(((2 * low_row - 1) * H - h) // two_h - 2, 0)
-    row_end = tl.minimum(((2 * low_row + 3) * H - h) // two_h + 2, H)
-    first_col = xl_block.to(tl.int64) * BLOCK_XL
-    last_col = tl.minimum(first_col + BLOCK_XL, w) - 1
-    col_begin = tl.maximum(((2 * first_col - 1) * W - w) // two_w - 2, 0)
-    col_end = tl.minimum(((2 * last_col + 3) * W - w) // two_w + 2, W)
-    window_cols = col_end - col_begin
-    window_size = (row_end - row_begin) * window_cols
-    scale_y = tl.cast(h, ACC_DTYPE) / tl.cast(H, ACC_DTYPE)
-    scale_x = tl.cast(w, ACC_DTYPE) / tl.cast(W, ACC_DTYPE)
-
-    masks_image = masks_ptr + image * stride_mb
-    class_ptr = masks_image + classes[:, None] * stride_mk
+    class_ptr = masks_ptr + image * stride_mb + classes * stride_mk
     labels_image = labels_ptr + image * stride_lb
     dice_labels_image = dice_labels_ptr + image * stride_db
+    num_pixels = tl.cast(H, tl.int64) * W
     stats_image = pixel_stats_ptr + image * 3 * num_pixels
-    acc = tl.zeros((BLOCK_K, BLOCK_XL), ACC_DTYPE)
-    # The window's pixels, flattened row-major, BLOCK_X at a time (the bilinear source indices and the
-    # gather of _interpolated_logits are written out here: this is the hot loop).
-    for start in range(0, window_size, BLOCK_X):
-        offsets = start + tl.arange(0, BLOCK_X).to(tl.int64)
-        in_window = offsets < window_size
-        rows = row_begin + offsets // window_cols
-        cols = col_begin + offsets % window_cols
-        src_y = tl.maximum((rows.to(ACC_DTYPE) + 0.5) * scale_y - 0.5, 0.0)
-        y0 = src_y.to(tl.int64)
-        y1 = tl.where(y0 < h - 1, y0 + 1, y0)
-        ly = src_y - y0.to(ACC_DTYPE)
-        src_x = tl.maximum((cols.to(ACC_DTYPE) + 0.5) * scale_x - 0.5, 0.0)
-        x0 = src_x.to(tl.int64)
-        x1 = tl.where(x0 < w - 1, x0 + 1, x0)
-        lx = src_x - x0.to(ACC_DTYPE)
-        row_weight = tl.where(y0 == low_row, 1.0 - ly, 0.0) + tl.where(y1 == low_row, ly, 0.0)
+    out_ptr = grad_masks_ptr + ((image * K + classes.to(tl.int64)[:, None]) * h
+                                + (first_row + band_rows)[None, :]) * w
+    out_mask = in_classes[:, None] & (first_row + band_rows < h)[None, :]
 
-        label = tl.load(
-            labels_image + rows * stride_ly + cols * stride_lx, mask=in_window, other=ignore_index
-        ).to(tl.int64)
-        dice_label = tl.load(
-            dice_labels_image + rows * stride_dy + cols * stride_dx, mask=in_window, other=ignore_index
-        ).to(tl.int64)
-        pixel = rows * W + cols
-        lse = tl.load(stats_image + pixel, mask=in_window, other=0.0)
-        p_new = tl.load(stats_image + num_pixels + pixel, mask=in_window, other=0.0)
-        p_old = tl.load(stats_image + 2 * num_pixels + pixel, mask=in_window, other=0.0)
-        ce_valid = in_window & (label != ignore_index) & (label >= 0) & (label < K)
-        valid = in_window & (dice_label != ignore_index) & (dice_label >= 0) & (dice_label < K)
-        label_new = valid & (dice_label >= num_old)
-        label_old = valid & (dice_label < num_old)
-        g_ce = tl.where(ce_valid & (label < num_old), g_ce_old, 0.0) + tl.where(
-            ce_valid & (label >= num_old), g_ce_new, 0.0
-        )
-        g_p = (
-            tl.where(label_new, g_pnew_new, 0.0) + tl.where(valid, g_pnew_valid - g_pold_valid, 0.0)
-            - tl.where(label_old, g_pold_old, 0.0)
-        )
+    # One ring of cells above and left of the band: their λ-parts reach its first row and column.
+    first_y = tl.maximum(first_row - 1, 0)
+    first_x = tl.maximum(first_col - 1, 0)
+    carry = tl.zeros((BLOCK_K, BAND), ACC_DTYPE)  # the λx part of the previous column, per output row
+    scale_y = tl.cast(h, ACC_DTYPE) / tl.cast(H, ACC_DTYPE)
+    scale_x = tl.cast(w, ACC_DTYPE) / tl.cast(W, ACC_DTYPE)
+    # Cell starts of the rows and columns walked (band and ring), computed once; entry i is cell first_y/x + i.
+    cell_index = tl.arange(0, 2 * BAND)
+    row_starts = _cell_starts(first_y, h, H, ACC_DTYPE, 2 * BAND)
+    col_starts = _cell_starts(first_x, w, W, ACC_DTYPE, 2 * BAND)
+    col_start = tl.sum(tl.where(cell_index == 0, col_starts, 0))
+    for X in range(first_x, tl.minimum(first_col + BAND, w)):
+        col_end = tl.sum(tl.where(cell_index == X + 1 - first_x, col_starts, 0))
+        col0 = tl.cast(X, IDX) * stride_mx
+        col1 = tl.cast(tl.minimum(X + 1, w - 1), IDX) * stride_mx
+        to_column = tl.zeros((BLOCK_K, BAND), ACC_DTYPE)  # Σ dz·(1−λx)·Ay, reaches column X
+        to_next_column = tl.zeros((BLOCK_K, BAND), ACC_DTYPE)  # Σ dz·λx·Ay, reaches column X + 1
+        row_start = tl.sum(tl.where(cell_index == 0, row_starts, 0))
+        for Y in range(first_y, tl.minimum(first_row + BAND, h)):
+            row_end = tl.sum(tl.where(cell_index == Y + 1 - first_y, row_starts, 0))
+            row0 = tl.cast(Y, IDX) * stride_my
+            row1 = tl.cast(tl.minimum(Y + 1, h - 1), IDX) * stride_my
+            # The band's output rows that rows of cell Y reach: Y with 1 − λy, min(Y + 1, h − 1) with λy
+            # (−1 and BAND fall outside the band and match none).
+            here = band_rows == Y - first_row
+            below = band_rows == tl.minimum(Y + 1, h - 1) - first_row
+            for r_start in range(row_start, row_end, BLOCK_R):
+                rows = r_start + tile_rows
+                ly = tl.maximum((rows.to(ACC_DTYPE) + 0.5) * scale_y - 0.5, 0.0) - tl.cast(Y, ACC_DTYPE)
+                row_weight = (tl.where(here[None, :], 1.0 - ly[:, None], 0.0)
+                              + tl.where(below[None, :], ly[:, None], 0.0))  # (BLOCK_R, BAND)
+                for c_start in range(col_start, col_end, BLOCK_C):
+                    cols = c_start + tile_cols
+                    lx = tl.maximum((cols.to(ACC_DTYPE) + 0.5) * scale_x - 0.5, 0.0) - tl.cast(X, ACC_DTYPE)
+                    in_tile = (rows < row_end)[:, None] & (cols < col_end)[None, :]
+                    label = tl.load(labels_image + rows[:, None] * stride_ly + cols[None, :] * stride_lx,
+                                    mask=in_tile, other=ignore_index).to(tl.int64)
+                    dice_label = tl.load(dice_labels_image + rows[:, None] * stride_dy + cols[None, :] * stride_dx,
+                                         mask=in_tile, other=ignore_index).to(tl.int64)
+                    pixel = rows.to(tl.int64)[:, None] * W + cols[None, :]
+                    # +inf outside the tile: p = 0 there, never exp of a large logit.
+                    lse = tl.load(stats_image + pixel, mask=in_tile, other=float("inf"))
+                    p_new = tl.load(stats_image + num_pixels + pixel, mask=in_tile, other=0.0)
+                    p_old = tl.load(stats_image + 2 * num_pixels + pixel, mask=in_tile, other=0.0)
+                    ce_valid = in_tile & (label != ignore_index) & (label >= 0) & (label < K)
+                    valid = in_tile & (dice_label != ignore_index) & (dice_label >= 0) & (dice_label < K)
+                    g_ce = tl.where(ce_valid & (label < num_old), g_ce_old, 0.0) + tl.where(
+                        ce_valid & (label >= num_old), g_ce_new, 0.0
+                    )
+                    g_p = (
+                        tl.where(valid & (dice_label >= num_old), g_pnew_new, 0.0)
+                        + tl.where(valid, g_pnew_valid - g_pold_valid, 0.0)
+                        - tl.where(valid & (dice_label < num_old), g_pold_old, 0.0)
+                    )
+                    coef_new = g_ce + g_p * p_old  # dz_c / p_c of a new class
+                    coef_old = g_ce - g_p * p_new  # … of an old class
 
-        mask = in_classes[:, None] & in_window[None, :]
-        row0 = y0 * stride_my
-        row1 = y1 * stride_my
-        col0 = x0 * stride_mx
-        col1 = x1 * stride_mx
-        m00 = tl.load(class_ptr + (row0 + col0)[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        m01 = tl.load(class_ptr + (row0 + col1)[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        m10 = tl.load(class_ptr + (row1 + col0)[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        m11 = tl.load(class_ptr + (row1 + col1)[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        top = m00 + (m01 - m00) * lx[None, :]
-        bottom = m10 + (m11 - m10) * lx[None, :]
-        z = top + (bottom - top) * ly[None, :]
-
-        p = tl.exp(z - lse[None, :])
-        one_hot = (classes[:, None] == label[None, :]).to(ACC_DTYPE)
-        mass_factor = tl.where(is_new_class, p_old[None, :], -p_new[None, :])
-        dz = g_ce[None, :] * (p - one_hot) + g_p[None, :] * p * mass_factor
-        dz = tl.where(mask, dz * row_weight[None, :], 0.0)
-        # Ax (BLOCK_X, BLOCK_XL): the weight of low-res column X in each pixel's interpolation.
-        col_weight = (
-            tl.where(x0[:, None] == low_cols[None, :], 1.0 - lx[:, None], 0.0)
-            + tl.where(x1[:, None] == low_cols[None, :], lx[:, None], 0.0)
-        )
-        col_weight = tl.where(in_window[:, None] & in_low_cols[None, :], col_weight, 0.0)
-        acc = tl.dot(dz, col_weight, acc, input_precision="ieee")
-
-    out = grad_masks_ptr + ((image * K + classes[:, None]) * h + low_row) * w + low_cols[None, :]
-    tl.store(out, acc, mask=in_classes[:, None] & in_low_cols[None, :])
+                    top, span = _cell_lerps(class_ptr, in_classes, row0, row1, col0, col1, lx, ACC_DTYPE)
+                    p = tl.exp((top[:, None, :] + span[:, None, :] * ly[None, :, None]) - lse[None, :, :])
+                    dz = p * tl.where(is_new_class, coef_new[None, :, :], coef_old[None, :, :])
+                    # Labels outside [0, K) become −1, which no class matches (their g_ce is 0 anyway).
+                    target = tl.where(ce_valid, label, -1).to(IDX)
+                    dz -= tl.where(classes[:, None, None] == target[None, :, :], g_ce[None, :, :], 0.0)
+                    # Columns first (per tile row), then the rows onto the band's output rows.
+                    dz_next = dz * lx[None, None, :]
+                    row_here = tl.sum(dz - dz_next, axis=2)  # (BLOCK_K, BLOCK_R)
+                    row_next = tl.sum(dz_next, axis=2)
+                    to_column += tl.sum(row_here[:, :, None] * row_weight[None, :, :], axis=1)
+                    to_next_column += tl.sum(row_next[:, :, None] * row_weight[None, :, :], axis=1)
+            row_start = row_end
+        # Column X: its own (1−λx) part, the λx part of column X − 1 and, at the last column (x1 = x0), its own
+        # λx part too. The ring column left of the band is not the band's: only its carry is kept.
+        column = to_column + carry + tl.where(X == w - 1, to_next_column, 0.0)
+        tl.store(out_ptr + X, column.to(grad_masks_ptr.dtype.element_ty), mask=out_mask & (X >= first_col))
+        carry = to_next_column
+        col_start = col_end
 
 
 @triton.jit
 def _teacher_pixel_stats(
-    masks_ptr, image, pixels, in_image, K, num_classes, h, w, H, W,
-    stride_mb, stride_mk, stride_my, stride_mx,
-    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PLOP_ENTROPY: tl.constexpr,
+    masks_image, K, num_classes, row0, row1, col0, col1, ly, lx, stride_mk,
+    ACC_DTYPE: tl.constexpr, IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, PLOP_ENTROPY: tl.constexpr,
 ):
-    """(prediction (BLOCK_P,) int64, entropy (BLOCK_P,)) of the upsampled teacher at `pixels`.
+    """(prediction (BLOCK_R, BLOCK_C) int64, entropy) of the upsampled teacher on a tile of one cell.
 
     PLOP_ENTROPY: PLOP's −(1/ln(K + 1e-8))·mean_c p_c·log(p_c + 1e-8) / ln(num_classes) and the argmax of the
     probabilities (two sweeps over the classes: log(p + 1e-8) needs the final normaliser); otherwise the
     normalised entropy H(p)/ln K and the argmax of the logits in one online sweep.
     """
-    y = pixels // W
-    x = pixels % W
-    y0, y1, ly = _source_index(y, h, H, ACC_DTYPE)
-    x0, x1, lx = _source_index(x, w, W, ACC_DTYPE)
-    masks_image = masks_ptr + image * stride_mb
-    running_max = tl.full((BLOCK_P,), float("-inf"), ACC_DTYPE)
-    best = tl.zeros((BLOCK_P,), tl.int64)
-    mass = tl.zeros((BLOCK_P,), ACC_DTYPE)
-    weighted = tl.zeros((BLOCK_P,), ACC_DTYPE)  # T = Σ e^{z−m}(z−m)
+    chunk = tl.arange(0, BLOCK_K).to(IDX)
+    running_max = tl.full((BLOCK_R, BLOCK_C), float("-inf"), ACC_DTYPE)
+    best = tl.zeros((BLOCK_R, BLOCK_C), tl.int64)
+    mass = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+    weighted = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)  # T = Σ e^{z−m}(z−m)
     for k_start in range(0, K, BLOCK_K):
-        classes = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+        classes = k_start + chunk
         in_classes = classes < K
-        z = _interpolated_logits(
-            masks_image, classes, in_classes, in_image, y0, y1, ly, x0, x1, lx,
-            stride_mk, stride_my, stride_mx, ACC_DTYPE,
-        )
-        z = tl.where(in_classes[:, None], z, float("-inf"))
+        top, span = _cell_lerps(masks_image + classes * stride_mk, in_classes, row0, row1, col0, col1, lx,
+                                ACC_DTYPE)
+        z = tl.where(in_classes[:, None, None], (top[:, None, :] + span[:, None, :] * ly[None, :, None]), float("-inf"))
         chunk_max = tl.max(z, axis=0)
         new_max = tl.maximum(running_max, chunk_max)
         shift = running_max - new_max
         rescale = tl.exp(shift)
         # Absent classes (z = −inf) get e = 0 and a finite centred logit, so e·centred is 0, not NaN.
-        centred = tl.where(in_classes[:, None], z - new_max[None, :], 0.0)
-        e = tl.where(in_classes[:, None], tl.exp(centred), 0.0)
+        centred = tl.where(in_classes[:, None, None], z - new_max[None, :, :], 0.0)
+        e = tl.where(in_classes[:, None, None], tl.exp(centred), 0.0)
         if not PLOP_ENTROPY:
             chunk_arg = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + k_start
             # Strictly greater: on a tie the earlier chunk (lower class index) keeps the argmax.
@@ -425,19 +490,18 @@ def _teacher_pixel_stats(
         mass = mass * rescale + tl.sum(e, axis=0)
         running_max = new_max
     if PLOP_ENTROPY:
-        best_prob = tl.full((BLOCK_P,), -1.0, ACC_DTYPE)
-        p_log_p = tl.zeros((BLOCK_P,), ACC_DTYPE)
+        best_prob = tl.full((BLOCK_R, BLOCK_C), -1.0, ACC_DTYPE)
+        p_log_p = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
         for k_start in range(0, K, BLOCK_K):
-            classes = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+            classes = k_start + chunk
             in_classes = classes < K
-            z = _interpolated_logits(
-                masks_image, classes, in_classes, in_image, y0, y1, ly, x0, x1, lx,
-                stride_mk, stride_my, stride_mx, ACC_DTYPE,
-            )
+            top, span = _cell_lerps(masks_image + classes * stride_mk, in_classes, row0, row1, col0, col1, lx,
+                                    ACC_DTYPE)
+            z = (top[:, None, :] + span[:, None, :] * ly[None, :, None])
             # softmax as torch computes it: exp(z − max) / Σ exp(z − max); 0 for absent classes.
-            p = tl.where(in_classes[:, None], tl.exp(z - running_max[None, :]) / mass[None, :], 0.0)
+            p = tl.where(in_classes[:, None, None], tl.exp(z - running_max[None, :, :]) / mass[None, :, :], 0.0)
             p_log_p += tl.sum(p * tl.log(p + 1e-8), axis=0)
-            p_or_absent = tl.where(in_classes[:, None], p, -1.0)
+            p_or_absent = tl.where(in_classes[:, None, None], p, -1.0)
             chunk_best = tl.max(p_or_absent, axis=0)
             chunk_arg = tl.argmax(p_or_absent, axis=0, tie_break_left=True).to(tl.int64) + k_start
             best = tl.where(chunk_best > best_prob, chunk_arg, best)
@@ -452,112 +516,165 @@ def _teacher_pixel_stats(
 
 
 @triton.jit
-def _teacher_histogram_kernel(
+def _teacher_kernel(
     masks_ptr,  # (B, K, h, w) any strides, any float dtype: teacher masks
     labels_ptr,  # (B, H, W) any strides, any integer dtype
-    histogram_ptr,  # (K, num_bins) contiguous int32, zero-initialised: output (integer atomic adds)
+    thresholds_ptr,  # (K,) any stride, float: per-class entropy thresholds (pseudo-labels only)
+    histograms_ptr,  # (programs, K, num_bins) int32, zero-initialised: output, one histogram per program
+    pseudo_ptr,  # (B, H, W) contiguous int64: output, pseudo-labels (pseudo-labels only)
+    counts_ptr,  # (B, bands, 2) contiguous int32: output, per band (#label-0 pixels, #pseudo-labelled)
     K, num_classes, h, w, H, W,  # num_classes: K_total (PLOP_ENTROPY only)
-    num_bins,  # entropy bins over [0, 1]
-    n_tiles,  # cdiv(H·W, BLOCK_P)
-    stride_mb, stride_mk, stride_my, stride_mx,
-    stride_lb, stride_ly, stride_lx,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PLOP_ENTROPY: tl.constexpr,
-):
-    tile = tl.program_id(0) % n_tiles  # flat grid, tile fastest (see the sums kernel)
-    image = (tl.program_id(0) // n_tiles).to(tl.int64)
-    num_pixels = tl.cast(H, tl.int64) * W
-    pixels = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = pixels < num_pixels
-    label = tl.load(
-        labels_ptr + image * stride_lb + (pixels // W) * stride_ly + (pixels % W) * stride_lx,
-        mask=in_image, other=1,
-    )
-    prediction, entropy = _teacher_pixel_stats(
-        masks_ptr, image, pixels, in_image, K, num_classes, h, w, H, W,
-        stride_mb, stride_mk, stride_my, stride_mx, ACC_DTYPE, BLOCK_P, BLOCK_K, PLOP_ENTROPY,
-    )
-    bins = tl.minimum(tl.maximum((entropy * num_bins).to(tl.int64), 0), num_bins - 1)
-    background = in_image & (label == 0)
-    tl.atomic_add(histogram_ptr + prediction * num_bins + bins, tl.full((BLOCK_P,), 1, tl.int32), mask=background)
-
-
-@triton.jit
-def _pseudo_label_kernel(
-    masks_ptr,  # (B, K, h, w) any strides, any float dtype: teacher masks
-    labels_ptr,  # (B, H, W) any strides, any integer dtype
-    thresholds_ptr,  # (K,) any stride, float: per-class entropy thresholds
-    pseudo_ptr,  # (B, H, W) contiguous int64: output, pseudo-labels
-    counts_ptr,  # (B, n_tiles, 2) contiguous int32: output, per tile (#label-0 pixels, #pseudo-labelled)
-    K, num_classes, h, w, H, W,  # num_classes: K_total (PLOP_ENTROPY only)
+    num_bins,  # entropy bins over [0, 1] (histogram only)
     ignore_index,
-    n_tiles,
+    n_row_bands, n_col_bands,
     stride_mb, stride_mk, stride_my, stride_mx,
     stride_lb, stride_ly, stride_lx,
     stride_t,
     ACC_DTYPE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    IDX: tl.constexpr,
+    BAND: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     PLOP_ENTROPY: tl.constexpr,
+    HISTOGRAM: tl.constexpr,  # True: the entropy histogram; False: the pseudo-labels
 ):
-    tile = tl.program_id(0) % n_tiles  # flat grid, tile fastest (see the sums kernel)
-    image = (tl.program_id(0) // n_tiles).to(tl.int64)
+    program = tl.program_id(0)
+    image, first_row, first_col = _band_of(program, n_row_bands, n_col_bands, BAND)
+    masks_image = masks_ptr + image * stride_mb
+    labels_image = labels_ptr + image * stride_lb
     num_pixels = tl.cast(H, tl.int64) * W
-    pixels = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = pixels < num_pixels
-    label = tl.load(
-        labels_ptr + image * stride_lb + (pixels // W) * stride_ly + (pixels % W) * stride_lx,
-        mask=in_image, other=1,
-    ).to(tl.int64)
-    prediction, entropy = _teacher_pixel_stats(
-        masks_ptr, image, pixels, in_image, K, num_classes, h, w, H, W,
-        stride_mb, stride_mk, stride_my, stride_mx, ACC_DTYPE, BLOCK_P, BLOCK_K, PLOP_ENTROPY,
-    )
-    threshold = tl.load(thresholds_ptr + prediction * stride_t, mask=in_image, other=0.0).to(ACC_DTYPE)
-    background = in_image & (label == 0)
-    confident = background & (entropy < threshold)
-    pseudo = tl.where(background, tl.where(confident, prediction, ignore_index), label)
-    tl.store(pseudo_ptr + image * num_pixels + pixels, pseudo, mask=in_image)
-    slot = tl.arange(0, 2)
-    counts = tl.where(slot == 0, tl.sum(background.to(tl.int32), axis=0), tl.sum(confident.to(tl.int32), axis=0))
-    tl.store(counts_ptr + (image * n_tiles + tile) * 2 + slot, counts, mask=slot < 2)
+    histogram = histograms_ptr + program.to(tl.int64) * K * num_bins
+    tile_rows = tl.arange(0, BLOCK_R).to(IDX)
+    tile_cols = tl.arange(0, BLOCK_C).to(IDX)
+    # Pair (i, j) of a tile's pixels, flattened: j before i (for the first of equal histogram keys).
+    flat = tl.arange(0, BLOCK_R * BLOCK_C)
+    earlier = flat[None, :] < flat[:, None]
+    background_count = tl.zeros((BLOCK_R, BLOCK_C), tl.int32)  # per pixel position of the tile
+    pseudo_count = tl.zeros((BLOCK_R, BLOCK_C), tl.int32)
+
+    # Cell starts of the band's rows and columns, computed once; entry i is cell first + i.
+    scale_y = tl.cast(h, ACC_DTYPE) / tl.cast(H, ACC_DTYPE)
+    scale_x = tl.cast(w, ACC_DTYPE) / tl.cast(W, ACC_DTYPE)
+    cell_index = tl.arange(0, 2 * BAND)
+    row_starts = _cell_starts(first_row, h, H, ACC_DTYPE, 2 * BAND)
+    col_starts = _cell_starts(first_col, w, W, ACC_DTYPE, 2 * BAND)
+    row_start = tl.sum(tl.where(cell_index == 0, row_starts, 0))
+    for Y in range(first_row, tl.minimum(first_row + BAND, h)):
+        row_end = tl.sum(tl.where(cell_index == Y + 1 - first_row, row_starts, 0))
+        row0 = tl.cast(Y, IDX) * stride_my
+        row1 = tl.cast(tl.minimum(Y + 1, h - 1), IDX) * stride_my
+        col_start = tl.sum(tl.where(cell_index == 0, col_starts, 0))
+        for X in range(first_col, tl.minimum(first_col + BAND, w)):
+            col_end = tl.sum(tl.where(cell_index == X + 1 - first_col, col_starts, 0))
+            col0 = tl.cast(X, IDX) * stride_mx
+            col1 = tl.cast(tl.minimum(X + 1, w - 1), IDX) * stride_mx
+            for r_start in range(row_start, row_end, BLOCK_R):
+                rows = r_start + tile_rows
+                ly = tl.maximum((rows.to(ACC_DTYPE) + 0.5) * scale_y - 0.5, 0.0) - tl.cast(Y, ACC_DTYPE)
+                for c_start in range(col_start, col_end, BLOCK_C):
+                    cols = c_start + tile_cols
+                    lx = tl.maximum((cols.to(ACC_DTYPE) + 0.5) * scale_x - 0.5, 0.0) - tl.cast(X, ACC_DTYPE)
+                    in_tile = (rows < row_end)[:, None] & (cols < col_end)[None, :]
+                    label = tl.load(labels_image + rows[:, None] * stride_ly + cols[None, :] * stride_lx,
+                                    mask=in_tile, other=1).to(tl.int64)
+                    background = in_tile & (label == 0)
+                    prediction, entropy = _teacher_pixel_stats(
+                        masks_image, K, num_classes, row0, row1, col0, col1, ly, lx, stride_mk,
+                        ACC_DTYPE, IDX, BLOCK_R, BLOCK_C, BLOCK_K, PLOP_ENTROPY,
+                    )
+                    if HISTOGRAM:
+                        bins = tl.minimum(tl.maximum((entropy * num_bins).to(tl.int64), 0), num_bins - 1)
+                        key = tl.reshape(tl.where(background, prediction * num_bins + bins, -1),
+                                         (BLOCK_R * BLOCK_C,))
+                        same = (key[:, None] == key[None, :]) & (key[:, None] >= 0)
+                        copies = tl.sum(same.to(tl.int32), axis=1)
+                        first = tl.sum((same & earlier).to(tl.int32), axis=1) == 0
+                        # One add per distinct (prediction, bin) of the tile, into this program's histogram.
+                        tl.atomic_add(histogram + key, copies, mask=(copies > 0) & first)
+                    else:
+                        threshold = tl.load(thresholds_ptr + prediction * stride_t, mask=in_tile,
+                                            other=0.0).to(ACC_DTYPE)
+                        confident = background & (entropy < threshold)
+                        pseudo = tl.where(background, tl.where(confident, prediction, ignore_index), label)
+                        pixel = rows.to(tl.int64)[:, None] * W + cols[None, :]
+                        tl.store(pseudo_ptr + image * num_pixels + pixel, pseudo, mask=in_tile)
+                        background_count += background.to(tl.int32)
+                        pseudo_count += confident.to(tl.int32)
+            col_start = col_end
+        row_start = row_end
+    if not HISTOGRAM:
+        slot = tl.arange(0, 2)
+        counts = tl.where(slot == 0, tl.sum(tl.sum(background_count, axis=1), axis=0),
+                          tl.sum(tl.sum(pseudo_count, axis=1), axis=0))
+        tl.store(counts_ptr + program.to(tl.int64) * 2 + slot, counts, mask=slot < 2)
 
 
 # ------------------------------------------------------------------------------------------ launchers
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _index_dtype(*tensors: torch.Tensor):
+    """tl.int32 when every offset inside one image (dims after the first, times their strides) fits in int32."""
+    span = max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+               for t in tensors)
+    return tl.int32 if span < 2**31 else tl.int64
 
 
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _pixel_tile(in_size: int, out_size: int, largest: int) -> int:
+    """Pixels per tile along an axis: the power of two covering a cell (⌈out/in⌉ pixels), at most ``largest``."""
+    return max(1, min(largest, triton.next_power_of_2(-(-out_size // max(in_size, 1)))))
 
 
-def _class_block(num_classes: int, minimum: int, maximum: int) -> int:
-    return max(minimum, min(maximum, triton.next_power_of_2(num_classes)))
+def _bands(h: int, w: int, band: int) -> tuple[int, int]:
+    """Bands of ``band`` × ``band`` cells along the rows and columns (the kernels' cell-start vectors hold
+    2·band entries, which covers a band and its ring for band ≥ 2)."""
+    if band < 2 or band & (band - 1):
+        raise ValueError(f"band must be a power of two ≥ 2, got {band}")
+    return triton.cdiv(h, band), triton.cdiv(w, band)
+
+
+def _plan(block_k: int, masks: torch.Tensor, labels: torch.Tensor, *others: torch.Tensor,
+          max_tile_pixels: int = MAX_BLOCK_R * MAX_BLOCK_C) -> dict:
+    """The constexprs of a launch: dtypes, tiles and its warps (``others``: more label-shaped inputs)."""
+    _, _, h, w = masks.shape
+    _, height, width = labels.shape
+    block_c = min(_pixel_tile(w, width, MAX_BLOCK_C), max_tile_pixels)
+    block_r = min(_pixel_tile(h, height, MAX_BLOCK_R), max_tile_pixels // block_c)
+    return dict(ACC_DTYPE=tl_dtype(accumulation_dtype(masks.dtype)), IDX=_index_dtype(masks, labels, *others),
+                BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_C=block_c,
+                num_warps=num_warps(block_k * block_r * block_c, VALUES_PER_THREAD))
+
+
+def _class_block(num_classes: int, candidates: tuple[int, ...]) -> int:
+    """Classes per block: the power of two among ``candidates`` that pads K little (forward 151 → 32, 160
+    lanes; 21 → 8, 24 lanes; 101 → 32, 128 lanes; backward 151 → 16, 21 → 8); with no candidates (the
+    interpreter) every class in one block, up to 256."""
+    if not candidates:
+        return max(2, min(256, triton.next_power_of_2(num_classes)))
+    return pow2_tile(num_classes, candidates)
 
 
 def seg_head_sums(
-    masks: torch.Tensor, labels: torch.Tensor, dice_labels: torch.Tensor, num_old: int, ignore_index: int
+    masks: torch.Tensor, labels: torch.Tensor, dice_labels: torch.Tensor, num_old: int, ignore_index: int,
+    *, band: int = FWD_BAND,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image sums (B, 8) and per-pixel (lse, P_new, P_old) (B, 3, H, W), both in the accumulation dtype."""
+    """Per-image sums (B, 8) and per-pixel (lse, P_new, P_old) (B, 3, H, W), both in the accumulation dtype.
+    ``band``: cells per side of a program (≥ 2, a power of two)."""
     batch, num_classes, h, w = masks.shape
     _, height, width = labels.shape
-    acc = _acc_dtype(masks.dtype)
-    block_k = _class_block(num_classes, 1, FWD_BLOCK_K)
-    n_tiles = triton.cdiv(height * width, FWD_BLOCK_P)
-    partials = torch.empty((batch, n_tiles, NUM_SUMS), dtype=acc, device=masks.device)
+    acc = accumulation_dtype(masks.dtype)
+    n_row_bands, n_col_bands = _bands(h, w, band)
+    partials = torch.empty((batch, n_row_bands * n_col_bands, NUM_SUMS), dtype=acc, device=masks.device)
     pixel_stats = torch.empty((batch, 3, height, width), dtype=acc, device=masks.device)
     if batch * height * width > 0:
+        plan = _plan(_class_block(num_classes, FWD_BLOCK_KS), masks, labels, dice_labels)
         with device_guard(masks.device):  # launch on the tensors' GPU, not the current one
-            _seg_head_sums_kernel[(n_tiles * batch,)](
+            _seg_head_sums_kernel[(n_row_bands * n_col_bands * batch,)](
                 masks, labels, dice_labels, partials, pixel_stats,
-                num_classes, h, w, height, width, num_old, ignore_index, n_tiles,
-                *masks.stride(), *labels.stride(), *dice_labels.stride(),
-                ACC_DTYPE=_tl_dtype(masks.dtype), BLOCK_P=FWD_BLOCK_P, BLOCK_K=block_k, num_warps=4,
+                num_classes, h, w, height, width, num_old, ignore_index, n_row_bands, n_col_bands,
+                *masks.stride(), *labels.stride(), *dice_labels.stride(), BAND=band, **plan,
             )
-    # Fixed-order reduction over the tiles: deterministic.
+    else:
+        partials.zero_()
+    # Fixed-order reduction over the bands: deterministic.
     return partials.sum(1), pixel_stats
 
 
@@ -569,46 +686,65 @@ def seg_head_sums_backward(
     pixel_stats: torch.Tensor,
     num_old: int,
     ignore_index: int,
+    *,
+    band: int = BWD_BAND,
 ) -> torch.Tensor:
-    """Gradient of masks (B, K, h, w), contiguous, in the masks' dtype, from the gradient of the sums (B, 8)."""
+    """Gradient of masks (B, K, h, w), contiguous, in the masks' dtype, from the gradient of the sums (B, 8).
+    ``band``: output cells per side of a program (≥ 2, a power of two)."""
     batch, num_classes, h, w = masks.shape
-    _, height, width = labels.shape
     grad_masks = torch.empty((batch, num_classes, h, w), dtype=masks.dtype, device=masks.device)
     if grad_masks.numel() == 0:
         return grad_masks
-    block_xl = _class_block(w, 16, BWD_MAX_BLOCK_XL)
-    n_xl_blocks = triton.cdiv(w, block_xl)
-    block_k = _class_block(num_classes, 16, BWD_BLOCK_K)
-    n_k_blocks = triton.cdiv(num_classes, block_k)
+    _, height, width = labels.shape
+    if height * width == 0:  # no pixel reaches the masks
+        return grad_masks.zero_()
+    plan = _plan(_class_block(num_classes, BWD_BLOCK_KS), masks, labels, dice_labels)
+    n_k_blocks = triton.cdiv(num_classes, plan["BLOCK_K"])
+    n_row_bands, n_col_bands = _bands(h, w, band)
     with device_guard(masks.device):  # launch on the tensors' GPU, not the current one
-        _seg_head_sums_backward_kernel[(n_k_blocks * n_xl_blocks * h * batch,)](
+        _seg_head_sums_backward_kernel[(n_k_blocks * n_row_bands * n_col_bands * batch,)](
             masks, labels, dice_labels, pixel_stats, grad_sums, grad_masks,
-            num_classes, h, w, height, width, num_old, ignore_index, n_k_blocks, n_xl_blocks,
+            num_classes, h, w, height, width, num_old, ignore_index, n_k_blocks, n_row_bands, n_col_bands,
             *masks.stride(), *labels.stride(), *dice_labels.stride(), *grad_sums.stride(),
-            ACC_DTYPE=_tl_dtype(masks.dtype), BLOCK_K=block_k, BLOCK_X=BWD_BLOCK_X, BLOCK_XL=block_xl,
-            num_warps=4,
+            BAND=band, **plan,
         )
     return grad_masks
 
 
+def _launch_teacher(teacher_masks, labels, thresholds, histograms, pseudo, counts, num_classes, num_bins,
+                    ignore_index, entropy, histogram, band):
+    batch, num_old, h, w = teacher_masks.shape
+    _, height, width = labels.shape
+    n_row_bands, n_col_bands = _bands(h, w, band)
+    # The histogram's tiles compare every pair of their pixels (equal keys counted together): at most
+    # HISTOGRAM_TILE_PIXELS pixels, so the pair matrix stays small.
+    plan = _plan(_class_block(num_old, FWD_BLOCK_KS), teacher_masks, labels,
+                 max_tile_pixels=HISTOGRAM_TILE_PIXELS if histogram else MAX_BLOCK_R * MAX_BLOCK_C)
+    with device_guard(teacher_masks.device):  # launch on the tensors' GPU, not the current one
+        _teacher_kernel[(n_row_bands * n_col_bands * batch,)](
+            teacher_masks, labels, thresholds, histograms, pseudo, counts,
+            num_old, num_classes, h, w, height, width, num_bins, ignore_index, n_row_bands, n_col_bands,
+            *teacher_masks.stride(), *labels.stride(), thresholds.stride(0),
+            BAND=band, PLOP_ENTROPY=entropy == "plop", HISTOGRAM=histogram, **plan,
+        )
+
+
 def teacher_histogram(
-    teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int, num_classes: int, entropy: str
+    teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int, num_classes: int, entropy: str,
+    *, band: int = FWD_BAND,
 ) -> torch.Tensor:
     """(K, num_bins) int64 counts of label-0 pixels by teacher prediction and entropy bin."""
     batch, num_old, h, w = teacher_masks.shape
     _, height, width = labels.shape
-    histogram = torch.zeros((num_old, num_bins), dtype=torch.int32, device=teacher_masks.device)
-    n_tiles = triton.cdiv(height * width, FWD_BLOCK_P)
-    if batch * n_tiles > 0:
-        with device_guard(teacher_masks.device):  # launch on the tensors' GPU, not the current one
-            _teacher_histogram_kernel[(n_tiles * batch,)](
-                teacher_masks, labels, histogram,
-                num_old, num_classes, h, w, height, width, num_bins, n_tiles,
-                *teacher_masks.stride(), *labels.stride(),
-                ACC_DTYPE=_tl_dtype(teacher_masks.dtype), BLOCK_P=FWD_BLOCK_P,
-                BLOCK_K=_class_block(num_old, 2, FWD_BLOCK_K), PLOP_ENTROPY=entropy == "plop", num_warps=4,
-            )
-    return histogram.to(torch.int64)
+    n_row_bands, n_col_bands = _bands(h, w, band)
+    programs = batch * n_row_bands * n_col_bands if height * width else 0
+    # One histogram per program (see the module docstring), summed over programs in a fixed order.
+    histograms = torch.zeros((programs, num_old, num_bins), dtype=torch.int32, device=teacher_masks.device)
+    if programs:
+        # The pseudo-label outputs and thresholds are unused here (HISTOGRAM): any tensors of the right device.
+        _launch_teacher(teacher_masks, labels, histograms, histograms, histograms, histograms, num_classes,
+                        num_bins, 0, entropy, histogram=True, band=band)
+    return histograms.sum(0, dtype=torch.int64)
 
 
 def pseudo_label(
@@ -618,20 +754,16 @@ def pseudo_label(
     ignore_index: int,
     num_classes: int,
     entropy: str,
+    *,
+    band: int = FWD_BAND,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pseudo-labels (B, H, W) int64, counts (B, 2) int64 = (#label-0 pixels, #pseudo-labelled)) per image."""
     batch, num_old, h, w = teacher_masks.shape
     _, height, width = labels.shape
-    n_tiles = triton.cdiv(height * width, FWD_BLOCK_P)
+    n_row_bands, n_col_bands = _bands(h, w, band)
     pseudo = torch.empty((batch, height, width), dtype=torch.int64, device=teacher_masks.device)
-    counts = torch.zeros((batch, n_tiles, 2), dtype=torch.int32, device=teacher_masks.device)
-    if batch * n_tiles > 0:
-        with device_guard(teacher_masks.device):  # launch on the tensors' GPU, not the current one
-            _pseudo_label_kernel[(n_tiles * batch,)](
-                teacher_masks, labels, thresholds, pseudo, counts,
-                num_old, num_classes, h, w, height, width, ignore_index, n_tiles,
-                *teacher_masks.stride(), *labels.stride(), thresholds.stride(0),
-                ACC_DTYPE=_tl_dtype(teacher_masks.dtype), BLOCK_P=FWD_BLOCK_P,
-                BLOCK_K=_class_block(num_old, 2, FWD_BLOCK_K), PLOP_ENTROPY=entropy == "plop", num_warps=4,
-            )
+    counts = torch.zeros((batch, n_row_bands * n_col_bands, 2), dtype=torch.int32, device=teacher_masks.device)
+    if batch * height * width > 0:
+        _launch_teacher(teacher_masks, labels, thresholds, counts, pseudo, counts, num_classes, 1, ignore_index,
+                        entropy, histogram=False, band=band)
     return pseudo, counts.sum(1, dtype=torch.int64)

@@ -141,6 +141,28 @@ def test_elementwise_lanes_and_transcendentals():
 
 
 @needs_interpreter
+def test_a_sample_of_identical_programs_counts_the_whole_grid():
+    """KernelCounter(sample_programs=m) interprets m programs of a larger grid and scales the counts: exact when
+    every program does the same work (here: no masked edge), and only those m programs write their output."""
+    block, programs, sampled = 16, 8, 3
+    x = torch.randn(block * programs)
+    y = torch.rand(block * programs) + 1.0
+    with KernelCounter() as counter:
+        _softplus_ratio_kernel[(programs,)](x, y, torch.empty_like(x), BLOCK=block)
+    full = _only_launch(counter)
+    out = torch.zeros(block * programs)
+    with KernelCounter(sample_programs=sampled) as counter:
+        _softplus_ratio_kernel[(programs,)](x, y, out, BLOCK=block)
+    launch = _only_launch(counter)
+    assert (launch.sampled_programs, full.sampled_programs, launch.grid) == (sampled, 0, programs)
+    for name in ("bytes_read", "bytes_written", "transcendental_ops", "distinct_bytes_read", "distinct_bytes_written"):
+        assert getattr(launch, name) == getattr(full, name), name
+    assert launch.lane_ops == full.lane_ops
+    written = (out.view(programs, block) != 0).all(dim=1)
+    assert int(written.sum()) == sampled and not (out.view(programs, block)[~written] != 0).any()
+
+
+@needs_interpreter
 def test_atomics_count_active_lanes_and_the_hottest_address():
     values = torch.tensor([0, 1, 0, 2, 0, 0, 3, 1, 0, 0], dtype=torch.int32)  # bin 0 six times
     hist = torch.zeros(4, dtype=torch.int32)
@@ -164,7 +186,6 @@ DATA_DEPENDENT = ("useful_dot_flops", "atomic_lanes", "atomic_max_per_address")
 @pytest.mark.skipif(os.environ.get("INCREMENTER_FAST_PLAN_SMS") != "132",
                     reason="the ledger plans launches for 132 SMs (the re-run below sets it)")
 @pytest.mark.parametrize("text", [
-    "seg_head_loss:K=5,B=5,h=6,w=4,H=96,W=16",  # two axes: images, and low-res rows with H = 16·h
     "cosine_mask:B=4,N=512,D=32,K=5",  # images and patches
     "cds_dice_loss:B=2,H=64,W=16,K=5",  # pixel rows at a fixed batch
 ])

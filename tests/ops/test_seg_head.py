@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import incrementer_fast as inc
 from incrementer_fast import reference
+from incrementer_fast._dispatch import INTERPRET
 from incrementer_fast.reference.seg_head import teacher_prediction
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -252,7 +253,7 @@ def test_seg_head_loss_all_ignored_is_zero_not_nan(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_seg_head_loss_is_deterministic(device):
     generator = torch.Generator().manual_seed(11)
-    masks = make_masks((2, 19, 5, 6), torch.float32, device, "channels_last", 3.0, generator)
+    masks = make_masks((2, 19, 3, 4), torch.float32, device, "channels_last", 3.0, generator)
     labels = make_labels((2, 17, 23), 19, "random", torch.int64, device, generator)
     first = fused_loss_and_grad(masks, labels, 10, (1.0, 1.0), new_class_weight=2.0)
     second = fused_loss_and_grad(masks, labels, 10, (1.0, 1.0), new_class_weight=2.0)
@@ -275,7 +276,8 @@ def test_seg_head_loss_gradcheck():
 
 def test_seg_head_ops_opcheck():
     generator = torch.Generator().manual_seed(9)
-    masks = make_masks((2, 5, 3, 4), torch.float32, "cpu", "transposed", 2.0, generator).requires_grad_(True)
+    # 2 × 2 cells: opcheck runs each op many times, and the kernels walk the masks cell by cell.
+    masks = make_masks((2, 5, 2, 2), torch.float32, "cpu", "transposed", 2.0, generator).requires_grad_(True)
     labels = make_labels((2, 7, 6), 5, "background_heavy", torch.int64, "cpu", generator)
     dice_labels = make_labels((2, 7, 6), 5, "random", torch.int32, "cpu", generator)
     torch.library.opcheck(torch.ops.incrementer_fast.seg_head_sums.default, (masks, labels, dice_labels, 3, IGNORE))
@@ -395,6 +397,41 @@ def test_bad_inputs_raise_naming_the_argument(call, error, words):
         call(masks, labels)
     for word in words:
         assert word in str(info.value)
+
+
+KERNEL_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.skipif(not KERNEL_DEVICES, reason="the Triton kernels run on CUDA or under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernels_give_the_same_results_in_bands_of_two_cells(device):
+    """A program owns a band of cells (and the backward walks a ring around it): bands of 2 × 2 cells, which
+    cut 7 × 5 masks (down- and up-sampled rows) into many bands with partial edges, give the per-pixel
+    statistics, the gradient, the histogram and the pseudo-labels of the default bands bit for bit, and the
+    same sums up to their summation order."""
+    from incrementer_fast.kernels import seg_head as kernels
+
+    generator = torch.Generator().manual_seed(23)
+    # 7 × 5 cells: rows up-sampled 7 → 19 in one image shape, down-sampled 7 → 4 in the other.
+    for height, width in ((19, 13), (4, 13)):
+        masks = make_masks((1, 9, 7, 5), torch.float32, device, "strided", 3.0, generator)
+        labels = make_labels((1, height, width), 9, "background_heavy", torch.int64, device, generator)
+        dice_labels = make_labels((1, height, width), 9, "random", torch.int32, device, generator)
+        sums, stats = kernels.seg_head_sums(masks, labels, dice_labels, 4, IGNORE)
+        band_sums, band_stats = kernels.seg_head_sums(masks, labels, dice_labels, 4, IGNORE, band=2)
+        assert torch.equal(stats, band_stats)
+        assert_close_rel(band_sums, sums, torch.float32, "sums")
+        grad_sums = torch.randn(1, 8, generator=generator).to(device)
+        grad = kernels.seg_head_sums_backward(grad_sums, masks, labels, dice_labels, stats, 4, IGNORE)
+        band_grad = kernels.seg_head_sums_backward(grad_sums, masks, labels, dice_labels, stats, 4, IGNORE, band=2)
+        assert torch.equal(grad, band_grad)
+        histogram = kernels.teacher_histogram(masks, labels, 10, 12, "plop")
+        assert torch.equal(histogram, kernels.teacher_histogram(masks, labels, 10, 12, "plop", band=2))
+        thresholds = torch.full((9,), 0.5, device=device)
+        pseudo, counts = kernels.pseudo_label(masks, labels, thresholds, IGNORE, 12, "normalized")
+        band_pseudo, band_counts = kernels.pseudo_label(masks, labels, thresholds, IGNORE, 12, "normalized", band=2)
+        assert torch.equal(pseudo, band_pseudo) and torch.equal(counts, band_counts)
+        assert counts[:, 1].sum() > 0  # some pixels took a pseudo-label
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
