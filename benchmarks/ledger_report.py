@@ -124,6 +124,7 @@ def ledger_markdown(ledger) -> str:
                        *(f"{DEVICE_TITLES[d]} ms" for d in MODEL_DEVICES), "H200 ms cached", "bound (H200)",
                        "× eager (H200)"], table))
     out.append(scaling_markdown(rows))
+    out.append(sampling_markdown(rows))
     out.append("\n## Fused kernels (forward+backward, or forward for ops without a backward)\n")
     for row in rows:
         if row["provider"] != "fused" or row["mode"] != ("forward+backward" if any(
@@ -175,6 +176,25 @@ def scaling_markdown(rows) -> str:
             "multilinear in the axes below, the same launches and tiles at every sample; integral results = "
             "consistent with it; the data-dependent counts — atomics, useful FLOPs on zero operands — are "
             "estimates).\n\n" + _table(["op", "case", "dtype", "axes: samples → target", "runs", "integral"], table))
+
+
+def sampling_markdown(rows) -> str:
+    """Which fused rows counted only a sample of the programs of some launches (estimates)."""
+    seen, table = set(), []
+    for row in rows:
+        sampled = row.get("sampled_programs")
+        key = (row["op"], row["case"], row["dtype"], row["mode"])
+        if row["provider"] != "fused" or not sampled or key in seen:
+            continue
+        seen.add(key)
+        table.append([row["op"], row["case"], row["dtype"], row["mode"],
+                      "; ".join(f"{name}: {m} of {grid}" for name, (m, grid) in sorted(sampled.items()))])
+    if not table:
+        return ""
+    return ("\n## Sampled programs (estimates)\n\nThese fused rows interpreted only a seeded random sample of the "
+            "programs of the launches below and scaled the counts by grid / sample (`KernelCounter(sample_programs=)`, "
+            "`workloads.PROGRAM_SAMPLED_OPS`): estimates, since programs at the edges of the masks do less work.\n\n"
+            + _table(["op", "case", "dtype", "mode", "programs interpreted"], table))
 
 
 def step_markdown(step) -> str:
@@ -248,7 +268,9 @@ def results_section(ledger) -> str:
            "elementwise work: the eager seg-head has none); \"perfect cache\" charges each tensor a launch touches "
            "once (the no-cache figure charges every access). Fused rows at the paper size come from exact "
            "per-dimension scaling of small interpreted samples where the launch plan allows it "
-           "(`ledger_scale.py`).\n\n", _header(ledger), "\n"]
+           "(`ledger_scale.py`); the seg-head ops' (seg_head_loss, loss_stage, pseudo_label) from a seeded sample of "
+           "programs of each launch, scaled to the grid — estimates (the run's `ledger.md`, \"Sampled programs\")."
+           "\n\n", _header(ledger), "\n"]
     table = []
     for row in rows:
         if row["provider"] != "fused":

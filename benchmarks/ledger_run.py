@@ -235,6 +235,8 @@ def rows_for(case: W.Case, dtype_name: str, provider: str, counted: dict) -> lis
             "atomic_lanes": t["atomic_lanes"], "atomic_max_per_address": t["atomic_max_per_address"],
             "triton_launches": len(triton), "syncs": counted["syncs"],
             "scaling": counted.get("scaling"),
+            "sampled_programs": {launch["name"]: [launch["sampled_programs"], launch["grid"]] for launch in triton
+                                 if launch.get("sampled_programs")},
             "kernels": kernel_breakdown(launches),
         })
     return rows
