@@ -119,7 +119,8 @@ class Launch:
     distinct_bytes_read: int = 0  # per tensor argument, capped at its storage size: a perfect cache's traffic
     distinct_bytes_written: int = 0
     atomic_lanes: int = 0
-    atomic_max_per_address: int = 0  # the most active lanes that hit one address in this launch
+    atomic_max_per_address: int = 0  # the most active lanes that hit one address in this launch (in the
+    # programs interpreted: not scaled when only a sample of the grid ran)
     dot_flops: Counter = field(default_factory=Counter)  # precision -> FLOPs issued (2·M·N·K per tl.dot)
     useful_dot_flops: int = 0
     dot_shapes: Counter = field(default_factory=Counter)  # "MxNxK" -> number of tl.dot calls

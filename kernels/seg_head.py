@@ -13,7 +13,7 @@ at pixel (y, x) of image b is, with top = m[y0,x0] + (m[y0,x1] − m[y0,x0])·λ
     z_c = top + (bottom − top)·λy.
 
 i0 is monotone in d, so the outputs with i0 = I form one run, the *cell* I: [start(I), start(I + 1)), where
-start(I) is the first d with i0(d) ≥ I (`_cell_start`: the rational estimate ((2I + 1)·N − n) / 2n, then i0
+start(I) is the first d with i0(d) ≥ I (`_cell_starts`: the rational estimate ((2I + 1)·N − n) / 2n, then i0
 evaluated exactly on eight candidates around it). A pixel tile inside one cell (Y, X) of rows × columns has
 the same four corners for every pixel: per class, the four mask values are loaded once per tile, top and
 (bottom − top) are (classes × columns) vectors, and z costs one multiply-add per class-pixel. No kernel
@@ -30,8 +30,8 @@ Forward: per-band sums (`_seg_head_sums_kernel`, grid (bands·B,))
 For each pixel tile the classes are swept in chunks of BLOCK_K with an online softmax: running max m and the
 masses L_old = Σ_{c<num_old} e^{z_c−m}, L_new = Σ_{c≥num_old} e^{z_c−m} (rescaled by e^{m_old−m_new} when the
 max grows; a chunk entirely of old or of new classes adds its whole sum to one mass). The label's logit
-z_y is interpolated per pixel from the label's own four mask values (one gather per pixel, not one compare
-per class-pixel), with the operations that formed z_c (the same rounding, up to the compiler's choice of
+z_y is interpolated per pixel from the label's own four mask values (four loads per pixel, not a compare per
+class-pixel), with the operations that formed z_c (the same rounding, up to the compiler's choice of
 fused multiply-adds). Per pixel
 
     lse = m + log(L_old + L_new),  CE = lse − z_y,  P_new = L_new / (L_old + L_new),  P_old = L_old / (…),
@@ -72,17 +72,18 @@ their four corners would need float atomics (non-deterministic order); instead a
 
 * a pixel tile of cell (Y, X) contracts its columns first: per class and tile row, Σ_x dz·(1−λx) goes to
   column X and Σ_x dz·λx to column X + 1 (one multiply and two adds per class-pixel);
-* then its rows: the (classes × tile rows) sums are spread with the rows' (1−λy, λy) onto the band's
-  output rows (classes × BAND accumulators, a few operations per class and tile row, not per pixel);
+* then its rows: per class, the tile rows' sums weighted by 1−λy (reaching row Y) and by λy (reaching row
+  Y + 1) are added up over the cell, and once per cell added onto those two of the band's output rows
+  (classes × BAND accumulators): a few operations per class and tile row, none per pixel;
 * after the last cell of column X, column X's gradient is its (1−λx) part plus the λx part carried from
   column X − 1 (both parts at the last column, where x1 = x0), written once; the λx part is carried on.
 
-Each pixel's dz is formed once in its own band; a band also walks the cells just above and left of it (their
-λ-parts reach its first row and column), so the work issued is (BAND + 1)²/BAND² of the useful work
-(1.27× at BAND = 8) plus the two contractions, with no tl.dot and no multiplications by zero. The gradient
-is written once, in order: bitwise deterministic.
+A band also walks the ring of cells just above and left of it (their λ-parts reach its first row and column),
+whose pixels the neighbouring bands form too: each pixel's dz is formed (BAND + 1)²/BAND² times on average
+(1.27× at BAND = 8), then contracted by λ-weighted sums, with no tl.dot and no weight that is structurally
+zero. The gradient is written once, in order: bitwise deterministic (and the same for any band size).
 
-PLOP teacher statistics (`_teacher_histogram_kernel`, `_pseudo_label_kernel`, grid (bands·B,))
+PLOP teacher statistics (`_teacher_kernel`: HISTOGRAM or pseudo-labels, grid (bands·B,))
 ----------------------------------------------------------------------------------------------
 Per pixel of the upsampled teacher, as the reference's ``entropy`` option says. ``"normalized"``: the
 argmax of the logits (first index on ties, as torch.argmax) and e = H(p)/log K with H(p) = log L − T/L,
@@ -92,14 +93,18 @@ T ← α(T + (m−m')L) with α = e^{m−m'}), which avoids the cancellation of 
 with the final m and L inside the log, so a first sweep finds m and L online and a second one sums
 p_c·log(p_c + 1e-8) and takes the argmax of p_c (PLOP's ``probs.max``); the two constants are computed in
 float64 and rounded once. The histogram kernel counts every label-0 pixel at (argmax, clamp(⌊e·num_bins⌋,
-0, num_bins−1)) in its *own* int32 histogram (one per program; the launcher sums them over programs, a
-fixed-order reduction): inside a pixel tile, equal (prediction, bin) pairs are first counted together, so
-each distinct pair of a tile is one integer atomic add to a histogram no other program touches — no hot
-spot, and integer sums are exact and order-independent. The pseudo-label kernel writes the new label
+0, num_bins−1)) in its *own* int32 histogram (program p adds into copy p mod HISTOGRAM_COPIES: one per
+program up to 512 programs, so the memory stays ≤ 512·K·num_bins·4 bytes; programs sharing a copy are 512
+apart in the launch order; the launcher sums the copies, a fixed-order reduction): inside a pixel tile, equal
+(prediction, bin) pairs are first counted together, so each distinct pair of a tile is one integer atomic
+add to a histogram no concurrent program touches — no hot spot, and integer sums are exact and
+order-independent. The pseudo-label kernel writes the new label
 (int64) and per-band counts of label-0 pixels and of those that took a pseudo-label (B, bands, 2).
 
-Offsets inside an image (pixels, label and mask strides) are int32 unless an image spans 2³¹ elements or
-more (the launchers then pass int64, IDX); image offsets are int64. Every load and store is masked; any
+Offsets inside an image along the label and mask strides are int32 unless an image spans 2³¹ elements or
+more (the launchers then pass int64, IDX); image offsets, and pixel offsets into the per-pixel outputs, are
+int64. Every load and store of tensor data is masked (the scalar loads of the sums' gradient and the stores
+of a program's partial sums are in bounds by construction); any
 strides of masks and labels are read in place; sums accumulate in float32 (float64 for float64 masks).
 Every grid is one flat axis (its fastest index first, the image last): CUDA caps grid axes 1 and 2 at 65535.
 """
@@ -116,7 +121,8 @@ NUM_SUMS = 8  # see the module docstring: CE·M_old, CE·M_new, M_old, M_new, P_
 # reach its first row and column): 8 × 8 cells cost (9/8)² = 1.27× the useful work and still give ≥ 2
 # programs per SM at the paper shapes (above). The forward and teacher kernels recompute nothing: 4 × 4
 # cells give them 512 programs at batch 8. Under the interpreter, where programs run one after another,
-# a band is the whole mask (the launchers' ``band`` argument lets a test cross band boundaries there).
+# a band is 64 × 64 cells, the whole mask of any test (the launchers' ``band`` argument lets a test cross band
+# boundaries there).
 FWD_BAND = 64 if INTERPRET else 4
 BWD_BAND = 64 if INTERPRET else 8
 # Pixel tiles inside a cell: at most BLOCK_R rows × BLOCK_C columns (powers of two ≥ the cell where they fit,
@@ -129,6 +135,8 @@ if INTERPRET:
     MAX_BLOCK_R, MAX_BLOCK_C, FWD_BLOCK_KS, BWD_BLOCK_KS = 64, 64, (), ()
 else:
     MAX_BLOCK_R, MAX_BLOCK_C, FWD_BLOCK_KS, BWD_BLOCK_KS = 4, 16, (32, 16, 8), (16, 8)
+# Copies of the entropy histogram (program p adds into copy p mod HISTOGRAM_COPIES): ≤ 20 MB at K_old = 101.
+HISTOGRAM_COPIES = 512
 # Pixels per tile of the entropy histogram, whose tiles compare all pairs of their pixels' keys.
 HISTOGRAM_TILE_PIXELS = 256 if INTERPRET else 64
 # Registers per thread the launchers spend on one (classes × rows × columns) block before going to 8 warps.
@@ -398,11 +406,14 @@ def _seg_head_sums_backward_kernel(
             # (−1 and BAND fall outside the band and match none).
             here = band_rows == Y - first_row
             below = band_rows == tl.minimum(Y + 1, h - 1) - first_row
+            # The cell's sums per class: (1−λx part, λx part) × (1−λy part, λy part).
+            column_here = tl.zeros((BLOCK_K,), ACC_DTYPE)
+            column_below = tl.zeros((BLOCK_K,), ACC_DTYPE)
+            next_column_here = tl.zeros((BLOCK_K,), ACC_DTYPE)
+            next_column_below = tl.zeros((BLOCK_K,), ACC_DTYPE)
             for r_start in range(row_start, row_end, BLOCK_R):
                 rows = r_start + tile_rows
                 ly = tl.maximum((rows.to(ACC_DTYPE) + 0.5) * scale_y - 0.5, 0.0) - tl.cast(Y, ACC_DTYPE)
-                row_weight = (tl.where(here[None, :], 1.0 - ly[:, None], 0.0)
-                              + tl.where(below[None, :], ly[:, None], 0.0))  # (BLOCK_R, BAND)
                 for c_start in range(col_start, col_end, BLOCK_C):
                     cols = c_start + tile_cols
                     lx = tl.maximum((cols.to(ACC_DTYPE) + 0.5) * scale_x - 0.5, 0.0) - tl.cast(X, ACC_DTYPE)
@@ -435,12 +446,19 @@ def _seg_head_sums_backward_kernel(
                     # Labels outside [0, K) become −1, which no class matches (their g_ce is 0 anyway).
                     target = tl.where(ce_valid, label, -1).to(IDX)
                     dz -= tl.where(classes[:, None, None] == target[None, :, :], g_ce[None, :, :], 0.0)
-                    # Columns first (per tile row), then the rows onto the band's output rows.
+                    # Columns first (per tile row), then the rows.
                     dz_next = dz * lx[None, None, :]
-                    row_here = tl.sum(dz - dz_next, axis=2)  # (BLOCK_K, BLOCK_R)
-                    row_next = tl.sum(dz_next, axis=2)
-                    to_column += tl.sum(row_here[:, :, None] * row_weight[None, :, :], axis=1)
-                    to_next_column += tl.sum(row_next[:, :, None] * row_weight[None, :, :], axis=1)
+                    row_sums = tl.sum(dz - dz_next, axis=2)  # (BLOCK_K, BLOCK_R): reaches column X
+                    next_row_sums = tl.sum(dz_next, axis=2)  # reaches column X + 1
+                    column_here += tl.sum(row_sums * (1.0 - ly)[None, :], axis=1)
+                    column_below += tl.sum(row_sums * ly[None, :], axis=1)
+                    next_column_here += tl.sum(next_row_sums * (1.0 - ly)[None, :], axis=1)
+                    next_column_below += tl.sum(next_row_sums * ly[None, :], axis=1)
+            # Onto the band's output rows Y (1 − λy parts) and Y + 1 (λy parts; both Y at the last row).
+            to_column += (tl.where(here[None, :], column_here[:, None], 0.0)
+                          + tl.where(below[None, :], column_below[:, None], 0.0))
+            to_next_column += (tl.where(here[None, :], next_column_here[:, None], 0.0)
+                               + tl.where(below[None, :], next_column_below[:, None], 0.0))
             row_start = row_end
         # Column X: its own (1−λx) part, the λx part of column X − 1 and, at the last column (x1 = x0), its own
         # λx part too. The ring column left of the band is not the band's: only its carry is kept.
@@ -520,11 +538,12 @@ def _teacher_kernel(
     masks_ptr,  # (B, K, h, w) any strides, any float dtype: teacher masks
     labels_ptr,  # (B, H, W) any strides, any integer dtype
     thresholds_ptr,  # (K,) any stride, float: per-class entropy thresholds (pseudo-labels only)
-    histograms_ptr,  # (programs, K, num_bins) int32, zero-initialised: output, one histogram per program
+    histograms_ptr,  # (copies, K, num_bins) int32, zero-initialised: output, copy p mod copies for program p
     pseudo_ptr,  # (B, H, W) contiguous int64: output, pseudo-labels (pseudo-labels only)
     counts_ptr,  # (B, bands, 2) contiguous int32: output, per band (#label-0 pixels, #pseudo-labelled)
     K, num_classes, h, w, H, W,  # num_classes: K_total (PLOP_ENTROPY only)
     num_bins,  # entropy bins over [0, 1] (histogram only)
+    n_histograms,  # copies of the histogram (histogram only)
     ignore_index,
     n_row_bands, n_col_bands,
     stride_mb, stride_mk, stride_my, stride_mx,
@@ -544,7 +563,7 @@ def _teacher_kernel(
     masks_image = masks_ptr + image * stride_mb
     labels_image = labels_ptr + image * stride_lb
     num_pixels = tl.cast(H, tl.int64) * W
-    histogram = histograms_ptr + program.to(tl.int64) * K * num_bins
+    histogram = histograms_ptr + (program % n_histograms).to(tl.int64) * K * num_bins
     tile_rows = tl.arange(0, BLOCK_R).to(IDX)
     tile_cols = tl.arange(0, BLOCK_C).to(IDX)
     # Pair (i, j) of a tile's pixels, flattened: j before i (for the first of equal histogram keys).
@@ -723,7 +742,8 @@ def _launch_teacher(teacher_masks, labels, thresholds, histograms, pseudo, count
     with device_guard(teacher_masks.device):  # launch on the tensors' GPU, not the current one
         _teacher_kernel[(n_row_bands * n_col_bands * batch,)](
             teacher_masks, labels, thresholds, histograms, pseudo, counts,
-            num_old, num_classes, h, w, height, width, num_bins, ignore_index, n_row_bands, n_col_bands,
+            num_old, num_classes, h, w, height, width, num_bins, histograms.shape[0], ignore_index,
+            n_row_bands, n_col_bands,
             *teacher_masks.stride(), *labels.stride(), thresholds.stride(0),
             BAND=band, PLOP_ENTROPY=entropy == "plop", HISTOGRAM=histogram, **plan,
         )
@@ -738,8 +758,9 @@ def teacher_histogram(
     _, height, width = labels.shape
     n_row_bands, n_col_bands = _bands(h, w, band)
     programs = batch * n_row_bands * n_col_bands if height * width else 0
-    # One histogram per program (see the module docstring), summed over programs in a fixed order.
-    histograms = torch.zeros((programs, num_old, num_bins), dtype=torch.int32, device=teacher_masks.device)
+    # A histogram per program, up to HISTOGRAM_COPIES (see the module docstring), summed in a fixed order.
+    histograms = torch.zeros((min(programs, HISTOGRAM_COPIES), num_old, num_bins), dtype=torch.int32,
+                             device=teacher_masks.device)
     if programs:
         # The pseudo-label outputs and thresholds are unused here (HISTOGRAM): any tensors of the right device.
         _launch_teacher(teacher_masks, labels, histograms, histograms, histograms, histograms, num_classes,

@@ -27,8 +27,8 @@ CE mean and the dice are a handful of (B,)-sized torch ops on those sums, so aut
 and ``incrementer_fast::seg_head_sums_backward`` receives the gradient of the sums (B, 8) and writes the
 gradient of masks (B, K, h, w) directly. Memory: 3·B·H·W saved values and
 the (B, K, h, w) gradient; no (B, K, H, W) tensor in forward or backward. The kernels' entropy histogram
-keeps one int32 (K_old, num_bins) histogram per program (no shared hot addresses), summed in a fixed order:
-≈ 20 MB at K_old = 101, 100 bins, 32² masks, batch 8 (512 programs).
+keeps one int32 (K_old, num_bins) histogram per program, at most 512 copies (no shared hot addresses), summed
+in a fixed order: ≈ 20 MB at K_old = 101, 100 bins.
 
 Backends (``incrementer_fast._dispatch.backend``): Triton kernels on CUDA (and on CPU under
 TRITON_INTERPRET=1); otherwise the sums are computed from materialised logits (the reference's upsampling)

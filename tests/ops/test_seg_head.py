@@ -404,7 +404,7 @@ KERNEL_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_ava
 
 @pytest.mark.skipif(not KERNEL_DEVICES, reason="the Triton kernels run on CUDA or under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_kernels_give_the_same_results_in_bands_of_two_cells(device):
+def test_kernels_give_the_same_results_in_bands_of_two_cells(device, monkeypatch):
     """A program owns a band of cells (and the backward walks a ring around it): bands of 2 × 2 cells, which
     cut 7 × 5 masks (down- and up-sampled rows) into many bands with partial edges, give the per-pixel
     statistics, the gradient, the histogram and the pseudo-labels of the default bands bit for bit, and the
@@ -427,6 +427,9 @@ def test_kernels_give_the_same_results_in_bands_of_two_cells(device):
         assert torch.equal(grad, band_grad)
         histogram = kernels.teacher_histogram(masks, labels, 10, 12, "plop")
         assert torch.equal(histogram, kernels.teacher_histogram(masks, labels, 10, 12, "plop", band=2))
+        with monkeypatch.context() as patch:  # 12 programs sharing 5 copies of the histogram
+            patch.setattr(kernels, "HISTOGRAM_COPIES", 5)
+            assert torch.equal(histogram, kernels.teacher_histogram(masks, labels, 10, 12, "plop", band=2))
         thresholds = torch.full((9,), 0.5, device=device)
         pseudo, counts = kernels.pseudo_label(masks, labels, thresholds, IGNORE, 12, "normalized")
         band_pseudo, band_counts = kernels.pseudo_label(masks, labels, thresholds, IGNORE, 12, "normalized", band=2)
