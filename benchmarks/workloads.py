@@ -292,13 +292,16 @@ OPS: dict[str, OpSpec] = {
                          targets=("issue6_memory_20x",)),
 }
 
-# The seg-head kernels walk the masks cell by cell (kernels/seg_head.py): at the paper shapes a single program
-# issues ~10⁴ interpreted operations, the ~3,000 programs of a case would take hours, and their bands of
-# cells break the per-row extrapolation of ledger_scale (its samples would need ≥ 2 bands of 8 cells). So
-# --size paper interprets PROGRAM_SAMPLE programs of each of their launches, drawn at random with a seed,
-# and scales the counts to the grid: an estimate (the programs of a launch differ only at the masks'
-# edges), recorded per launch as ``sampled_programs``.
-PROGRAM_SAMPLED_OPS = ("seg_head_loss", "pseudo_label", "loss_stage")
+# Ops whose paper cases no exact extrapolation covers and which take too long to interpret in full. The
+# seg-head kernels walk the masks cell by cell (kernels/seg_head.py): a single program issues ~10⁴ interpreted
+# operations, the ~3,000 programs of a case would take hours, and their bands of cells break the per-row
+# extrapolation of ledger_scale (its samples would need ≥ 2 bands of 8 cells). The dice's forward plans a few
+# programs per SM, each sweeping a long run of pixel tiles, so its grid changes with the size (~30 min per
+# paper case in full). So --size paper interprets PROGRAM_SAMPLE programs of each of their launches, drawn
+# at random with a seed, and scales the counts to the grid: an estimate (the programs of a launch differ
+# only at the edges), recorded per launch as ``sampled_programs``. The dice's last-program reduction then
+# never runs (a few hundred additions, not counted).
+PROGRAM_SAMPLED_OPS = ("seg_head_loss", "pseudo_label", "loss_stage", "cds_dice_loss")
 PROGRAM_SAMPLE = 4
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "TL_DTYPE",
     "accumulation_dtype",
     "completion_counter",
+    "reset_completion_counters",
     "device_guard",
     "merge_dims",
     "multiprocessor_count",
@@ -182,3 +183,15 @@ def completion_counter(device: torch.device):
     except BaseException:
         counter.zero_()
         raise
+
+
+def reset_completion_counters() -> None:
+    """Zero every completion counter (the CPU's and each CUDA device's and stream's).
+
+    For a harness that ran only part of a grid — the performance ledger interprets a sample of the programs
+    of some launches (benchmarks/ledger_count.py, ``sample_programs``) — so that the "last program" of a
+    later launch is found again. A complete launch never needs it.
+    """
+    _CPU_COUNTER.zero_()
+    for counter in _COUNTERS.values():
+        counter.zero_()
