@@ -268,8 +268,8 @@ def results_section(ledger) -> str:
            "elementwise work: the eager seg-head has none); \"perfect cache\" charges each tensor a launch touches "
            "once (the no-cache figure charges every access). Fused rows at the paper size come from exact "
            "per-dimension scaling of small interpreted samples where the launch plan allows it "
-           "(`ledger_scale.py`); the seg-head ops' (seg_head_loss, loss_stage, pseudo_label) from a seeded sample of "
-           "programs of each launch, scaled to the grid — estimates (the run's `ledger.md`, \"Sampled programs\")."
+           "(`ledger_scale.py`); those of seg_head_loss, loss_stage, pseudo_label and cds_dice_loss from a seeded sample "
+           "of programs of each launch, scaled to the grid — estimates (the run's `ledger.md`, \"Sampled programs\")."
            "\n\n", _header(ledger), "\n"]
     table = []
     for row in rows:

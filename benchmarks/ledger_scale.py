@@ -73,14 +73,11 @@ def axes_of(case: W.Case) -> list[Axis]:
     axes = []
     if d.get("B", 1) > 2:
         axes.append(Axis("B", _pairs(d["B"], ((1, 2), (2, 3), (2, 4), (4, 6))), d["B"], lambda b: {"B": b}))
-    # The seg-head ops are not extrapolated: their paper cases interpret a sample of programs instead
-    # (workloads.PROGRAM_SAMPLED_OPS).
+    # The seg-head ops and cds_dice_loss are not extrapolated: their paper cases interpret a sample of programs
+    # instead (workloads.PROGRAM_SAMPLED_OPS).
     if case.op == "cosine_mask":
         axes.append(Axis("N", _pairs(d["N"], ((128, 256), (256, 384), (256, 512), (512, 768))), d["N"],
                          lambda n: {"N": n}))
-    elif case.op == "cds_dice_loss":
-        axes.append(Axis("H", _pairs(d["H"], ((8, 16), (16, 32), (32, 48), (32, 64), (64, 128))), d["H"],
-                         lambda t: {"H": t}))
     # fod_loss: its rows are B·N; the same as the B axis above
     return [axis for axis in axes if axis.candidates]
 

@@ -187,7 +187,7 @@ DATA_DEPENDENT = ("useful_dot_flops", "atomic_lanes", "atomic_max_per_address")
                     reason="the ledger plans launches for 132 SMs (the re-run below sets it)")
 @pytest.mark.parametrize("text", [
     "cosine_mask:B=4,N=512,D=32,K=5",  # images and patches
-    "cds_dice_loss:B=2,H=64,W=16,K=5",  # pixel rows at a fixed batch
+    # (the seg-head ops and cds_dice_loss are not extrapolated: workloads.PROGRAM_SAMPLED_OPS)
 ])
 def test_scaled_counts_equal_a_direct_count(text):
     """The per-dimension extrapolation behind --size paper, and the launch plan on fake tensors, against
@@ -258,4 +258,4 @@ def test_counts_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "9 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]  # everything ran but this test
+    assert "8 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]  # everything ran but this test
