@@ -163,6 +163,19 @@ def _cell_starts(first, in_size, out_size, ACC_DTYPE: tl.constexpr, N: tl.conste
 
 
 @triton.jit
+def _band_cells(first_row, first_col, h, w, H, W, ACC_DTYPE: tl.constexpr, BAND: tl.constexpr):
+    """What a program walking cells from (first_row, first_col) needs once: the source-position scales
+    (h/H, w/W) and the starts of 2·BAND cells along each axis (entry i: cell first + i; read with
+    ``tl.sum(tl.where(cell_index == i, starts, 0))``)."""
+    scale_y = tl.cast(h, ACC_DTYPE) / tl.cast(H, ACC_DTYPE)
+    scale_x = tl.cast(w, ACC_DTYPE) / tl.cast(W, ACC_DTYPE)
+    cell_index = tl.arange(0, 2 * BAND)
+    row_starts = _cell_starts(first_row, h, H, ACC_DTYPE, 2 * BAND)
+    col_starts = _cell_starts(first_col, w, W, ACC_DTYPE, 2 * BAND)
+    return scale_y, scale_x, cell_index, row_starts, col_starts
+
+
+@triton.jit
 def _cell_lerps(class_ptr, in_classes, row0, row1, col0, col1, lx, ACC_DTYPE: tl.constexpr):
     """(top, bottom − top) of a cell's tile columns, (BLOCK_K, BLOCK_C): the four corner values of each class
     (class_ptr (BLOCK_K,) pointers to their mask plane; row/col offsets already times the strides), 0 for
@@ -224,12 +237,8 @@ def _seg_head_sums_kernel(
     sum_pold_old = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
     sum_pold_valid = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
 
-    # Cell starts of the band's rows and columns, computed once; entry i is cell first + i.
-    scale_y = tl.cast(h, ACC_DTYPE) / tl.cast(H, ACC_DTYPE)
-    scale_x = tl.cast(w, ACC_DTYPE) / tl.cast(W, ACC_DTYPE)
-    cell_index = tl.arange(0, 2 * BAND)
-    row_starts = _cell_starts(first_row, h, H, ACC_DTYPE, 2 * BAND)
-    col_starts = _cell_starts(first_col, w, W, ACC_DTYPE, 2 * BAND)
+    scale_y, scale_x, cell_index, row_starts, col_starts = _band_cells(first_row, first_col, h, w, H, W,
+                                                                       ACC_DTYPE, BAND)
     row_start = tl.sum(tl.where(cell_index == 0, row_starts, 0))
     for Y in range(first_row, tl.minimum(first_row + BAND, h)):
         row_end = tl.sum(tl.where(cell_index == Y + 1 - first_row, row_starts, 0))
@@ -384,12 +393,8 @@ def _seg_head_sums_backward_kernel(
     first_y = tl.maximum(first_row - 1, 0)
     first_x = tl.maximum(first_col - 1, 0)
     carry = tl.zeros((BLOCK_K, BAND), ACC_DTYPE)  # the λx part of the previous column, per output row
-    scale_y = tl.cast(h, ACC_DTYPE) / tl.cast(H, ACC_DTYPE)
-    scale_x = tl.cast(w, ACC_DTYPE) / tl.cast(W, ACC_DTYPE)
-    # Cell starts of the rows and columns walked (band and ring), computed once; entry i is cell first_y/x + i.
-    cell_index = tl.arange(0, 2 * BAND)
-    row_starts = _cell_starts(first_y, h, H, ACC_DTYPE, 2 * BAND)
-    col_starts = _cell_starts(first_x, w, W, ACC_DTYPE, 2 * BAND)
+    # The cells walked start at the ring: entry i of the starts is cell first_y / first_x + i.
+    scale_y, scale_x, cell_index, row_starts, col_starts = _band_cells(first_y, first_x, h, w, H, W, ACC_DTYPE, BAND)
     col_start = tl.sum(tl.where(cell_index == 0, col_starts, 0))
     for X in range(first_x, tl.minimum(first_col + BAND, w)):
         col_end = tl.sum(tl.where(cell_index == X + 1 - first_x, col_starts, 0))
@@ -572,12 +577,8 @@ def _teacher_kernel(
     background_count = tl.zeros((BLOCK_R, BLOCK_C), tl.int32)  # per pixel position of the tile
     pseudo_count = tl.zeros((BLOCK_R, BLOCK_C), tl.int32)
 
-    # Cell starts of the band's rows and columns, computed once; entry i is cell first + i.
-    scale_y = tl.cast(h, ACC_DTYPE) / tl.cast(H, ACC_DTYPE)
-    scale_x = tl.cast(w, ACC_DTYPE) / tl.cast(W, ACC_DTYPE)
-    cell_index = tl.arange(0, 2 * BAND)
-    row_starts = _cell_starts(first_row, h, H, ACC_DTYPE, 2 * BAND)
-    col_starts = _cell_starts(first_col, w, W, ACC_DTYPE, 2 * BAND)
+    scale_y, scale_x, cell_index, row_starts, col_starts = _band_cells(first_row, first_col, h, w, H, W,
+                                                                       ACC_DTYPE, BAND)
     row_start = tl.sum(tl.where(cell_index == 0, row_starts, 0))
     for Y in range(first_row, tl.minimum(first_row + BAND, h)):
         row_end = tl.sum(tl.where(cell_index == Y + 1 - first_row, row_starts, 0))
