@@ -428,7 +428,10 @@ def environment_report(device: torch.device) -> list[tuple[str, str]]:
                   f"{_dispatch.selected_backend()} ({_dispatch.ENV_VAR} unset)"))
     try:
         taken = _dispatch.backend(device)
-    except RuntimeError as error:
+        if taken == "triton":
+            target = _dispatch.launch_target(device)
+            taken += f" (launch plan: {target.name}, {target.multiprocessors} SMs)"
+    except (RuntimeError, ValueError) as error:
         taken = f"error: {error}"
     for op in OPS:
         lines.append((f"{op} on {device.type}", taken))

@@ -21,7 +21,7 @@ pixels:
 
     dice_k = 1 − (2·I_k + smooth) / (Q_k + T_k + smooth),   loss = (1/B) Σ_b (dice_new + dice_old).
 
-One launch, `_cds_dice_forward_kernel`, grid (n_chunks·B,): each program owns a contiguous run of S-tiles
+One launch, `_cds_dice_loss_fwd_kernel`, grid (n_chunks·B,): each program owns a contiguous run of S-tiles
 of one image, keeps the six sums per pixel lane in registers across its tiles and writes six scalars to
 partials (6, B, n_chunks) — per-program partials, no atomics on the sums. Then each program increments a
 counter (one int32 atomic per program) and the program that finds itself last (`_finalize`) adds the
@@ -75,10 +75,10 @@ import triton
 import triton.language as tl
 
 from .utils import (
-    accumulation_dtype,
+    compute_dtype,
     completion_counter,
     device_guard,
-    multiprocessor_count,
+    launch_target,
     num_warps,
     split_fp32,
     two_dims,
@@ -95,7 +95,7 @@ NUM_STATS = 6  # I_new, Q_new, T_new, I_old, Q_old, T_old (see the module docstr
 
 
 @triton.jit
-def _cds_dice_forward_kernel(
+def _cds_dice_loss_fwd_kernel(
     logits_ptr,  # (B, C, S_outer, S_inner) via the four strides below, any float dtype
     labels_ptr,  # (B, S_outer, S_inner) via the three strides below, any integer dtype
     partials_ptr,  # (6, B, n_chunks) contiguous, accumulation dtype (float32 or float64): scratch
@@ -252,7 +252,7 @@ def _finalize(
 
 
 @triton.jit
-def _cds_dice_backward_kernel(
+def _cds_dice_loss_bwd_kernel(
     logits_ptr,  # (B, C, S_outer, S_inner) via the four strides below, any float dtype
     labels_ptr,  # (B, S_outer, S_inner) via the three strides below, any integer dtype
     grad_ptr,  # (B, C, S_outer, S_inner) via its four strides, logits' dtype: output, ∂loss/∂logits
@@ -394,8 +394,9 @@ def _blocks(num_classes: int, block_c: int | None, block_s: int | None, one_chun
 
 
 def _program_target(device: torch.device) -> int:
-    """Forward programs to aim for: four per SM keeps the GPU busy and the final sum tiny."""
-    return 4 * multiprocessor_count(device)
+    """Forward programs to aim for: four per SM of the launch's target keeps the GPU busy and the final sum
+    tiny."""
+    return 4 * launch_target(device).multiprocessors
 
 
 def cds_dice_loss_forward(
@@ -424,7 +425,7 @@ def cds_dice_loss_forward(
         plan = two_dims((num_pixels,), logits.stride()[2:], labels.stride()[1:])
     s_inner, spatial_2d, ((stride_xo, stride_xi), (stride_yo, stride_yi)) = plan
 
-    acc = accumulation_dtype(logits.dtype)
+    acc = compute_dtype(logits.dtype)
     block_c, block_s, _ = _blocks(num_classes, block_c, block_s, FORWARD_ONE_CHUNK)
     n_tiles = triton.cdiv(num_pixels, block_s)
     if chunks_per_image is None:
@@ -442,7 +443,7 @@ def cds_dice_loss_forward(
     block_b = min(16, triton.next_power_of_2(batch))
     block_t = min(128, triton.next_power_of_2(n_chunks))
     with device_guard(device), completion_counter(device) as counter:  # launch on the tensors' GPU
-        _cds_dice_forward_kernel[(n_chunks * batch,)](
+        _cds_dice_loss_fwd_kernel[(n_chunks * batch,)](
             logits, labels, partials, counter, stats, loss,
             batch, num_classes, num_pixels, s_inner, num_old, ignore_index,
             n_tiles, n_chunks, tiles_per_chunk,
@@ -487,7 +488,7 @@ def cds_dice_loss_backward(
     n_tiles = triton.cdiv(num_pixels, block_s)
     smooth_hi, smooth_lo = split_fp32(smooth)
     with device_guard(logits.device):  # launch on the tensors' GPU, not the current one
-        _cds_dice_backward_kernel[(n_tiles * batch,)](
+        _cds_dice_loss_bwd_kernel[(n_tiles * batch,)](
             logits, labels, out, stats, grad_loss,
             batch, num_classes, num_pixels, s_inner, num_old, ignore_index, n_tiles, smooth_hi, smooth_lo,
             logits.stride(0), logits.stride(1), stride_xo, stride_xi,

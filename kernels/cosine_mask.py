@@ -37,7 +37,7 @@ The row dot products need no full row of dx̂: ⟨p̂_n, dp̂_n⟩ = Σ_k dM[k, 
     ds   = Σ_k ⟨ĉ_k, Σ_n dM[k, n] p̂_n⟩                                  (no division by s: s may be 0)
 
 The backward reads the saved masks and norms and recomputes no forward product. One launch,
-`_backward_kernel`, computes both input gradients: its first programs compute dp, the others dc, each with
+`_cosine_mask_bwd_kernel`, computes both input gradients: its first programs compute dp, the others dc, each with
 `_input_grad_tile` — one program per (b, tile of rows of x, tile of D) accumulates Σ_j dM[r, j] ŷ_j over the
 partner's rows j with `tl.dot` (ŷ = y·ι_y formed on the fly from the saved norms), and σ_x from the same
 dM tile and the matching masks tile, then applies the
@@ -71,7 +71,8 @@ Chosen on the host from the sizes, not autotuned, so Triton's interpreter (and t
 which counts what the interpreter issues) runs exactly the tiles and grids of a GPU launch, and compile
 time stays one kernel per shape class. Class and row tiles are the largest power of two ≤ 64 that wastes
 at most 15 % of the work on padding (`utils.pow2_tile`); the other tile grows from 16 only as long as the
-grid keeps at least two programs per multiprocessor (`utils.PLAN_SMS` of them for tensors not on a GPU).
+grid keeps at least two programs per multiprocessor of the launch's target (`utils.launch_target`: the GPU's own
+SMs, or the selected plan's for CPU tensors through the interpreter).
 At ViT-B/16 512²,
 batch 8 (N = 1024, D = 768): K = 151 → forward tiles 128 × 32 patches × classes (320 programs), backward
 tiles (D × rows) dp 64 × 64 (1536 programs) and dc 64 × 32 (480 programs); K = 21 → forward 64 × 8 (384),
@@ -88,11 +89,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import utils
 from .utils import (
-    INTERPRET,
-    accumulation_dtype,
+    Target,
+    compute_dtype,
     device_guard,
-    multiprocessor_count,
+    launch_target,
     num_warps,
     pow2_tile,
     split_fp32,
@@ -119,7 +121,7 @@ def _scale(scale_ptr, scale_hi, scale_lo, ACC_DTYPE: tl.constexpr, SCALE_TENSOR:
 
 
 @triton.jit
-def _forward_kernel(
+def _cosine_mask_fwd_kernel(
     patches_ptr,  # (B, N, D) any strides
     classes_ptr,  # (B, K, D) any strides
     scale_ptr,  # () the scale s, any float dtype, when SCALE_TENSOR (else any pointer, never read)
@@ -279,7 +281,7 @@ def _input_grad_tile(
 
 
 @triton.jit
-def _backward_kernel(
+def _cosine_mask_bwd_kernel(
     grad_ptr,  # (B, K, N) upstream gradient dM, any strides (0 for an expanded `.sum()` gradient)
     masks_ptr,  # (B, K, N) contiguous saved masks (s·raw)
     patches_ptr,  # (B, N, D) any strides
@@ -341,32 +343,32 @@ def _grown_tile(other_programs: int, size: int, target: int, candidates=(128, 64
     return fitting[-1]
 
 
-def forward_tiles(batch: int, num_patches: int, num_classes: int, dim: int, dtype: torch.dtype,
-                  device: torch.device) -> tuple[int, int, int]:
+def forward_tiles(batch: int, num_patches: int, num_classes: int, dim: int, target: Target) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_D) of the forward launch (see the module docstring, "Tiles and grids")."""
     block_k = pow2_tile(num_classes, max_padding=MAX_PADDING)
-    target = PROGRAMS_PER_SM * multiprocessor_count(device)
-    block_n = _grown_tile(batch * triton.cdiv(num_classes, block_k), num_patches, target)
+    programs = PROGRAMS_PER_SM * target.multiprocessors
+    block_n = _grown_tile(batch * triton.cdiv(num_classes, block_k), num_patches, programs)
     block_d = min(32, max(16, triton.next_power_of_2(max(dim, 1))))
     return block_n, block_k, block_d
 
 
-def input_grad_tiles(batch: int, rows: int, reduced: int, dim: int, device: torch.device) -> tuple[int, int, int]:
+def input_grad_tiles(batch: int, rows: int, reduced: int, dim: int, target: Target) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_J, BLOCK_D) of one input gradient: rows of x, the reduced rows of y, features."""
     block_r = pow2_tile(rows, max_padding=MAX_PADDING)
     # The reduced rows are the dot's K: Triton 3.6 (the GPU image's) needs K ≥ 16 for fp32 dots (3.8: 8).
     block_j = pow2_tile(reduced, candidates=(32, 16), max_padding=MAX_PADDING)
-    target = PROGRAMS_PER_SM * multiprocessor_count(device)
-    block_d = _grown_tile(batch * triton.cdiv(rows, block_r), dim, target, candidates=(64, 32, 16))
+    programs = PROGRAMS_PER_SM * target.multiprocessors
+    block_d = _grown_tile(batch * triton.cdiv(rows, block_r), dim, programs, candidates=(64, 32, 16))
     return block_r, block_j, block_d
 
 
 def _forward_dot_dtype(dtype: torch.dtype) -> torch.dtype:
     """16-bit tiles enter the forward dot as they are (exact products, tensor cores), except bf16 under the
-    interpreter, whose bf16 dot is unreliable; everything else is dotted in the accumulation dtype."""
-    if dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRET):
+    interpreter, whose bf16 dot is unreliable (``utils.UPCAST_BF16_DOTS``); everything else is dotted in the
+    accumulation dtype."""
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and not utils.UPCAST_BF16_DOTS):
         return dtype
-    return accumulation_dtype(dtype)
+    return compute_dtype(dtype)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -401,7 +403,7 @@ def cosine_mask_forward(
     batch, num_patches, dim = patches.shape
     num_classes = classes.shape[1]
     device = patches.device
-    acc = accumulation_dtype(patches.dtype)
+    acc = compute_dtype(patches.dtype)
     masks = torch.empty((batch, num_classes, num_patches), dtype=out_dtype, device=device)
     if masks.numel() == 0:  # nothing to launch; the norms are still defined
         norm_p = torch.linalg.vector_norm(patches.to(acc), dim=-1)
@@ -409,10 +411,10 @@ def cosine_mask_forward(
         return masks, norm_p, norm_c
     norm_p = torch.empty((batch, num_patches), dtype=acc, device=device)
     norm_c = torch.empty((batch, num_classes), dtype=acc, device=device)
-    block_n, block_k, block_d = forward_tiles(batch, num_patches, num_classes, dim, patches.dtype, device)
+    block_n, block_k, block_d = forward_tiles(batch, num_patches, num_classes, dim, launch_target(device))
     grid = (batch * triton.cdiv(num_patches, block_n) * triton.cdiv(num_classes, block_k),)
     with device_guard(device):  # launch on the tensors' GPU, not the current one
-        _forward_kernel[grid](
+        _cosine_mask_fwd_kernel[grid](
             patches, classes, *_scale_args(scale, scale_value, patches), masks, norm_p, norm_c,
             num_patches, num_classes, dim,
             *patches.stride(), *classes.stride(),
@@ -451,7 +453,7 @@ def cosine_mask_backward(
     batch, num_patches, dim = patches.shape
     num_classes = classes.shape[1]
     device = patches.device
-    acc = accumulation_dtype(patches.dtype)
+    acc = compute_dtype(patches.dtype)
     grad_patches = torch.empty(patches.shape if need_patches else (0,), dtype=patches.dtype, device=device)
     # ds is formed from the class-gradient programs, so they also run when only the scale needs a gradient.
     run_classes = need_classes or need_scale
@@ -462,14 +464,15 @@ def cosine_mask_backward(
         grad_scale = torch.zeros((), dtype=acc, device=device) if need_scale else torch.empty((0,), device=device)
         return grad_patches.zero_(), grad_classes.zero_(), grad_scale
 
-    p_tiles = input_grad_tiles(batch, num_patches, num_classes, dim, device)
-    c_tiles = input_grad_tiles(batch, num_classes, num_patches, dim, device)
+    target = launch_target(device)
+    p_tiles = input_grad_tiles(batch, num_patches, num_classes, dim, target)
+    c_tiles = input_grad_tiles(batch, num_classes, num_patches, dim, target)
     patch_programs = batch * triton.cdiv(num_patches, p_tiles[0]) * triton.cdiv(dim, p_tiles[2]) if need_patches else 0
     class_programs = batch * triton.cdiv(num_classes, c_tiles[0]) * triton.cdiv(dim, c_tiles[2]) if run_classes else 0
     scale_partials = torch.empty((class_programs if need_scale else 1,), dtype=acc, device=device)
     largest_tile = max(p_tiles[0] * p_tiles[2], c_tiles[0] * c_tiles[2])
     with device_guard(device):  # launch on the tensors' GPU, not the current one
-        _backward_kernel[(patch_programs + class_programs,)](
+        _cosine_mask_bwd_kernel[(patch_programs + class_programs,)](
             grad, masks, patches, classes, norm_p, norm_c, *_scale_args(scale, scale_value, patches),
             # an unrequested gradient's pointer is never dereferenced (its programs are not in the grid)
             grad_patches if need_patches else grad_classes,

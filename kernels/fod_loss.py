@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import accumulation_dtype, completion_counter, device_guard, merge_dims, num_warps
+from .utils import compute_dtype, completion_counter, device_guard, merge_dims, num_warps
 
 # Elements of one (BLOCK_M × D) row tile per tensor: 4096 fp32 values over 8 warps is 16 registers per
 # thread per tensor, enough bytes in flight per SM to saturate HBM without spilling in the backward.
@@ -337,7 +337,7 @@ def fod_loss_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (loss, W): the 0-dim loss and Σ max(w, 0), both in the compute dtype (fp32, or fp64 for fp64
     student). One launch."""
-    acc = accumulation_dtype(student.dtype)
+    acc = compute_dtype(student.dtype)
     device = student.device
     dim = student.shape[-1]
     num_rows = weight.numel()

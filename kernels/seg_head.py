@@ -25,7 +25,7 @@ kernel's work a sum of identical interior bands, which the performance ledger ex
 the paper shapes (32² masks, 512² labels, batch 8) they give 512 forward programs and 1280 (K = 151) or
 384 (K = 21) backward programs, ≥ 2 per SM of an H100/H200.
 
-Forward: per-band sums (`_seg_head_sums_kernel`, grid (bands·B,))
+Forward: per-band sums (`_seg_head_loss_fwd_kernel`, grid (bands·B,))
 -----------------------------------------------------------------
 For each pixel tile the classes are swept in chunks of BLOCK_K with an online softmax: running max m and the
 masses L_old = Σ_{c<num_old} e^{z_c−m}, L_new = Σ_{c≥num_old} e^{z_c−m} (rescaled by e^{m_old−m_new} when the
@@ -68,7 +68,7 @@ interpolation: dm[c,Y,X] = Σ_{y,x} Ay[y,Y]·Ax[x,X]·dz_c(y,x), where row y giv
 to its y1 (both to y0 at the last row, where y1 = y0), and likewise the columns. A scatter from pixels to
 their four corners would need float atomics (non-deterministic order); instead a program owns the outputs
 (class chunk, BAND × BAND cells) and *gathers* what reaches them, walking its cells column by column
-(`_seg_head_sums_backward_kernel`):
+(`_seg_head_loss_bwd_kernel`):
 
 * a pixel tile of cell (Y, X) contracts its columns first: per class and tile row, Σ_x dz·(1−λx) goes to
   column X and Σ_x dz·λx to column X + 1 (one multiply and two adds per class-pixel);
@@ -83,7 +83,7 @@ whose pixels the neighbouring bands form too: each pixel's dz is formed (BAND + 
 (1.27× at BAND = 8), then contracted by λ-weighted sums, with no tl.dot and no weight that is structurally
 zero. The gradient is written once, in order: bitwise deterministic (and the same for any band size).
 
-PLOP teacher statistics (`_teacher_kernel`: HISTOGRAM or pseudo-labels, grid (bands·B,))
+PLOP teacher statistics (`_plop_teacher_kernel`: HISTOGRAM or pseudo-labels, grid (bands·B,))
 ----------------------------------------------------------------------------------------------
 Per pixel of the upsampled teacher, as the reference's ``entropy`` option says. ``"normalized"``: the
 argmax of the logits (first index on ties, as torch.argmax) and e = H(p)/log K with H(p) = log L − T/L,
@@ -110,35 +110,62 @@ Every grid is one flat axis (its fastest index first, the image last): CUDA caps
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRET, accumulation_dtype, device_guard, num_warps, pow2_tile, tl_dtype
+from .utils import Target, compute_dtype, device_guard, launch_target, num_warps, pow2_tile, tl_dtype
 
 NUM_SUMS = 8  # see the module docstring: CE·M_old, CE·M_new, M_old, M_new, P_new·M_new, P_new·valid, P_old·M_old, P_old·valid
-# Cells per side of a program's band. The backward walks one ring of cells beyond its band (their λ-parts
-# reach its first row and column): 8 × 8 cells cost (9/8)² = 1.27× the useful work and still give ≥ 2
-# programs per SM at the paper shapes (above). The forward and teacher kernels recompute nothing: 4 × 4
-# cells give them 512 programs at batch 8. Under the interpreter, where programs run one after another,
-# a band is 64 × 64 cells, the whole mask of any test (the launchers' ``band`` argument lets a test cross band
-# boundaries there).
-FWD_BAND = 64 if INTERPRET else 4
-BWD_BAND = 64 if INTERPRET else 8
-# Pixel tiles inside a cell: at most BLOCK_R rows × BLOCK_C columns (powers of two ≥ the cell where they fit,
-# so a 16 × 16 cell of the paper's 16× upsampling is four 4 × 16 tiles: larger ones spill registers on
-# sm_90). Classes per block: a pow2_tile of K among FWD_BLOCK_KS (the online softmax's chunks: 32 for 151
-# classes, 8 for 21) and BWD_BLOCK_KS (a backward program's classes: 16 for 151, 8 for 21). Under the
-# interpreter every loop trip costs Python overhead whatever its size, so there the tiles are as large as a
-# cell and a class block holds every class (up to 256; empty candidate lists below).
-if INTERPRET:
-    MAX_BLOCK_R, MAX_BLOCK_C, FWD_BLOCK_KS, BWD_BLOCK_KS = 64, 64, (), ()
-else:
-    MAX_BLOCK_R, MAX_BLOCK_C, FWD_BLOCK_KS, BWD_BLOCK_KS = 4, 16, (32, 16, 8), (16, 8)
 # Copies of the entropy histogram (program p adds into copy p mod HISTOGRAM_COPIES): ≤ 20 MB at K_old = 101.
 HISTOGRAM_COPIES = 512
-# Pixels per tile of the entropy histogram, whose tiles compare all pairs of their pixels' keys.
-HISTOGRAM_TILE_PIXELS = 256 if INTERPRET else 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SegHeadPlan:
+    """The launch plan of the seg-head kernels for a target (``seg_head_plan``).
+
+    Attributes:
+        fwd_band, bwd_band: cells per side of a program's band (forward and teacher kernels; backward).
+        max_block_r, max_block_c: the largest pixel tile inside a cell (rows, columns).
+        fwd_block_ks, bwd_block_ks: the class-block candidates of the forward's online softmax and of a
+            backward program (``_class_block``); empty: every class in one block, up to 256.
+        histogram_tile_pixels: pixels per tile of the entropy histogram, whose tiles compare all pairs of
+            their pixels' keys.
+    """
+
+    fwd_band: int
+    bwd_band: int
+    max_block_r: int
+    max_block_c: int
+    fwd_block_ks: tuple[int, ...]
+    bwd_block_ks: tuple[int, ...]
+    histogram_tile_pixels: int
+
+
+# On a GPU. The backward walks one ring of cells beyond its band (their λ-parts reach its first row and
+# column): 8 × 8 cells cost (9/8)² = 1.27× the useful work and still give ≥ 2 programs per SM at the paper
+# shapes (above). The forward and teacher kernels recompute nothing: 4 × 4 cells give them 512 programs at
+# batch 8. Pixel tiles are powers of two ≥ the cell where they fit, at most 4 × 16 (a 16 × 16 cell of the
+# paper's 16× upsampling is four 4 × 16 tiles: larger ones spill registers on sm_90). Classes per block: a
+# pow2_tile of K among (32, 16, 8) forward (32 for 151 classes, 8 for 21) and (16, 8) backward (16 for
+# 151, 8 for 21).
+GPU_PLAN = SegHeadPlan(fwd_band=4, bwd_band=8, max_block_r=4, max_block_c=16, fwd_block_ks=(32, 16, 8),
+                       bwd_block_ks=(16, 8), histogram_tile_pixels=64)
+# Under the interpreter programs run one after another and every loop trip costs Python overhead whatever
+# its size: a band of 64 × 64 cells (the whole mask of a test), tiles as large as a cell, every class (up to
+# 256) in one block.
+INTERPRETER_PLAN = SegHeadPlan(fwd_band=64, bwd_band=64, max_block_r=64, max_block_c=64, fwd_block_ks=(),
+                               bwd_block_ks=(), histogram_tile_pixels=256)
+
+
+def seg_head_plan(target: Target) -> SegHeadPlan:
+    """The seg-head launch plan of ``target``: GPU_PLAN for a GPU (any, named or not), else INTERPRETER_PLAN."""
+    return GPU_PLAN if target.gpu else INTERPRETER_PLAN
+
+
 # Registers per thread the launchers spend on one (classes × rows × columns) block before going to 8 warps.
 VALUES_PER_THREAD = 4
 
@@ -198,7 +225,7 @@ def _band_of(program, n_row_bands, n_col_bands, BAND: tl.constexpr):
 
 
 @triton.jit
-def _seg_head_sums_kernel(
+def _seg_head_loss_fwd_kernel(
     masks_ptr,  # (B, K, h, w) any strides, any float dtype: patch-resolution logits
     labels_ptr,  # (B, H, W) any strides, any integer dtype: CE targets
     dice_labels_ptr,  # (B, H, W) any strides, any integer dtype: the dice's M_old / M_new
@@ -337,7 +364,7 @@ def _seg_head_sums_kernel(
 
 
 @triton.jit
-def _seg_head_sums_backward_kernel(
+def _seg_head_loss_bwd_kernel(
     masks_ptr,  # (B, K, h, w) any strides, any float dtype
     labels_ptr,  # (B, H, W) any strides, any integer dtype: CE targets
     dice_labels_ptr,  # (B, H, W) any strides, any integer dtype: the dice's M_old / M_new
@@ -539,7 +566,7 @@ def _teacher_pixel_stats(
 
 
 @triton.jit
-def _teacher_kernel(
+def _plop_teacher_kernel(
     masks_ptr,  # (B, K, h, w) any strides, any float dtype: teacher masks
     labels_ptr,  # (B, H, W) any strides, any integer dtype
     thresholds_ptr,  # (K,) any stride, float: per-class entropy thresholds (pseudo-labels only)
@@ -651,14 +678,17 @@ def _bands(h: int, w: int, band: int) -> tuple[int, int]:
     return triton.cdiv(h, band), triton.cdiv(w, band)
 
 
-def _plan(block_k: int, masks: torch.Tensor, labels: torch.Tensor, *others: torch.Tensor,
-          max_tile_pixels: int = MAX_BLOCK_R * MAX_BLOCK_C) -> dict:
-    """The constexprs of a launch: dtypes, tiles and its warps (``others``: more label-shaped inputs)."""
+def _launch_constexprs(plan: SegHeadPlan, block_k: int, masks: torch.Tensor, labels: torch.Tensor,
+                       *others: torch.Tensor, max_tile_pixels: int | None = None) -> dict:
+    """The constexprs of a launch under ``plan``: dtypes, tiles and its warps (``others``: more label-shaped
+    inputs; ``max_tile_pixels``: a cap below the plan's largest tile)."""
     _, _, h, w = masks.shape
     _, height, width = labels.shape
-    block_c = min(_pixel_tile(w, width, MAX_BLOCK_C), max_tile_pixels)
-    block_r = min(_pixel_tile(h, height, MAX_BLOCK_R), max_tile_pixels // block_c)
-    return dict(ACC_DTYPE=tl_dtype(accumulation_dtype(masks.dtype)), IDX=_index_dtype(masks, labels, *others),
+    if max_tile_pixels is None:
+        max_tile_pixels = plan.max_block_r * plan.max_block_c
+    block_c = min(_pixel_tile(w, width, plan.max_block_c), max_tile_pixels)
+    block_r = min(_pixel_tile(h, height, plan.max_block_r), max_tile_pixels // block_c)
+    return dict(ACC_DTYPE=tl_dtype(compute_dtype(masks.dtype)), IDX=_index_dtype(masks, labels, *others),
                 BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_C=block_c,
                 num_warps=num_warps(block_k * block_r * block_c, VALUES_PER_THREAD))
 
@@ -666,31 +696,34 @@ def _plan(block_k: int, masks: torch.Tensor, labels: torch.Tensor, *others: torc
 def _class_block(num_classes: int, candidates: tuple[int, ...]) -> int:
     """Classes per block: the power of two among ``candidates`` that pads K little (forward 151 → 32, 160
     lanes; 21 → 8, 24 lanes; 101 → 32, 128 lanes; backward 151 → 16, 21 → 8); with no candidates (the
-    interpreter) every class in one block, up to 256."""
+    interpreter's plan) every class in one block, up to 256."""
     if not candidates:
         return max(2, min(256, triton.next_power_of_2(num_classes)))
     return pow2_tile(num_classes, candidates)
 
 
-def seg_head_sums(
+def seg_head_loss_forward(
     masks: torch.Tensor, labels: torch.Tensor, dice_labels: torch.Tensor, num_old: int, ignore_index: int,
-    *, band: int = FWD_BAND,
+    *, band: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image sums (B, 8) and per-pixel (lse, P_new, P_old) (B, 3, H, W), both in the accumulation dtype.
-    ``band``: cells per side of a program (≥ 2, a power of two)."""
+    ``band``: cells per side of a program (≥ 2, a power of two); None: the launch plan's."""
     batch, num_classes, h, w = masks.shape
     _, height, width = labels.shape
-    acc = accumulation_dtype(masks.dtype)
+    acc = compute_dtype(masks.dtype)
+    plan = seg_head_plan(launch_target(masks.device))
+    band = plan.fwd_band if band is None else band
     n_row_bands, n_col_bands = _bands(h, w, band)
     partials = torch.empty((batch, n_row_bands * n_col_bands, NUM_SUMS), dtype=acc, device=masks.device)
     pixel_stats = torch.empty((batch, 3, height, width), dtype=acc, device=masks.device)
     if batch * height * width > 0:
-        plan = _plan(_class_block(num_classes, FWD_BLOCK_KS), masks, labels, dice_labels)
+        constexprs = _launch_constexprs(plan, _class_block(num_classes, plan.fwd_block_ks), masks, labels,
+                                        dice_labels)
         with device_guard(masks.device):  # launch on the tensors' GPU, not the current one
-            _seg_head_sums_kernel[(n_row_bands * n_col_bands * batch,)](
+            _seg_head_loss_fwd_kernel[(n_row_bands * n_col_bands * batch,)](
                 masks, labels, dice_labels, partials, pixel_stats,
                 num_classes, h, w, height, width, num_old, ignore_index, n_row_bands, n_col_bands,
-                *masks.stride(), *labels.stride(), *dice_labels.stride(), BAND=band, **plan,
+                *masks.stride(), *labels.stride(), *dice_labels.stride(), BAND=band, **constexprs,
             )
     else:
         partials.zero_()
@@ -698,7 +731,7 @@ def seg_head_sums(
     return partials.sum(1), pixel_stats
 
 
-def seg_head_sums_backward(
+def seg_head_loss_backward(
     grad_sums: torch.Tensor,
     masks: torch.Tensor,
     labels: torch.Tensor,
@@ -707,10 +740,10 @@ def seg_head_sums_backward(
     num_old: int,
     ignore_index: int,
     *,
-    band: int = BWD_BAND,
+    band: int | None = None,
 ) -> torch.Tensor:
     """Gradient of masks (B, K, h, w), contiguous, in the masks' dtype, from the gradient of the sums (B, 8).
-    ``band``: output cells per side of a program (≥ 2, a power of two)."""
+    ``band``: output cells per side of a program (≥ 2, a power of two); None: the launch plan's."""
     batch, num_classes, h, w = masks.shape
     grad_masks = torch.empty((batch, num_classes, h, w), dtype=masks.dtype, device=masks.device)
     if grad_masks.numel() == 0:
@@ -718,45 +751,49 @@ def seg_head_sums_backward(
     _, height, width = labels.shape
     if height * width == 0:  # no pixel reaches the masks
         return grad_masks.zero_()
-    plan = _plan(_class_block(num_classes, BWD_BLOCK_KS), masks, labels, dice_labels)
-    n_k_blocks = triton.cdiv(num_classes, plan["BLOCK_K"])
+    plan = seg_head_plan(launch_target(masks.device))
+    band = plan.bwd_band if band is None else band
+    constexprs = _launch_constexprs(plan, _class_block(num_classes, plan.bwd_block_ks), masks, labels, dice_labels)
+    n_k_blocks = triton.cdiv(num_classes, constexprs["BLOCK_K"])
     n_row_bands, n_col_bands = _bands(h, w, band)
     with device_guard(masks.device):  # launch on the tensors' GPU, not the current one
-        _seg_head_sums_backward_kernel[(n_k_blocks * n_row_bands * n_col_bands * batch,)](
+        _seg_head_loss_bwd_kernel[(n_k_blocks * n_row_bands * n_col_bands * batch,)](
             masks, labels, dice_labels, pixel_stats, grad_sums, grad_masks,
             num_classes, h, w, height, width, num_old, ignore_index, n_k_blocks, n_row_bands, n_col_bands,
             *masks.stride(), *labels.stride(), *dice_labels.stride(), *grad_sums.stride(),
-            BAND=band, **plan,
+            BAND=band, **constexprs,
         )
     return grad_masks
 
 
-def _launch_teacher(teacher_masks, labels, thresholds, histograms, pseudo, counts, num_classes, num_bins,
+def _launch_teacher(plan, teacher_masks, labels, thresholds, histograms, pseudo, counts, num_classes, num_bins,
                     ignore_index, entropy, histogram, band):
     batch, num_old, h, w = teacher_masks.shape
     _, height, width = labels.shape
     n_row_bands, n_col_bands = _bands(h, w, band)
     # The histogram's tiles compare every pair of their pixels (equal keys counted together): at most
-    # HISTOGRAM_TILE_PIXELS pixels, so the pair matrix stays small.
-    plan = _plan(_class_block(num_old, FWD_BLOCK_KS), teacher_masks, labels,
-                 max_tile_pixels=HISTOGRAM_TILE_PIXELS if histogram else MAX_BLOCK_R * MAX_BLOCK_C)
+    # plan.histogram_tile_pixels pixels, so the pair matrix stays small.
+    constexprs = _launch_constexprs(plan, _class_block(num_old, plan.fwd_block_ks), teacher_masks, labels,
+                                    max_tile_pixels=plan.histogram_tile_pixels if histogram else None)
     with device_guard(teacher_masks.device):  # launch on the tensors' GPU, not the current one
-        _teacher_kernel[(n_row_bands * n_col_bands * batch,)](
+        _plop_teacher_kernel[(n_row_bands * n_col_bands * batch,)](
             teacher_masks, labels, thresholds, histograms, pseudo, counts,
             num_old, num_classes, h, w, height, width, num_bins, histograms.shape[0], ignore_index,
             n_row_bands, n_col_bands,
             *teacher_masks.stride(), *labels.stride(), thresholds.stride(0),
-            BAND=band, PLOP_ENTROPY=entropy == "plop", HISTOGRAM=histogram, **plan,
+            BAND=band, PLOP_ENTROPY=entropy == "plop", HISTOGRAM=histogram, **constexprs,
         )
 
 
-def teacher_histogram(
+def entropy_histogram_forward(
     teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int, num_classes: int, entropy: str,
-    *, band: int = FWD_BAND,
+    *, band: int | None = None,
 ) -> torch.Tensor:
     """(K, num_bins) int64 counts of label-0 pixels by teacher prediction and entropy bin."""
     batch, num_old, h, w = teacher_masks.shape
     _, height, width = labels.shape
+    plan = seg_head_plan(launch_target(teacher_masks.device))
+    band = plan.fwd_band if band is None else band
     n_row_bands, n_col_bands = _bands(h, w, band)
     programs = batch * n_row_bands * n_col_bands if height * width else 0
     # A histogram per program, up to HISTOGRAM_COPIES (see the module docstring), summed in a fixed order.
@@ -764,12 +801,12 @@ def teacher_histogram(
                              device=teacher_masks.device)
     if programs:
         # The pseudo-label outputs and thresholds are unused here (HISTOGRAM): any tensors of the right device.
-        _launch_teacher(teacher_masks, labels, histograms, histograms, histograms, histograms, num_classes,
+        _launch_teacher(plan, teacher_masks, labels, histograms, histograms, histograms, histograms, num_classes,
                         num_bins, 0, entropy, histogram=True, band=band)
     return histograms.sum(0, dtype=torch.int64)
 
 
-def pseudo_label(
+def pseudo_label_forward(
     teacher_masks: torch.Tensor,
     labels: torch.Tensor,
     thresholds: torch.Tensor,
@@ -777,15 +814,17 @@ def pseudo_label(
     num_classes: int,
     entropy: str,
     *,
-    band: int = FWD_BAND,
+    band: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pseudo-labels (B, H, W) int64, counts (B, 2) int64 = (#label-0 pixels, #pseudo-labelled)) per image."""
     batch, num_old, h, w = teacher_masks.shape
     _, height, width = labels.shape
+    plan = seg_head_plan(launch_target(teacher_masks.device))
+    band = plan.fwd_band if band is None else band
     n_row_bands, n_col_bands = _bands(h, w, band)
     pseudo = torch.empty((batch, height, width), dtype=torch.int64, device=teacher_masks.device)
     counts = torch.zeros((batch, n_row_bands * n_col_bands, 2), dtype=torch.int32, device=teacher_masks.device)
     if batch * height * width > 0:
-        _launch_teacher(teacher_masks, labels, thresholds, counts, pseudo, counts, num_classes, 1, ignore_index,
-                        entropy, histogram=False, band=band)
+        _launch_teacher(plan, teacher_masks, labels, thresholds, counts, pseudo, counts, num_classes, 1,
+                        ignore_index, entropy, histogram=False, band=band)
     return pseudo, counts.sum(1, dtype=torch.int64)

@@ -1,38 +1,46 @@
 """Host-side helpers shared by the Triton launchers of every op: dtypes, launch sizes, strides, devices.
 
-One home for what each op file would otherwise repeat (issue 12, "layout debts"). Nothing here launches a
-kernel; the helpers read shapes, strides, dtypes and device properties only (no host synchronisation).
+One home for what each op file would otherwise repeat. Nothing here launches a kernel; the helpers read
+shapes, strides, dtypes and device properties only (no host synchronisation). Launch plans take their
+target from ``launch_target(device)`` (``incrementer_fast._dispatch``): a CUDA device's own properties, or
+the selected plan (interpreter, h100, h200) for CPU tensors.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from incrementer_fast._dispatch import INTERPRET
+from incrementer_fast._dispatch import INTERPRET, Target, launch_target
+# What the kernels accumulate in is what the reference computes in: one definition.
+from incrementer_fast.reference.core import compute_dtype
 
 __all__ = [
     "INTERPRET",
-    "H100_SMS",
-    "PLAN_SMS",
     "TL_DTYPE",
-    "accumulation_dtype",
+    "Target",
+    "UPCAST_BF16_DOTS",
+    "compute_dtype",
     "completion_counter",
     "reset_completion_counters",
     "device_guard",
+    "launch_target",
     "merge_dims",
-    "multiprocessor_count",
     "num_warps",
     "pow2_tile",
     "split_fp32",
     "tl_dtype",
     "two_dims",
 ]
+
+# Triton's interpreter computes bf16 tl.dot wrongly (seen with Triton 3.8): when the kernels run there, the
+# launchers upcast bf16 dot operands to fp32 (the same exact products, see kernels/cosine_mask.py). Read at
+# each launch; the performance ledger sets it False to count the 16-bit dots a GPU issues (whose values it
+# does not check). It changes a dtype, not a launch plan: the same kernel lines run either way.
+UPCAST_BF16_DOTS = INTERPRET
 
 TL_DTYPE = {
     torch.float16: tl.float16,
@@ -41,24 +49,11 @@ TL_DTYPE = {
     torch.float64: tl.float64,
 }
 
-# Streaming multiprocessors of an H100 SXM / H200.
-H100_SMS = 132
-# The multiprocessors that launch plans (grid-filling tile choices) assume for tensors that are not on a GPU:
-# Triton's interpreter, the sm_90 codegen test, the performance ledger. Read once at import from
-# INCREMENTER_FAST_PLAN_SMS. Default 1: the interpreter runs programs one after another at a few ms of
-# Python each, so the parity suite runs fastest with the fewest, largest tiles. The ledger and the codegen
-# test set it to 132 (H100_SMS) to run exactly the tiles and grids of an H100/H200 launch.
-PLAN_SMS = int(os.environ.get("INCREMENTER_FAST_PLAN_SMS", "1"))
 
 
 def tl_dtype(dtype: torch.dtype):
     """The Triton dtype of a torch floating dtype."""
     return TL_DTYPE[dtype]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What the kernels accumulate in: float64 for float64 inputs, float32 for every other float dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def num_warps(tile_elements: int, elements_per_thread: int) -> int:
@@ -79,18 +74,6 @@ def pow2_tile(size: int, candidates=(64, 32, 16, 8), max_padding: float = 1.3) -
         if triton.cdiv(size, tile) * tile <= max_padding * size:
             return tile
     return min(candidates, key=lambda tile: (triton.cdiv(size, tile) * tile, -tile))
-
-
-def multiprocessor_count(device: torch.device) -> int:
-    """SMs of a CUDA ``device``; ``PLAN_SMS`` for any other device (see PLAN_SMS)."""
-    if device.type == "cuda":
-        return _cuda_multiprocessor_count(device)
-    return PLAN_SMS
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_multiprocessor_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def merge_dims(shape, *strides) -> list[tuple[int, tuple[int, ...]]]:

@@ -47,6 +47,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # Devices the parity tests run on: always the CPU (reference path, or the kernels under the interpreter),
 # and CUDA when present.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Devices whose tensors take the Triton kernels: CUDA, and the CPU under TRITON_INTERPRET=1. Tests of what
+# only the kernel path has (its custom ops, output layouts, launch plans) run on these.
+KERNEL_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def pytest_configure(config):
@@ -56,4 +59,10 @@ def pytest_configure(config):
 
 @pytest.fixture(params=DEVICES)
 def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=KERNEL_DEVICES or [pytest.param("cpu", marks=pytest.mark.skip(
+    reason="the Triton kernels run on CUDA, or on the CPU with TRITON_INTERPRET=1"))])
+def kernel_device(request):
     return torch.device(request.param)

@@ -2,31 +2,28 @@
 
 The interpreter runs the kernels' arithmetic on the CPU but never compiles them, so a kernel can pass every
 parity test here and still fail on a GPU (a `tl.dot` tile under 16, a dtype the tensor cores refuse, a
-shared-memory overflow in one autotune config). This test closes that gap: it runs each op forward and
-backward on small CPU tensors with the dispatch forced to "triton", records every kernel launch instead of
-executing it, and compiles each launch with `triton.compile` for `GPUTarget("cuda", 90, 32)` — once per
-CUDA autotune config, since on a GPU the autotuner compiles them all.
+shared-memory overflow). This test closes that gap: it runs each op forward and backward on small CPU tensors
+with the kernels chosen and the H100 launch plan (``use_backend("triton", plan="h100")``), records every
+kernel launch instead of executing it, and compiles each launch with `triton.compile` for
+`GPUTarget("cuda", 90, 32)`: exactly the tiles, class blocks and bands that plan chooses. The H200 plan
+launches the same kernels with the same constexprs (checked below), so it compiles the same cubins.
 
 It needs Triton's JIT (not the interpreter), so it is skipped when TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 import incrementer_fast as inc
-from incrementer_fast._dispatch import INTERPRET
-from incrementer_fast.kernels import utils as kernel_utils
+from incrementer_fast import _dispatch
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, KernelInterface  # noqa: E402
 
-pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles with Triton's JIT; the interpreter replaces it")
+pytestmark = pytest.mark.skipif(_dispatch.INTERPRET, reason="compiles with Triton's JIT; the interpreter replaces it")
 
 H100 = GPUTarget("cuda", 90, 32)
 
@@ -58,51 +55,36 @@ def _arg_type(value) -> str:
 
 
 class _LaunchRecorder:
-    """Replaces `kernel[grid](...)` by a record of (kernel, bound arguments, compile options) per config."""
+    """Replaces `kernel[grid](...)` by a record of (kernel, signature, constexprs, compile options, grid)."""
 
     def __init__(self):
         self.launches: dict[tuple, tuple[JITFunction, dict, dict, dict]] = {}
 
-    def __call__(self, kernel, args, kwargs):
-        configs = [None]
-        heuristics = []
-        fn = kernel
-        while not isinstance(fn, JITFunction):
-            if isinstance(fn, Autotuner):
-                configs = fn.configs
-            elif isinstance(fn, Heuristics):
-                heuristics.append(fn.values)
-            fn = fn.fn
-        bound = dict(zip(fn.arg_names, args))
-        bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-        launch_options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-        for config in configs:
-            values = dict(bound)
-            options = dict(launch_options)
-            if config is not None:
-                values.update(config.kwargs)
-                options.update(num_warps=config.num_warps, num_stages=config.num_stages)
-            for rules in heuristics:
-                values.update({name: rule(values) for name, rule in rules.items()})
-            constexprs = {p.name: values[p.name] for p in fn.params if p.is_constexpr}
-            signature = {p.name: ("constexpr" if p.is_constexpr else _arg_type(values[p.name])) for p in fn.params}
-            key = (fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)),
-                   tuple(sorted(options.items())))
-            self.launches[key] = (fn, signature, constexprs, options)
+    def __call__(self, fn, grid, args, kwargs):
+        assert isinstance(fn, JITFunction), f"{fn!r}: the kernels are plain @triton.jit functions (no autotuner)"
+        values = dict(zip(fn.arg_names, args))
+        values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        constexprs = {p.name: values[p.name] for p in fn.params if p.is_constexpr}
+        signature = {p.name: ("constexpr" if p.is_constexpr else _arg_type(values[p.name])) for p in fn.params}
+        key = (fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)),
+               tuple(sorted(options.items())), tuple(grid))
+        self.launches[key] = (fn, signature, constexprs, options)
 
 
-@pytest.fixture
-def recorded_launches(monkeypatch):
+def _record(monkeypatch, op, dtype, plan) -> _LaunchRecorder:
+    """The launches of ``op`` on CPU tensors under ``plan``, recorded instead of run."""
     recorder = _LaunchRecorder()
 
     def getitem(kernel, grid):
-        return lambda *args, **kwargs: recorder(kernel, args, kwargs)
+        return lambda *args, **kwargs: recorder(kernel, grid, args, kwargs)
 
-    monkeypatch.setattr(KernelInterface, "__getitem__", getitem)
-    # Plan the launches for an H100/H200 (the tiles and grids a GPU runs), not for the interpreter's 1 SM.
-    monkeypatch.setattr(kernel_utils, "PLAN_SMS", kernel_utils.H100_SMS)
-    for name in ("cosine_mask", "fod_loss", "cds_dice_loss", "seg_head"):
-        monkeypatch.setattr(importlib.import_module(f"incrementer_fast.ops.{name}"), "backend", lambda device: "triton")
+    with monkeypatch.context() as patch:
+        patch.setattr(KernelInterface, "__getitem__", getitem)
+        # The one switch that lets the kernel path take CPU tensors without the interpreter: nothing runs.
+        patch.setattr(_dispatch, "INTERPRET", True)
+        with inc.use_backend("triton", plan=plan):
+            OPS[op](dtype)
     return recorder
 
 
@@ -147,9 +129,17 @@ OPS = {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_kernels_compile_for_h100(op, dtype, recorded_launches):
-    OPS[op](dtype)
-    assert recorded_launches.launches, f"{op} launched no Triton kernel with the dispatch forced to triton"
-    for fn, signature, constexprs, options in recorded_launches.launches.values():
+def test_kernels_compile_for_h100(op, dtype, monkeypatch):
+    recorded = _record(monkeypatch, op, dtype, "h100")
+    assert recorded.launches, f"{op} launched no Triton kernel with the Triton backend chosen"
+    for fn, signature, constexprs, options in recorded.launches.values():
         compiled = triton.compile(ASTSource(fn, signature, constexprs), target=H100, options=options)
         assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0, fn.__name__
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_h200_plan_launches_what_h100_does(op, monkeypatch):
+    """Same kernels, constexprs, options and grids: the H100 cubins above are the H200's."""
+    h100 = _record(monkeypatch, op, torch.float32, "h100").launches.keys()
+    assert set(_record(monkeypatch, op, torch.float32, "h200").launches.keys()) == set(h100)
+

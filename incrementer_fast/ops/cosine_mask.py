@@ -1,17 +1,19 @@
-"""cosine_mask as the custom ops `incrementer_fast::cosine_mask` and `incrementer_fast::cosine_mask_backward`.
+"""cosine_mask: the public function, and the Triton path as the custom ops `incrementer_fast::cosine_mask` and
+`incrementer_fast::cosine_mask_backward`.
 
-masks[b, k, n] = scale · ⟨p̂[b, n], ĉ[b, k]⟩ with x̂ = x / max(‖x‖₂, eps): the Triton kernels of
-`incrementer_fast.kernels.cosine_mask` (which derives the VJP) for tensors whose backend is "triton", the
-plain-PyTorch reference otherwise. The scale enters the ops as an optional 0-dim tensor (a learnable
-temperature, which gets a gradient) and a float used when it is None (a fixed scale, such as the model's
-γ: no device tensor is made for it, so no fill launch per call; the kernels receive it as two fp32 halves,
-exact for float64 inputs).
+masks[b, k, n] = scale · ⟨p̂[b, n], ĉ[b, k]⟩ with x̂ = x / max(‖x‖₂, eps). ``cosine_mask`` picks the
+implementation (``incrementer_fast._dispatch.backend``) before the autograd boundary: the plain-PyTorch
+reference (``incrementer_fast.reference.cosine_mask``, differentiated by autograd), or the kernels of
+`incrementer_fast.kernels.cosine_mask` (which derives the VJP) behind the custom ops below. The scale enters
+the ops as an optional 0-dim tensor (a learnable temperature, which gets a gradient) and a float used when
+it is None (a fixed scale, such as the model's γ: no device tensor is made for it, so no fill launch per
+call; the kernels receive it as two fp32 halves, exact for float64 inputs).
 
-What the backward needs is saved by the forward, on both paths: the masks themselves (the backward's row
-sums σ = Σ dM·masks come from them) and the row norms ‖p‖ (B, N), ‖c‖ (B, K) — so no forward product is
-recomputed. When ``out_dtype`` is less precise than the inputs' dtype (bf16 masks of fp32 inputs), masks
-rounded to it would make σ less precise than the gradients it enters: the forward then also returns the
-masks in the inputs' dtype, kept for the backward only (one extra (B, K, N) tensor in that case alone).
+What the backward needs is saved by the forward: the masks themselves (the backward's row sums σ = Σ
+dM·masks come from them) and the row norms ‖p‖ (B, N), ‖c‖ (B, K) — so no forward product is recomputed.
+When ``out_dtype`` is less precise than the inputs' dtype (bf16 masks of fp32 inputs), masks rounded to it
+would make σ less precise than the gradients it enters: the forward then also returns the masks in the
+inputs' dtype, kept for the backward only (one extra (B, K, N) tensor in that case alone).
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ from typing import Optional
 import torch
 
 from .._checks import check_cosine_mask_args
-from .._dispatch import HAS_TRITON, backend
-from ..reference import cosine_mask as reference_cosine_mask
+from .._dispatch import HAS_TRITON, backend, check_kernels_run
 from ..reference.core import compute_dtype
+from ..reference.core import cosine_mask as reference_cosine_mask
 
 if HAS_TRITON:
     from ..kernels import cosine_mask as kernels
@@ -38,7 +40,7 @@ def _saved_dtype(inputs_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dty
 
 
 @torch.library.custom_op("incrementer_fast::cosine_mask", mutates_args=())
-def _cosine_mask_op(
+def _cosine_mask_fwd_op(
     patches: torch.Tensor,
     classes: torch.Tensor,
     scale: Optional[torch.Tensor],
@@ -47,20 +49,15 @@ def _cosine_mask_op(
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(masks in out_dtype, masks for the backward or an empty (0,) tensor when masks serve, ‖p‖, ‖c‖)."""
+    check_kernels_run(patches.device)
     saved_dtype = _saved_dtype(patches.dtype, out_dtype)
-    if backend(patches.device) == "triton":
-        masks, norm_p, norm_c = kernels.cosine_mask_forward(patches, classes, scale, scale_value, eps, saved_dtype)
-    else:
-        acc = compute_dtype(patches.dtype)
-        masks = reference_cosine_mask(patches, classes, scale_value if scale is None else scale, eps, saved_dtype)
-        norm_p = torch.linalg.vector_norm(patches.to(acc), dim=-1)
-        norm_c = torch.linalg.vector_norm(classes.to(acc), dim=-1)
+    masks, norm_p, norm_c = kernels.cosine_mask_forward(patches, classes, scale, scale_value, eps, saved_dtype)
     if saved_dtype == out_dtype:
         return masks, masks.new_empty((0,)), norm_p, norm_c
     return masks.to(out_dtype), masks, norm_p, norm_c
 
 
-@_cosine_mask_op.register_fake
+@_cosine_mask_fwd_op.register_fake
 def _(patches, classes, scale, scale_value, eps, out_dtype):
     acc = compute_dtype(patches.dtype)
     batch, num_patches, num_classes = patches.shape[0], patches.shape[1], classes.shape[1]
@@ -73,7 +70,7 @@ def _(patches, classes, scale, scale_value, eps, out_dtype):
 
 
 @torch.library.custom_op("incrementer_fast::cosine_mask_backward", mutates_args=())
-def _cosine_mask_backward_op(
+def _cosine_mask_bwd_op(
     grad: torch.Tensor,
     patches: torch.Tensor,
     classes: torch.Tensor,
@@ -89,49 +86,11 @@ def _cosine_mask_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d patches, d classes, d scale): contiguous gradients in the inputs' dtype, or empty (0,) tensors
     when not needed; d scale 0-dim in the compute dtype (an empty (0,) tensor when not needed)."""
-    if backend(patches.device) == "triton":
-        return kernels.cosine_mask_backward(grad, patches, classes, scale, scale_value, masks, norm_p, norm_c, eps,
-                                            need_patches, need_classes, need_scale)
-    with torch.autocast(patches.device.type, enabled=False):  # a backward inside autocast: keep fp32 bmm
-        return _reference_backward(grad, patches, classes, scale, scale_value, masks, norm_p, norm_c, eps,
-                                   need_patches, need_classes, need_scale)
+    return kernels.cosine_mask_backward(grad, patches, classes, scale, scale_value, masks, norm_p, norm_c, eps,
+                                        need_patches, need_classes, need_scale)
 
 
-def _reference_backward(grad, patches, classes, scale, scale_value, masks, norm_p, norm_c, eps, need_patches,
-                        need_classes, need_scale):
-    """The VJP derived in `incrementer_fast.kernels.cosine_mask`, in plain PyTorch (compute dtype), from the
-    same saved masks and norms as the kernels.
-
-    σ_p = Σ_k dM·masks, σ_c = Σ_n dM·masks, and for x ∈ {p, c} with its partner y:
-    dx = (s · Σ dM ŷ − x̂ σ_x [‖x‖ ≥ eps]) / max(‖x‖, eps); ds = Σ_k ⟨ĉ_k, Σ_n dM[k, n] p̂_n⟩.
-    """
-    acc = compute_dtype(patches.dtype)
-    p, c, g = patches.to(acc), classes.to(acc), grad.to(acc)
-    s = scale_value if scale is None else scale.to(acc)
-    norm_p, norm_c = norm_p.unsqueeze(-1), norm_c.unsqueeze(-1)
-    inv_p = 1.0 / norm_p.clamp_min(eps)
-    inv_c = 1.0 / norm_c.clamp_min(eps)
-    p_hat, c_hat = p * inv_p, c * inv_c
-    grad_masks = g * masks.to(acc)
-    grad_patches = patches.new_empty(0)
-    if need_patches:
-        sigma_p = grad_masks.sum(1).unsqueeze(-1)
-        tangent = s * torch.bmm(g.transpose(1, 2), c_hat) - p_hat * torch.where(norm_p >= eps, sigma_p, 0.0)
-        grad_patches = (tangent * inv_p).to(patches.dtype).contiguous()
-    grad_classes = classes.new_empty(0)
-    grad_scale = patches.new_empty((0,), dtype=acc)
-    if need_classes or need_scale:
-        weighted = torch.bmm(g, p_hat)  # Σ_n dM[k, n] p̂_n
-        if need_classes:
-            sigma_c = grad_masks.sum(2).unsqueeze(-1)
-            tangent = s * weighted - c_hat * torch.where(norm_c >= eps, sigma_c, 0.0)
-            grad_classes = (tangent * inv_c).to(classes.dtype).contiguous()
-        if need_scale:
-            grad_scale = (c_hat * weighted).sum()
-    return grad_patches, grad_classes, grad_scale
-
-
-@_cosine_mask_backward_op.register_fake
+@_cosine_mask_bwd_op.register_fake
 def _(grad, patches, classes, scale, scale_value, masks, norm_p, norm_c, eps, need_patches, need_classes,
       need_scale):
     grad_patches = patches.new_empty(patches.shape if need_patches else (0,))
@@ -155,7 +114,7 @@ def _backward(ctx, grad, _grad_saved, _grad_norm_p, _grad_norm_c):
     need_patches, need_classes, need_scale = ctx.needs_input_grad[:3]
     if grad is None:
         return None, None, None, None, None, None
-    grad_patches, grad_classes, grad_scale = _cosine_mask_backward_op(
+    grad_patches, grad_classes, grad_scale = _cosine_mask_bwd_op(
         grad, patches, classes, scale, ctx.scale_value, masks, norm_p, norm_c, ctx.eps, need_patches,
         need_classes, need_scale,
     )
@@ -169,7 +128,7 @@ def _backward(ctx, grad, _grad_saved, _grad_norm_p, _grad_norm_c):
     )
 
 
-_cosine_mask_op.register_autograd(_backward, setup_context=_setup_context)
+_cosine_mask_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cosine_mask(
@@ -206,6 +165,8 @@ def cosine_mask(
         torch.float32
     """
     check_cosine_mask_args(patches, classes, scale, eps, out_dtype)
+    if backend(patches.device) == "reference":
+        return reference_cosine_mask(patches, classes, scale, eps, out_dtype)
     tensor, value = (scale, 0.0) if isinstance(scale, torch.Tensor) else (None, float(scale))
-    masks, _, _, _ = _cosine_mask_op(patches, classes, tensor, value, float(eps), out_dtype or patches.dtype)
+    masks, _, _, _ = _cosine_mask_fwd_op(patches, classes, tensor, value, float(eps), out_dtype or patches.dtype)
     return masks

@@ -1,16 +1,17 @@
-"""`incrementer_fast::fod_loss`: the FOD cosine distillation loss as a torch custom op with autograd.
+"""fod_loss: the public function, and the Triton path as the custom ops `incrementer_fast::fod_loss` and
+`incrementer_fast::fod_loss_backward`.
 
-Forward op returns (loss, W = Σ max(w, 0)); the public `fod_loss` returns the loss and W is kept for the backward,
-itself the custom op `incrementer_fast::fod_loss_backward`. Tensors on a Triton backend (CUDA, or the CPU
-under TRITON_INTERPRET=1) run the kernels of `incrementer_fast.kernels.fod_loss`; other CPU tensors run
-the reference forward and the same VJP formula written in PyTorch.
+``fod_loss`` picks the implementation (``incrementer_fast._dispatch.backend``) before the autograd boundary:
+the plain-PyTorch reference (``incrementer_fast.reference.fod_loss``, differentiated by autograd) or the
+kernels of `incrementer_fast.kernels.fod_loss`. The forward op returns (loss, W = Σ max(w, 0)); W is kept
+for the backward op.
 """
 from __future__ import annotations
 
 import torch
 
 from .._checks import check_fod_loss_args
-from .._dispatch import HAS_TRITON, backend
+from .._dispatch import HAS_TRITON, backend, check_kernels_run
 from ..reference import core as reference
 
 if HAS_TRITON:
@@ -20,23 +21,21 @@ __all__ = ["fod_loss"]
 
 
 @torch.library.custom_op("incrementer_fast::fod_loss", mutates_args=())
-def _fod_loss(
+def _fod_loss_fwd_op(
     student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend(student.device) == "triton":
-        return kernels.fod_loss_forward(student, teacher, weight, eps)
-    acc = reference.compute_dtype(student.dtype)
-    return reference.fod_loss(student, teacher, weight, eps), weight.to(acc).clamp_min(0.0).sum()
+    check_kernels_run(student.device)
+    return kernels.fod_loss_forward(student, teacher, weight, eps)
 
 
-@_fod_loss.register_fake
+@_fod_loss_fwd_op.register_fake
 def _(student, teacher, weight, eps):
     acc = reference.compute_dtype(student.dtype)
     return student.new_empty((), dtype=acc), student.new_empty((), dtype=acc)
 
 
 @torch.library.custom_op("incrementer_fast::fod_loss_backward", mutates_args=())
-def _fod_loss_backward(
+def _fod_loss_bwd_op(
     grad_loss: torch.Tensor,
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -47,42 +46,10 @@ def _fod_loss_backward(
     teacher_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂loss/∂student, ∂loss/∂teacher), contiguous; an unrequested one is an empty tensor."""
-    if backend(student.device) == "triton":
-        return kernels.fod_loss_backward(
-            grad_loss, student, teacher, weight, weight_sum, eps, student_grad, teacher_grad
-        )
-    return _reference_backward(grad_loss, student, teacher, weight, weight_sum, eps, student_grad, teacher_grad)
+    return kernels.fod_loss_backward(grad_loss, student, teacher, weight, weight_sum, eps, student_grad, teacher_grad)
 
 
-def _reference_backward(grad_loss, student, teacher, weight, weight_sum, eps, student_grad, teacher_grad):
-    """The VJP of the reference in PyTorch, the same formula as the kernels (derived in kernels/fod_loss.py).
-
-    A custom op's implementation runs below autograd, so it cannot differentiate the reference itself.
-    """
-    acc = reference.compute_dtype(student.dtype)
-    s = student.to(acc)
-    t = teacher.to(acc)
-    norm_s = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
-    norm_t = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    a = norm_s.clamp_min(eps)
-    b = norm_t.clamp_min(eps)
-    cos = (s * t).sum(-1, keepdim=True) / a / b
-    nonzero = weight_sum != 0
-    c = torch.where(nonzero, grad_loss.to(acc) / torch.where(nonzero, weight_sum, 1.0), 0.0)
-    c = c * weight.to(acc).clamp_min(0.0).unsqueeze(-1)
-    cross = -c / a / b
-    if student_grad:
-        grad_student = (cross * t + torch.where(norm_s >= eps, c * cos / a / a, 0.0) * s).to(student.dtype)
-    else:
-        grad_student = student.new_empty((0,))
-    if teacher_grad:
-        grad_teacher = (cross * s + torch.where(norm_t >= eps, c * cos / b / b, 0.0) * t).to(teacher.dtype)
-    else:
-        grad_teacher = teacher.new_empty((0,))
-    return grad_student.contiguous(), grad_teacher.contiguous()
-
-
-@_fod_loss_backward.register_fake
+@_fod_loss_bwd_op.register_fake
 def _(grad_loss, student, teacher, weight, weight_sum, eps, student_grad, teacher_grad):
     contiguous = torch.contiguous_format
     grad_student = torch.empty_like(student, memory_format=contiguous) if student_grad else student.new_empty((0,))
@@ -104,14 +71,14 @@ def _backward(ctx, grad_loss, _grad_weight_sum):
     student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_loss is None:
         return None, None, None, None
-    grad_student, grad_teacher = torch.ops.incrementer_fast.fod_loss_backward(
+    grad_student, grad_teacher = _fod_loss_bwd_op(
         grad_loss, student, teacher, weight, weight_sum, ctx.eps, student_grad, teacher_grad
     )
     # The weight is a fixed per-vector coefficient: it gets no gradient, whether or not it requires one.
     return (grad_student if student_grad else None), (grad_teacher if teacher_grad else None), None, None
 
 
-_fod_loss.register_autograd(_backward, setup_context=_setup_context)
+_fod_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fod_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -137,5 +104,7 @@ def fod_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
         torch.Size([])
     """
     check_fod_loss_args(student, teacher, weight, eps)
-    loss, _ = torch.ops.incrementer_fast.fod_loss(student, teacher, weight, float(eps))
+    if backend(student.device) == "reference":
+        return reference.fod_loss(student, teacher, weight, eps)
+    loss, _ = _fod_loss_fwd_op(student, teacher, weight, float(eps))
     return loss

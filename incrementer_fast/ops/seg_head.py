@@ -19,20 +19,21 @@ Public functions (definitions in ``incrementer_fast/reference/seg_head.py``, the
   num_classes=None, entropy="plop") -> (pseudo (B, H, W) int64, image_factor (B,))``.
   ``entropy="plop"`` (PLOP's released entropy, needs ``num_classes`` = K_total) or ``"normalized"``.
 
-Structure of the loss op: ``incrementer_fast::seg_head_sums`` maps (masks, labels, dice_labels) to eight
+Structure of the kernel path of the loss: ``incrementer_fast::seg_head_loss_sums`` maps (masks, labels, dice_labels) to eight
 per-image sums (B, 8) — CE over old-/new-class pixels of ``labels``, the counts of M_old/M_new of
 ``dice_labels`` and the four probability sums of the CDS dice (see ``kernels/seg_head.py``) — plus
 per-pixel (lse, P_new, P_old) (B, 3, H, W) saved for the backward. The class weights, image weights, the
-CE mean and the dice are a handful of (B,)-sized torch ops on those sums, so autograd differentiates them
-and ``incrementer_fast::seg_head_sums_backward`` receives the gradient of the sums (B, 8) and writes the
+CE mean and the dice (``reference.dice_from_sums``) are a handful of (B,)-sized torch ops on those sums,
+so autograd differentiates them and ``incrementer_fast::seg_head_loss_sums_backward`` receives the gradient of the sums (B, 8) and writes the
 gradient of masks (B, K, h, w) directly. Memory: 3·B·H·W saved values and
 the (B, K, h, w) gradient; no (B, K, H, W) tensor in forward or backward. The kernels' entropy histogram
 keeps one int32 (K_old, num_bins) histogram per program, at most 512 copies (no shared hot addresses), summed
 in a fixed order: ≈ 20 MB at K_old = 101, 100 bins.
 
-Backends (``incrementer_fast._dispatch.backend``): Triton kernels on CUDA (and on CPU under
-TRITON_INTERPRET=1); otherwise the sums are computed from materialised logits (the reference's upsampling)
-and their backward is the same VJP written out in torch (a custom op's implementation runs below autograd).
+Dispatch: each public function picks the implementation (``incrementer_fast._dispatch.backend``) before
+the autograd boundary — the plain-PyTorch reference of ``incrementer_fast/reference/seg_head.py``
+(materialised logits, differentiated by autograd) or the kernels of ``kernels/seg_head.py`` behind the
+custom ops below.
 """
 from __future__ import annotations
 
@@ -40,140 +41,40 @@ from typing import Optional
 
 import torch
 
-from .._dispatch import backend
-from ..reference.core import compute_dtype
-from ..reference.seg_head import entropy_histogram as reference_entropy_histogram
-from ..reference.seg_head import (
-    check_entropy_histogram_args,
-    check_pseudo_label_args,
-    check_seg_head_loss_args,
-    image_factor,
-    labels_in_range,
-    plop_thresholds,
-    pseudo_label_counts,
-    upsample_logits,
-)
+from .._checks import check_entropy_histogram_args, check_pseudo_label_args, check_seg_head_loss_args
+from .._dispatch import HAS_TRITON, backend, check_kernels_run
+from ..reference import seg_head as reference
+from ..reference.core import compute_dtype, dice_from_sums
+from ..reference.seg_head import image_factor, plop_thresholds
+
+if HAS_TRITON:
+    from ..kernels import seg_head as kernels
 
 __all__ = ["seg_head_loss", "entropy_histogram", "plop_thresholds", "pseudo_label"]
 
-NUM_SUMS = 8
-
-
-def _kernels():
-    from incrementer_fast.kernels import seg_head as kernels  # imported lazily: triton is optional on CPU
-
-    return kernels
-
-
-# ------------------------------------------------------------------------------ loss: reference path
-def _label_masks(labels: torch.Tensor, num_classes: int, num_old: int, ignore_index: int):
-    """(labels in range (int64), valid, old, new) masks; out-of-range values count as ignore_index."""
-    labels = labels_in_range(labels, num_classes, ignore_index)
-    valid = labels != ignore_index
-    return labels, valid, valid & (labels < num_old), valid & (labels >= num_old)
-
-
-def _reference_sums(masks, labels, dice_labels, num_old: int, ignore_index: int):
-    """The eight per-image sums and per-pixel (lse, P_new, P_old) from materialised logits (the spec's path)."""
-    logits = upsample_logits(masks, tuple(labels.shape[1:]))
-    num_classes = logits.shape[1]
-    labels, ce_valid, ce_old, ce_new = _label_masks(labels, num_classes, num_old, ignore_index)
-    _, valid, label_old, label_new = _label_masks(dice_labels, num_classes, num_old, ignore_index)
-    lse = torch.logsumexp(logits, dim=1)
-    probs = torch.softmax(logits, dim=1)
-    p_new = probs[:, num_old:].sum(1)
-    p_old = probs[:, :num_old].sum(1)
-    # Ignored pixels' CE is masked out below; clamp only so that gather stays in bounds.
-    label_logit = logits.gather(1, labels.clamp(0, num_classes - 1)[:, None])[:, 0]
-    ce = lse - label_logit
-    acc = logits.dtype
-    zero = torch.zeros((), dtype=acc, device=logits.device)
-
-    def image_sum(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        return torch.where(where, values, zero).sum((1, 2))
-
-    sums = torch.stack(
-        [
-            image_sum(ce, ce_old),
-            image_sum(ce, ce_new),
-            label_old.sum((1, 2)).to(acc),
-            label_new.sum((1, 2)).to(acc),
-            image_sum(p_new, label_new),
-            image_sum(p_new, valid),
-            image_sum(p_old, label_old),
-            image_sum(p_old, valid),
-        ],
-        dim=1,
-    )
-    return sums, torch.stack([lse, p_new, p_old], dim=1)
-
-
-def _interpolation_matrix(size_in: int, size_out: int, dtype, device) -> torch.Tensor:
-    """A (size_out, size_in): row d holds the bilinear (align_corners=False) weights of output index d."""
-    scale = size_in / size_out
-    src = ((torch.arange(size_out, dtype=dtype, device=device) + 0.5) * scale - 0.5).clamp_min(0)
-    i0 = src.floor().long()
-    i1 = (i0 + 1).clamp(max=size_in - 1)
-    lam = src - i0.to(dtype)
-    rows = torch.arange(size_out, device=device)
-    matrix = torch.zeros((size_out, size_in), dtype=dtype, device=device)
-    matrix.index_put_((rows, i0), 1.0 - lam, accumulate=True)
-    matrix.index_put_((rows, i1), lam, accumulate=True)
-    return matrix
-
-
-def _reference_sums_backward(grad_sums, masks, labels, dice_labels, num_old: int, ignore_index: int):
-    """Gradient of masks from the gradient of the eight sums, with materialised logits (the reference path).
-
-    The custom op's implementation runs below autograd, so the VJP is written out (the formulas are the
-    kernels', see kernels/seg_head.py): dz_c = G_ce·(p_c − [c = y]) + G_p·p_c·(P_old if c ≥ num_old else
-    −P_new) per pixel, then the transpose of the interpolation, dm = Ayᵀ·dz·Ax.
-    """
-    batch, num_classes, h, w = masks.shape
-    height, width = labels.shape[1:]
-    logits = upsample_logits(masks, (height, width))
-    acc = logits.dtype
-    labels, _, ce_old, ce_new = _label_masks(labels, num_classes, num_old, ignore_index)
-    _, valid, label_old, label_new = _label_masks(dice_labels, num_classes, num_old, ignore_index)
-    probs = torch.softmax(logits, dim=1)
-    p_new = probs[:, num_old:].sum(1, keepdim=True)
-    p_old = probs[:, :num_old].sum(1, keepdim=True)
-    g = grad_sums.to(acc)[:, :, None, None]
-    g_ce = g[:, 0] * ce_old.to(acc) + g[:, 1] * ce_new.to(acc)
-    g_p = g[:, 4] * label_new.to(acc) + (g[:, 5] - g[:, 7]) * valid.to(acc) - g[:, 6] * label_old.to(acc)
-    classes = torch.arange(num_classes, device=masks.device)[None, :, None, None]
-    one_hot = (classes == labels[:, None]).to(acc)
-    mass_factor = torch.where(classes >= num_old, p_old, -p_new)
-    dz = g_ce[:, None] * (probs - one_hot) + g_p[:, None] * probs * mass_factor
-    rows = _interpolation_matrix(h, height, acc, masks.device)
-    cols = _interpolation_matrix(w, width, acc, masks.device)
-    grad = torch.einsum("yY,bkyx,xX->bkYX", rows, dz, cols)
-    return grad.to(masks.dtype).contiguous()
-
 
 # ------------------------------------------------------------------------------ loss: custom ops
-@torch.library.custom_op("incrementer_fast::seg_head_sums", mutates_args=())
-def _seg_head_sums(
+@torch.library.custom_op("incrementer_fast::seg_head_loss_sums", mutates_args=())
+def _seg_head_loss_fwd_op(
     masks: torch.Tensor, labels: torch.Tensor, dice_labels: torch.Tensor, num_old: int, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend(masks.device) == "triton":
-        return _kernels().seg_head_sums(masks, labels, dice_labels, num_old, ignore_index)
-    sums, pixel_stats = _reference_sums(masks, labels, dice_labels, num_old, ignore_index)
-    return sums.contiguous(), pixel_stats.contiguous()
+    """(per-image sums (B, 8), per-pixel (lse, P_new, P_old) (B, 3, H, W)), see kernels/seg_head.py."""
+    check_kernels_run(masks.device)
+    return kernels.seg_head_loss_forward(masks, labels, dice_labels, num_old, ignore_index)
 
 
-@_seg_head_sums.register_fake
+@_seg_head_loss_fwd_op.register_fake
 def _(masks, labels, dice_labels, num_old, ignore_index):
     acc = compute_dtype(masks.dtype)
     batch, height, width = labels.shape
     return (
-        masks.new_empty((batch, NUM_SUMS), dtype=acc),
+        masks.new_empty((batch, kernels.NUM_SUMS), dtype=acc),
         masks.new_empty((batch, 3, height, width), dtype=acc),
     )
 
 
-@torch.library.custom_op("incrementer_fast::seg_head_sums_backward", mutates_args=())
-def _seg_head_sums_backward(
+@torch.library.custom_op("incrementer_fast::seg_head_loss_sums_backward", mutates_args=())
+def _seg_head_loss_bwd_op(
     grad_sums: torch.Tensor,
     masks: torch.Tensor,
     labels: torch.Tensor,
@@ -182,14 +83,11 @@ def _seg_head_sums_backward(
     num_old: int,
     ignore_index: int,
 ) -> torch.Tensor:
-    if backend(masks.device) == "triton":
-        return _kernels().seg_head_sums_backward(
-            grad_sums, masks, labels, dice_labels, pixel_stats, num_old, ignore_index
-        )
-    return _reference_sums_backward(grad_sums, masks, labels, dice_labels, num_old, ignore_index)
+    """Gradient of masks (B, K, h, w) from the gradient of the sums (B, 8)."""
+    return kernels.seg_head_loss_backward(grad_sums, masks, labels, dice_labels, pixel_stats, num_old, ignore_index)
 
 
-@_seg_head_sums_backward.register_fake
+@_seg_head_loss_bwd_op.register_fake
 def _(grad_sums, masks, labels, dice_labels, pixel_stats, num_old, ignore_index):
     return torch.empty(masks.shape, dtype=masks.dtype, device=masks.device)
 
@@ -207,13 +105,12 @@ def _backward(ctx, grad_sums, grad_pixel_stats):
     masks, labels, dice_labels, pixel_stats = ctx.saved_tensors
     if grad_sums is None:
         return None, None, None, None, None
-    grad_masks = _seg_head_sums_backward(
-        grad_sums, masks, labels, dice_labels, pixel_stats, ctx.num_old, ctx.ignore_index
-    )
+    grad_masks = _seg_head_loss_bwd_op(grad_sums, masks, labels, dice_labels, pixel_stats, ctx.num_old,
+                                       ctx.ignore_index)
     return grad_masks, None, None, None, None
 
 
-_seg_head_sums.register_autograd(_backward, setup_context=_setup_context)
+_seg_head_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def seg_head_loss(
@@ -255,36 +152,38 @@ def seg_head_loss(
     """
     check_seg_head_loss_args(masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight,
                              dice_labels)
-    sums, _ = _seg_head_sums(masks, labels, labels if dice_labels is None else dice_labels, num_old, ignore_index)
+    if backend(masks.device) == "reference":
+        return reference.seg_head_loss(masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight,
+                                       dice_labels)
+    sums, _ = _seg_head_loss_fwd_op(masks, labels, labels if dice_labels is None else dice_labels, num_old,
+                                    ignore_index)
     ce_old, ce_new, count_old, count_new, inter_new, prob_new, inter_old, prob_old = sums.unbind(1)
     image_ce = ce_old + new_class_weight * ce_new
     if image_weight is not None:
         image_ce = image_ce * image_weight.detach().to(sums.dtype)
     # PLOP's mean over every pixel of the batch (B·H·W is a Python int: no host synchronisation).
     ce = image_ce.sum() / max(labels.numel(), 1)
-    dice_new = 1.0 - (2.0 * inter_new + smooth) / (prob_new + count_new + smooth)
-    dice_old = 1.0 - (2.0 * inter_old + smooth) / (prob_old + count_old + smooth)
-    dice = (dice_new + dice_old).sum() / max(masks.shape[0], 1)
+    dice = dice_from_sums(torch.stack([inter_new, inter_old]), torch.stack([prob_new, prob_old]),
+                          torch.stack([count_new, count_old]), smooth)
     return ce, dice
 
 
 # ------------------------------------------------------------------------------ PLOP: custom ops
 @torch.library.custom_op("incrementer_fast::plop_entropy_histogram", mutates_args=())
-def _entropy_histogram(
+def _entropy_histogram_op(
     teacher_masks: torch.Tensor, labels: torch.Tensor, num_bins: int, num_classes: int, entropy: str
 ) -> torch.Tensor:
-    if backend(teacher_masks.device) == "triton":
-        return _kernels().teacher_histogram(teacher_masks, labels, num_bins, num_classes, entropy)
-    return reference_entropy_histogram(teacher_masks, labels, num_bins, num_classes=num_classes, entropy=entropy)
+    check_kernels_run(teacher_masks.device)
+    return kernels.entropy_histogram_forward(teacher_masks, labels, num_bins, num_classes, entropy)
 
 
-@_entropy_histogram.register_fake
+@_entropy_histogram_op.register_fake
 def _(teacher_masks, labels, num_bins, num_classes, entropy):
     return torch.empty((teacher_masks.shape[1], num_bins), dtype=torch.int64, device=teacher_masks.device)
 
 
 @torch.library.custom_op("incrementer_fast::plop_pseudo_label", mutates_args=())
-def _pseudo_label(
+def _pseudo_label_op(
     teacher_masks: torch.Tensor,
     labels: torch.Tensor,
     thresholds: torch.Tensor,
@@ -292,12 +191,12 @@ def _pseudo_label(
     num_classes: int,
     entropy: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend(teacher_masks.device) == "triton":
-        return _kernels().pseudo_label(teacher_masks, labels, thresholds, ignore_index, num_classes, entropy)
-    return pseudo_label_counts(teacher_masks, labels, thresholds, ignore_index, num_classes, entropy)
+    """(pseudo-labels (B, H, W) int64, counts (B, 2) int64 = (#label-0 pixels, #pseudo-labelled))."""
+    check_kernels_run(teacher_masks.device)
+    return kernels.pseudo_label_forward(teacher_masks, labels, thresholds, ignore_index, num_classes, entropy)
 
 
-@_pseudo_label.register_fake
+@_pseudo_label_op.register_fake
 def _(teacher_masks, labels, thresholds, ignore_index, num_classes, entropy):
     batch, height, width = labels.shape
     device = teacher_masks.device
@@ -338,8 +237,10 @@ def entropy_histogram(
         >>> thresholds = plop_thresholds(histogram)
     """
     check_entropy_histogram_args(teacher_masks, labels, num_bins, num_classes, entropy)
+    if backend(teacher_masks.device) == "reference":
+        return reference.entropy_histogram(teacher_masks, labels, num_bins, num_classes=num_classes, entropy=entropy)
     num_classes = teacher_masks.shape[1] if num_classes is None else num_classes
-    return _entropy_histogram(teacher_masks.detach(), labels, num_bins, num_classes, entropy)
+    return _entropy_histogram_op(teacher_masks.detach(), labels, num_bins, num_classes, entropy)
 
 
 def pseudo_label(
@@ -376,8 +277,11 @@ def pseudo_label(
         >>> pseudo, factor = pseudo_label(teacher, labels, thresholds, num_classes=17)
     """
     check_pseudo_label_args(teacher_masks, labels, thresholds, ignore_index, min_image_factor, num_classes, entropy)
+    if backend(teacher_masks.device) == "reference":
+        return reference.pseudo_label(teacher_masks, labels, thresholds, ignore_index, min_image_factor,
+                                      num_classes=num_classes, entropy=entropy)
     num_classes = teacher_masks.shape[1] if num_classes is None else num_classes
-    pseudo, counts = _pseudo_label(
+    pseudo, counts = _pseudo_label_op(
         teacher_masks.detach(), labels, thresholds.detach(), ignore_index, num_classes, entropy
     )
     return pseudo, image_factor(counts, compute_dtype(teacher_masks.dtype), min_image_factor)

@@ -113,9 +113,18 @@ def cds_dice_loss(
     valid = ((flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)).to(acc)
     m_new = valid * (flat_labels >= num_old).to(acc)
     m_old = valid * (flat_labels < num_old).to(acc)
+    p = torch.stack([p_new, p_old])  # (2, B, S): rows new, old
+    m = torch.stack([m_new, m_old])
+    return dice_from_sums((p * m).sum(2), (p * valid).sum(2), m.sum(2), smooth)
 
-    def dice(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        intersection = (p * m).sum(1)
-        return 1.0 - (2.0 * intersection + smooth) / ((p * valid).sum(1) + m.sum(1) + smooth)
 
-    return (dice(p_new, m_new) + dice(p_old, m_old)).sum() / max(batch, 1)
+def dice_from_sums(intersection: torch.Tensor, probability: torch.Tensor, count: torch.Tensor,
+                   smooth: float) -> torch.Tensor:
+    """CDS's dice from per-image sums, each (2, B) with rows (new, old): the sum over both rows and the B
+    images of 1 − (2·Σ P·M + smooth) / (Σ P + Σ M + smooth), divided by B (0 for B = 0).
+
+    The one place this formula lives: ``cds_dice_loss`` here, and the kernel path of ``seg_head_loss``
+    (``incrementer_fast.ops.seg_head``, on the kernels' sums), which autograd differentiates.
+    """
+    dice = 1.0 - (2.0 * intersection + smooth) / (probability + count + smooth)
+    return dice.sum() / max(dice.shape[-1], 1)

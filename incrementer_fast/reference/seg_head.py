@@ -95,131 +95,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import _shape, check_float, check_ignore_index, check_integer, check_ndim, check_same_device
+from .._checks import (
+    check_entropy_histogram_args,
+    check_plop_thresholds_args,
+    check_pseudo_label_args,
+    check_seg_head_loss_args,
+)
 from .core import cds_dice_loss, compute_dtype
-
-ENTROPIES = ("plop", "normalized")
-MEDIANS = ("plop", "interpolated")
 # PLOP's classif_adaptive_factor: n_pseudo / (n_background + 1e-6) (train.py, after the fix of its 0/0).
 IMAGE_FACTOR_EPS = 1e-6
 # PLOP's entropy(): log(p + 1e-8) and 1 / log(K + 1e-8).
 PLOP_ENTROPY_EPS = 1e-8
-
-
-# --------------------------------------------------------------------------------------------- checks
-def _check_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-
-
-def _check_number(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _check_masks_labels(masks_name: str, masks, labels) -> None:
-    check_float(masks_name, masks)
-    check_integer("labels", labels)
-    check_ndim(masks_name, masks, 4, "(B, K, h, w)")
-    check_ndim("labels", labels, 3, "(B, H, W)")
-    if masks.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{masks_name} (B, K, h, w) = {_shape(masks)} and labels (B, H, W) = {_shape(labels)} "
-            "must have the same batch size B"
-        )
-    if masks.shape[2] == 0 or masks.shape[3] == 0:
-        raise ValueError(f"{masks_name} (B, K, h, w) = {_shape(masks)} must have h, w >= 1")
-    check_same_device(**{masks_name: masks, "labels": labels})
-
-
-def check_seg_head_loss_args(
-    masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight, dice_labels=None
-) -> None:
-    """Shape/dtype/argument validation of ``seg_head_loss`` (no host synchronisation)."""
-    _check_masks_labels("masks", masks, labels)
-    num_classes = masks.shape[1]
-    _check_int("num_old", num_old)
-    if not 1 <= num_old < num_classes:
-        raise ValueError(
-            f"num_old must be an int in [1, K) with K = {num_classes} (masks {_shape(masks)}), got {num_old!r}"
-        )
-    _check_number("new_class_weight", new_class_weight)
-    if not new_class_weight >= 0:
-        raise ValueError(f"new_class_weight must be >= 0, got {new_class_weight!r}")
-    check_ignore_index(labels, ignore_index)
-    _check_number("smooth", smooth)
-    if not smooth >= 0:
-        raise ValueError(f"smooth must be a non-negative float, got {smooth!r}")
-    if image_weight is not None:
-        check_float("image_weight", image_weight)
-        if tuple(image_weight.shape) != (masks.shape[0],):
-            raise ValueError(
-                f"image_weight must have shape (B,) = ({masks.shape[0]},) for masks (B, K, h, w) = "
-                f"{_shape(masks)}, got {_shape(image_weight)}"
-            )
-        check_same_device(masks=masks, image_weight=image_weight)
-    if dice_labels is not None:
-        check_integer("dice_labels", dice_labels)
-        if dice_labels.shape != labels.shape:
-            raise ValueError(
-                f"dice_labels must have the shape of labels (B, H, W) = {_shape(labels)}, got {_shape(dice_labels)}"
-            )
-        check_ignore_index(dice_labels, ignore_index)
-        check_same_device(masks=masks, dice_labels=dice_labels)
-
-
-def _check_entropy_args(teacher_masks, num_classes, entropy) -> None:
-    _check_choice("entropy", entropy, ENTROPIES)
-    if entropy == "plop":
-        num_old = teacher_masks.shape[1]
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < num_old:
-            raise ValueError(
-                f"num_classes must be an int >= K_old = {num_old} (teacher_masks {_shape(teacher_masks)}) for "
-                f"entropy='plop': the current step's class count K_total, by whose log PLOP divides its "
-                f"entropy; got {num_classes!r}"
-            )
-
-
-def check_entropy_histogram_args(teacher_masks, labels, num_bins, num_classes=None, entropy="plop") -> None:
-    _check_masks_labels("teacher_masks", teacher_masks, labels)
-    if teacher_masks.shape[1] < 2:
-        raise ValueError(f"teacher_masks (B, K_old, h, w) = {_shape(teacher_masks)} must have K_old >= 2")
-    _check_int("num_bins", num_bins)
-    if num_bins < 1:
-        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    _check_entropy_args(teacher_masks, num_classes, entropy)
-
-
-def check_pseudo_label_args(
-    teacher_masks, labels, thresholds, ignore_index, min_image_factor, num_classes=None, entropy="plop"
-) -> None:
-    _check_masks_labels("teacher_masks", teacher_masks, labels)
-    if teacher_masks.shape[1] < 2:
-        raise ValueError(f"teacher_masks (B, K_old, h, w) = {_shape(teacher_masks)} must have K_old >= 2")
-    check_float("thresholds", thresholds)
-    if tuple(thresholds.shape) != (teacher_masks.shape[1],):
-        raise ValueError(
-            f"thresholds must have shape (K_old,) = ({teacher_masks.shape[1]},) for teacher_masks "
-            f"(B, K_old, h, w) = {_shape(teacher_masks)}, got {_shape(thresholds)}"
-        )
-    check_same_device(teacher_masks=teacher_masks, thresholds=thresholds)
-    check_ignore_index(labels, ignore_index)
-    _check_number("min_image_factor", min_image_factor)
-    _check_entropy_args(teacher_masks, num_classes, entropy)
-
-
-def check_plop_thresholds_args(histogram, floor, median="plop") -> None:
-    check_integer("histogram", histogram)
-    check_ndim("histogram", histogram, 2, "(K_old, num_bins)")
-    if histogram.shape[1] < 1:
-        raise ValueError(f"histogram (K_old, num_bins) = {_shape(histogram)} must have num_bins >= 1")
-    _check_number("floor", floor)
-    _check_choice("median", median, MEDIANS)
 
 
 # ------------------------------------------------------------------------------------------- loss

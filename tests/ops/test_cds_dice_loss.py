@@ -1,7 +1,8 @@
 """Parity tests of cds_dice_loss (custom op + Triton kernels) against the float64 reference.
 
-Run twice: normally (CPU tensors take the plain-PyTorch path of the op) and with TRITON_INTERPRET=1 (the
-Triton kernels run through the interpreter); on a CUDA machine every test also runs on the GPU.
+Run on the CPU without TRITON_INTERPRET (the op dispatches to the reference: its properties are checked)
+and with TRITON_INTERPRET=1 (the Triton kernels run through the interpreter, with the interpreter's and a
+GPU's launch plans); on a CUDA machine every test also runs on the GPU.
 """
 import math
 
@@ -14,8 +15,7 @@ from hypothesis import strategies as st
 import incrementer_fast as inc
 from incrementer_fast import reference
 from incrementer_fast._dispatch import backend
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from conftest import DEVICES, KERNEL_DEVICES
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "transposed", "strided"]
 
@@ -200,7 +200,8 @@ def test_layouts_and_channel_paths(device, layout, num_classes, num_old):
     ref_loss, ref_grad = reference_loss_and_grad(logits, labels, num_old, 255, 1.0, upstream)
     assert_close_rel(loss, ref_loss, torch.float32, "loss")
     assert_close_rel(grad, ref_grad, torch.float32, "grad")
-    assert grad.stride() == torch.empty_like(logits).stride()  # the gradient keeps logits' layout
+    if backend(device) == "triton":
+        assert grad.stride() == torch.empty_like(logits).stride()  # the kernels' gradient keeps logits' layout
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -230,14 +231,13 @@ def test_three_spatial_dims_unmergeable_layout(device):
     ref_loss, ref_grad = reference_loss_and_grad(logits, labels, 2, 255, 1.0, upstream)
     assert_close_rel(loss, ref_loss, torch.float32, "loss")
     assert_close_rel(grad, ref_grad, torch.float32, "grad")
-    assert grad.stride() == torch.empty_like(logits).stride()
+    if backend(device) == "triton":
+        assert grad.stride() == torch.empty_like(logits).stride()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_kernels_with_small_blocks(device):
+def test_kernels_with_small_blocks(kernel_device):
     """Chunked channels, several tiles per program and several programs per image, on a small input."""
-    if backend(device) != "triton":
-        pytest.skip("the Triton kernels run on CUDA, or on the CPU with TRITON_INTERPRET=1")
+    device = kernel_device
     from incrementer_fast.kernels.cds_dice_loss import cds_dice_loss_backward, cds_dice_loss_forward
 
     dtype = torch.float64  # the tightest bound: any indexing or accumulation slip shows
@@ -256,7 +256,7 @@ def test_kernels_with_small_blocks(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("label_dtype", [torch.int64, torch.uint8])
 def test_labels_outside_the_classes_are_ignored(device, label_dtype):
-    """Issue 14: labels ≥ C or < 0 (other than ignore_index) used to count as new/old classes. They are
+    """Labels ≥ C or < 0 (other than ignore_index) belong to no class the logits score. They are
     ignored on both paths: the loss and gradient equal those with ignore_index in their place."""
     gen = torch.Generator().manual_seed(19)
     logits = make_logits((3, 7, 6, 5), torch.float32, device, "contiguous", "normal", gen)
@@ -300,7 +300,7 @@ def test_deterministic(device):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_opcheck(device):
     gen = torch.Generator().manual_seed(5)
     logits = make_logits((2, 7, 5, 3), torch.float32, device, "channels_last", "normal", gen)
@@ -338,8 +338,9 @@ def test_compile_fullgraph_matches_eager(device):
     loss_eager.backward()
     loss_compiled = compiled(x_compiled)
     loss_compiled.backward()
-    assert torch.equal(loss_compiled, loss_eager)
-    assert torch.equal(x_compiled.grad, x_eager.grad)
+    # The compiler may fuse and reorder the reference's float32 arithmetic: the per-dtype bounds, not bits.
+    assert_close_rel(loss_compiled, loss_eager, torch.float32, "loss")
+    assert_close_rel(x_compiled.grad, x_eager.grad, torch.float32, "grad")
 
 
 def _int(*shape, device="cpu"):

@@ -1,7 +1,8 @@
 """Parity tests of `incrementer_fast.cosine_mask` (the custom op and its kernels) against the float64 reference.
 
-Run on the CPU twice: without TRITON_INTERPRET (the reference path of the custom op) and with
-TRITON_INTERPRET=1 (the Triton kernels through the interpreter); on CUDA when a GPU is present.
+Run on the CPU without TRITON_INTERPRET (the op dispatches to the reference: its properties are checked)
+and with TRITON_INTERPRET=1 (the Triton kernels through the interpreter, with the interpreter's and a GPU's
+launch plans); on CUDA when a GPU is present.
 """
 import pytest
 import torch
@@ -10,7 +11,6 @@ from hypothesis import strategies as st
 
 import incrementer_fast as inc
 from helpers import REL_ERR_BOUND, assert_close_rel
-from incrementer_fast.kernels import utils as kernel_utils
 
 # The `device` fixture only names a device, so reusing it across hypothesis examples is safe. (Extends the
 # loaded profile's list rather than replacing it.)
@@ -207,7 +207,8 @@ def test_out_dtype(device, dtype, out_dtype):
     assert grads[2].dtype == torch.float32
 
 
-def test_out_dtype_compiles_and_passes_opcheck(device):
+def test_out_dtype_compiles_and_passes_opcheck(kernel_device):
+    device = kernel_device
     patches, classes = _small_inputs(device, torch.bfloat16)
     scale = torch.tensor(2.0, device=device)
     forward = torch.ops.incrementer_fast.cosine_mask.default
@@ -228,10 +229,15 @@ def test_out_dtype_compiles_and_passes_opcheck(device):
 
 
 @pytest.mark.parametrize("num_classes", [21, 70])
-def test_gpu_launch_plan(device, monkeypatch, num_classes):
+def test_gpu_launch_plan(kernel_device, num_classes):
     """The tiles and grids planned for an H100/H200 (132 SMs: small tiles, many programs, K = 21 in 8-wide
-    class tiles), which the interpreter otherwise trades for its own fewest-programs plan."""
-    monkeypatch.setattr(kernel_utils, "PLAN_SMS", kernel_utils.H100_SMS)
+    class tiles), which the interpreter otherwise trades for its own fewest-programs plan (CUDA tensors
+    follow their own GPU whatever the plan)."""
+    with inc.use_backend("triton", plan="h100"):
+        _check_strided_case(kernel_device, num_classes)
+
+
+def _check_strided_case(device, num_classes):
     gen = torch.Generator().manual_seed(13)
     patches = _make((2, 70, 40), torch.float32, device, "transposed", gen, [1.0, 1e-9]).requires_grad_()
     classes = _make((2, num_classes, 40), torch.float32, device, "strided", gen, [1.0, 2.0]).requires_grad_()
@@ -254,7 +260,8 @@ def _small_inputs(device, dtype=torch.float32, batch=2, num_patches=5, num_class
     return patches.to(device, dtype), classes.to(device, dtype)
 
 
-def test_opcheck(device):
+def test_opcheck(kernel_device):
+    device = kernel_device
     patches, classes = _small_inputs(device)
     patches[0, 1] = 0.0  # a zero row: the clamped branch
     transposed = classes.transpose(1, 2).contiguous().transpose(1, 2)

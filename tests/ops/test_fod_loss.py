@@ -1,7 +1,8 @@
 """Parity tests of `incrementer_fast.fod_loss` (the custom op and its kernels) against the float64 reference.
 
-Run on the CPU twice: without TRITON_INTERPRET (the reference path of the custom op) and with
-TRITON_INTERPRET=1 (the Triton kernels through the interpreter); on CUDA when a GPU is present.
+Run on the CPU without TRITON_INTERPRET (the op dispatches to the reference: its properties are checked)
+and with TRITON_INTERPRET=1 (the Triton kernels through the interpreter, with the interpreter's and a GPU's
+launch plans); on CUDA when a GPU is present.
 """
 import pytest
 import torch
@@ -200,11 +201,12 @@ def test_empty_input_gives_zero(device):
 
 
 @pytest.mark.parametrize("dim, chunks", [(48, 3), (32, 2), (64, 4), (80, 0)])
-def test_row_chunks(device, monkeypatch, dim, chunks):
+def test_row_chunks(kernel_device, monkeypatch, dim, chunks):
     """Rows held in registers as 1–4 chunks, and the two-pass loop for longer rows; with 16-wide chunks at
     most, so that every path runs at a small D (at full size: 768 → 3 × 256, > 16384 → the loop)."""
     monkeypatch.setattr(fod_kernels, "MAX_BLOCK_D", 16)
     assert fod_kernels.row_chunks(dim) == (16, chunks)
+    device = kernel_device
     gen = torch.Generator().manual_seed(dim)
     student = _make((3, 9, dim), torch.float32, device, "strided_features", gen).requires_grad_()
     teacher = _make((3, 9, dim), torch.float32, device, "transposed", gen).requires_grad_()
@@ -221,7 +223,7 @@ def test_row_chunks(device, monkeypatch, dim, chunks):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_negative_weights_count_as_zero(device, dtype):
-    """Issue 14's probe: weights +1 and −0.999999 gave a loss of 1.4e6 (Σ w ≈ 1e-6). Negative weights are
+    """Weights +1 and −0.999999 would give a loss of 1.4e6 (Σ w ≈ 1e-6). Negative weights are
     clamped at 0 on both paths: the loss and gradients equal those of the clamped weights."""
     gen = torch.Generator().manual_seed(5)
     student = torch.randn(3, 11, 24, generator=gen).to(device, dtype).requires_grad_()
@@ -256,7 +258,8 @@ def test_known_value(device):
     assert loss.item() == pytest.approx((1 * 1 + 2 * 2 + 1 * 1) / 4, rel=1e-6)
 
 
-def test_opcheck(device):
+def test_opcheck(kernel_device):
+    device = kernel_device
     gen = torch.Generator().manual_seed(0)
     student = _make((3, 5, 19), torch.float32, device, "slice", gen).requires_grad_()
     teacher = _make((3, 5, 19), torch.float32, device, "transposed", gen).requires_grad_()
@@ -302,8 +305,9 @@ def test_torch_compile_fullgraph_matches_eager(device):
     (grad,) = torch.autograd.grad(loss, [class_emb])
     eager_loss = old_class_term(class_emb, teacher, weight)
     (eager_grad,) = torch.autograd.grad(eager_loss, [class_emb])
-    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
-    torch.testing.assert_close(grad, eager_grad, rtol=1e-6, atol=0)
+    # The compiler may fuse and reorder the reference's float32 arithmetic: the per-dtype bounds, not bits.
+    assert_close_rel(loss, eager_loss, torch.float32, "loss")
+    assert_close_rel(grad, eager_grad, torch.float32, "grad")
 
 
 def test_deterministic(device):

@@ -1,9 +1,9 @@
 """Parity tests of the fused segmentation head (seg_head_loss, entropy_histogram, pseudo_label) against the
 float64 reference, which materialises the upsampled logits.
 
-Run twice: normally (CPU tensors take the op's plain-PyTorch path, whose backward is written out, so it is
-checked here against autograd of the spec) and with TRITON_INTERPRET=1 (the Triton kernels run through the
-interpreter); on a CUDA machine every test also runs on the GPU. Shapes stay small (h, w ≤ 8, H, W ≤ 24):
+Run on the CPU without TRITON_INTERPRET (the ops dispatch to the reference: its properties are checked) and
+with TRITON_INTERPRET=1 (the Triton kernels run through the interpreter, with the interpreter's and a GPU's
+launch plans); on a CUDA machine every test also runs on the GPU. Shapes stay small (h, w ≤ 8, H, W ≤ 24):
 the interpreter runs every Triton op in Python.
 """
 import math
@@ -19,8 +19,7 @@ import incrementer_fast as inc
 from incrementer_fast import reference
 from incrementer_fast._dispatch import INTERPRET
 from incrementer_fast.reference.seg_head import teacher_prediction
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from conftest import DEVICES, KERNEL_DEVICES
 FLOATS = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "transposed", "strided"]
 IGNORE = 255
@@ -280,22 +279,23 @@ def test_seg_head_loss_gradcheck():
     assert torch.autograd.gradcheck(loss, (masks,))
 
 
-def test_seg_head_ops_opcheck():
+def test_seg_head_ops_opcheck(kernel_device):
+    device = kernel_device
     generator = torch.Generator().manual_seed(9)
     # 2 × 2 cells: opcheck runs each op many times, and the kernels walk the masks cell by cell.
-    masks = make_masks((2, 5, 2, 2), torch.float32, "cpu", "transposed", 2.0, generator).requires_grad_(True)
-    labels = make_labels((2, 7, 6), 5, "background_heavy", torch.int64, "cpu", generator)
-    dice_labels = make_labels((2, 7, 6), 5, "random", torch.int32, "cpu", generator)
-    torch.library.opcheck(torch.ops.incrementer_fast.seg_head_sums.default, (masks, labels, dice_labels, 3, IGNORE))
-    sums, pixel_stats = torch.ops.incrementer_fast.seg_head_sums(masks.detach(), labels, dice_labels, 3, IGNORE)
-    grad_sums = torch.randn(2, 8).expand(2, 8)
+    masks = make_masks((2, 5, 2, 2), torch.float32, device, "transposed", 2.0, generator).requires_grad_(True)
+    labels = make_labels((2, 7, 6), 5, "background_heavy", torch.int64, device, generator)
+    dice_labels = make_labels((2, 7, 6), 5, "random", torch.int32, device, generator)
+    torch.library.opcheck(torch.ops.incrementer_fast.seg_head_loss_sums.default, (masks, labels, dice_labels, 3, IGNORE))
+    sums, pixel_stats = torch.ops.incrementer_fast.seg_head_loss_sums(masks.detach(), labels, dice_labels, 3, IGNORE)
+    grad_sums = torch.randn(2, 8).to(device).expand(2, 8)
     torch.library.opcheck(
-        torch.ops.incrementer_fast.seg_head_sums_backward.default,
+        torch.ops.incrementer_fast.seg_head_loss_sums_backward.default,
         (grad_sums, masks.detach(), labels, dice_labels, pixel_stats, 3, IGNORE),
     )
     teacher = masks.detach()
     torch.library.opcheck(torch.ops.incrementer_fast.plop_entropy_histogram.default, (teacher, labels, 10, 6, "plop"))
-    thresholds = torch.full((5,), 0.5)
+    thresholds = torch.full((5,), 0.5, device=device)
     torch.library.opcheck(
         torch.ops.incrementer_fast.plop_pseudo_label.default, (teacher, labels, thresholds, IGNORE, 6, "normalized")
     )
@@ -406,40 +406,36 @@ def test_bad_inputs_raise_naming_the_argument(call, error, words):
         assert word in str(info.value)
 
 
-KERNEL_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.mark.skipif(not KERNEL_DEVICES, reason="the Triton kernels run on CUDA or under TRITON_INTERPRET=1")
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_kernels_give_the_same_results_in_bands_of_two_cells(device, monkeypatch):
+def test_kernels_give_the_same_results_in_bands_of_two_cells(kernel_device, monkeypatch):
     """A program owns a band of cells (and the backward walks a ring around it): bands of 2 × 2 cells, which
     cut 7 × 5 masks (down- and up-sampled rows) into many bands with partial edges, give the per-pixel
     statistics, the gradient, the histogram and the pseudo-labels of the default bands bit for bit, and the
     same sums up to their summation order."""
     from incrementer_fast.kernels import seg_head as kernels
 
+    device = kernel_device
     generator = torch.Generator().manual_seed(23)
     # 7 × 5 cells: rows up-sampled 7 → 19 in one image shape, down-sampled 7 → 4 in the other.
     for height, width in ((19, 13), (4, 13)):
         masks = make_masks((1, 9, 7, 5), torch.float32, device, "strided", 3.0, generator)
         labels = make_labels((1, height, width), 9, "background_heavy", torch.int64, device, generator)
         dice_labels = make_labels((1, height, width), 9, "random", torch.int32, device, generator)
-        sums, stats = kernels.seg_head_sums(masks, labels, dice_labels, 4, IGNORE)
-        band_sums, band_stats = kernels.seg_head_sums(masks, labels, dice_labels, 4, IGNORE, band=2)
+        sums, stats = kernels.seg_head_loss_forward(masks, labels, dice_labels, 4, IGNORE)
+        band_sums, band_stats = kernels.seg_head_loss_forward(masks, labels, dice_labels, 4, IGNORE, band=2)
         assert torch.equal(stats, band_stats)
         assert_close_rel(band_sums, sums, torch.float32, "sums")
         grad_sums = torch.randn(1, 8, generator=generator).to(device)
-        grad = kernels.seg_head_sums_backward(grad_sums, masks, labels, dice_labels, stats, 4, IGNORE)
-        band_grad = kernels.seg_head_sums_backward(grad_sums, masks, labels, dice_labels, stats, 4, IGNORE, band=2)
+        grad = kernels.seg_head_loss_backward(grad_sums, masks, labels, dice_labels, stats, 4, IGNORE)
+        band_grad = kernels.seg_head_loss_backward(grad_sums, masks, labels, dice_labels, stats, 4, IGNORE, band=2)
         assert torch.equal(grad, band_grad)
-        histogram = kernels.teacher_histogram(masks, labels, 10, 12, "plop")
-        assert torch.equal(histogram, kernels.teacher_histogram(masks, labels, 10, 12, "plop", band=2))
+        histogram = kernels.entropy_histogram_forward(masks, labels, 10, 12, "plop")
+        assert torch.equal(histogram, kernels.entropy_histogram_forward(masks, labels, 10, 12, "plop", band=2))
         with monkeypatch.context() as patch:  # 12 programs sharing 5 copies of the histogram
             patch.setattr(kernels, "HISTOGRAM_COPIES", 5)
-            assert torch.equal(histogram, kernels.teacher_histogram(masks, labels, 10, 12, "plop", band=2))
+            assert torch.equal(histogram, kernels.entropy_histogram_forward(masks, labels, 10, 12, "plop", band=2))
         thresholds = torch.full((9,), 0.5, device=device)
-        pseudo, counts = kernels.pseudo_label(masks, labels, thresholds, IGNORE, 12, "normalized")
-        band_pseudo, band_counts = kernels.pseudo_label(masks, labels, thresholds, IGNORE, 12, "normalized", band=2)
+        pseudo, counts = kernels.pseudo_label_forward(masks, labels, thresholds, IGNORE, 12, "normalized")
+        band_pseudo, band_counts = kernels.pseudo_label_forward(masks, labels, thresholds, IGNORE, 12, "normalized", band=2)
         assert torch.equal(pseudo, band_pseudo) and torch.equal(counts, band_counts)
         assert counts[:, 1].sum() > 0  # some pixels took a pseudo-label
 

@@ -1,7 +1,8 @@
 """inc.use_backend: every op follows the chosen backend, eager and compiled, forward and backward.
 
-Run in both passes: without TRITON_INTERPRET choosing "triton" for CPU tensors is a clear error; with
+Run in every pass: without TRITON_INTERPRET choosing "triton" for CPU tensors is a clear error; with
 TRITON_INTERPRET=1 "triton" runs the kernels through the interpreter and "reference" the plain-PyTorch path.
+The launch plan (``use_backend(plan=...)``, ``INCREMENTER_FAST_PLAN``) is read each time a launch is planned.
 Which path ran is read off a counter wrapped around each op's kernel launchers (a spy: it calls through).
 """
 import importlib
@@ -18,9 +19,9 @@ LAUNCHERS = {
     "cosine_mask": ("cosine_mask", ("cosine_mask_forward", "cosine_mask_backward")),
     "fod_loss": ("fod_loss", ("fod_loss_forward", "fod_loss_backward")),
     "cds_dice_loss": ("cds_dice_loss", ("cds_dice_loss_forward", "cds_dice_loss_backward")),
-    "seg_head_loss": ("seg_head", ("seg_head_sums", "seg_head_sums_backward")),
-    "pseudo_label": ("seg_head", ("pseudo_label",)),
-    "entropy_histogram": ("seg_head", ("teacher_histogram",)),
+    "seg_head_loss": ("seg_head", ("seg_head_loss_forward", "seg_head_loss_backward")),
+    "pseudo_label": ("seg_head", ("pseudo_label_forward",)),
+    "entropy_histogram": ("seg_head", ("entropy_histogram_forward",)),
 }
 
 
@@ -122,8 +123,8 @@ def test_unknown_backend_names_the_choices():
 
 
 def test_compiled_graph_follows_the_switch_at_call_time(launches):
-    """The choice is read inside the custom ops when they run: one compiled graph, no recompilation,
-    takes whichever backend is in effect at each call (forward and backward)."""
+    """The choice is made before the autograd boundary and torch.compile guards on it: a compiled function
+    runs whichever backend is in effect at each call (forward and backward), recompiling on a change."""
     torch._dynamo.reset()
     compiled = torch.compile(_every_op, fullgraph=True, backend="aot_eager")
     patches, classes, labels, teacher = _inputs()
@@ -134,7 +135,41 @@ def test_compiled_graph_follows_the_switch_at_call_time(launches):
         with inc.use_backend("triton"):
             compiled(patches, classes, labels, teacher).backward()
         assert launches["cosine_mask_forward"] == 1 and launches["cosine_mask_backward"] == 1
-        assert launches["seg_head_sums_backward"] == 1 and launches["fod_loss_backward"] == 1
+        assert launches["seg_head_loss_backward"] == 1 and launches["fod_loss_backward"] == 1
     else:
         with inc.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             compiled(patches, classes, labels, teacher)
+
+
+def test_plan_is_chosen_per_call_and_restored():
+    from incrementer_fast import _dispatch
+
+    cpu = torch.device("cpu")
+    before = _dispatch.launch_target(cpu)
+    with inc.use_backend("auto", plan="h100"):
+        assert _dispatch.launch_target(cpu) == _dispatch.PLANS["h100"]
+        with inc.use_backend("reference"):  # no plan given: the plan in effect stays
+            assert _dispatch.launch_target(cpu).name == "h100"
+        with inc.use_backend("auto", plan="interpreter"):
+            assert not _dispatch.launch_target(cpu).gpu
+    assert _dispatch.launch_target(cpu) == before
+    assert _dispatch.PLANS["h100"].multiprocessors == _dispatch.PLANS["h200"].multiprocessors == 132
+
+
+def test_plan_environment_variable_is_read_when_an_op_plans(monkeypatch):
+    from incrementer_fast import _dispatch
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(_dispatch.PLAN_ENV_VAR, "h200")
+    assert _dispatch.launch_target(cpu).name == "h200"
+    with inc.use_backend("auto", plan="interpreter"):  # a block's choice beats the process's
+        assert _dispatch.launch_target(cpu).name == "interpreter"
+    monkeypatch.setenv(_dispatch.PLAN_ENV_VAR, "a100")
+    with pytest.raises(ValueError, match="INCREMENTER_FAST_PLAN must be one of 'interpreter', 'h100', 'h200', got 'a100'"):
+        _dispatch.launch_target(cpu)
+
+
+def test_unknown_plan_names_the_choices():
+    with pytest.raises(ValueError, match=r"use_backend\(plan\) must be one of 'interpreter', 'h100', 'h200'"):
+        with inc.use_backend("triton", plan="a100"):
+            pass
