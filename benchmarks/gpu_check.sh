@@ -186,7 +186,7 @@ echo "xformers: $XFORMERS_STATE" | tee -a "$OUT/env.log"
 if wanted bench; then
   # shellcheck disable=SC2086
   stage bench "$BENCH_TIMEOUT" "$OUT/bench.log" "$PY" benchmarks/run.py --device cuda --size paper \
-    --dtype fp32,bf16 --modes forward+backward --providers fused,eager --no-step --autotune first \
+    --dtype fp32,bf16 --modes forward+backward --providers fused,eager --no-step \
     --budget-s $((BENCH_TIMEOUT - 15)) --out "$OUT" $BENCH_ARGS
 fi
 

@@ -1,5 +1,5 @@
 """The performance ledger: what every fused kernel and its eager reference move and compute, counted on
-the CPU, and their GPU time *modelled* from those counts (issue 10). Nothing here is measured on a GPU.
+the CPU, and their GPU time *modelled* from those counts. Nothing here is measured on a GPU.
 
     python benchmarks/ledger.py --size tiny|small|paper [--ops a,b] [--dtype fp32,bf16] --out DIR
     python benchmarks/ledger.py --case cosine_mask:B=1,N=64,K=64,D=64 --dtype fp32 --out DIR
@@ -29,13 +29,11 @@ definition as run.py's "peak MB" on CUDA, modelled here by tracking storages on 
 H200 with the figures measured by this workplace. The training step's modelled peak memory (ViT-B/16 512²
 batch 8, K = 151, fused vs reference) comes from ``ledger_step``.
 
-Tiles: Triton's interpreter runs each autotuned kernel with its one interpreter config (see ``_configs``
-in ``kernels/*.py``) and some launchers pick interpreter-only block sizes, so by default the ledger counts
-the *interpreter's* tiles. ``--tiles cuda`` re-imports the kernel modules as a CUDA run would configure them
-(their ``INTERPRET`` switch off: CUDA block sizes, 16-bit tl.dot operands) and pins every autotuner to one
-of its CUDA configs (``--tiles cuda`` = the first, ``cuda:largest`` = the largest tile product,
-``cuda:N`` = the N-th); the values then computed are not checked (bf16 tl.dot is unreliable in the
-interpreter), only counted. Every launch records the constexprs it ran with (its ``config``).
+Launch plans: ``--plan h100`` (the default; also ``h200``, ``interpreter``) sets ``INCREMENTER_FAST_PLAN``,
+the switch the launchers read when they plan, so the interpreter runs exactly the tiles, bands, class blocks
+and grids of that GPU's launch. The ledger also counts bf16 tl.dot operands as a GPU issues them
+(``kernels.utils.UPCAST_BF16_DOTS`` off: the values are then not checked, bf16 tl.dot being unreliable in
+the interpreter, only counted). Every launch records the constexprs it ran with (its ``config``).
 
 Paper size: the fused counts are extrapolated exactly from small samples along the independent axes of
 each workload (images, pixel or patch rows) — ``ledger_scale`` (``--scale auto|on|off``; auto = on for
@@ -73,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a custom case op:K=v,... (repeatable); replaces --size's cases")
     parser.add_argument("--dtype", default="fp32,bf16")
     parser.add_argument("--providers", default="fused,eager")
-    parser.add_argument("--tiles", default="interpreter", help="interpreter | cuda | cuda:largest | cuda:N")
-    parser.add_argument("--plan-sms", type=int, default=132,
-                        help="SMs the launchers plan grid-filling tiles for (INCREMENTER_FAST_PLAN_SMS; 132: H100/H200)")
+    parser.add_argument("--plan", choices=("h100", "h200", "interpreter"), default="h100",
+                        help="the launch plan the kernels follow (INCREMENTER_FAST_PLAN)")
     parser.add_argument("--scale", choices=("auto", "on", "off"), default="auto",
                         help="extrapolate fused counts from small samples (ledger_scale); auto: for --size paper")
     parser.add_argument("--no-step", action="store_true", help="skip the training step's peak memory")
@@ -88,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-results", metavar="RESULTS_MD",
                         help="rewrite the 'Modelled (not measured)' section of this file from the ledger")
     args = parser.parse_args(argv[1:])
-    # Tile and grid choices that fill the GPU are planned for this many SMs off CUDA (kernels/utils.PLAN_SMS,
-    # read when the package is imported): an H100/H200's, so the interpreter runs a GPU launch's tiles.
-    os.environ["INCREMENTER_FAST_PLAN_SMS"] = str(args.plan_sms)
+    # Read by the launchers whenever they plan a launch: the interpreter runs that GPU's tiles and grids.
+    os.environ["INCREMENTER_FAST_PLAN"] = args.plan
 
     if args.compare:
         before, after = (json.loads(Path(path).read_text(encoding="utf-8")) for path in args.compare)

@@ -72,8 +72,7 @@ def _header(ledger) -> str:
     env = ledger["environment"]
     return (f"- date: {env['date']}; commit {env.get('commit', 'unknown')}; torch {env['torch']}, triton "
             f"{env['triton']}, Python {env['python']}; {env['machine']}\n- command: `{env['command']}`\n"
-            f"- tiles counted: {env['tiles']}; launches planned for {env.get('plan_sms', '?')} SMs "
-            f"(INCREMENTER_FAST_PLAN_SMS)\n- {env['note']}\n")
+            f"- launch plan: {env.get('plan') or env.get('tiles', '?')} (INCREMENTER_FAST_PLAN)\n- {env['note']}\n")
 
 
 def devices_markdown(ledger) -> str:
@@ -241,7 +240,8 @@ def compare_markdown(old, new) -> str:
         ])
     def describe(ledger) -> str:
         env = ledger["environment"]
-        return f"`{env['command']}` ({env['date']}; tiles: {env['tiles'].split(' (')[0]})"
+        plan = env.get("plan") or env.get("tiles", "?")  # ledgers written before launch plans were named
+        return f"`{env['command']}` ({env['date']}; plan: {plan.split(' (')[0]})"
 
     header = (f"# Ledger comparison (counted on the CPU, times modelled — not measured)\n\n"
               f"- before: {describe(old)}\n- after: {describe(new)}\n\n")

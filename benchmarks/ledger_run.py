@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import datetime
 import gc
-import importlib
 import inspect
 import os
-import pkgutil
 import platform
 import time
 from collections import Counter, defaultdict
@@ -250,54 +248,6 @@ def rows_for(case: W.Case, dtype_name: str, provider: str, counted: dict) -> lis
     return rows
 
 
-# ------------------------------------------------------------------------------------- tiles
-def use_cuda_tiles(choice: str) -> str:
-    """Re-import the kernel modules as a CUDA run configures them and pin each autotuner to one CUDA config.
-
-    The kernel modules read ``incrementer_fast._dispatch.INTERPRET`` at import to pick interpreter-only
-    settings; it is switched off while they are re-executed (``importlib.reload``), then switched back on
-    so that CPU tensors still take the kernels. Returns a description for the ledger.
-    """
-    from triton.runtime.autotuner import Autotuner
-
-    import incrementer_fast._dispatch as dispatch
-    import incrementer_fast.kernels as kernel_package
-
-    # utils first: the op modules import INTERPRET and the launch-plan helpers from it (whose PLAN_SMS
-    # ledger.py has set through INCREMENTER_FAST_PLAN_SMS before the first import).
-    modules = sorted((importlib.import_module(f"{kernel_package.__name__}.{m.name}")
-                      for m in pkgutil.iter_modules(kernel_package.__path__)),
-                     key=lambda module: module.__name__.rsplit(".", 1)[-1] != "utils")
-    dispatch.INTERPRET = False
-    try:
-        for module in modules:
-            importlib.reload(module)
-    finally:
-        dispatch.INTERPRET = True
-    pinned = []
-    for module in modules:
-        for name, obj in vars(module).items():
-            if isinstance(obj, Autotuner):
-                configs = list(obj.configs)
-                if choice == "largest":
-                    index = max(range(len(configs)), key=lambda i: _tile_product(configs[i]))
-                elif choice.isdigit():
-                    index = min(int(choice), len(configs) - 1)
-                else:
-                    index = 0
-                obj.configs = [configs[index]]
-                pinned.append(f"{module.__name__.rsplit('.', 1)[-1]}.{name}: #{index} {configs[index].kwargs}")
-    return "cuda (" + ("first" if choice in ("", "first") else choice) + " config): " + "; ".join(pinned)
-
-
-def _tile_product(config) -> int:
-    product = 1
-    for key, value in config.kwargs.items():
-        if key.startswith("BLOCK") and isinstance(value, int):
-            product *= value
-    return product
-
-
 # --------------------------------------------------------------------------------------- driver
 def _commit() -> str:
     """The commit counted, with "+changes" when kernels/ or incrementer_fast/ differ from it."""
@@ -314,7 +264,7 @@ def _commit() -> str:
     return (head or "unknown") + ("+changes" if dirty else "")
 
 
-def environment(argv: list[str], tiles: str) -> dict:
+def environment(argv: list[str], plan: str) -> dict:
     import triton
 
     return {
@@ -323,8 +273,7 @@ def environment(argv: list[str], tiles: str) -> dict:
         "commit": _commit(),
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-        "tiles": tiles,
-        "plan_sms": int(os.environ.get("INCREMENTER_FAST_PLAN_SMS", "1")),
+        "plan": plan,
         "note": "Every number is counted on the CPU or modelled from those counts; nothing is measured on a GPU.",
     }
 
@@ -342,11 +291,13 @@ def run(args, argv) -> dict:
     for p in providers:
         if p not in PROVIDERS:
             raise SystemExit(f"--providers: {p!r} is not one of {', '.join(PROVIDERS)}")
-    tiles = "interpreter (the one interpreter config of each autotuner; interpreter block sizes)"
-    if args.tiles.startswith("cuda"):
-        tiles = use_cuda_tiles(args.tiles.partition(":")[2] or "first")
-    elif args.tiles != "interpreter":
-        raise SystemExit("--tiles: interpreter, cuda, cuda:largest or cuda:N")
+    from incrementer_fast.kernels import utils as kernel_utils
+
+    plan = args.plan
+    if args.plan != "interpreter":
+        # Count the 16-bit tl.dot operands a GPU issues (the values are not checked): see ledger.py.
+        kernel_utils.UPCAST_BF16_DOTS = False
+        plan += " (16-bit tl.dot operands as on a GPU)"
 
     cases = [parse_case(text) for text in args.case] if args.case else \
         [case for case in W.cases(args.size) if case.op in ops]
@@ -354,7 +305,7 @@ def run(args, argv) -> dict:
     scaled = args.scale == "on" or (args.scale == "auto" and args.size == "paper" and not args.case)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     ledger = {"schema_version": SCHEMA_VERSION, "size": "custom" if args.case else args.size,
-              "environment": environment(argv, tiles),
+              "environment": environment(argv, plan),
               "devices": {name: device.to_json() for name, device in model.DEVICES.items()},
               "model": {"launch_us": model.LAUNCH_US, "int_divmod_cost": model.INT_DIVMOD_COST,
                         "doc": model.__doc__},

@@ -34,12 +34,10 @@ Targets (issue 5; CUDA, fp32 and bf16, forward+backward rows of the fused provid
   ≥ 2× faster (``x_eager``).
 * the training step with the fused ops ≥ 1.3× faster than with the reference ops.
 
-Order and budget: at the paper size the (case, dtype) pairs run in the priority order of issue 11
+Order and budget: at the paper size the (case, dtype) pairs run in priority order
 (``PRIORITY``: seg_head_loss and loss_stage at K = 151, cosine_mask K = 151 and 21, cds_dice_loss,
 fod_loss, pseudo_label, the K = 21 seg head), so that a run cut short by ``--budget-s`` or by a signal
 (SIGINT: the results measured so far are written, exit 130) keeps the numbers that matter most.
-``--autotune first`` pins every Triton autotuner of ``incrementer_fast.kernels`` to its first config, which
-bounds compile time (today no kernel autotunes: their tiles are planned on the host).
 Each is PASS or MISS; ``n/a`` where it does not apply (CPU runs, ops without a backward), ``not measured``
 where a number is missing (an error, a skipped provider, the fused op still being the reference).
 """
@@ -90,28 +88,6 @@ def in_priority_order(cases: list) -> list:
         return len(PRIORITY)
 
     return sorted(cases, key=rank)
-
-
-def pin_autotuners(choice: str) -> list[str]:
-    """Pin every ``triton.autotune`` of incrementer_fast.kernels to one config (``first``); returns what was
-    pinned. ``all`` leaves them alone."""
-    if choice == "all":
-        return []
-    import importlib
-    import pkgutil
-
-    from triton.runtime.autotuner import Autotuner
-
-    import incrementer_fast.kernels as kernel_package
-
-    pinned = []
-    for info in pkgutil.iter_modules(kernel_package.__path__):
-        module = importlib.import_module(f"{kernel_package.__name__}.{info.name}")
-        for name, obj in vars(module).items():
-            if isinstance(obj, Autotuner) and len(obj.configs) > 1:
-                obj.configs = obj.configs[:1]
-                pinned.append(f"{info.name}.{name}")
-    return pinned
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -656,8 +632,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="fp32 training steps with TF32 allowed for the backbone (stated in the results)")
     parser.add_argument("--order", choices=("priority", "listed"), default="priority",
                         help="case order: issue 11's priority (default) or workloads.py's listing")
-    parser.add_argument("--autotune", choices=("all", "first"), default="all",
-                        help="first: pin every Triton autotuner to its first config (bounded compile time)")
     parser.add_argument("--merge", action="store_true",
                         help="add to the results.json already in --out instead of starting a new one")
     parser.add_argument("--compile-backend", default=None,
@@ -709,7 +683,6 @@ def main(argv: list[str] | None = None) -> int:
         report = {"environment": environment(device, argv, args.compile_backend), "partial": True,
                   "quick": args.quick, "size": args.size, "rows": [], "targets": [], "step": []}
         report["calibration"] = calibrate(device, args.quick)
-    report["environment"]["autotune_pinned"] = pin_autotuners(args.autotune)
     print(f"[bench] {report['environment']['card']}: copy {report['calibration']['copy_gbps']:.0f} GB/s, "
           f"matmul {report['calibration']['matmul_tflops']}", flush=True)
     try:

@@ -1,4 +1,4 @@
-"""The performance ledger end to end (issue 10): `benchmarks/ledger.py --size tiny` on the CPU.
+"""The performance ledger end to end: `benchmarks/ledger.py --size tiny` on the CPU.
 
 Checks the schema (one row per op × case × dtype × mode × provider, every field), that forward+backward is
 the sum of its parts, that the eager FLOPs are flop_counter's, that the outputs say "modelled", the
@@ -130,12 +130,12 @@ def test_training_step_peak_memory(tiny):
     assert variants["reference ops"]["loss_peak_bytes"] > variants["fused ops"]["loss_peak_bytes"]
 
 
-def test_cuda_tiles_count_what_a_gpu_would_issue(tmp_path):
-    """--tiles cuda: the kernel modules as CUDA configures them (16-bit tl.dot operands, CUDA tiles)."""
-    _run(["--tiles", "cuda", "--case", "cosine_mask:B=1,N=64,D=32,K=5", "--dtype", "bf16", "--providers", "fused",
+def test_gpu_plan_counts_what_a_gpu_would_issue(tmp_path):
+    """--plan h100: the H100's tiles and grids, and 16-bit tl.dot operands as a GPU issues them."""
+    _run(["--plan", "h100", "--case", "cosine_mask:B=1,N=64,D=32,K=5", "--dtype", "bf16", "--providers", "fused",
           "--out", str(tmp_path)])
     ledger = json.loads((tmp_path / "ledger.json").read_text(encoding="utf-8"))
-    assert ledger["environment"]["tiles"].startswith("cuda")
+    assert ledger["environment"]["plan"].startswith("h100")
     row = next(r for r in ledger["rows"] if r["mode"] == "forward")
     assert "bf16" in row["dot_flops_by_precision"]  # on a GPU bf16 tiles enter tl.dot as they are
     assert ledger["step"] is None  # custom cases: no training step

@@ -1,4 +1,4 @@
-"""The ledger's counters against hand-computed values (issue 10).
+"""The ledger's counters against hand-computed values.
 
 Small Triton kernels defined here run through Triton's interpreter under ``ledger_count.KernelCounter``:
 a tiled matrix product whose tiles cover the shape exactly, the same kernel on a shape with masked edges,
@@ -183,8 +183,8 @@ DATA_DEPENDENT = ("useful_dot_flops", "atomic_lanes", "atomic_max_per_address")
 
 
 @needs_interpreter
-@pytest.mark.skipif(os.environ.get("INCREMENTER_FAST_PLAN_SMS") != "132",
-                    reason="the ledger plans launches for 132 SMs (the re-run below sets it)")
+@pytest.mark.skipif(os.environ.get("INCREMENTER_FAST_PLAN") != "h100",
+                    reason="the ledger plans launches for an H100 (the re-run below sets it)")
 @pytest.mark.parametrize("text", [
     "cosine_mask:B=4,N=512,D=32,K=5",  # images and patches
     # (the seg-head ops and cds_dice_loss are not extrapolated: workloads.PROGRAM_SAMPLED_OPS)
@@ -254,7 +254,7 @@ def test_aten_counter_bytes_flops_and_live_memory():
 @pytest.mark.skipif(INTERPRET, reason="this is the re-run itself")
 def test_counts_under_the_interpreter():
     """Run this file's Triton tests with TRITON_INTERPRET=1 (triton must see it before its import)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", INCREMENTER_FAST_PLAN_SMS="132")  # as benchmarks/ledger.py
+    env = dict(os.environ, TRITON_INTERPRET="1", INCREMENTER_FAST_PLAN="h100")  # as benchmarks/ledger.py
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
