@@ -45,8 +45,9 @@ setup(
         "xformers": ["xformers"],
         # tensorboard: the --tensorboard scalars of a run.
         "tensorboard": ["tensorboard"],
-        # wheel: tests/test_packaging.py builds a wheel without build isolation.
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "tensorboard", "wheel"],
+        # wheel: tests/test_packaging.py builds a wheel without build isolation; pytest-xdist: two workers
+        # for the reference pass; coverage: the kernel line coverage of the H100-plan pass (tests/run.sh).
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "tensorboard", "wheel", "pytest-xdist", "coverage"],
     },
     entry_points={"console_scripts": ["incrementer-fast=incrementer_fast.cli:main"]},
 )
