@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every key GPU number of incrementer_fast in ONE call of at most 400 s (issue 11), so that a rerun fits in the
+# Every key GPU number of incrementer_fast in ONE call of at most 400 s, so that a rerun fits in the
 # 15 minutes of device time a session gets, machine start-up included.
 #
 # On a lent GPU machine, through the device tool, from the repository root (benchmarks/README.md):
@@ -15,8 +15,8 @@
 #   setup      ≤  45 s  carried wheels into /tmp/site (no network there), this repo editable without deps;
 #                       versions, the card; whether xformers really loads and runs (XFORMERS_STATE); nvidia-smi
 #   bench      ≤ 140 s  benchmarks/run.py at the paper shapes, fp32 and bf16, forward+backward, fused vs
-#                       eager, in issue 11's order (seg_head_loss and loss_stage K=151, cosine_mask K=151 and
-#                       21, cds_dice_loss, fod_loss, pseudo_label, the K=21 seg head); --autotune first
+#                       eager, in priority order (seg_head_loss and loss_stage K=151, cosine_mask K=151 and
+#                       21, cds_dice_loss, fod_loss, pseudo_label, the K=21 seg head)
 #   step       ≤  70 s  the training step, fused vs reference ops: bf16 autocast, then fp32 with TF32
 #                       allowed for the backbone (stated in the table)
 #   attention  ≤  25 s  xformers vs SDPA, forward+backward, at the model's shapes (the rule of

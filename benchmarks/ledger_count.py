@@ -59,7 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 # ----------------------------------------------------------------------------- builder call classes
-# Kinds of lane operations; transcendentals are kept apart (issue 10).
+# Kinds of lane operations; transcendentals are kept apart (they run on the SFU, at a lower rate).
 _FLOAT = ("fadd", "fsub", "fmul", "fneg", "fma", "fabs", "floor", "ceil", "minimumf", "minnumf", "maximumf",
           "maxnumf", "clampf")
 _INT = ("add", "sub", "mul", "shl", "lshr", "ashr", "and", "or", "xor", "minsi", "minui", "maxsi", "maxui",

@@ -22,8 +22,8 @@ Devices
 * ``h200`` — H200 SXM, datasheet: HBM3e 4.8 TB/s; the same compute figures as H100 SXM (FP32 67, TF32
   989* / BF16 1,979* with sparsity). Source: NVIDIA H200 Tensor Core GPU datasheet / product page,
   https://www.nvidia.com/en-us/data-center/h200/.
-* ``h200_measured`` — H200 with the figures this workplace measured on a lent H200 (quoted in issue 10,
-  not re-measured by the ledger): device-to-device copy ≈ 4.3 TB/s (read + write counted) and bf16
+* ``h200_measured`` — H200 with the figures this workplace measured on a lent H200 (quoted from that
+  run, not re-measured by the ledger): device-to-device copy ≈ 4.3 TB/s (read + write counted) and bf16
   matmul ≈ 790 TFLOP/s; FP16 is taken equal to BF16 and TF32 scaled by the same 790/989.4; every other
   figure is the datasheet's.
 * Both chips: 132 SMs (GH100 as shipped in the SXM parts); the CUDA-core rate is 128 FP32 lanes per SM
@@ -44,7 +44,7 @@ the caches, which neither figure models.
 What the model leaves out (so "modelled" can be far from "measured")
 -------------------------------------------------------------------
 * caches: ``predicted_ms`` counts every load as DRAM traffic (L1/L2 hits — re-reads of a tile, the gathers
-  of the seg-head kernels, the backward sweeps of cds_dice — are charged as if from HBM, as issue 10 asks),
+  of the seg-head kernels, the backward sweeps of cds_dice — are charged as if from HBM: an upper bound),
   ``predicted_ms_perfect_cache`` none twice; no store is merged;
 * occupancy, waves and tails: a grid smaller than the SMs (or a last partial wave) is charged as if it
   filled the GPU; register pressure, spills and shared-memory limits are ignored;
@@ -113,11 +113,11 @@ DEVICES = {
     "h200": Device("h200", "H200 SXM (datasheet)", 4.8e12, 67e12, _DATASHEET_TENSOR,
                    "NVIDIA H200 Tensor Core GPU datasheet (SXM); dense tensor-core figures = half the sparse ones"),
     "h200_measured": Device(
-        "h200_measured", "H200, measured copy and bf16 matmul (issue 10)", 4.3e12, 67e12,
+        "h200_measured", "H200, measured copy and bf16 matmul", 4.3e12, 67e12,
         {**_DATASHEET_TENSOR, "bf16": _MEASURED_BF16, "fp16": _MEASURED_BF16,
          "fp32_tf32": _DATASHEET_TENSOR["fp32_tf32"] * _MEASURED_BF16 / _DATASHEET_TENSOR["bf16"],
          "fp32_tf32x3": _DATASHEET_TENSOR["fp32_tf32x3"] * _MEASURED_BF16 / _DATASHEET_TENSOR["bf16"]},
-        "copy ≈ 4.3 TB/s and bf16 matmul ≈ 790 TFLOP/s measured on a lent H200 (as quoted in issue 10); "
+        "copy ≈ 4.3 TB/s and bf16 matmul ≈ 790 TFLOP/s measured on a lent H200 (not re-measured by the ledger); "
         "the rest as the H200 datasheet"),
 }
 

@@ -1,4 +1,4 @@
-"""Modelled peak memory of a whole incremental training step, fused ops vs reference ops (issue 10).
+"""Modelled peak memory of a whole incremental training step, fused ops vs reference ops.
 
 The step is ``workloads.TrainingStep``'s: an ``Incrementer`` student after ``add_classes`` and its
 ``frozen_copy()`` teacher; teacher forward (no grad), student forward, the trainer's own

@@ -23,14 +23,14 @@ What each number is
   intensity with the ridge point from this run's copy bandwidth and matmul peak (fp32 without TF32 for
   fp32 inputs, bf16 otherwise).
 
-Targets (issue 5; CUDA, fp32 and bf16, forward+backward rows of the fused provider)
------------------------------------------------------------------------------------
+Targets (CUDA, fp32 and bf16, forward+backward rows of the fused provider)
+--------------------------------------------------------------------------
 * ``x_eager``: ≥ 2× faster than eager.
 * ``x_compiled``: ≥ 1.3× faster than compiled — or, where compiled already runs near the copy bandwidth
   (≥ 65 %, so that 1.3× would need ≥ 85 %), the fused op at ≥ 85 % of the copy bandwidth instead.
 * ``memory``: peak MB ≤ 0.5 × eager's.
 * ``bandwidth``: memory-bound ops at ≥ 70 % of the copy bandwidth.
-* issue 6, seg_head_loss and loss_stage at K = 151: peak MB ≥ 20× below eager (the reference path) and
+* ``memory_20x``, seg_head_loss and loss_stage at K = 151: peak MB ≥ 20× below eager (the reference path) and
   ≥ 2× faster (``x_eager``).
 * the training step with the fused ops ≥ 1.3× faster than with the reference ops.
 
@@ -71,9 +71,9 @@ TARGET_MEMORY = 0.5
 TARGET_BANDWIDTH = 0.70
 NEAR_LIMIT_COMPILED = 0.85 / 1.3  # compiled at ≥ 65 % of copy BW: 1.3× over it would need ≥ 85 %
 TARGET_BANDWIDTH_NEAR_LIMIT = 0.85
-TARGET_ISSUE6_MEMORY = 20.0
+TARGET_MEMORY_20X = 20.0
 TARGET_STEP = 1.3
-# Issue 11's order for the paper-size cases: (op, K or None), first to last.
+# Priority order of the paper-size cases (the numbers that matter most first): (op, K or None), first to last.
 PRIORITY = [("seg_head_loss", 151), ("loss_stage", 151), ("cosine_mask", 151), ("cosine_mask", 21),
             ("cds_dice_loss", 151), ("cds_dice_loss", 21), ("fod_loss", None), ("pseudo_label", None),
             ("seg_head_loss", 21)]
@@ -392,8 +392,8 @@ def _target_names(spec: W.OpSpec, case_key: str) -> list[str]:
     names = ["x_eager", "x_compiled", "memory"]
     if spec.bound in ("memory", "roofline"):
         names.append("bandwidth")
-    if "issue6_memory_20x" in spec.targets and "K=151" in case_key:
-        names.append("issue6_memory_20x")
+    if "memory_20x" in spec.targets and "K=151" in case_key:
+        names.append("memory_20x")
     return names
 
 
@@ -424,7 +424,7 @@ def _one_target(name: str, spec: W.OpSpec, fused: dict, eager: dict | None, comp
                              f"{verdict}")
         verdict = _verdict(value >= TARGET_X_COMPILED)
         return dict(value=value, bar=f"≥ {TARGET_X_COMPILED}×", verdict=verdict, text=f"{_f(value)}× {verdict}")
-    if name in ("memory", "issue6_memory_20x"):
+    if name in ("memory", "memory_20x"):
         if not _ok(eager) or eager.get("extra_mb") is None or fused.get("extra_mb") is None:
             return dict(verdict="not measured", why="peak memory not measured")
         if eager["extra_mb"] > 0:
@@ -436,8 +436,8 @@ def _one_target(name: str, spec: W.OpSpec, fused: dict, eager: dict | None, comp
             return dict(value=ratio, bar=f"≤ {TARGET_MEMORY}× eager", verdict=verdict,
                         text=f"{_f(ratio)}× ({_f(fused['extra_mb'])} / {_f(eager['extra_mb'])} MB) {verdict}")
         below = 1 / ratio if ratio > 0 else math.inf
-        verdict = _verdict(below >= TARGET_ISSUE6_MEMORY)
-        return dict(value=below, bar=f"≥ {TARGET_ISSUE6_MEMORY:.0f}× below eager", verdict=verdict,
+        verdict = _verdict(below >= TARGET_MEMORY_20X)
+        return dict(value=below, bar=f"≥ {TARGET_MEMORY_20X:.0f}× below eager", verdict=verdict,
                     text=f"{_f(below)}× below {verdict}")
     if name == "bandwidth":
         if fused.get("bound") != "memory":
@@ -545,7 +545,7 @@ def render_markdown(report: dict) -> str:
         "## Targets (fused, forward+backward; CUDA)",
         "",
         "| op | case | dtype | ×eager (≥ 2) | ×compiled (≥ 1.3 or ≥ 85% BW) | peak vs eager (≤ 0.5) "
-        "| % copy BW (≥ 70%, memory-bound) | issue 6: memory ≥ 20× below |",
+        "| % copy BW (≥ 70%, memory-bound) | memory ≥ 20× below (K = 151) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for t in report["targets"]:
@@ -553,7 +553,7 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {t['op']} | {t['title']} | {t['dtype']} | {_target_cell(res.get('x_eager'))} | "
             f"{_target_cell(res.get('x_compiled'))} | {_target_cell(res.get('memory'))} | "
-            f"{_target_cell(res.get('bandwidth'))} | {_target_cell(res.get('issue6_memory_20x'))} |")
+            f"{_target_cell(res.get('bandwidth'))} | {_target_cell(res.get('memory_20x'))} |")
     why = sorted({r.get("why") for t in report["targets"] for r in t["results"].values() if r.get("why")})
     if why:
         lines += [""] + [f"- {w}" for w in why]
@@ -631,7 +631,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--step-tf32", action="store_true",
                         help="fp32 training steps with TF32 allowed for the backbone (stated in the results)")
     parser.add_argument("--order", choices=("priority", "listed"), default="priority",
-                        help="case order: issue 11's priority (default) or workloads.py's listing")
+                        help="case order: PRIORITY, most important first (default), or workloads.py's listing")
     parser.add_argument("--merge", action="store_true",
                         help="add to the results.json already in --out instead of starting a new one")
     parser.add_argument("--compile-backend", default=None,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The kernels against another Triton than the pinned one — by default 3.6, the GPU image's (issue 11): a separate
+# The kernels against another Triton than the pinned one — by default 3.6, the GPU image's: a separate
 # venv holds that Triton beside the project's pinned torch, and runs there
 #   1. the op parity suite through Triton's interpreter (TRITON_INTERPRET=1 pytest tests/ops),
 #   2. the sm_90 codegen test (every kernel compiled for an H100/H200 through ptxas, no GPU needed).

@@ -1,4 +1,4 @@
-"""Masks stay float32 under bf16 autocast (issue 9, item 9).
+"""Masks stay float32 under bf16 autocast.
 
 Under autocast the decoder's embeddings are bf16. Rounded to bf16, logits near ±γ = ±10 would move in steps
 of 2^-4 before the CE, the dice and PLOP's entropy; the model asks ``cosine_mask`` for float32 masks, and

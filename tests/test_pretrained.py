@@ -1,6 +1,6 @@
-"""Pretrained encoders through timm's own mechanism, the refusals, and the paper-scale presets (issue 9,
-items 7 and 8). No test touches the network: the Hugging Face hub is forced offline and pointed at a
-temporary cache that holds a small checkpoint in the hub's layout."""
+"""Pretrained encoders through timm's own mechanism, the refusals, and the paper-scale presets. No test
+touches the network: the Hugging Face hub is forced offline and pointed at a temporary cache that holds a
+small checkpoint in the hub's layout."""
 import huggingface_hub.constants
 import pytest
 import timm

@@ -23,9 +23,9 @@ from incrementer_fast.continual.scenarios import (
     select_images,
 )
 
-R = lambda a, b: list(range(a, b + 1))  # noqa: E731  inclusive range, as the issue writes them
+R = lambda a, b: list(range(a, b + 1))  # noqa: E731  inclusive range, as the task tables write them
 
-# Every task exactly as issue 4 lists it.
+# Every task exactly as the incremental protocol lists it: (dataset, name) -> the classes of each step.
 EXPECTED_TASKS = {
     ("voc", "19-1"): [R(0, 19), [20]],
     ("voc", "15-5"): [R(0, 15), R(16, 20)],
