@@ -114,9 +114,10 @@ def use_backend(name: str, plan: Optional[str] = None) -> Iterator[None]:
             plan in effect (``INCREMENTER_FAST_PLAN``, else ``"interpreter"``). CUDA tensors always follow
             their own GPU.
 
-    The choice is process-wide and read by each op when it runs, forward and backward alike: keep the
-    ``backward()`` inside the block to run both on one backend. Compiled graphs guard on it (a change
-    recompiles); enter the block outside the compiled function, not inside it.
+    The choice is process-wide and read by each op when its forward runs; the backward follows the forward's
+    choice (the reference's through autograd, the kernels' through their backward op), inside the block or
+    not. Compiled graphs guard on it (a change recompiles); enter the block outside the compiled function,
+    not inside it.
     Choosing ``"triton"`` for tensors it cannot run on is a ``RuntimeError`` when an op meets them.
 
     Examples:

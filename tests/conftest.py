@@ -39,6 +39,11 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
+    from incrementer_fast.testing import speed_up_interpreter
+
+    # Helper calls inside a launch skip Triton's redundant re-patching of triton.language (see there).
+    assert speed_up_interpreter(), "Triton's interpreter internals changed: see incrementer_fast.testing"
 
 # No test touches the network: the Hugging Face hub (timm's pretrained weights) is offline for the whole
 # suite, set before anything imports huggingface_hub.

@@ -173,3 +173,19 @@ def test_unknown_plan_names_the_choices():
     with pytest.raises(ValueError, match=r"use_backend\(plan\) must be one of 'interpreter', 'h100', 'h200'"):
         with inc.use_backend("triton", plan="a100"):
             pass
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the kernels run on CPU tensors only through the interpreter")
+def test_the_backward_follows_the_forward_choice(launches):
+    """The dispatch happens before the autograd boundary: a backward run after the block (or under another
+    choice) still takes the path its forward took."""
+    patches, classes, labels, teacher = _inputs()
+    with inc.use_backend("triton"):
+        loss = _every_op(patches, classes, labels, teacher)
+    with inc.use_backend("reference"):
+        loss.backward()
+    assert launches["cosine_mask_backward"] == 1 and launches["seg_head_loss_backward"] == 1
+    reference_loss, reference_patches, reference_classes = _run("reference")
+    assert launches["cosine_mask_backward"] == 1  # the reference run launched nothing
+    assert_close_rel(patches.grad, reference_patches, torch.float32, "grad patches")
+    assert_close_rel(classes.grad, reference_classes, torch.float32, "grad classes")
