@@ -78,14 +78,16 @@ def _unfaked():
 def run_step(case: W.StepCase, fused: bool, dtype: str) -> dict:
     """Live-byte peaks of one step with the fused ops or the reference ops everywhere (on fake tensors)."""
     from incrementer_fast.continual.config import TrainConfig
-    from incrementer_fast.continual.train import compute_losses
+    from incrementer_fast.continual.train import compute_losses, make_pseudo_labeler
 
     with FakeTensorMode(allow_non_fake_inputs=True):  # the meta-built parameters are only shape sources
-        return _run_step(case, fused, dtype, TrainConfig(fused_head=fused), compute_losses)
+        return _run_step(case, fused, dtype, TrainConfig(fused_head=fused), compute_losses,
+                         make_pseudo_labeler)
 
 
-def _run_step(case, fused, dtype, config, compute_losses) -> dict:
+def _run_step(case, fused, dtype, config, compute_losses, make_pseudo_labeler) -> dict:
     model, teacher, images, labels, thresholds = _build(case)
+    pseudo_labeler = make_pseudo_labeler(config, case.num_old + case.num_new, thresholds)
     context = inc.use_backend("auto" if fused else "reference")  # as workloads.TrainingStep
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     with context, MemoryEfficientAttention(), AtenCounter(open_namespaces=()) as aten:
@@ -96,7 +98,7 @@ def _run_step(case, fused, dtype, config, compute_losses) -> dict:
         forward_peak = aten.live.peak
         base = aten.live.reset_peak()
         terms = compute_losses(config, student_out, labels, num_old=case.num_old, patch_size=model.patch_size,
-                               teacher=teacher_out, thresholds=thresholds)
+                               teacher=teacher_out, pseudo_labeler=pseudo_labeler)
         loss_peak = aten.live.peak - base
         terms.total.backward()
         peak = max(forward_peak, aten.live.peak)

@@ -428,6 +428,7 @@ class TrainingStep:
 
     def __init__(self, case: StepCase, device, fused: bool, amp_dtype: torch.dtype | None, seed: int = 0):
         from incrementer_fast.continual.config import TrainConfig
+        from incrementer_fast.continual.train import make_pseudo_labeler
         from incrementer_fast.model import Incrementer
 
         self.case = case
@@ -444,7 +445,8 @@ class TrainingStep:
         size = (case.batch, case.image_size, case.image_size)
         self.images = torch.randn((case.batch, 3, case.image_size, case.image_size), generator=g, device=self.device)
         self.labels = _training_labels(size, case.num_old, case.num_old + case.num_new, self.device, g)
-        self.thresholds = torch.full((case.num_old,), 0.5, device=self.device)
+        thresholds = torch.full((case.num_old,), 0.5, device=self.device)
+        self.pseudo_labeler = make_pseudo_labeler(self.config, case.num_old + case.num_new, thresholds)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -460,7 +462,7 @@ class TrainingStep:
         from incrementer_fast.continual.train import compute_losses
 
         # The reference variant: every op on its plain-PyTorch reference (the model's cosine mask, FOD, the
-        # dice), and TrainConfig(fused_head=False) composes the seg-head loss and pseudo-labels from them.
+        # dice), and TrainConfig(fused_head=False) takes the references of the seg-head loss and pseudo-labels.
         with inc.use_backend("auto" if self.fused else "reference"):
             self.model.zero_grad(set_to_none=True)
             with torch.no_grad(), self._autocast():
@@ -469,6 +471,6 @@ class TrainingStep:
                 student_out = self.model(self.images)
             terms = compute_losses(self.config, student_out, self.labels, num_old=self.case.num_old,
                                    patch_size=self.model.patch_size, teacher=teacher_out,
-                                   thresholds=self.thresholds)
+                                   pseudo_labeler=self.pseudo_labeler)
             terms.total.backward()
         return terms.total.detach()

@@ -1,5 +1,6 @@
 """The Incrementer network: a timm ViT encoder and Segmenter's mask-transformer decoder with per-step class
-tokens, whose masks are cosine similarities computed by the fused ``cosine_mask`` op.
+tokens, whose masks are cosine similarities computed by an ``incrementer_fast.nn.CosineMask`` (the fused
+``cosine_mask`` op).
 
 Architecture (images (B, 3, H, W); p = patch size; h, w = ⌈H/p⌉, ⌈W/p⌉; N = h·w; K = classes so far)::
 
@@ -7,11 +8,12 @@ Architecture (images (B, 3, H, W); p = patch size; h, w = ⌈H/p⌉, ⌈W/p⌉; 
       ──proj_dec──▶ (B, N, D) ──concat class tokens (K, D)──▶ n_layers pre-norm blocks ──decoder_norm──▶
       patch_embeddings = patches (B, N, D) @ proj_patch
       class_embeddings = classes (B, K, D) @ proj_classes
-      masks = cosine_mask(patch_embeddings, class_embeddings, scale=γ) → (B, K, h, w)
+      masks = cosine_mask(patch_embeddings, class_embeddings) → (B, K, h, w)   (nn.CosineMask, scale γ)
 
-The masks are float32 whatever the embeddings' dtype (float64 for a float64 model): under bf16 autocast the
-embeddings are bf16, and bf16 masks would quantise logits near ±γ = ±10 to steps of 2^-4 before the loss.
-The masks are small (B·K·N values, against B·N·D for every activation of the encoder).
+The masks are float32 whatever the embeddings' dtype (float64 for a float64 model; CosineMask's
+``min_out_dtype=torch.float32``): under bf16 autocast the embeddings are bf16, and bf16 masks would quantise
+logits near ±γ = ±10 to steps of 2^-4 before the loss. The masks are small (B·K·N values, against B·N·D for
+every activation of the encoder).
 
 There is no LayerNorm over the class axis of the masks (Segmenter's ``mask_norm``): its statistics would
 change every time classes are added, moving the old classes' logits.
@@ -30,7 +32,9 @@ Defaults and why
   temperature 1/τ; τ = 0.1 (γ = 10) lets the correct class reach p ≈ 0.999 against K = 21 orthogonal
   classes and p ≈ 0.99 against K = 151, without the overconfident, slowly-decaying logits of larger γ.
   A fixed γ also keeps the old classes' logit range identical across steps. ``learnable_scale=True``
-  learns log γ (initialised at log ``scale``) as a decoder parameter, like CLIP's logit scale.
+  learns log γ (initialised at log ``scale``) as a decoder parameter, like CLIP's logit scale: the
+  CosineMask's ``log_scale``, state-dict key ``cosine_mask.log_scale`` (checkpoints that hold it under
+  its earlier key, ``log_scale``, load as well).
 * ``new_token_init="trunc_normal"``: new tokens ~ normal(0, 0.02) truncated at ±2σ, the scale at which
   Segmenter initialises its class embeddings; ``"background"`` copies the background token (class 0)
   into every new token (MiB's idea: new classes start where background was).
@@ -49,7 +53,6 @@ those (use them as two param groups for different learning rates).
 from __future__ import annotations
 
 import copy
-import math
 import os
 import pickle
 import sys
@@ -67,10 +70,13 @@ from ._files import atomic_write
 from .attention import Attention, requested_backend
 from .constants import NEW_TOKEN_INITS
 from .errors import CheckpointError
-from .ops.cosine_mask import cosine_mask
+from .nn import CosineMask
 
 CHECKPOINT_FORMAT = "incrementer_fast.Incrementer/1"
 TOKEN_STD = 0.02
+# State-dict keys written by earlier versions → today's: the learnt log γ was the model's own parameter
+# before the masks became a CosineMask submodule.
+RENAMED_STATE_KEYS = {"log_scale": "cosine_mask.log_scale"}
 
 
 class IncrementerOutput(NamedTuple):
@@ -281,8 +287,8 @@ class Incrementer(nn.Module):
         for name, rate in rates:
             if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be a float in [0, 1), got {rate!r}")
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-            raise ValueError(f"scale must be a positive float, got {scale!r}")
+        # Built before the encoder, so that it validates scale before the slow part; registered below.
+        cosine_mask = CosineMask(scale, learnable_scale=learnable_scale, min_out_dtype=torch.float32)
         if new_token_init not in NEW_TOKEN_INITS:
             raise ValueError(
                 f"new_token_init must be one of {', '.join(NEW_TOKEN_INITS)}, got {new_token_init!r}"
@@ -345,10 +351,7 @@ class Incrementer(nn.Module):
         self.decoder_norm = nn.LayerNorm(d_model)
         self.proj_patch = nn.Parameter(d_model**-0.5 * torch.randn(d_model, d_model))
         self.proj_classes = nn.Parameter(d_model**-0.5 * torch.randn(d_model, d_model))
-        if learnable_scale:
-            self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
-        else:
-            self.log_scale = None
+        self.cosine_mask = cosine_mask
         self._init_decoder()
         self.set_attention(attention)
 
@@ -394,7 +397,7 @@ class Incrementer(nn.Module):
     @property
     def gamma(self):
         """γ: a Python float, or a 0-dim tensor (exp of the learnt log γ) when learnable."""
-        return self.config["scale"] if self.log_scale is None else self.log_scale.exp()
+        return self.cosine_mask.scale
 
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
         """The encoder's trainable parameters."""
@@ -441,8 +444,7 @@ class Incrementer(nn.Module):
         class_embeddings = x[:, -num_classes:] @ self.proj_classes
         # float32 masks (float64 for a float64 model) even from bf16/fp16 embeddings under autocast: logits
         # near ±γ would otherwise be rounded to 2^-4 steps before the CE, the dice and PLOP's entropy.
-        mask_dtype = torch.promote_types(patch_embeddings.dtype, torch.float32)
-        masks = cosine_mask(patch_embeddings, class_embeddings, scale=self.gamma, out_dtype=mask_dtype)
+        masks = self.cosine_mask(patch_embeddings, class_embeddings)
         masks = masks.reshape(batch, num_classes, grid_h, grid_w)
         return IncrementerOutput(masks, patch_embeddings, class_embeddings, (height, width), p)
 
@@ -479,6 +481,11 @@ class Incrementer(nn.Module):
         return teacher
 
     # ----------------------------------------------------------------------------------- checkpoints
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs before the submodules load theirs: the keys of earlier versions are renamed in time.
+        _rename_legacy_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def save(self, path) -> None:
         """Write architecture options, classes per step and weights to ``path`` atomically
         (a temporary file in the same folder, then os.replace).
@@ -637,6 +644,8 @@ def _architecture_differences(checkpoint: dict, expect: Mapping) -> list[str]:
 
 def _load_weights(model: nn.Module, state: dict, path: str) -> None:
     """``model.load_state_dict(state)``, with every mismatch or non-finite weight named in one line."""
+    state = dict(state)
+    _rename_legacy_keys(state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -675,6 +684,13 @@ class _WriteErrorRecorder:
         except OSError as error:
             self.error = error
             raise
+
+
+def _rename_legacy_keys(state: dict, prefix: str = "") -> None:
+    """Rename, in place, the keys under ``prefix`` that ``RENAMED_STATE_KEYS`` maps to today's."""
+    for old, new in RENAMED_STATE_KEYS.items():
+        if prefix + old in state:
+            state[prefix + new] = state.pop(prefix + old)
 
 
 def _init_tokens(tokens: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ Tiny on purpose: vit_tiny_patch16_224 (12 blocks, width 192) where the backbone 
 (shapes, weights, parity with timm); timm's `test_vit` (6 blocks, width 64, patch 16) for the tests that
 train or compile; d_model 64; images of a few patches.
 """
+import math
 import os
 
 import numpy as np
@@ -200,6 +201,51 @@ def test_checkpoint_round_trip(tmp_path, options):
     assert torch.equal(again(images).masks, loaded(images).masks)
 
 
+def test_masks_come_from_the_cosine_mask_submodule_at_least_float32():
+    torch.manual_seed(0)
+    model = tiny(4, SMALL_BACKBONE, scale=7.5, n_layers=1).eval()
+    assert isinstance(model.cosine_mask, inc.nn.CosineMask)
+    assert model.cosine_mask.initial_scale == 7.5 and model.cosine_mask.min_out_dtype == torch.float32
+    calls = []
+    handle = model.cosine_mask.register_forward_hook(lambda module, inputs, output: calls.append(output))
+    try:
+        out = model(batch(32, 48)[0])
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and torch.equal(calls[0].reshape(out.masks.shape), out.masks)
+    # A float64 model keeps float64 masks: "at least float32", not a fixed float32.
+    model.double()
+    assert model(batch(32, 48)[0].double()).masks.dtype == torch.float64
+
+
+def test_checkpoint_with_the_earlier_key_of_the_learnt_scale_loads(tmp_path):
+    """Before the masks were an inc.nn.CosineMask submodule, the learnt log γ was the model's own parameter
+    ``log_scale``: such checkpoints load, through from_checkpoint and load_state_dict."""
+    torch.manual_seed(0)
+    model = tiny(4, SMALL_BACKBONE, learnable_scale=True, n_layers=1)
+    with torch.no_grad():
+        model.cosine_mask.log_scale.fill_(2.0)
+    model.add_classes(2)
+    assert "cosine_mask.log_scale" in model.state_dict() and "log_scale" not in model.state_dict()
+    assert not any("log_scale" in key for key in tiny(4, SMALL_BACKBONE, n_layers=1).state_dict())
+    model.save(tmp_path / "today.pt")
+    checkpoint = torch.load(tmp_path / "today.pt", weights_only=True)
+    state = checkpoint["state_dict"]
+    state["log_scale"] = state.pop("cosine_mask.log_scale")  # the earlier layout
+    torch.save(checkpoint, tmp_path / "earlier.pt")
+
+    loaded = Incrementer.from_checkpoint(tmp_path / "earlier.pt")
+    assert loaded.gamma.detach().item() == pytest.approx(math.exp(2.0))
+    images, _ = batch(48, 40)
+    model.eval()
+    loaded.eval()
+    assert torch.equal(loaded(images).masks, model(images).masks)
+    fresh = tiny(4, SMALL_BACKBONE, learnable_scale=True, n_layers=1)
+    fresh.add_classes(2)
+    fresh.load_state_dict(state)  # strict
+    assert torch.equal(fresh.cosine_mask.log_scale, model.cosine_mask.log_scale)
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         Incrementer.from_checkpoint(tmp_path / "missing.pt")
@@ -366,7 +412,7 @@ def test_parameter_groups_drop_path_and_normalization():
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(encoder) + len(decoder) == len(trainable)
     assert {id(p) for p in encoder} | {id(p) for p in decoder} == {id(p) for p in trainable}
-    assert any(p is model.log_scale for p in decoder) and any(p is model.class_tokens[1] for p in decoder)
+    assert any(p is model.cosine_mask.log_scale for p in decoder) and any(p is model.class_tokens[1] for p in decoder)
     assert model.encoder.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # timm's linear schedule
     assert model.normalization == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert isinstance(model.gamma, torch.Tensor) and model.gamma.item() == pytest.approx(10.0)

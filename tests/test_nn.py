@@ -7,6 +7,8 @@ import torch
 import incrementer_fast as inc
 from incrementer_fast.nn import CDSDiceLoss, CosineMask, FODLoss, PLOPPseudoLabeler, SegHeadLoss
 
+from helpers import REL_ERR_BOUND, rel_err
+
 
 def _g(seed=0):
     return torch.Generator().manual_seed(seed)
@@ -37,6 +39,93 @@ def test_cosine_mask_learnable_scale_learns_log_gamma():
     # d/d log γ of Σ γ·cos = γ·Σ cos = Σ masks.
     assert module.log_scale.grad.item() == pytest.approx(masks.sum().item(), rel=1e-5)
     assert "learnable_scale=True" in repr(module)
+
+
+def test_cosine_mask_scale_is_required_and_min_out_dtype_promotes():
+    """No default γ (the functional op's 1 and Incrementer's 10 are both right somewhere); ``min_out_dtype``
+    is "at least": float32 masks from bf16 and fp32 inputs, float64 from float64 ones."""
+    with pytest.raises(TypeError, match="scale"):
+        CosineMask()
+    g = _g(6)
+    patches, classes = torch.randn(2, 12, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    module = CosineMask(scale=10.0, min_out_dtype=torch.float32)
+    assert repr(module) == "CosineMask(scale=10.0, eps=1e-08, min_out_dtype=torch.float32)"
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                            (torch.float64, torch.float64)):
+        p, c = patches.to(dtype), classes.to(dtype)
+        masks = module(p, c)
+        assert masks.dtype == expected
+        assert torch.equal(masks, inc.cosine_mask(p, c, scale=10.0, out_dtype=expected))
+    with pytest.raises(ValueError, match="not both"):
+        CosineMask(scale=10.0, out_dtype=torch.float32, min_out_dtype=torch.float32)
+    with pytest.raises(TypeError, match="min_out_dtype"):
+        CosineMask(scale=10.0, min_out_dtype=torch.int32)
+
+
+def _spy(monkeypatch, namespace, name):
+    """Wrap ``namespace.name`` so that its calls are counted in the returned list."""
+    calls = []
+    real = getattr(namespace, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(namespace, name, counted)
+    return calls
+
+
+def _as_tuple(output):
+    return output if isinstance(output, tuple) else (output,)
+
+
+def _module_calls(g):
+    """For every module: (a builder from keyword arguments, a call of the built module, the functions it runs)."""
+    patches, classes = torch.randn(2, 12, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    student, teacher = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    weight = torch.rand(2, 6, generator=g)
+    logits, labels = torch.randn(2, 5, 8, 8, generator=g), torch.randint(0, 5, (2, 8, 8), generator=g)
+    masks, image_weight = torch.randn(2, 5, 4, 4, generator=g), torch.rand(2, generator=g)
+    teacher_masks = torch.randn(2, 3, 4, 4, generator=g)
+
+    def labeler(module):
+        module.update(teacher_masks, labels)
+        module.compute_thresholds()
+        return module(teacher_masks, labels)
+
+    return [
+        (lambda **kw: CosineMask(scale=10.0, **kw), lambda m: m(patches, classes), ["cosine_mask"]),
+        (lambda **kw: FODLoss(**kw), lambda m: m(student, teacher, weight), ["fod_loss"]),
+        (lambda **kw: CDSDiceLoss(num_old=3, **kw), lambda m: m(logits, labels), ["cds_dice_loss"]),
+        (lambda **kw: SegHeadLoss(num_old=3, new_class_weight=0.5, **kw),
+         lambda m: m(masks, labels, image_weight), ["seg_head_loss"]),
+        (lambda **kw: PLOPPseudoLabeler(5, **kw), labeler, ["entropy_histogram", "plop_thresholds", "pseudo_label"]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5), ids=["CosineMask", "FODLoss", "CDSDiceLoss", "SegHeadLoss",
+                                                 "PLOPPseudoLabeler"])
+def test_reference_flag_runs_the_plain_pytorch_reference(monkeypatch, index):
+    """``reference=True`` calls ``incrementer_fast.reference``'s function, the default the dispatching op's;
+    the two agree within float32 rounding."""
+    make, call, names = _module_calls(_g(7))[index]
+    reference_calls = [_spy(monkeypatch, inc.reference, name) for name in names]
+    dispatching_calls = [_spy(monkeypatch, inc.ops, name) for name in names]
+    reference = make(reference=True)
+    assert "reference=True" in repr(reference)
+    expected = call(reference)
+    assert [len(c) for c in reference_calls] == [1] * len(names) and not any(dispatching_calls)
+    default = make()
+    assert "reference" not in repr(default)
+    got = call(default)
+    assert [len(c) for c in dispatching_calls] == [len(c) for c in reference_calls] == [1] * len(names)
+    for a, b in zip(_as_tuple(got), _as_tuple(expected)):
+        if a.is_floating_point():
+            assert rel_err(a, b) <= REL_ERR_BOUND[torch.float32], names
+        else:
+            assert torch.equal(a, b), names
+    with pytest.raises(TypeError, match="reference must be True or False"):
+        make(reference=1)
 
 
 def test_segmenter_decoder_swap_gives_the_segmenter_masks_normalised():
@@ -97,6 +186,8 @@ def test_plop_pseudo_labeler_holds_the_step_histogram():
     assert labeler.state_dict() == {}  # step state, not weights
     with pytest.raises(ValueError, match="call reset"):
         labeler.update(torch.randn(2, 5, 4, 4), batches[0][1])
+    # The DDP sum goes to a copy: a second call gives the same thresholds (single process here).
+    assert torch.equal(labeler.compute_thresholds(), thresholds) and torch.equal(labeler.histogram, histogram)
     labeler.reset(num_classes=8)
     labeler.update(torch.randn(2, 5, 4, 4), batches[0][1])
     assert labeler.histogram.shape == (5, 50) and labeler.thresholds is None and labeler.num_classes == 8

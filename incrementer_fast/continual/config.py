@@ -8,19 +8,9 @@ and a few epochs on a CPU.
 
 The published description of Incrementer gives no values for the cosine scale γ, the new-class weight
 w_new, the FOD background weight β and the loss weights λ_v, λ_c, λ_d: the values below are OUR choices,
-made on the built-in synthetic dataset with the FORMER demo preset — a ViT trained from scratch on 64² images,
-before issue 13 gave the demo a pretrained encoder (task 8-2; ``scripts/ablate.py`` reproduces the
-comparison). The numbers quoted at each field were measured BEFORE issue 9 changed the metric split, the CDS
-masks, PLOP's pseudo-labels and CE mean, and the augmentation: final-step mIoU in %, mean of seeds 0 and 1,
-"old / new" there meaning the classes before the last step / the last step's (the full configuration gave
-31.0 / 11.8, finetune 7.3 / 14.1, joint training 37.8 / 22.4). Rerun after issue 9 in the papers' split (old =
-step-0 classes, new = the classes added since), still from scratch: full 33.8 / 11.8, finetune 9.0 / 7.6, no
-CDS 36.1 / 11.0; the other variants are not rerun yet. The current preset (``DEMO_PRESET``, pretrained
-encoder) keeps these values unchanged: old / new 70.7 / 39.5 at seed 0 and 70.2 / 40.3 at seed 1 (finetune
-9.0 / 15.7 and 9.0 / 10.0); ``scripts/ablate.py`` reruns the comparison on it. On VOC / ADE20K with a
-pretrained ViT-B they are a starting point, not a measured optimum. The seed-to-seed spread of the former
-preset was several points (full, all classes: 29.5 and 24.6).
-Every field is documented where it is declared.
+made by ablation on the built-in synthetic dataset (task 8-2; ``scripts/ablate.py`` reruns the comparison).
+On VOC / ADE20K with a pretrained ViT-B they are a starting point, not a measured optimum.
+Every field is documented where it is declared: what it does and why its default.
 """
 from __future__ import annotations
 
@@ -106,8 +96,8 @@ class TrainConfig:
     """Dropout of the decoder's projections and MLPs (Segmenter's)."""
     scale: float = 10.0
     """γ, the temperature of the cosine masks (OUR choice: the paper gives none). A cosine in [-1, 1]
-    times γ = 10 lets a softmax over classes reach ~1 for a clear class without saturating. Step-0 mIoU of
-    the former (from-scratch) demo preset: γ 5 → 35.4, γ 10 → 40.4, γ 20 → 22.6."""
+    times γ = 10 lets a softmax over classes reach ~1 for a clear class without saturating (γ 5 and 20
+    segmented worse in the synthetic ablation)."""
     learnable_scale: bool = False
     """Learn γ instead of fixing it (a fixed γ keeps old and new logits on one scale across steps)."""
     new_token_init: str = "background"
@@ -146,8 +136,8 @@ class TrainConfig:
     train_augmentation: str = "random_resized_crop"
     """``random_resized_crop``: MiB's and PLOP's augmentation (RandomResizedCrop to ``crop_size``, area in
     [train_scale_min, train_scale_max] × the image's, ratio 3/4-4/3, then a horizontal flip); or
-    ``rescale_pad_crop``: rescale by a factor in that range, pad (label 255), random crop, flip (DeepLab's;
-    this library's default before issue 9). See incrementer_fast/continual/transforms.py."""
+    ``rescale_pad_crop``: rescale by a factor in that range, pad (label 255), random crop, flip (DeepLab's).
+    See incrementer_fast/continual/transforms.py."""
     train_scale_min: float = 0.5
     """Lower end of the crop's area fraction (``random_resized_crop``) or of the rescaling factor
     (``rescale_pad_crop``). MiB/PLOP: 0.5."""
@@ -170,29 +160,30 @@ class TrainConfig:
     new_class_weight: float = 0.5
     """w_new, the CE weight of the new classes (OUR choice; 1 = unweighted). The new classes tend to be
     over-predicted on the background the pseudo-labels leave ignored and on look-alike old classes, so a
-    weight below 1 helps: w_new 4 → 24.6 / 8.8, 1 → 29.8 / 11.5, 0.5 → 31.0 / 11.8, 0.25 → 29.6 / 11.9."""
+    weight below 1 helps (0.5 was the best of 0.25, 0.5, 1 and 4 in the synthetic ablation)."""
     fod_bg_weight: float = 0.5
-    """β, the FOD weight of a background (or ignored) patch relative to an old-class patch (OUR choice).
-    Insensitive here: β 0 → 30.7 / 11.9, 0.5 → 31.0 / 11.8, 1 → 31.0 / 11.8; 0.5 keeps the background's
-    features anchored while leaving the old objects the larger share of the distillation."""
+    """β, the FOD weight of a background (or ignored) patch relative to an old-class patch (OUR choice; the
+    synthetic ablation hardly moved between 0 and 1). 0.5 keeps the background's features anchored while
+    leaving the old objects the larger share of the distillation."""
     lambda_visual: float = 1.0
-    """λ_v, weight of FOD on the visual tokens (OUR choice). λ_v 0 → 29.1 / 12.7; ¼ and 4× → 30.0 / 12.4
-    and 30.3 / 12.0; both FOD terms off → 28.7 / 9.4."""
+    """λ_v, weight of FOD on the visual tokens (OUR choice): it keeps the old classes' features; without it
+    (and more so without both FOD terms) the old classes scored lower in the synthetic ablation, while ¼×
+    and 4× changed little."""
     lambda_class: float = 1.0
-    """λ_c, weight of FOD on the old classes' embeddings (OUR choice). λ_c 0 → 27.9 / 10.6."""
+    """λ_c, weight of FOD on the old classes' embeddings (OUR choice): it keeps the old classes' embeddings
+    where the teacher has them; without it both old and new classes scored lower in the synthetic ablation."""
     lambda_dice: float = 0.1
-    """λ_d, weight of the CDS dice loss (OUR choice). On the synthetic set CDS did NOT help at any weight we
-    tried: off → 32.0 / 13.3, 0.1 → 31.0 / 11.8, 0.3 → 29.2 / 11.5, 1 → 25.3 / 9.7; nor after issue 9 (papers'
-    split, seeds 0 and 1): off → 36.1 / 11.0, 0.1 → 33.8 / 11.8. We keep it, small, so
-    that ``incrementer`` is the method as described; ``--no-use-cds`` or ``--lambda-dice 0`` drops it."""
+    """λ_d, weight of the CDS dice loss (OUR choice). Kept, small, so that ``incrementer`` is the method as
+    described, although CDS did not help on the synthetic set at any weight tried (the larger the weight,
+    the lower the mIoU); ``--no-use-cds`` or ``--lambda-dice 0`` drops it."""
     use_fod: bool = True
     """Ablation switch: both FOD terms (λ_v and λ_c) on or off."""
     use_cds: bool = True
     """Ablation switch: the CDS dice term on or off."""
     plop_image_factor: bool = True
     """Scale each image's CE by the fraction of its background pixels that received a confident
-    pseudo-label (PLOP's ``classif_adaptive_factor``). On, as in PLOP, although off was about one point
-    better on the synthetic set (32.0 / 12.8; better old-class mIoU for both seeds)."""
+    pseudo-label (PLOP's ``classif_adaptive_factor``). On, as in PLOP, although off was slightly better on
+    the synthetic set."""
     plop_min_threshold: float = 0.001
     """Floor of PLOP's per-class entropy thresholds (PLOP's ``--threshold 0.001``), in the scale of
     ``plop_entropy``."""
@@ -203,9 +194,12 @@ class TrainConfig:
     H / ln K_old ∈ [0, 1] with the interpolated histogram median (sparser pseudo-labels: about half of each
     class's background pixels, where PLOP's keep most of them)."""
     fused_head: bool = True
-    """Compute CE + dice and the pseudo-labels with the fused ops (``inc.seg_head_loss``,
-    ``inc.pseudo_label``) instead of full-resolution logits (``F.interpolate`` + ``F.cross_entropy`` +
-    ``inc.cds_dice_loss``). Both give the same loss; the fused path never materialises B·K·H·W values."""
+    """Compute CE + dice and PLOP's pseudo-labels (histogram, thresholds, labels) with the fused ops
+    (``inc.seg_head_loss``, ``inc.entropy_histogram``, ``inc.plop_thresholds``, ``inc.pseudo_label``, through
+    ``incrementer_fast.nn.SegHeadLoss`` and ``PLOPPseudoLabeler``). Off: the reference implementation of
+    seg_head_loss and PLOP's pseudo-labels (``incrementer_fast.reference``, plain PyTorch on full-resolution
+    logits, differentiated by autograd; the modules' ``reference=True``). Both give the same loss within
+    float rounding; on by default because the fused path never materialises B·K·H·W values."""
 
     # ---------------------------------------------------------------- evaluation and system
     eval_batch_size: int = 8
@@ -350,31 +344,25 @@ DEMO_ENCODER_WEIGHTS = str(Path(__file__).resolve().parent.parent / "assets" / "
 ``scripts/pretrain_demo_encoder.py`` on synthetic shapes and textures that are not the demo's classes (its
 provenance — script, seed, commit, settings, time, sha256 — is the ``.json`` file beside it)."""
 
-# The demo preset (``incrementer-fast demo``; issue 13). Every value below was chosen on the synthetic 8-2 task,
-# seed 0, measured on the shared 2-core development machine; "step 0" is step-0 mIoU, "final" the last step's
-# incrementer old / new mIoU (%), the papers' split.
+# The demo preset (``incrementer-fast demo``). Every value below was chosen on the synthetic 8-2 task, seed 0,
+# on a shared 2-core machine, by mIoU in the papers' split.
 # * Encoder: vit_demo_patch8 (4 blocks, width 192, 8-pixel patches) starting from DEMO_ENCODER_WEIGHTS,
 #   pretrained by scripts/pretrain_demo_encoder.py on shapes and textures that are not the demo's classes —
-#   as a real Incrementer starts from ImageNet weights. From random weights the former preset (64², 6 epochs,
-#   lr 0.02) reached 40.4 at step 0 and 31.5 / 11.8 final (old = bg + 10 then); with the pretrained encoder
-#   an early snapshot of the pretraining (500 of 2000 updates) already gave 67.2 (lr 0.02) / 73.0 (lr 0.005)
-#   at step 0 (6 epochs).
+#   as a real Incrementer starts from ImageNet weights; from random weights the demo segments far worse.
 # * 80² images (synthetic_image_size, img_size, crop_size, val_size): a 10 × 10 patch grid. The masks are
 #   bilinear upsamplings of patch logits, which caps mIoU: a perfect patch classifier scores 85.8 % on the
 #   step-0 classes at 64² (8 × 8 patches), 91.7 % at 80² and 93.4 % at 96²; 80² costs 1.5× the CPU time of
 #   64² per image (96²: 2.2×).
 # * lr 0.005 (SGD, momentum 0.9, poly): a pretrained encoder wants a smaller step than one trained from
-#   scratch (0.02 → 67.2, 0.005 → 73.0 at step 0 above).
+#   scratch (0.005 beat 0.02 at step 0).
 # * lr_incremental = lr, NOT PLOP's ÷ 10: 4 epochs of the ~170 images of an incremental step are ~85 updates,
-#   too few at 0.0005 — the new classes stayed at 5.2 / 10.8 (steps 1 / 2) and final new 10.8, against 44.3
-#   at 0.005 (0.01: 48.2) with old unchanged (70.9 / 69.9 / 70.1).
+#   too few at 0.0005 to learn the new classes; at 0.005 they are learnt and the old classes kept as well.
 # * epochs 4 and epochs_incremental 4: what fits the 3-minute budget with both methods and the joint bound
-#   on two processes (incrementer_fast.continual.demo); 4 epochs of step 0 gave 72.7 against 73.0 for 6.
+#   on two processes (incrementer_fast.continual.demo); step 0 scores about as well after 4 epochs as after 6.
 # * train_scale 0.75-1.5 (with random_resized_crop: crops of 75-100 % of the image): the objects fill a
 #   small image, and a smaller crop cuts most of them.
-# * The loss weights (w_new, β, λ_v, λ_c, λ_d) are TrainConfig's defaults, unchanged: with them the final
-#   step gave old 69.9 / new 44.3 (finetune 9.1 / 18.8); w_new 1 gave 69.1 / 48.6, within the targets either
-#   way, so the method runs as documented there.
+# * The loss weights (w_new, β, λ_v, λ_c, λ_d) are TrainConfig's defaults, unchanged, so that the demo runs
+#   the method as documented there (they meet the demo's targets; w_new 1 would too).
 DEMO_PRESET: dict = dict(
     dataset="synthetic",
     task="8-2",

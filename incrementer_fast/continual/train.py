@@ -4,11 +4,12 @@ Per step t of a task (the classes of each step, background in step 0):
 
 * the model gets step t's class tokens (``add_classes``, earlier tokens frozen); the teacher is a frozen copy
   of step t − 1's model;
-* PLOP's per-class entropy thresholds are computed once over step t's training images through the teacher
-  (``entropy_histogram`` summed over the images and over the processes, then ``plop_thresholds``; PLOP's
-  released entropy and median by default, ``TrainConfig.plop_entropy``);
+* PLOP's per-class entropy thresholds are computed once over step t's training images through the teacher,
+  by an ``incrementer_fast.nn.PLOPPseudoLabeler`` (``entropy_histogram`` summed over the images and over the
+  processes, then ``plop_thresholds``; PLOP's released entropy and median by default,
+  ``TrainConfig.plop_entropy``; ``step_pseudo_labeler``);
 * every micro-batch: the training labels hold step t's classes and 0 elsewhere; background pixels take the
-  teacher's confident prediction, the rest of the background is ignored (``pseudo_label``), and
+  teacher's confident prediction, the rest of the background is ignored (the labeler's ``pseudo_label``), and
 
       L = CE(pseudo-labels; weight w_new on the new classes; ignore 255; PLOP's per-image factor;
              PLOP's mean over all pixels)
@@ -16,12 +17,16 @@ Per step t of a task (the classes of each step, background in step 0):
           + λ_c · fod_loss(student class embeddings of the K_old old classes, teacher's, unit weights)
           + λ_d · cds_dice_loss(same logits, training labels, K_old)
 
-  (``compute_losses``). The dice's masks come from the training labels (the step's ground truth), not the
-  pseudo-labels: M_new = new-class pixels, M_old = every other labelled pixel, the uncertain background the
-  pseudo-labels ignore included (void and crop padding, 255, are in neither). FOD's token weights are computed on the pseudo-labels, not the training labels: the
-  training labels hold no old class (old classes are background at step t), the pseudo-labels do, so an
-  old-class patch gets weight 1, a background or uncertain patch β and a patch touching a new class 0.
+  (``compute_losses``; CE and dice by an ``incrementer_fast.nn.SegHeadLoss``). The dice's masks come from
+  the training labels (the step's ground truth), not the pseudo-labels: M_new = new-class pixels, M_old =
+  every other labelled pixel, the uncertain background the pseudo-labels ignore included (void and crop
+  padding, 255, are in neither). FOD's token weights are computed on the pseudo-labels, not the training
+  labels: the training labels hold no old class (old classes are background at step t), the pseudo-labels
+  do, so an old-class patch gets weight 1, a background or uncertain patch β and a patch touching a new
+  class 0.
   Step 0, ``finetune`` and ``joint`` train with plain CE on the training labels.
+  ``TrainConfig.fused_head=False`` runs the plain-PyTorch references of ``seg_head_loss`` and of PLOP's
+  pseudo-labels instead (the modules' ``reference=True``).
 
 Optimisation: SGD + poly schedule per step (``torch.optim.lr_scheduler.PolynomialLR``), learning rate ``lr``
 at step 0 and ``lr_incremental`` later, autocast on CUDA as ``amp`` says (bf16, or fp16 with a gradient
@@ -54,15 +59,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
-from .. import fod_loss, fod_token_weights, cds_dice_loss
+from .. import fod_loss, fod_token_weights
 from ..constants import IGNORE_INDEX
 from ..errors import InputError, WorkError
-from ..ops import seg_head as fused_seg_head
-from ..reference import seg_head as reference_seg_head
+from ..nn import PLOPPseudoLabeler, SegHeadLoss
 from .config import TrainConfig
 from .inference import sliding_window_logits
 from .metrics import ConfusionMatrix
@@ -242,67 +245,51 @@ class LossTerms:
         return torch.stack([getattr(self, n).detach().float() for n in self.NAMES])
 
 
-def _reference_seg_loss(masks, labels, num_old, new_class_weight, image_weight, dice_labels):
-    """CE + CDS dice by the plain composition: full-resolution logits F.interpolate → F.cross_entropy
-    (class weights, reduction="none") × PLOP's image factor → mean over all pixels (PLOP's train.py), and
-    ``inc.cds_dice_loss`` on ``dice_labels``."""
-    logits = F.interpolate(masks.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    weight = torch.ones(masks.shape[1], device=masks.device)
-    weight[num_old:] = new_class_weight
-    pixel_loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="none")
-    if image_weight is not None:
-        pixel_loss = pixel_loss * image_weight[:, None, None]
-    dice = cds_dice_loss(logits, dice_labels, num_old, IGNORE_INDEX)
-    return pixel_loss.mean(), dice
+def make_seg_head_loss(config: TrainConfig, num_old: int, new_class_weight: float) -> SegHeadLoss:
+    """CE + CDS dice of the patch-resolution masks: the dispatching op, or its reference when
+    ``config.fused_head`` is off."""
+    return SegHeadLoss(num_old, new_class_weight, IGNORE_INDEX, reference=not config.fused_head)
 
 
-def _seg_loss(fused: bool, masks, labels, num_old, new_class_weight, image_weight, dice_labels):
-    """(CE on ``labels``, CDS dice with the masks of ``dice_labels``), fused or by the plain composition."""
-    if fused:
-        return fused_seg_head.seg_head_loss(masks, labels, num_old, float(new_class_weight), IGNORE_INDEX,
-                                            1.0, image_weight, dice_labels)
-    return _reference_seg_loss(masks, labels, num_old, new_class_weight, image_weight, dice_labels)
-
-
-def _plop_median(config: TrainConfig) -> str:
-    """The histogram median that goes with ``config.plop_entropy`` (PLOP's search with PLOP's entropy)."""
-    return "plop" if config.plop_entropy == "plop" else "interpolated"
-
-
-def make_pseudo_labels(config: TrainConfig, teacher_masks, labels, thresholds, num_classes: int):
-    """PLOP's pseudo-labels and per-image factors from the teacher's patch-resolution masks; ``num_classes``
-    is the step's K_total (old and new classes)."""
-    ops = fused_seg_head if config.fused_head else reference_seg_head
-    return ops.pseudo_label(teacher_masks, labels, thresholds, IGNORE_INDEX, num_classes=num_classes,
-                            entropy=config.plop_entropy)
+def make_pseudo_labeler(config: TrainConfig, num_classes: int,
+                        thresholds: torch.Tensor | None = None) -> PLOPPseudoLabeler:
+    """PLOP's pseudo-labeler of a step whose K_total is ``num_classes`` (old and new classes), as ``config``
+    says: the dispatching ops, or their references when ``config.fused_head`` is off. ``thresholds``
+    (K_old,): per-class thresholds computed elsewhere (a benchmark's fixed values), set on the labeler;
+    otherwise ``update`` and ``compute_thresholds`` make them (``step_pseudo_labeler``)."""
+    labeler = PLOPPseudoLabeler(num_classes, num_bins=PLOP_NUM_BINS, floor=config.plop_min_threshold,
+                                ignore_index=IGNORE_INDEX, entropy=config.plop_entropy,
+                                reference=not config.fused_head)
+    labeler.thresholds = thresholds
+    return labeler
 
 
 def compute_losses(config: TrainConfig, student, labels: torch.Tensor, *, num_old: int, patch_size: int,
-                   teacher=None, thresholds: torch.Tensor | None = None) -> LossTerms:
+                   teacher=None, pseudo_labeler: PLOPPseudoLabeler | None = None) -> LossTerms:
     """The loss of a micro-batch (see the module docstring).
 
     ``student``/``teacher``: model outputs (``masks``, ``patch_embeddings``, ``class_embeddings``);
     ``labels`` (B, H, W): the training labels of the step (its classes, 0 elsewhere, 255 ignored).
     Without a teacher (step 0, ``finetune``, ``joint``): plain CE on ``labels``. With one: PLOP
-    pseudo-labels from the teacher and ``thresholds`` (K_old,), then CE + λ_d·dice + λ_v·FOD_v + λ_c·FOD_c
-    (terms switched off by ``use_cds`` / ``use_fod`` are reported but not added).
-    ``config.fused_head`` picks the fused ops or the full-resolution reference; both give the same values.
+    pseudo-labels from the teacher by ``pseudo_labeler``, the step's labeler with its thresholds set
+    (``step_pseudo_labeler``), then CE + λ_d·dice + λ_v·FOD_v + λ_c·FOD_c (terms switched off by
+    ``use_cds`` / ``use_fod`` are reported but not added). ``config.fused_head`` picks the dispatching
+    seg-head op or its reference (``make_seg_head_loss``), as ``make_pseudo_labeler`` does for the labeler.
     """
     labels = labels.long()
     if teacher is None:
         # Plain CE: class weights all 1, so num_old only selects which dice is computed (and dropped).
-        ce, _ = _seg_loss(config.fused_head, student.masks, labels, 1, 1.0, None, labels)
+        ce, _ = make_seg_head_loss(config, num_old=1, new_class_weight=1.0)(student.masks, labels)
         zero = torch.zeros((), device=ce.device)
         return LossTerms(total=ce, ce=ce, dice=zero, fod_visual=zero, fod_class=zero)
-    if thresholds is None:
-        raise ValueError("compute_losses with a teacher needs the PLOP thresholds")
+    if pseudo_labeler is None:
+        raise ValueError("compute_losses with a teacher needs the step's PLOP pseudo-labeler")
     with torch.no_grad():
-        pseudo, image_factor = make_pseudo_labels(config, teacher.masks.float(), labels, thresholds,
-                                                  student.masks.shape[1])
+        pseudo, image_factor = pseudo_labeler(teacher.masks.float(), labels)
     image_weight = image_factor.float() if config.plop_image_factor else None
     # CE on the pseudo-labels; the dice's M_new / M_old on the step's ground truth (see the module docstring).
-    ce, dice = _seg_loss(config.fused_head, student.masks, pseudo, num_old, config.new_class_weight,
-                         image_weight, labels)
+    seg_head_loss = make_seg_head_loss(config, num_old, config.new_class_weight)
+    ce, dice = seg_head_loss(student.masks, pseudo, image_weight, dice_labels=labels)
     total = ce
     if config.use_cds:
         total = total + config.lambda_dice * dice
@@ -316,7 +303,7 @@ def compute_losses(config: TrainConfig, student, labels: torch.Tensor, *, num_ol
     return LossTerms(total=total, ce=ce, dice=dice, fod_visual=fod_visual, fod_class=fod_class)
 
 
-# ------------------------------------------------------------------------------------ PLOP thresholds
+# ------------------------------------------------------------------------------------ PLOP pseudo-labeler
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
@@ -327,29 +314,30 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def plop_thresholds(teacher, train_set, *, config: TrainConfig, task, step: int, device: torch.device,
-                    env: DistEnv, progress: bool = False) -> torch.Tensor:
-    """PLOP's per-class entropy thresholds over step ``step``'s training images (augmented as in training,
-    with their own seeds), through ``teacher``; histograms summed over the processes."""
+def step_pseudo_labeler(teacher, train_set, *, config: TrainConfig, task, step: int, device: torch.device,
+                        env: DistEnv, progress: bool = False) -> PLOPPseudoLabeler:
+    """PLOP's pseudo-labeler of step ``step`` (``make_pseudo_labeler``), its per-class entropy thresholds
+    computed over the step's training images (augmented as in training, with their own seeds) through
+    ``teacher``, the histograms summed over the processes (by ``compute_thresholds``; PLOP computes the
+    thresholds of each process on its shard alone)."""
     samples = _Keyed(SeededSamples(train_set, config.seed), ("plop", step))
     loader = _loader(Subset(samples, shard(len(train_set), env)), config, device,
                      batch_size=config.eval_batch_size, shuffle=False)
-    ops = fused_seg_head if config.fused_head else reference_seg_head
-    num_old = teacher.num_classes
-    num_classes = len(classes_up_to(task, step))  # K_total: PLOP divides its entropy by log(K_total)
-    histogram = torch.zeros(num_old, PLOP_NUM_BINS, dtype=torch.int64, device=device)
+    # K_total: PLOP divides its entropy by log(K_total).
+    pseudo_labeler = make_pseudo_labeler(config, num_classes=len(classes_up_to(task, step)))
     for images, labels in tqdm(loader, desc=f"step {step} PLOP thresholds", leave=False,
                                disable=not (progress and env.is_main), dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
         labels = remap_train_labels(labels, task, step).to(device, non_blocking=True).long()
         with _autocast(config, device):
             masks = teacher(images).masks
-        histogram += ops.entropy_histogram(masks.float(), labels, PLOP_NUM_BINS, num_classes=num_classes,
-                                           entropy=config.plop_entropy)
-    if env.distributed:
-        # Over every process's images (PLOP computes the thresholds of each process on its shard alone).
-        dist.all_reduce(histogram)
-    return ops.plop_thresholds(histogram, config.plop_min_threshold, median=_plop_median(config))
+        pseudo_labeler.update(masks.float(), labels)
+    if pseudo_labeler.histogram is None:
+        # More processes than images: this one has none, and still takes part in the histograms' sum.
+        pseudo_labeler.histogram = torch.zeros(teacher.num_classes, PLOP_NUM_BINS, dtype=torch.int64,
+                                               device=device)
+    pseudo_labeler.compute_thresholds()
+    return pseudo_labeler
 
 
 # ------------------------------------------------------------------------------------ one step
@@ -396,11 +384,11 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
                                     accumulation=accumulation, rank=env.rank, world_size=env.world_size,
                                     seed=config.seed, step=step, epochs=epochs)
     loader = _loader(SeededSamples(train_set, config.seed), config, device, batch_sampler=sampler)
-    thresholds = None
+    pseudo_labeler = None
     if distill:
         teacher.eval()
-        thresholds = plop_thresholds(teacher, train_set, config=config, task=task, step=step, device=device,
-                                     env=env, progress=progress)
+        pseudo_labeler = step_pseudo_labeler(teacher, train_set, config=config, task=task, step=step,
+                                             device=device, env=env, progress=progress)
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     base_lr = step_learning_rate(config, step)
@@ -448,7 +436,7 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
             with _autocast(config, device):
                 student_out = network(images)
             terms = compute_losses(config, student_out, labels, num_old=num_old, patch_size=model.patch_size,
-                                   teacher=teacher_out, thresholds=thresholds)
+                                   teacher=teacher_out, pseudo_labeler=pseudo_labeler)
             scaler.scale(terms.total / accumulation).backward()
         stacked = terms.stacked()
         sums += stacked
