@@ -3,12 +3,18 @@
 One source of truth for the repository's parity tests (``tests/``) and the shipped parity check
 (``incrementer-fast check``): both compare an op's outputs and gradients with the float64 reference by the
 relative-norm error ``rel_err`` and accept it up to ``REL_ERR_BOUND[dtype]`` of the inputs' dtype.
+
+Also the tooling for running the kernels through Triton's interpreter (``TRITON_INTERPRET=1``):
+``speed_up_interpreter`` and the kernel line probes ``record_kernel_lines`` / ``write_kernel_lines``.
 """
 from __future__ import annotations
 
+import ast
+
 import torch
 
-__all__ = ["REL_ERR_BOUND", "rel_err", "assert_close_rel", "speed_up_interpreter"]
+__all__ = ["REL_ERR_BOUND", "rel_err", "assert_close_rel", "speed_up_interpreter", "record_kernel_lines",
+           "write_kernel_lines"]
 
 # Per-dtype bounds on the relative-norm error ‖a − b‖ / ‖b‖ of an op (computed in fp32 internally)
 # against the float64 reference. fp32: a few ulps times sqrt(reduction length); fp16/bf16: the rounding of
@@ -88,3 +94,84 @@ def speed_up_interpreter() -> bool:
     function.__call__ = call
     function._incrementer_fast_fast_calls = True
     return True
+
+
+# The name, in a kernel module's globals, of the set that the line probes add (file, line) pairs to.
+_LINE_PROBES = "__incrementer_fast_kernel_lines__"
+
+
+class _LineProbes(ast.NodeTransformer):
+    """Put ``<probes>.add((file, line))`` before every statement of a function's body, at every depth."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+
+    def _probe(self, statement: ast.stmt) -> ast.stmt:
+        call = ast.Call(func=ast.Attribute(value=ast.Name(id=_LINE_PROBES, ctx=ast.Load()), attr="add",
+                                           ctx=ast.Load()),
+                        args=[ast.Constant(value=(self.filename, statement.lineno))], keywords=[])
+        return ast.copy_location(ast.Expr(value=call), statement)
+
+    def generic_visit(self, node):
+        super().generic_visit(node)
+        if isinstance(node, ast.Module):  # the ``def`` itself: not a line of the kernel's body
+            return node
+        for field in ("body", "orelse", "finalbody"):
+            statements = getattr(node, field, None)
+            if isinstance(statements, list) and statements and isinstance(statements[0], ast.stmt):
+                setattr(node, field, [item for statement in statements
+                                      for item in (self._probe(statement), statement)])
+        return node
+
+
+def record_kernel_lines() -> set[tuple[str, int]] | None:
+    """Record which lines of ``@triton.jit`` functions run under ``TRITON_INTERPRET=1``: returns the set that
+    collects ``(file, line)`` of every statement executed from now on (None when the interpreter's internals
+    are not the ones this was written against: Triton 3.6 and 3.8). Call it before any kernel runs.
+
+    The interpreter runs a kernel as Python compiled from the kernel's own source, at its own file and line
+    numbers, so coverage.py could measure it, but coverage.py's tracer sees every line of Triton's
+    interpreter and of torch as well and doubles the time of the interpreter suite. Here the rewritten kernel
+    source gets a probe — one ``set.add`` — before each of its statements instead, and nothing else is
+    traced. ``write_kernel_lines`` stores the set as a coverage.py data file (``coverage json`` / ``report``
+    / ``html`` read it; tests/kernel_coverage.py checks it); the suite checks once that the probes see the
+    lines coverage.py sees (tests/test_kernel_coverage.py).
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return None
+    rewriter, function = getattr(interpreter, "FunctionRewriter", None), getattr(interpreter, "InterpretedFunction", None)
+    if rewriter is None or function is None or not hasattr(rewriter, "_transform_ast"):
+        return None
+    existing = getattr(rewriter, "_incrementer_fast_kernel_lines", None)
+    if existing is not None:
+        return existing
+    if function.rewritten_fn:
+        raise RuntimeError("record_kernel_lines: kernels have run already (their rewritten source is cached "
+                           "without probes); call it before the first launch")
+    hits: set[tuple[str, int]] = set()
+    transform = rewriter._transform_ast
+
+    def transform_with_probes(self, src):
+        tree = _LineProbes(self.filename).visit(transform(self, src))
+        ast.fix_missing_locations(tree)
+        self.fn.__globals__[_LINE_PROBES] = hits
+        return tree
+
+    rewriter._transform_ast = transform_with_probes
+    rewriter._incrementer_fast_kernel_lines = hits
+    return hits
+
+
+def write_kernel_lines(hits: set[tuple[str, int]], path: str) -> None:
+    """Store the lines ``record_kernel_lines`` collected as the coverage.py data file ``path`` (replaced)."""
+    import coverage
+
+    by_file: dict[str, list[int]] = {}
+    for filename, line in sorted(hits):
+        by_file.setdefault(filename, []).append(line)
+    data = coverage.CoverageData(basename=path)
+    data.erase()
+    data.add_lines(by_file)
+    data.write()

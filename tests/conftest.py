@@ -57,9 +57,33 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KERNEL_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def pytest_addoption(parser):
+    parser.addoption("--kernel-lines", metavar="FILE", default=None,
+                     help="with TRITON_INTERPRET=1: record which lines of @triton.jit functions ran and write "
+                          "them to FILE as coverage.py data (tests/run.sh checks it with tests/kernel_coverage.py)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
     config.addinivalue_line("markers", "slow: a longer test (training runs, DDP)")
+    if config.getoption("--kernel-lines"):
+        if not INTERPRET:
+            raise pytest.UsageError("--kernel-lines records kernel lines run by Triton's interpreter: set "
+                                    "TRITON_INTERPRET=1")
+        from incrementer_fast.testing import record_kernel_lines
+
+        config._kernel_lines = record_kernel_lines()
+        if config._kernel_lines is None:
+            raise pytest.UsageError("--kernel-lines: Triton's interpreter internals changed: see "
+                                    "incrementer_fast.testing.record_kernel_lines")
+
+
+def pytest_sessionfinish(session):
+    hits = getattr(session.config, "_kernel_lines", None)
+    if hits is not None:
+        from incrementer_fast.testing import write_kernel_lines
+
+        write_kernel_lines(hits, session.config.getoption("--kernel-lines"))
 
 
 @pytest.fixture(params=DEVICES)

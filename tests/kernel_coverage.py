@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             continue
         lines = unexecuted(report, path)
         if lines is None:
-            print(f"kernel coverage: {path} is not in the report {args.report}: was it imported under coverage?")
+            print(f"kernel coverage: {path} is not in the report {args.report}: did none of its kernels run?")
             return 2
         body_lines = sum(last - first + 1 for _, first, last in functions)
         skipped = excluded(path)

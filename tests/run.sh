@@ -5,8 +5,9 @@
 # 3. at the same time, the op parity suite (tests/ops) twice with TRITON_INTERPRET=1 — the very same Triton
 #    kernels run through Triton's interpreter on the CPU and are checked against the float64 reference:
 #    a. with the H100's launch plan (INCREMENTER_FAST_PLAN=h100: the tiles, bands, class blocks and grids an
-#       H100 launches) under coverage.py, then tests/kernel_coverage.py fails the run if a line of a
-#       @triton.jit function did not execute;
+#       H100 launches), recording which kernel lines ran (--kernel-lines: probes in the interpreted kernel
+#       source, written as coverage.py data; coverage.py's own tracer doubled this pass), then
+#       tests/kernel_coverage.py fails the run if a line of a @triton.jit function did not execute;
 #    b. with the interpreter's own launch plan (the default off a GPU).
 #    (The H200 plan launches exactly what the H100 plan does: tests/test_cuda_codegen.py checks it.)
 # HYPOTHESIS_PROFILE=thorough bash tests/run.sh draws many more examples (much longer).
@@ -18,9 +19,9 @@ LOGS=$(mktemp -d)
 # The interpreter passes are single-threaded Python: one torch thread each, so three jobs share two cores.
 export OMP_NUM_THREADS=1
 
-echo "== starting the kernel parity suite through the interpreter: H100 plan (coverage) and interpreter plan"
-(TRITON_INTERPRET=1 INCREMENTER_FAST_PLAN=h100 $PY -m coverage run --data-file="$LOGS/kernels.coverage" \
-    --include="$PWD/kernels/*" -m pytest tests/ops -q -p no:cacheprovider > "$LOGS/h100.log" 2>&1
+echo "== starting the kernel parity suite through the interpreter: H100 plan (kernel lines) and interpreter plan"
+(TRITON_INTERPRET=1 INCREMENTER_FAST_PLAN=h100 $PY -m pytest tests/ops -q -p no:cacheprovider \
+    --kernel-lines="$LOGS/kernels.coverage" > "$LOGS/h100.log" 2>&1
  echo $? > "$LOGS/h100.rc") &
 (TRITON_INTERPRET=1 INCREMENTER_FAST_PLAN=interpreter $PY -m pytest tests/ops -q -p no:cacheprovider \
     > "$LOGS/interpreter.log" 2>&1; echo $? > "$LOGS/interpreter.rc") &
@@ -32,7 +33,7 @@ reference_rc=$?
 wait
 set -e
 
-echo "== TRITON_INTERPRET=1 INCREMENTER_FAST_PLAN=h100: kernel parity suite (tests/ops) under coverage"
+echo "== TRITON_INTERPRET=1 INCREMENTER_FAST_PLAN=h100: kernel parity suite (tests/ops), kernel lines recorded"
 cat "$LOGS/h100.log"
 h100_rc=$(cat "$LOGS/h100.rc")
 coverage_rc=0
