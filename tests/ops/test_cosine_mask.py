@@ -377,6 +377,8 @@ def _bad_inputs():
         ((p, c, torch.tensor(2)), TypeError, ["scale"]),
         ((p, c, "2.0"), TypeError, ["scale"]),
         ((p, c, 1.0, -1e-8), ValueError, ["eps"]),
+        ((p, c, float("nan")), ValueError, ["scale must be a finite float", "nan"]),
+        ((p, c, float("-inf")), ValueError, ["scale must be a finite float", "-inf"]),
         ((p, c, 1.0, 1e-8, torch.int32), TypeError, ["out_dtype", "torch.int32"]),
         ((p, c.to(meta), 1.0), ValueError, ["patches on cpu", "classes on meta"]),
         ((p, c, torch.tensor(1.0, device=meta)), ValueError, ["scale on meta"]),
