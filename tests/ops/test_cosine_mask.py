@@ -305,6 +305,7 @@ def test_gradcheck(device):
     )
 
 
+@pytest.mark.plan_independent
 def test_compiled_matches_eager(device):
     patches, classes = _small_inputs(device, num_patches=37, num_classes=6, dim=20, seed=3)
     weight = torch.randn(2, 6, 37, generator=torch.Generator().manual_seed(4)).to(device)
