@@ -317,3 +317,63 @@ def test_a_refused_checkpoint_write_is_named_and_leaves_nothing(data, tmp_path, 
 def test_debug_shows_the_traceback(data, tmp_path):
     with pytest.raises(InputError, match="--dropout must be in"):
         main(["train", "--out", str(tmp_path / "run"), "--data-root", str(data), *TINY, "--dropout", "2", "--debug"])
+
+
+# ------------------------------------------------------------------------------------ eval scores what was trained
+@pytest.fixture(scope="module")
+def own_data_run(tmp_path_factory):
+    """A finished step 0 whose synthetic data the run generated itself, in ``run/data`` (8/4 images at 32²)."""
+    out = tmp_path_factory.mktemp("own-data") / "run"
+    assert main(["train", "--out", str(out), "--step", "0", *TINY]) == 0
+    return out
+
+
+def _eval_record(run, capsys, *extra):
+    code = main(["eval", "--run", str(run), "--step", "0", "--quiet", "--output", str(run.parent / "eval.json"),
+                 *map(str, extra)])
+    captured = capsys.readouterr()
+    return code, captured
+
+
+def test_eval_rebuilds_the_runs_own_synthetic_set(own_data_run, tmp_path, capsys):
+    run = copy_run(own_data_run, tmp_path / "run")
+    stored = json.loads((run / "metrics.json").read_text())[0]
+    shutil.rmtree(run / "data")
+    code, _ = _eval_record(run, capsys)
+    assert code == 0
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["val_images"] == stored["val_images"]  # not the default 120-image set's share
+    assert record["miou_all"] == stored["miou_all"]
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert (manifest["num_train"], manifest["num_val"], manifest["image_size"]) == (8, 4, 32)
+
+
+def test_eval_refuses_another_synthetic_set_in_the_runs_folder(own_data_run, tmp_path, capsys):
+    run = copy_run(own_data_run, tmp_path / "run")
+    shutil.rmtree(run / "data")
+    generate_synthetic(run / "data", seed=0, num_train=8, num_val=6, image_size=32)
+    code, err, _ = cli(["eval", "--run", run, "--step", "0", "--quiet", "--output", tmp_path / "eval.json"], capsys)
+    assert code == 2 and "holds another synthetic dataset than the run's: synthetic_val_images 6 (the run's 4)" in err
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_checks_the_set_against_the_fingerprint_stored_at_training(own_data_run, tmp_path, capsys):
+    run = copy_run(own_data_run, tmp_path / "run")
+    assert json.loads((run / "config.json").read_text())["evaluation"]["val_images"] == 4
+    other = generate_synthetic(tmp_path / "other", seed=5, num_train=8, num_val=4, image_size=32)
+    code, err, _ = cli(["eval", "--run", run, "--step", "0", "--quiet", "--data-root", other,
+                        "--synthetic-seed", "5", "--output", tmp_path / "eval.json"], capsys)
+    assert code == 2 and f"the validation set at {other} (4 images" in err and f"is not the one {run} was scored on" in err
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_refuses_a_run_whose_data_root_is_gone(finished, data, tmp_path, capsys):
+    moved = copy_run(data, tmp_path / "data")
+    run = copy_run(finished, tmp_path / "run")
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"]["dataset"], stored["config"]["data_root"] = "voc", str(moved)
+    (run / "config.json").write_text(json.dumps(stored))
+    shutil.rmtree(moved)
+    code, err, _ = cli(["eval", "--run", run, "--step", "0", "--quiet", "--output", tmp_path / "eval.json"], capsys)
+    assert code == 2 and f"data root not found: {moved}" in err and "--data-root" in err
+    assert not moved.exists() and not (tmp_path / "eval.json").exists()

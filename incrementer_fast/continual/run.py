@@ -43,6 +43,7 @@ from ..errors import CheckpointError, InputError
 from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
 from .datasets import build_dataset
+from .evaluation_set import check_fingerprint, open_validation_set, split_fingerprint
 from .logs import RunReports, run_log_file, tensorboard_available
 from .metrics import summarize
 from .scenarios import (cached_select_images, classes_up_to, get_task, remap_eval_labels,
@@ -89,16 +90,23 @@ def read_records(out_dir: Path) -> list[dict]:
     return records
 
 
-def read_run_config(out_dir: Path) -> dict | None:
-    """The ``config`` of a run directory's config.json (None when there is none); InputError naming the
-    file when it cannot be read."""
+def read_run_file(out_dir: Path) -> dict | None:
+    """A run directory's whole config.json (``config``, ``launch``, ``changes``, ``evaluation``; None when
+    there is none); InputError naming the file when it cannot be read."""
     path = Path(out_dir) / "config.json"
     if not path.exists():
         return None
     stored = _read_json(path, "configuration")
     if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
         raise InputError(f"{path} has no \"config\" object; restore it, or start the run in another --out")
-    return stored["config"]
+    return stored
+
+
+def read_run_config(out_dir: Path) -> dict | None:
+    """The ``config`` of a run directory's config.json (None when there is none); InputError naming the
+    file when it cannot be read."""
+    stored = read_run_file(out_dir)
+    return None if stored is None else stored["config"]
 
 
 def finished_steps(out_dir: Path) -> list[int]:
@@ -328,8 +336,12 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
                              f"{config.task!r} has seen {expected}")
         data_root = resolve_data_root(config, run_dir if run_dir is not None else Path("."))
         cache_dir = Path(run_dir) / "cache" if run_dir is not None else None
-        val_set = build_dataset(config.dataset, data_root, "val", cache_dir=cache_dir)
-        val_set = val_set.subset(select_eval_images(val_set.image_labels(), config.dataset, task, step))
+        val_set = open_validation_set(config, data_root, cache_dir)
+        val_labels = val_set.image_labels()
+        eval_ids = select_eval_images(val_labels, config.dataset, task, step)
+        if run_dir is not None:
+            _check_run_evaluation_set(Path(run_dir), val_labels, eval_ids, step, data_root)
+        val_set = val_set.subset(eval_ids)
         val_set.transform = eval_transform(config, *model.normalization)
         matrix = evaluate(model, val_set, config=config, task=task, step=step, device=device, env=env,
                           progress=progress)
@@ -339,6 +351,18 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def _check_run_evaluation_set(run_dir: Path, val_labels, eval_ids, step: int, data_root) -> None:
+    """InputError unless the validation split eval rebuilt is the one ``run_dir`` was scored on: its
+    fingerprint in config.json, or (a run written before fingerprints) the step's image count in
+    metrics.json."""
+    stored = (read_run_file(run_dir) or {}).get("evaluation")
+    check_fingerprint(split_fingerprint(val_labels), stored, data_root, run_dir)
+    record = next((r for r in read_records(run_dir) if r["step"] == step), None)
+    if stored is None and record is not None and record.get("val_images") != len(eval_ids):
+        raise InputError(f"step {step} of {run_dir} was scored on {record.get('val_images')} validation images, "
+                         f"but {data_root} gives {len(eval_ids)}: pass --data-root where the run's data is")
 
 
 def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports: RunReports) -> list[dict]:
@@ -415,6 +439,8 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
             log(f"{split}: {len(names)} grayscale/CMYK image(s) converted to RGB when loaded: "
                 f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}")
     train_labels, val_labels = scans["train"].labels, scans["val"].labels
+    evaluation = split_fingerprint(val_labels)
+    check_fingerprint(evaluation, (read_run_file(out_dir) or {}).get("evaluation"), data_root, out_dir)
 
     # The run starts: config.json (with the history of resumed changes), leftovers of a crash removed.
     launch = dict(world_size=env.world_size, micro_batch_size=config.micro_batch(env.world_size),
@@ -425,7 +451,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
         _report_removed(log, remove_orphaned_temporaries(out_dir), "unfinished temporary file")
         changes = _config_changes(out_dir, stored, config, first)
         atomic_write_json(out_dir / "config.json", {"config": config.to_dict(), "launch": launch,
-                                                    "changes": changes})
+                                                    "changes": changes, "evaluation": evaluation})
         log(f"run {out_dir}: {config.method} on {config.dataset} {config.task} ({config.setting}), "
             f"{len(task)} steps; effective batch {config.batch_size} = {env.world_size} process(es) × "
             f"{launch['micro_batch_size']} images × {accumulation} accumulation step(s); device {device}")
