@@ -377,3 +377,54 @@ def test_eval_refuses_a_run_whose_data_root_is_gone(finished, data, tmp_path, ca
     code, err, _ = cli(["eval", "--run", run, "--step", "0", "--quiet", "--output", tmp_path / "eval.json"], capsys)
     assert code == 2 and f"data root not found: {moved}" in err and "--data-root" in err
     assert not moved.exists() and not (tmp_path / "eval.json").exists()
+
+
+# ------------------------------------------------------------------------------------ nothing finished is overwritten
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory, data):
+    """A run directory with all three steps of task 8-2 finished."""
+    out = tmp_path_factory.mktemp("three") / "run"
+    assert main(["train", "--out", str(out), "--data-root", str(data), *TINY]) == 0
+    return out
+
+
+@pytest.mark.parametrize("how", [["--step", "1", "--data-root", "DATA", *TINY], ["--resume", "--step", "1", "--quiet"]])
+def test_a_finished_step_is_not_retrained_without_retrain_from(how, three_steps, data, tmp_path, capsys):
+    run = copy_run(three_steps, tmp_path / "run")
+    before = snapshot(run)
+    argv = ["train", "--out", run, *[str(data) if a == "DATA" else a for a in how], "--lr-incremental", "0.002"]
+    code, err, _ = cli(argv, capsys)
+    assert code == 2 and "step 1 is finished" in err and "--retrain-from 1" in err and "steps 1, 2 are removed" in err
+    assert snapshot(run) == before
+
+
+def test_retrain_from_removes_the_stale_steps_and_records_changes_exactly(three_steps, tmp_path, capsys):
+    run = copy_run(three_steps, tmp_path / "run")
+    before = snapshot(run)
+    lr = json.loads((run / "config.json").read_text())["config"]["lr_incremental"]
+
+    def retrain(step, value):
+        code = main(["train", "--out", str(run), "--resume", "--retrain-from", str(step), "--lr-incremental",
+                     str(value), "--quiet"])
+        return code, capsys.readouterr().out
+
+    code, printed = retrain(1, 0.002)
+    assert code == 0 and "--retrain-from 1: step(s) 1, 2 trained from the old step 1 or later: removing" in printed
+    after = snapshot(run)
+    assert after["step_0.pt"] == before["step_0.pt"]  # kept
+    assert after["step_1.pt"] != before["step_1.pt"] and after["step_2.pt"] != before["step_2.pt"]  # retrained
+    assert [r["step"] for r in json.loads((run / "metrics.json").read_text())] == [0, 1, 2]
+    changes = lambda: json.loads((run / "config.json").read_text())["changes"]  # noqa: E731
+    assert changes() == [{"from_step": 1, "lr_incremental": [lr, 0.002]}]
+    assert retrain(2, 0.003)[0] == 0
+    assert changes() == [{"from_step": 1, "lr_incremental": [lr, 0.002]},
+                         {"from_step": 2, "lr_incremental": [0.002, 0.003]}]
+    assert retrain(1, 0.004)[0] == 0  # the entry of step 2 described a step trained again: gone
+    assert changes() == [{"from_step": 1, "lr_incremental": [lr, 0.004]}]
+
+
+def test_resume_on_a_folder_without_a_run_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err, _ = cli(["train", "--out", tmp_path / "empty", "--resume", "--quiet"], capsys)
+    assert code == 2 and "holds no run to continue" in err and "drop --resume" in err
+    assert not list((tmp_path / "empty").iterdir())
