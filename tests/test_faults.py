@@ -8,6 +8,7 @@ so that the module stays within a few tens of seconds on two cores; only the fre
 interpreter (the others call ``cli.main``, which is exactly what ``python -m incrementer_fast`` returns).
 """
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -428,3 +429,51 @@ def test_resume_on_a_folder_without_a_run_is_refused(tmp_path, capsys):
     code, err, _ = cli(["train", "--out", tmp_path / "empty", "--resume", "--quiet"], capsys)
     assert code == 2 and "holds no run to continue" in err and "drop --resume" in err
     assert not list((tmp_path / "empty").iterdir())
+
+
+# ------------------------------------------------------------------------------------ one writer per run folder
+def test_a_second_command_on_a_locked_run_folder_is_refused_naming_the_holder(finished, tmp_path, capsys):
+    """The holder is another command's lock as the OS sees it: ``run/.lock`` flock-ed (per open file, so it
+    conflicts even within one process) and holding its pid."""
+    run = copy_run(finished, tmp_path / "run")
+    with open(run / ".lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242\n")
+        holder.flush()
+        before = snapshot(run)
+        code, err, _ = cli(["train", "--out", run, "--resume", "--quiet"], capsys)
+        assert code == 2 and f"{run} is in use by another incrementer-fast command (pid 4242)" in err
+        assert snapshot(run) == before  # no step trained, no log line, no config.json rewrite
+    # Released (the holder closed its file): the next command takes the lock and trains.
+    assert main(["train", "--out", str(run), "--resume", "--step", "1", "--quiet"]) == 0
+
+
+def test_cleanup_removes_only_the_temporaries_of_dead_writers(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live_temporary = run / f".step_1.pt.{writer.pid}.0123abcd.tmp"  # another process's checkpoint being written
+        dead_temporary = run / f".metrics.json.{dead}.89abcdef.tmp"
+        live_temporary.write_bytes(b"being written")
+        dead_temporary.write_text("[")
+        code = main(["train", "--out", str(run), "--resume", "--step", "1", "--quiet"])
+        assert code == 0 and "removed 1 unfinished temporary file(s)" in capsys.readouterr().out
+        assert live_temporary.read_bytes() == b"being written" and not dead_temporary.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_run_folder_lock_is_exclusive_and_released(tmp_path):
+    from incrementer_fast.continual.lock import RunFolderBusy, RunFolderLock
+
+    assert not RunFolderLock(tmp_path / "absent").acquire_if_present()  # nothing to lock: nothing created
+    assert not (tmp_path / "absent").exists()
+    with RunFolderLock(tmp_path) as first:
+        assert first.held
+        with pytest.raises(RunFolderBusy, match=f"pid {os.getpid()}"):
+            RunFolderLock(tmp_path).acquire_if_present()
+    with RunFolderLock(tmp_path) as again:
+        assert again.held

@@ -44,6 +44,7 @@ from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
 from .datasets import build_dataset
 from .evaluation_set import check_fingerprint, open_validation_set, split_fingerprint
+from .lock import RunFolderLock, orphaned_temporary
 from .logs import RunReports, run_log_file, tensorboard_available
 from .metrics import summarize
 from .scenarios import (cached_select_images, classes_up_to, get_task, remap_eval_labels,
@@ -306,9 +307,10 @@ def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resum
     owns_group = _init_distributed(config)
     try:
         is_main = current_dist_env().is_main
-        with run_log_file(out_dir, enabled=is_main), RunReports(out_dir, config, enabled=is_main) as reports:
+        with (RunFolderLock(out_dir, enabled=is_main) as lock, run_log_file(out_dir, enabled=is_main),
+              RunReports(out_dir, config, enabled=is_main) as reports):
             return _run(config, out_dir, step=step, resume=resume, retrain_from=retrain_from, progress=progress,
-                        reports=reports)
+                        reports=reports, lock=lock)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -368,8 +370,8 @@ def _check_run_evaluation_set(run_dir: Path, val_labels, eval_ids, step: int, da
                          f"but {data_root} gives {len(eval_ids)}: pass --data-root where the run's data is")
 
 
-def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, progress,
-         reports: RunReports) -> list[dict]:
+def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, progress, reports: RunReports,
+         lock: RunFolderLock) -> list[dict]:
     env = current_dist_env()
     log = logger.info if env.is_main else _silent
 
@@ -450,6 +452,9 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
                   device=str(device), task_steps=task)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if lock.acquire_if_present() and (read_run_file(out_dir) is not None or read_records(out_dir)):
+            # The folder did not exist when this command checked it; another one has started a run there since.
+            raise RunError(f"{out_dir} was filled by another command while this one started: choose another --out")
         _report_removed(log, remove_orphaned_temporaries(out_dir), "unfinished temporary file")
         changes = _config_changes(out_dir, stored, config, first)
         if stale:
@@ -544,9 +549,11 @@ def check_writable_folder(folder: Path) -> None:
 
 def remove_orphaned_temporaries(out_dir: Path) -> list[Path]:
     """Delete the temporary files an interrupted run left in ``out_dir`` (and its cache): checkpoints
-    being written (``step_N.pt.*.tmp``) and atomic writes (``.NAME.*.tmp``). Returns what was removed."""
+    being written (``step_N.pt.*.tmp``) and atomic writes (``.NAME.<pid>.*.tmp``) whose writer is gone
+    (``lock.orphaned_temporary``: a live writer's are kept). Returns what was removed."""
     out_dir = Path(out_dir)
-    leftovers = sorted({*out_dir.glob("step_*.pt.*.tmp"), *out_dir.glob(".*.tmp"), *out_dir.glob("cache/.*.tmp")})
+    leftovers = sorted(path for path in {*out_dir.glob("step_*.pt.*.tmp"), *out_dir.glob(".*.tmp"),
+                                         *out_dir.glob("cache/.*.tmp")} if orphaned_temporary(path))
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers
