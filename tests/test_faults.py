@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -477,3 +478,67 @@ def test_run_folder_lock_is_exclusive_and_released(tmp_path):
             RunFolderLock(tmp_path).acquire_if_present()
     with RunFolderLock(tmp_path) as again:
         assert again.held
+
+
+# ------------------------------------------------------------------------------------ bounded checkpoint loading
+def _tampered(finished, tmp_path, **config_changes):
+    """step_0.pt of the finished run with its metadata edited (``classes_per_step`` and ``config`` keys; a
+    value None removes the key)."""
+    checkpoint = torch.load(finished / "step_0.pt", weights_only=True)
+    if "classes_per_step" in config_changes:
+        checkpoint["classes_per_step"] = config_changes.pop("classes_per_step")
+    for key, value in config_changes.items():
+        if value is None:
+            checkpoint["config"].pop(key)
+        else:
+            checkpoint["config"][key] = value
+    path = tmp_path / "tampered.pt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def constructions(monkeypatch):
+    """The device of every Incrementer built while the test runs (``meta`` allocates nothing)."""
+    devices = []
+    original = Incrementer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        devices.append(torch.empty(0).device.type)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Incrementer, "__init__", recording_init)
+    return devices
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(classes_per_step=[3_000_000]), "classes_per_step [3000000] do not match its class tokens"),
+    (dict(n_layers=3000), "its config says n_layers=3000 but its weights hold 2 decoder block(s)"),
+    (dict(weights="/etc/passwd"), "config fields a checkpoint may not hold: weights"),
+    (dict(pretrained=True), "config fields a checkpoint may not hold: pretrained"),
+    (dict(surprise=1), "config fields a checkpoint may not hold: surprise"),
+    (dict(backbone=None), "lacks config field(s) backbone"),
+    (dict(dropout="0.1"), "dropout must be a number, got '0.1'"),
+])
+def test_checkpoint_metadata_cannot_make_the_loader_build_read_or_download(change, message, finished, tmp_path,
+                                                                            constructions, capsys):
+    path = _tampered(finished, tmp_path, **change)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        Incrementer.from_checkpoint(path)
+    assert constructions == []  # refused before any model was built, on any device
+    code, err, _ = cli(["eval", "--checkpoint", path, "--data-root", finished.parent.parent / "missing", *TINY,
+                        "--step", "0"], capsys)
+    assert code == 2 and f"checkpoint {path}" in err and message in err
+
+
+def test_checkpoint_tensors_are_checked_against_a_meta_model_before_allocation(finished, tmp_path, constructions):
+    path = _tampered(finished, tmp_path, d_model=4096, n_heads=64)
+    with pytest.raises(CheckpointError, match=r"proj_dec.weight: file \(64, 64\) torch.float32 vs model \(4096, 64\)"):
+        Incrementer.from_checkpoint(path)
+    assert constructions == ["meta"]  # the 4096-wide decoder was only ever a blueprint
+    checkpoint = torch.load(finished / "step_0.pt", weights_only=True)
+    checkpoint["state_dict"]["proj_patch"] = checkpoint["state_dict"]["proj_patch"].double()
+    torch.save(checkpoint, tmp_path / "double.pt")
+    with pytest.raises(CheckpointError, match=r"proj_patch: file \(64, 64\) torch.float64 vs model \(64, 64\) "
+                                              r"torch.float32"):
+        Incrementer.from_checkpoint(tmp_path / "double.pt")
