@@ -22,6 +22,7 @@ import torch
 
 from .._files import atomic_write
 from ..errors import CheckpointError
+from ..model import _WriteErrorRecorder
 
 FORMAT = "incrementer_fast.epoch_state"
 VERSION = 1
@@ -53,8 +54,17 @@ def restore_rng_states(states: dict) -> None:
 
 def save_epoch_state(path, state: dict) -> None:
     """Write ``state`` (``train_step``'s epoch state) to ``path`` atomically and durably."""
-    with atomic_write(path, durable=True) as handle:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
+    writer = None
+    try:
+        with atomic_write(path, durable=True) as handle:
+            writer = _WriteErrorRecorder(handle)
+            torch.save({"format": FORMAT, "version": VERSION, **state}, writer)
+    except BaseException as error:
+        # As Incrementer.save: torch.save reports a refused write as a RuntimeError without the OS's reason.
+        cause = writer.error if writer is not None and writer.error is not None else error
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror, str(path)) from error
+        raise
 
 
 def load_epoch_state(path, expect: dict) -> dict:
