@@ -4,6 +4,7 @@
         --method incrementer --out runs/voc-15-1 [--step K] [--resume] [--epochs N] [...]
     incrementer-fast eval --run runs/voc-15-1 --step 5 [--eval-mode slide]
     incrementer-fast eval --checkpoint step_5.pt --dataset voc --data-root DATA --task 15-1 --step 5
+    incrementer-fast summary runs/voc-15-1-seed0 runs/voc-15-1-seed1 ... [--out DIR]
     incrementer-fast demo [--out DIR] [--seed N] [--no-joint] [--workers 1|2]
     incrementer-fast check [--device cuda|cpu] [--quick | --thorough]
 
@@ -228,6 +229,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(args: argparse.Namespace) -> int:
+    """Old / new / all mIoU per step as mean ± std over the runs given (``continual.summary``): printed, and
+    written to ``--out`` as summary.json, summary.csv and summary.png."""
+    from .continual.summary import format_summary, summarize_runs, write_summary
+
+    summary = summarize_runs(args.runs)
+    print(format_summary(summary))
+    paths = write_summary(summary, args.out)
+    print(f"written to {', '.join(map(str, paths))}", file=sys.stderr)
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from .check import run
 
@@ -301,7 +314,7 @@ def add_common_options(parser: argparse.ArgumentParser, *, quiet: bool = True) -
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="incrementer-fast", description=__doc__.split("\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,check}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,summary,demo,check}")
     train = commands.add_parser("train", help="train a class-incremental scenario (every step, or one)")
     train.add_argument("--out", required=True, help="run directory (created; holds config.json, metrics, "
                                                     "checkpoints and figures)")
@@ -338,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "--dataset)")
     _add_config_options(evaluation)
     evaluation.set_defaults(handler=_eval)
+    summaries = commands.add_parser("summary", help="old / new / all mIoU per step, mean ± std over runs of one task "
+                                                  "(seeds, class orders), with a figure")
+    summaries.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of the same task")
+    summaries.add_argument("--out", default="summary", help="where summary.json, summary.csv and summary.png go "
+                                                          "(default ./summary)")
+    add_common_options(summaries, quiet=False)
+    summaries.set_defaults(handler=_summary)
     demo = commands.add_parser("demo", help="the synthetic scenario, small pretrained ViT, CPU: incrementer vs "
                                             "finetune vs joint")
     demo.add_argument("--out", default="runs/demo",

@@ -312,8 +312,9 @@ def test_a_refused_checkpoint_write_is_named_and_leaves_nothing(data, tmp_path, 
     out = tmp_path / "run"
     with refused_large_writes():
         code, err, _ = cli(["train", "--out", out, "--data-root", data, *TINY, "--step", "0"], capsys)
-    assert code == 1 and f"{out / 'step_0.pt'}: File too large" in err and "--resume" in err
-    assert not list(out.glob("step_0.pt*")) and not (out / "metrics.json").exists()
+    # The first checkpoint written is the epoch checkpoint (step_0.epoch.pt), at the end of the epoch.
+    assert code == 1 and f"{out / 'step_0.epoch.pt'}: File too large" in err and "--resume" in err
+    assert not list(out.glob("step_0*")) and not list(out.glob(".step_0*")) and not (out / "metrics.json").exists()
 
 
 def test_debug_shows_the_traceback(data, tmp_path):

@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 from ..errors import InputError
 from .config import TrainConfig
 from .datasets import SegmentationDataset, build_dataset
+from .folder import folder_options
 from .synthetic import generate_synthetic, read_manifest
 
 # The synthetic manifest's fields and the TrainConfig fields they come from.
@@ -48,9 +49,10 @@ def _synthetic_validation_set(config: TrainConfig, root: Path, cache_dir) -> Seg
 
 
 def _listed_validation_set(config: TrainConfig, root: Path, cache_dir) -> SegmentationDataset:
-    """A dataset read from its data root (VOC, ADE20K): InputError naming what is missing there."""
+    """A dataset read from its data root (VOC, ADE20K, a folder dataset with the run's ``--ignore-index``
+    and ``--label-map``): InputError naming what is missing there."""
     try:
-        return build_dataset(config.dataset, root, "val", cache_dir=cache_dir)
+        return build_dataset(config.dataset, root, "val", cache_dir=cache_dir, **folder_options(config))
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise InputError(f"cannot open the {config.dataset} validation set the run was scored on: {error} "
                          "(pass --data-root where that data is now)") from error
@@ -60,6 +62,7 @@ VALIDATION_SET_BUILDERS: dict[str, Callable[[TrainConfig, Path, object], Segment
     "synthetic": _synthetic_validation_set,
     "voc": _listed_validation_set,
     "ade": _listed_validation_set,
+    "folder": _listed_validation_set,
 }
 """Dataset name -> ``builder(config, data_root, cache_dir)`` returning its validation split."""
 
