@@ -11,7 +11,8 @@ from PIL import Image
 
 from incrementer_fast.continual import datasets as ds_module
 from incrementer_fast.continual import synthetic
-from incrementer_fast.continual.datasets import ADE20KSegmentation, VOCSegmentation, build_dataset
+from incrementer_fast.continual.dataset_names import build_dataset
+from incrementer_fast.continual.datasets import ADE20KSegmentation, VOCSegmentation
 from incrementer_fast.continual.scenarios import get_task, remap_train_labels, select_images
 from incrementer_fast.continual.datasets import SyntheticSegmentation
 from incrementer_fast.continual.synthetic import generate_synthetic

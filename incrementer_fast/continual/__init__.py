@@ -1,6 +1,7 @@
 """Class-incremental segmentation pipeline: scenarios, datasets (VOC, ADE20K, the built-in synthetic
 one), evaluation metrics, and training."""
-from .datasets import ADE20KSegmentation, SegmentationDataset, SyntheticSegmentation, VOCSegmentation, build_dataset
+from .dataset_names import build_dataset
+from .datasets import ADE20KSegmentation, SegmentationDataset, SyntheticSegmentation, VOCSegmentation
 from .metrics import ConfusionMatrix, summarize
 from .scenarios import (
     IGNORE_INDEX,

@@ -24,8 +24,16 @@ from pathlib import Path
 
 import torch
 
+from ..model import Incrementer
 from .config import TrainConfig
-from .run import RunError, copy_finished_step, finished_steps, read_records, run_scenario
+from .dataset_names import build_dataset
+from .report import class_palette, first_step_split, pick_comparison_images, plot_comparison, save_comparison_grid
+from .run import (RunError, checkpoint_path, copy_finished_step, finished_steps, read_records, resolve_data_root,
+                  run_scenario)
+from .scenarios import get_task, remap_eval_labels
+from .synthetic import CLASS_NAMES
+from .train import predict
+from .transforms import val_transform
 
 DEMO_METHODS = ("incrementer", "finetune")
 
@@ -115,7 +123,36 @@ def run_demo(out, *, resume: bool = False, progress: bool = True, joint: bool = 
     if joint:
         results["joint"] = read_records(runs["joint"])
     if figures:
-        from .report import demo_figures
-
         demo_figures(out, base, {m: runs[m] for m in DEMO_METHODS}, results)
     return results
+
+
+def demo_figures(out, config, run_dirs: dict, results: dict[str, list[dict]], count: int = 4) -> None:
+    """The demo's two figures in ``out``: ``comparison.png`` (``plot_comparison`` of the methods in
+    ``run_dirs``, with ``results["joint"]`` as the upper bound when present) and ``predictions.png``
+    (``save_comparison_grid`` of ``count`` validation images with every method's final-step model)."""
+    out = Path(out)
+    task = get_task(config.dataset, config.task)
+    joint = results.get("joint")
+    split = first_step_split(joint[-1], task) if joint else None
+    steps = " → ".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0]) for s in task)
+    plot_comparison(out / "comparison.png", {m: results[m] for m in run_dirs}, split,
+                    title=f"synthetic {config.task} (classes {steps}), seed {config.seed}: mIoU after each step")
+
+    last = len(task) - 1
+    models = {m: Incrementer.from_checkpoint(checkpoint_path(d, last)) for m, d in run_dirs.items()}
+    mean, std = next(iter(models.values())).normalization
+    first_dir = next(iter(run_dirs.values()))
+    val_set = build_dataset(config.dataset, resolve_data_root(config, first_dir), "val",
+                            transform=val_transform(config.val_size, mean, std), cache_dir=Path(first_dir) / "cache")
+    ids = pick_comparison_images(val_set.image_labels(), task, count)
+    items = [val_set.subset(ids)[i] for i in range(len(ids))]
+    images = torch.stack([image for image, _ in items])
+    labels = remap_eval_labels(torch.stack([torch.as_tensor(label) for _, label in items]).long(), task, last)
+    device = torch.device("cpu")
+    predictions = {m: predict(model, images, config, device).cpu() for m, model in models.items()}
+    names = CLASS_NAMES if config.dataset == "synthetic" else [str(c) for c in range(256)]
+    save_comparison_grid(out / "predictions.png", images, labels, predictions, names,
+                         class_palette(config.dataset), mean, std,
+                         title=f"after the last step: step-0 classes 1-{task[0][-1]}, "
+                               f"added later {task[1][0]}-{task[-1][-1]}")

@@ -22,7 +22,8 @@ from typing import Callable, Mapping
 
 from ..errors import InputError
 from .config import TrainConfig
-from .datasets import SegmentationDataset, build_dataset
+from .dataset_names import build_dataset
+from .datasets import SegmentationDataset
 from .folder import folder_options
 from .synthetic import generate_synthetic, read_manifest
 

@@ -46,7 +46,8 @@ from .._files import atomic_write, atomic_write_json
 from ..errors import CheckpointError, InputError
 from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
-from .datasets import VOC_CLASSES, build_dataset
+from .dataset_names import build_dataset
+from .datasets import VOC_CLASSES
 from .epoch_state import epoch_checkpoint_path, load_epoch_state, save_epoch_state
 from .evaluation_set import check_fingerprint, open_validation_set, split_fingerprint
 from .folder import folder_options, read_class_names
