@@ -1,8 +1,8 @@
 """Shared test configuration: hypothesis profiles and the relative-norm error used by parity tests.
 
-Profiles: `ci` (default; derandomised, few examples, so the suite is reproducible and fits the 10-minute
-budget on 2 cores), `gpu` (3 examples: benchmarks/gpu_check.sh's CUDA stage) and `thorough` (random, many
-examples) for local runs:
+Profiles: `ci` (default; derandomised, few examples, so the suite is reproducible and fits the 8-minute
+budget on 2 cores), `light` (4 examples: tests/run.sh's interpreter-plan pass), `gpu` (3 examples:
+benchmarks/gpu_check.sh's CUDA stage) and `thorough` (random, many examples) for local runs:
     HYPOTHESIS_PROFILE=thorough pytest tests
 """
 import os
@@ -22,6 +22,17 @@ settings.register_profile(
 settings.register_profile(
     "thorough",
     max_examples=300,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# `light`: the interpreter-plan pass of tests/run.sh — the same tests as the H100-plan pass, which draws the
+# `ci` examples and records kernel lines; this second plan checks its own tiles and grids on fewer draws
+# (the explicit @example cases, which reach the multi-tile edges, always run).
+settings.register_profile(
+    "light",
+    max_examples=4,
+    derandomize=True,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
