@@ -111,6 +111,7 @@ def test_an_order_trains_what_the_relabelled_dataset_trains(ordered_run, data, t
     ("duplicate_id", "lists 'img000' twice"),
     ("two_images", "two images of the id 'img000'"),
     ("empty_class_line", "line 2 is empty"),
+    ("val_label_outside", "holds values [9] outside the classes 0..3"),
 ])
 def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data, tmp_path, capsys):
     root = tmp_path / "data"
@@ -121,6 +122,10 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data
         label = np.zeros((32, 32), dtype=np.uint8)
         label[5, 5] = 7
         Image.fromarray(label).save(root / "labels" / "img002.png")
+    elif fault == "val_label_outside":  # the train split is good: its scan must not be cached in --out either
+        label = np.zeros((32, 32), dtype=np.uint8)
+        label[3, 3] = 9
+        Image.fromarray(label).save(root / "labels" / "img010.png")
     elif fault == "no_label":
         (root / "labels" / "img001.png").unlink()
     elif fault == "duplicate_id":

@@ -444,10 +444,12 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         _barrier(env)
         train_set, val_set = _open_datasets(config, data_root, cache_dir)
     scans = {}
-    for split, dataset in (("train", train_set), ("val", val_set)):
-        if env.is_main:  # rank 0 decodes and caches; the others then read its cache
-            scans[split] = dataset.scan(progress=progress)
-    _barrier(env)
+    if env.is_main:  # rank 0 decodes both splits, then caches them (nothing written before both are valid)
+        for split, dataset in (("train", train_set), ("val", val_set)):
+            scans[split] = dataset.scan(progress=progress, write_cache=False)
+        for split, dataset in (("train", train_set), ("val", val_set)):
+            dataset.write_scan_cache(scans[split])
+    _barrier(env)  # the others then read rank 0's cache
     for split, dataset in (("train", train_set), ("val", val_set)):
         scans[split] = scans.get(split) or dataset.scan()
         if scans[split].converted:
