@@ -15,6 +15,7 @@ from PIL import Image
 
 from folder_data import CLASSES, write_folder_dataset
 from incrementer_fast.cli import main
+from incrementer_fast.continual import run as run_module
 from incrementer_fast.continual.folder import FolderSegmentation, label_lut, read_class_names
 from incrementer_fast.continual.orders import PLOP_VOC_ORDERS, ClassOrder, resolve_class_order
 from incrementer_fast.errors import InputError
@@ -49,11 +50,24 @@ def one_line_error(argv, capsys):
     return code, err[0]
 
 
+GRIDS = []  # what the ordered run passed to the prediction grids' writer, one entry per step
+
+
 @pytest.fixture(scope="module")
 def ordered_run(data, tmp_path_factory):
     """Both steps of task 2-1 with the class order 0,3,1,2: step 0 learns 0, 3, 1 and step 1 learns 2."""
     out = tmp_path_factory.mktemp("ordered") / "run"
-    assert train(out, data, "--class-order", "0,3,1,2") == 0
+    write_grid = run_module.save_comparison_grid
+
+    def record_grid(path, images, labels, predictions, class_names, *args, **kwargs):
+        GRIDS.append(dict(name=path.name, labels=labels.clone(), predictions={k: v.clone() for k, v in
+                                                                              predictions.items()},
+                          class_names=tuple(class_names), title=kwargs.get("title")))
+        write_grid(path, images, labels, predictions, class_names, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "save_comparison_grid", record_grid)
+        assert train(out, data, "--class-order", "0,3,1,2") == 0
     return out
 
 
@@ -68,6 +82,21 @@ def test_two_steps_train_on_a_folder_dataset_with_the_class_names(ordered_run):
     assert "step 1: classes [2] (green box)" in log
     with Image.open(ordered_run / "predictions_step1.png") as grid:
         assert grid.size[0] > grid.size[1] * 0.8  # three titled columns and the legend beside them
+
+
+def test_prediction_grids_show_the_class_names_and_images_spread_over_the_val_split(ordered_run, data):
+    assert [g["name"] for g in GRIDS] == ["predictions_step0.png", "predictions_step1.png"]
+    for grid in GRIDS:
+        assert grid["class_names"] == CLASSES and list(grid["predictions"]) == ["prediction"]
+        assert set(grid["predictions"]["prediction"].unique().tolist()) <= {0, 1, 2, 3}
+    step0, step1 = GRIDS
+    assert 2 not in step0["labels"].unique().tolist() and 3 in step0["labels"]  # class 2 is unseen at step 0
+    # Step 1 has seen every class and scores the 4 val images: the grid shows the first and the last, in the
+    # dataset's own indices (the order 0,3,1,2 undone).
+    assert json.loads((ordered_run / "metrics.json").read_text())[1]["val_images"] == 4
+    val_ids = (data / "splits" / "val.txt").read_text().split()
+    expected = [np.asarray(Image.open(data / "labels" / f"{val_ids[i]}.png")) for i in (0, 3)]
+    assert step1["labels"].tolist() == [e.tolist() for e in expected]
 
 
 def test_class_order_steps_metrics_and_tables_keep_the_dataset_indices(ordered_run):

@@ -38,7 +38,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -54,7 +53,7 @@ from .lock import RunFolderLock, orphaned_temporary
 from .logs import RunReports, run_log_file, tensorboard_available
 from .metrics import summarize
 from .orders import ClassOrder, resolve_class_order
-from .report import class_palette, save_comparison_grid
+from .report import class_palette, save_comparison_grid, spread_indices
 from .scenarios import (cached_select_images, classes_up_to, get_task, num_classes, remap_eval_labels,
                         select_eval_images)
 from .transforms import train_transform, val_transform
@@ -716,10 +715,10 @@ def _visualise(model, val_set, config, task, step, device, out_dir, mean, std, o
     from videos holds runs of near-identical frames), on ``val_size`` crops whatever the evaluation mode (a
     grid needs one size); columns image / ground truth / prediction, classes named in a legend, in the
     dataset's own indices."""
-    count = min(config.num_visualised, len(val_set))
-    if count == 0:
+    picks = spread_indices(len(val_set), config.num_visualised)
+    if not picks:
         return
-    picks = np.linspace(0, len(val_set) - 1, count).round().astype(int)
+    count = len(picks)
     val_set = val_set.subset([val_set.ids[i] for i in picks])
     val_set.transform = val_transform(config.val_size, mean, std)
     items = [val_set[i] for i in range(count)]
