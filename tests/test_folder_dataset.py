@@ -36,7 +36,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_folder_dataset(tmp_path_factory.mktemp("folder") / "data")
+    # One grayscale training image (converted to RGB when loaded; the run logs it).
+    return write_folder_dataset(tmp_path_factory.mktemp("folder") / "data", grayscale=(1,))
 
 
 def train(out, root, *extra):
@@ -78,8 +79,16 @@ def test_two_steps_train_on_a_folder_dataset_with_the_class_names(ordered_run):
     launch = json.loads((ordered_run / "config.json").read_text())["launch"]
     assert launch["class_names"] == list(CLASSES)
     log = (ordered_run / "run.log").read_text()
+    assert "train: 1 grayscale/CMYK image(s) converted to RGB when loaded: img001" in log
     assert "step 0: classes [0, 3, 1] (background, blue box, red box)" in log
     assert "step 1: classes [2] (green box)" in log
+    with open(ordered_run / "per_class_iou.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    records = json.loads((ordered_run / "metrics.json").read_text())
+    assert [(row["class"], row["name"]) for row in table] == [(str(c), name) for c, name in enumerate(CLASSES)]
+    assert table[2]["step_0"] == "" and float(table[2]["step_1"]) == pytest.approx(records[1]["per_class_iou"][2],
+                                                                                 abs=1e-6)
+    assert float(table[3]["step_0"]) == pytest.approx(records[0]["per_class_iou"][3], abs=1e-6)
     with Image.open(ordered_run / "predictions_step1.png") as grid:
         assert grid.size[0] > grid.size[1] * 0.8  # three titled columns and the legend beside them
 

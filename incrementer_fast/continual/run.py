@@ -7,6 +7,7 @@
                                      per_class_iou, new_fp_rate, ...}, ...] one record per finished step
                                    (metrics.summarize: old = step-0 classes, new = classes added since)
     out_dir/metrics.csv            the same, one row per step, one column per class IoU
+    out_dir/per_class_iou.csv      one row per class (index, name), its IoU after each step
     out_dir/step_<k>.pt            the model after step k (Incrementer.save: temporary file, then rename)
     out_dir/miou.png               old / new / all mIoU per step
     out_dir/predictions_step<k>.png  image | ground truth | prediction for validation images spread over
@@ -146,6 +147,21 @@ def write_metrics(out_dir: Path, records: list[dict], num_classes_total: int) ->
                            [*(r.get(k) for k in MIOU_KEYS), r["new_fp_rate"], *ious]])
     with atomic_write(Path(out_dir) / "metrics.csv") as handle:
         handle.write(buffer.getvalue().encode())
+
+
+def write_class_table(out_dir: Path, records: list[dict], class_names) -> None:
+    """per_class_iou.csv (atomic): one row per class of the dataset — ``class`` (its index), ``name``
+    (``class_names``), then its IoU after each finished step (``step_<k>``; empty before the class is seen
+    or without ground truth)."""
+    records = sorted(records, key=lambda r: r["step"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["class", "name", *(f"step_{r['step']}" for r in records)])
+    for c, name in enumerate(class_names):
+        ious = [r["per_class_iou"][c] if c < len(r["per_class_iou"]) else None for r in records]
+        writer.writerow([c, name, *("" if v is None else f"{v:.6f}" for v in ious)])
+    with atomic_write(Path(out_dir) / "per_class_iou.csv") as handle:
+        handle.write(buffer.getvalue().encode("utf-8"))
 
 
 def plot_miou(out_dir: Path, records: list[dict]) -> None:
@@ -452,9 +468,9 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     for split, dataset in (("train", train_set), ("val", val_set)):
         scans[split] = scans.get(split) or dataset.scan()
         if scans[split].converted:
-            names = sorted(scans[split].converted)
-            log(f"{split}: {len(names)} grayscale/CMYK image(s) converted to RGB when loaded: "
-                f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}")
+            converted = sorted(scans[split].converted)
+            log(f"{split}: {len(converted)} grayscale/CMYK image(s) converted to RGB when loaded: "
+                f"{', '.join(converted[:5])}{', …' if len(converted) > 5 else ''}")
     train_labels, val_labels = scans["train"].labels, scans["val"].labels
     evaluation = split_fingerprint(val_labels)  # before the class order: the dataset's own indices
     check_fingerprint(evaluation, (read_run_file(out_dir) or {}).get("evaluation"), data_root, out_dir)
@@ -480,6 +496,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
             log(f"--retrain-from {first}: step(s) {', '.join(map(str, stale))} trained from the old step "
                 f"{first} or later: removing their checkpoints, records and figures")
             records = remove_steps(out_dir, records, stale, len(classes_up_to(task, len(task) - 1)))
+            write_class_table(out_dir, records, names)
         atomic_write_json(out_dir / "config.json", {"config": config.to_dict(), "launch": launch,
                                                     "changes": changes, "evaluation": evaluation})
         log(f"run {out_dir}: {config.method} on {config.dataset} {config.task} ({config.setting}), "
@@ -542,6 +559,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
             records = [r for r in records if r["step"] != current] + [record]
             write_metrics(out_dir, records, len(names) if order is not None else
                           len(classes_up_to(task, len(task) - 1)))
+            write_class_table(out_dir, records, names)
             epoch_path.unlink(missing_ok=True)  # the step is finished: its checkpoint and record are written
             plot_miou(out_dir, records)
             _visualise(model, step_val, config, task, current, device, out_dir, mean, std, order, names)
