@@ -150,6 +150,9 @@ def test_an_order_trains_what_the_relabelled_dataset_trains(ordered_run, data, t
     ("two_images", "two images of the id 'img000'"),
     ("empty_class_line", "line 2 is empty"),
     ("val_label_outside", "holds values [9] outside the classes 0..3"),
+    ("size_mismatch", "is 32x32 but its label"),
+    ("unreadable_image", "cannot read image"),
+    ("no_val_split", "split list not found"),
 ])
 def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data, tmp_path, capsys):
     root = tmp_path / "data"
@@ -164,6 +167,12 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data
         label = np.zeros((32, 32), dtype=np.uint8)
         label[3, 3] = 9
         Image.fromarray(label).save(root / "labels" / "img010.png")
+    elif fault == "size_mismatch":
+        Image.fromarray(np.zeros((16, 32), dtype=np.uint8)).save(root / "labels" / "img003.png")
+    elif fault == "unreadable_image":
+        (root / "images" / "img011.png").write_bytes(b"not a PNG")
+    elif fault == "no_val_split":
+        (root / "splits" / "val.txt").unlink()
     elif fault == "no_label":
         (root / "labels" / "img001.png").unlink()
     elif fault == "duplicate_id":
