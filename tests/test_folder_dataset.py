@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,16 @@ def test_ignore_index_and_label_map(data, tmp_path):
     bad.write_text("7 9\n")
     with pytest.raises(ValueError, match="line 1: SOURCE must lie in 0..255 and TARGET be a class 0..3"):
         label_lut(4, label_map=bad)
+
+
+def test_the_documented_cityscapes_label_map(tmp_path):
+    """docs/datasets.md's map: Cityscapes' 19 training classes (label ids 7 … 33) shifted by one, 0 free for the
+    background, everything else void."""
+    docs = (Path(__file__).parents[1] / "docs" / "datasets.md").read_text()
+    block = docs.split("```\n# cityscapes_map.txt", 1)[1].split("```", 1)[0]
+    mapping = tmp_path / "cityscapes_map.txt"
+    mapping.write_text("# cityscapes_map.txt" + block)
+    lut = label_lut(20, label_map=mapping)
+    train_ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+    assert [int(lut[v]) for v in train_ids] == list(range(1, 20))
+    assert all(lut[v] == 255 for v in range(256) if v not in train_ids)
