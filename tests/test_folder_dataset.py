@@ -109,6 +109,15 @@ def test_prediction_grids_show_the_class_names_and_images_spread_over_the_val_sp
     assert step1["labels"].tolist() == [e.tolist() for e in expected]
 
 
+def test_eval_names_the_classes_of_its_record(ordered_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--run", str(ordered_run), "--step", "1", "--quiet", "--output",
+                 str(ordered_run.parent / "eval.json")]) == 0
+    record = json.loads(capsys.readouterr().out)
+    stored = json.loads((ordered_run / "metrics.json").read_text())[1]
+    assert record["class_names"] == list(CLASSES) and record["per_class_iou"] == stored["per_class_iou"]
+
+
 def test_class_order_steps_metrics_and_tables_keep_the_dataset_indices(ordered_run):
     records = json.loads((ordered_run / "metrics.json").read_text())
     assert [r["classes"] for r in records] == [[0, 3, 1], [2]]

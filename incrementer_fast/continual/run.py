@@ -339,8 +339,8 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
     """Re-score ``checkpoint`` — the model after step ``step`` of ``config.task`` — on that step's
     validation set, as the run scored it (``select_eval_images``, ``remap_eval_labels``, ``config.eval_mode``).
 
-    Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode``
-    and ``checkpoint``. ``run_dir`` locates a synthetic run's generated data and selection cache. Under
+    Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode``,
+    ``checkpoint`` and ``class_names`` (the names of ``per_class_iou``'s classes, by index). ``run_dir`` locates a synthetic run's generated data and selection cache. Under
     torchrun every process scores its share; the matrix is summed over them.
     """
     owns_group = _init_distributed(config)
@@ -375,7 +375,9 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
         record = {"step": step, "classes": list(task[step]), **summarize(matrix, task, step),
                   "val_images": len(val_set), "seconds": round(time.perf_counter() - started, 2),
                   "eval_mode": config.eval_mode, "checkpoint": str(checkpoint)}
-        return record if order is None else order.record_to_dataset(record)
+        record = record if order is None else order.record_to_dataset(record)
+        record["class_names"] = list(dataset_class_names(config))[:len(record["per_class_iou"])]  # by index
+        return record
     finally:
         if owns_group:
             dist.destroy_process_group()
