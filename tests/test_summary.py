@@ -82,11 +82,12 @@ KNOWN = {0: [(0.70, None, 0.70), (0.50, 0.20, 0.40)],
          2: [(0.65, None, 0.65), (0.55, 0.10, 0.37)]}
 
 
-def fake_run(folder, seed, **config_changes):
-    """A run directory holding only what summary reads: config.json and metrics.json (KNOWN[seed])."""
+def fake_run(folder, seed, evaluation=None, **config_changes):
+    """A run directory holding only what summary reads: config.json (with ``evaluation``, the validation
+    set's fingerprint, when given) and metrics.json (KNOWN[seed])."""
     folder.mkdir(parents=True)
     config = TrainConfig.demo(seed=seed, **config_changes).to_dict()
-    (folder / "config.json").write_text(json.dumps({"config": config}))
+    (folder / "config.json").write_text(json.dumps({"config": config, "evaluation": evaluation}))
     records = [{"step": step, "miou_old": old, "miou_new": new, "miou_all": all_}
                for step, (old, new, all_) in enumerate(KNOWN[seed])]
     (folder / "metrics.json").write_text(json.dumps(records))
@@ -122,3 +123,12 @@ def test_summary_refuses_runs_of_another_task(tmp_path, field, value):
     other = fake_run(tmp_path / "b", 1, **{field: value})
     with pytest.raises(InputError, match=f"is not the same task as .*{field}: "):
         summarize_runs([first, other])
+
+
+def test_summary_refuses_runs_scored_on_another_validation_set(tmp_path):
+    first = fake_run(tmp_path / "a", 0, {"val_images": 12, "val_sha256": "ab" * 32})
+    same = fake_run(tmp_path / "b", 1, {"val_images": 12, "val_sha256": "ab" * 32})
+    other = fake_run(tmp_path / "c", 2, {"val_images": 12, "val_sha256": "cd" * 32}, data_root="/elsewhere")
+    assert summarize_runs([first, same])["seeds"] == [0, 1]
+    with pytest.raises(InputError, match="scored on another validation set .* sha256 cdcdcdcdcdcd vs 12, abababababab"):
+        summarize_runs([first, same, other])
