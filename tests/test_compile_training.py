@@ -80,5 +80,5 @@ def test_compiled_training_step_equals_eager(monkeypatch):
         assert rel_err(torch.tensor(compiled_terms[name]), torch.tensor(eager_terms[name])) <= bound, name
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 20
     for name, gradient in eager_grads.items():
-        assert gradient.abs().sum() > 0 or "head" not in name
+        assert gradient.abs().sum() > 0, name  # every trainable parameter takes part (a zero would pass rel_err)
         assert rel_err(compiled_grads[name], gradient) <= bound, name
