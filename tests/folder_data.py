@@ -8,9 +8,11 @@ CLASSES = ("background", "red box", "green box", "blue box")
 COLOURS = ((220, 40, 40), (40, 200, 60), (40, 60, 220))
 
 
-def write_folder_dataset(root, num_train: int = 8, num_val: int = 4, size: int = 32, seed: int = 0) -> Path:
+def write_folder_dataset(root, num_train: int = 8, num_val: int = 4, size: int = 32, seed: int = 0,
+                         grayscale=()) -> Path:
     """``root`` with classes.txt, images/ (JPEG for even ids, PNG for odd ones), labels/ (mode L PNGs, a
-    void border of 255) and splits/{train,val}.txt; every image holds one or two coloured boxes."""
+    void border of 255) and splits/{train,val}.txt; every image holds one or two coloured boxes. The
+    images of the indices in ``grayscale`` are saved as grayscale (mode L) files."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     for folder in ("images", "labels", "splits"):
@@ -28,7 +30,10 @@ def write_folder_dataset(root, num_train: int = 8, num_val: int = 4, size: int =
         label[0, :] = 255
         image_id = f"img{index:03d}"
         suffix = ".jpg" if index % 2 == 0 else ".png"
-        Image.fromarray(image).save(root / "images" / f"{image_id}{suffix}", quality=95)
+        picture = Image.fromarray(image)
+        if index in grayscale:
+            picture = picture.convert("L")
+        picture.save(root / "images" / f"{image_id}{suffix}", quality=95)
         Image.fromarray(label).save(root / "labels" / f"{image_id}.png")
         splits["train" if index < num_train else "val"].append(image_id)
     for split, ids in splits.items():

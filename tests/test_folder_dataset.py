@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 
 from folder_data import CLASSES, write_folder_dataset
 from incrementer_fast.cli import main
+from incrementer_fast.continual import run as run_module
 from incrementer_fast.continual.folder import FolderSegmentation, label_lut, read_class_names
 from incrementer_fast.continual.orders import PLOP_VOC_ORDERS, ClassOrder, resolve_class_order
 from incrementer_fast.errors import InputError
@@ -35,7 +37,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_folder_dataset(tmp_path_factory.mktemp("folder") / "data")
+    # One grayscale training image (converted to RGB when loaded; the run logs it).
+    return write_folder_dataset(tmp_path_factory.mktemp("folder") / "data", grayscale=(1,))
 
 
 def train(out, root, *extra):
@@ -49,11 +52,24 @@ def one_line_error(argv, capsys):
     return code, err[0]
 
 
+GRIDS = []  # what the ordered run passed to the prediction grids' writer, one entry per step
+
+
 @pytest.fixture(scope="module")
 def ordered_run(data, tmp_path_factory):
     """Both steps of task 2-1 with the class order 0,3,1,2: step 0 learns 0, 3, 1 and step 1 learns 2."""
     out = tmp_path_factory.mktemp("ordered") / "run"
-    assert train(out, data, "--class-order", "0,3,1,2") == 0
+    write_grid = run_module.save_comparison_grid
+
+    def record_grid(path, images, labels, predictions, class_names, *args, **kwargs):
+        GRIDS.append(dict(name=path.name, labels=labels.clone(), predictions={k: v.clone() for k, v in
+                                                                              predictions.items()},
+                          class_names=tuple(class_names), title=kwargs.get("title")))
+        write_grid(path, images, labels, predictions, class_names, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "save_comparison_grid", record_grid)
+        assert train(out, data, "--class-order", "0,3,1,2") == 0
     return out
 
 
@@ -64,10 +80,42 @@ def test_two_steps_train_on_a_folder_dataset_with_the_class_names(ordered_run):
     launch = json.loads((ordered_run / "config.json").read_text())["launch"]
     assert launch["class_names"] == list(CLASSES)
     log = (ordered_run / "run.log").read_text()
+    assert "train: 1 grayscale/CMYK image(s) converted to RGB when loaded: img001" in log
     assert "step 0: classes [0, 3, 1] (background, blue box, red box)" in log
     assert "step 1: classes [2] (green box)" in log
+    with open(ordered_run / "per_class_iou.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    records = json.loads((ordered_run / "metrics.json").read_text())
+    assert [(row["class"], row["name"]) for row in table] == [(str(c), name) for c, name in enumerate(CLASSES)]
+    assert table[2]["step_0"] == "" and float(table[2]["step_1"]) == pytest.approx(records[1]["per_class_iou"][2],
+                                                                                 abs=1e-6)
+    assert float(table[3]["step_0"]) == pytest.approx(records[0]["per_class_iou"][3], abs=1e-6)
     with Image.open(ordered_run / "predictions_step1.png") as grid:
         assert grid.size[0] > grid.size[1] * 0.8  # three titled columns and the legend beside them
+
+
+def test_prediction_grids_show_the_class_names_and_images_spread_over_the_val_split(ordered_run, data):
+    assert [g["name"] for g in GRIDS] == ["predictions_step0.png", "predictions_step1.png"]
+    for grid in GRIDS:
+        assert grid["class_names"] == CLASSES and list(grid["predictions"]) == ["prediction"]
+        assert set(grid["predictions"]["prediction"].unique().tolist()) <= {0, 1, 2, 3}
+    step0, step1 = GRIDS
+    assert 2 not in step0["labels"].unique().tolist() and 3 in step0["labels"]  # class 2 is unseen at step 0
+    # Step 1 has seen every class and scores the 4 val images: the grid shows the first and the last, in the
+    # dataset's own indices (the order 0,3,1,2 undone).
+    assert json.loads((ordered_run / "metrics.json").read_text())[1]["val_images"] == 4
+    val_ids = (data / "splits" / "val.txt").read_text().split()
+    expected = [np.asarray(Image.open(data / "labels" / f"{val_ids[i]}.png")) for i in (0, 3)]
+    assert step1["labels"].tolist() == [e.tolist() for e in expected]
+
+
+def test_eval_names_the_classes_of_its_record(ordered_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--run", str(ordered_run), "--step", "1", "--quiet", "--output",
+                 str(ordered_run.parent / "eval.json")]) == 0
+    record = json.loads(capsys.readouterr().out)
+    stored = json.loads((ordered_run / "metrics.json").read_text())[1]
+    assert record["class_names"] == list(CLASSES) and record["per_class_iou"] == stored["per_class_iou"]
 
 
 def test_class_order_steps_metrics_and_tables_keep_the_dataset_indices(ordered_run):
@@ -111,6 +159,10 @@ def test_an_order_trains_what_the_relabelled_dataset_trains(ordered_run, data, t
     ("duplicate_id", "lists 'img000' twice"),
     ("two_images", "two images of the id 'img000'"),
     ("empty_class_line", "line 2 is empty"),
+    ("val_label_outside", "holds values [9] outside the classes 0..3"),
+    ("size_mismatch", "is 32x32 but its label"),
+    ("unreadable_image", "cannot read image"),
+    ("no_val_split", "split list not found"),
 ])
 def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data, tmp_path, capsys):
     root = tmp_path / "data"
@@ -121,6 +173,16 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data
         label = np.zeros((32, 32), dtype=np.uint8)
         label[5, 5] = 7
         Image.fromarray(label).save(root / "labels" / "img002.png")
+    elif fault == "val_label_outside":  # the train split is good: its scan must not be cached in --out either
+        label = np.zeros((32, 32), dtype=np.uint8)
+        label[3, 3] = 9
+        Image.fromarray(label).save(root / "labels" / "img010.png")
+    elif fault == "size_mismatch":
+        Image.fromarray(np.zeros((16, 32), dtype=np.uint8)).save(root / "labels" / "img003.png")
+    elif fault == "unreadable_image":
+        (root / "images" / "img011.png").write_bytes(b"not a PNG")
+    elif fault == "no_val_split":
+        (root / "splits" / "val.txt").unlink()
     elif fault == "no_label":
         (root / "labels" / "img001.png").unlink()
     elif fault == "duplicate_id":
@@ -193,3 +255,16 @@ def test_ignore_index_and_label_map(data, tmp_path):
     bad.write_text("7 9\n")
     with pytest.raises(ValueError, match="line 1: SOURCE must lie in 0..255 and TARGET be a class 0..3"):
         label_lut(4, label_map=bad)
+
+
+def test_the_documented_cityscapes_label_map(tmp_path):
+    """docs/datasets.md's map: Cityscapes' 19 training classes (label ids 7 … 33) shifted by one, 0 free for the
+    background, everything else void."""
+    docs = (Path(__file__).parents[1] / "docs" / "datasets.md").read_text()
+    block = docs.split("```\n# cityscapes_map.txt", 1)[1].split("```", 1)[0]
+    mapping = tmp_path / "cityscapes_map.txt"
+    mapping.write_text("# cityscapes_map.txt" + block)
+    lut = label_lut(20, label_map=mapping)
+    train_ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+    assert [int(lut[v]) for v in train_ids] == list(range(1, 20))
+    assert all(lut[v] == 255 for v in range(256) if v not in train_ids)

@@ -1,12 +1,14 @@
-"""The demo's comparison figures (incrementer_fast/continual/report.py): the joint split, the choice of
-images, the class colours, and that both figures are written as PNGs."""
+"""The comparison figures (incrementer_fast/continual/report.py): the joint split, the choice of images (the
+demo's, and the run grids' spread over the validation set), the class colours, the grid's titled columns
+and class legend, and that both figures are written as PNGs."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from incrementer_fast.continual.report import (class_palette, colourise, first_step_split, pick_comparison_images,
-                                                plot_comparison, save_comparison_grid)
+from incrementer_fast.continual.report import (class_palette, colourise, comparison_grid, first_step_split,
+                                                pick_comparison_images, plot_comparison, save_comparison_grid,
+                                                spread_indices)
 from incrementer_fast.continual.synthetic import CLASS_NAMES
 
 
@@ -53,3 +55,39 @@ def test_both_figures_are_written(tmp_path):
         with Image.open(tmp_path / name) as picture:
             assert picture.format == "PNG" and min(picture.size) > 100
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_grid_images_are_spread_evenly_over_the_validation_set():
+    assert spread_indices(10, 4) == [0, 3, 6, 9]
+    assert spread_indices(100, 5) == [0, 25, 50, 74, 99]
+    assert spread_indices(3, 8) == [0, 1, 2]  # fewer images than asked: all of them
+    assert spread_indices(7, 1) == [0] and spread_indices(0, 4) == [] and spread_indices(5, 0) == []
+    for total in range(1, 40):
+        for count in range(1, total + 1):
+            picks = spread_indices(total, count)
+            gaps = np.diff(picks)
+            assert len(picks) == count and picks[0] == 0
+            assert count < 2 or picks[-1] == total - 1 and gaps.max() - gaps.min() <= 1, (total, count, picks)  # even spacing
+
+
+def test_grid_columns_are_titled_and_the_legend_names_the_classes_shown():
+    names = ("background", "road", "car", "person", "sky")
+    labels = torch.tensor([[[0, 1], [255, 3]], [[0, 0], [1, 1]]]).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    prediction = torch.tensor([[[0, 1], [4, 3]], [[0, 0], [1, 1]]]).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    figure = comparison_grid(torch.zeros(2, 3, 8, 8), labels, {"prediction": prediction}, names,
+                             class_palette("folder", len(names)), (0.5,) * 3, (0.25,) * 3, title="after step 1")
+    try:
+        rows = [[ax.get_title() for ax in figure.axes[i * 3:(i + 1) * 3]] for i in range(2)]
+        assert rows == [["image", "ground truth", "prediction"], ["", "", ""]]
+        [legend] = figure.legends
+        # every class in the ground truth or the prediction (class 2 appears in neither), then the void
+        assert [t.get_text() for t in legend.get_texts()] == ["0 background", "1 road", "3 person", "4 sky",
+                                                              "void (not scored)"]
+        palette = class_palette("folder", len(names))
+        assert [tuple(np.round(np.array(p.get_facecolor()[:3]) * 255).astype(int)) for p in legend.get_patches()[:4]] \
+            == [tuple(int(v) for v in palette[c]) for c in (0, 1, 3, 4)]
+        assert figure.get_suptitle() == "after step 1"
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)

@@ -148,6 +148,7 @@ class DatasetScan(NamedTuple):
 
     labels: dict[str, list[int]]
     converted: dict[str, str]
+    from_cache: bool = False  # read from the cache file (``write_scan_cache`` has nothing to write)
 
 
 def to_tensors(image: Image.Image, label: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,23 +232,29 @@ class SegmentationDataset(torch.utils.data.Dataset):
             digest.update(json.dumps(entry).encode())
         return digest.hexdigest()
 
-    def scan(self, progress: bool = False) -> DatasetScan:
+    def _scan_cache_file(self) -> tuple[str, Path]:
+        key = self._scan_cache_key()
+        return key, self.cache_dir / f"scan-{type(self).__name__}-{key[:32]}.json"
+
+    def scan(self, progress: bool = False, write_cache: bool = True) -> DatasetScan:
         """Decode every image and label map of this dataset once (threaded, with a progress bar when
-        ``progress``), then cache the result in ``cache_dir`` (see the module docstring).
+        ``progress``), then cache the result in ``cache_dir`` (see the module docstring); with
+        ``write_cache=False`` the cache is read but not written (``write_scan_cache`` does it later: a
+        run validates both splits before it writes anything).
 
         Raises ``InputError`` (a ValueError) naming the first bad file and how many are bad: unreadable or
         truncated, an image mode that is not a photo's, image and label sizes that differ, label values
         outside the classes and 255; FileNotFoundError for a file that vanished since the listing.
         """
-        key = self._scan_cache_key()
-        path = self.cache_dir / f"scan-{type(self).__name__}-{key[:32]}.json"
+        key, path = self._scan_cache_file()
         if path.exists():
             try:
                 with open(path, encoding="utf-8") as f:
                     cached = json.load(f)
                 if cached.get("key") == key:
                     return DatasetScan({i: cached["labels"][i] for i in self.ids},
-                                       {i: m for i, m in cached["converted"].items() if i in self._images})
+                                       {i: m for i, m in cached["converted"].items() if i in self._images},
+                                       from_cache=True)
             except (OSError, json.JSONDecodeError, KeyError, AttributeError):
                 pass  # unreadable or foreign: recompute and overwrite
 
@@ -271,8 +278,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise InputError(f"{failures[0]}{more}: fix or replace the file, or remove its id from the split")
         labels = {i: values for i, (values, _) in zip(self.ids, results)}
         converted = {i: mode for i, (_, mode) in zip(self.ids, results) if mode is not None}
-        atomic_write_json(path, {"key": key, "labels": labels, "converted": converted})
-        return DatasetScan(labels, converted)
+        result = DatasetScan(labels, converted)
+        if write_cache:
+            self.write_scan_cache(result)
+        return result
+
+    def write_scan_cache(self, scan: DatasetScan) -> None:
+        """Cache ``scan`` (this dataset's ``scan(write_cache=False)``) in ``cache_dir``, unless it was read
+        from there."""
+        if not scan.from_cache:
+            key, path = self._scan_cache_file()
+            atomic_write_json(path, {"key": key, "labels": scan.labels, "converted": scan.converted})
 
     def image_labels(self, progress: bool = False) -> dict[str, list[int]]:
         """Image id -> sorted label values present in its label map (0 and 255 included when present),

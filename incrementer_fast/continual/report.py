@@ -140,9 +140,27 @@ def colourise(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 def save_comparison_grid(path, images: torch.Tensor, labels: torch.Tensor, predictions: dict[str, torch.Tensor],
                          class_names, palette, mean, std, title: str = "") -> None:
-    """Rows: validation images; columns: the image (normalisation undone), its ground truth (void band
-    white), then each method's prediction (``predictions``: method → (B, H, W)), coloured with ``palette``
-    (``class_palette``); a legend names the colour of every class that appears in the grid."""
+    """``comparison_grid`` (same arguments) written to ``path`` as a PNG."""
+    _save(comparison_grid(images, labels, predictions, class_names, palette, mean, std, title), path, dpi=80)
+
+
+def comparison_grid(images: torch.Tensor, labels: torch.Tensor, predictions: dict[str, torch.Tensor],
+                    class_names, palette, mean, std, title: str = ""):
+    """The prediction grid as a matplotlib figure. Rows: validation images; columns, titled: the image
+    (normalisation undone), its ground truth (void band white), then each method's prediction
+    (``predictions``: method → (B, H, W)), coloured with ``palette`` (``class_palette``); a legend names the
+    colour of every class that appears in the grid as "<index> <name>" (``class_names``, by index), then
+    the void.
+
+    Args:
+        images: (B, 3, H, W) normalised images; labels: (B, H, W) ground truth in the dataset's indices.
+        predictions: column title → (B, H, W) predicted classes.
+        class_names: the dataset's class names by index; palette: (classes, 3) uint8 colours.
+        mean, std: the normalisation to undo; title: the figure's title.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` (``_save`` writes and closes it).
+    """
     plt = _pyplot()
     from matplotlib.patches import Patch
 
@@ -172,7 +190,14 @@ def save_comparison_grid(path, images: torch.Tensor, labels: torch.Tensor, predi
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / (1.55 * len(columns) + 1.6), 1))
-    _save(fig, path, dpi=80)
+    return fig
+
+
+def spread_indices(total: int, count: int) -> list[int]:
+    """``min(count, total)`` indices of ``range(total)`` spread evenly from the first to the last (the
+    prediction grids' images: a set cut from videos holds runs of near-identical frames)."""
+    count = min(count, total)
+    return sorted({int(i) for i in np.linspace(0, total - 1, count).round()}) if count > 0 else []
 
 
 def first_step_split(record: dict, task) -> dict:

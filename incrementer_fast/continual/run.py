@@ -7,6 +7,7 @@
                                      per_class_iou, new_fp_rate, ...}, ...] one record per finished step
                                    (metrics.summarize: old = step-0 classes, new = classes added since)
     out_dir/metrics.csv            the same, one row per step, one column per class IoU
+    out_dir/per_class_iou.csv      one row per class (index, name), its IoU after each step
     out_dir/step_<k>.pt            the model after step k (Incrementer.save: temporary file, then rename)
     out_dir/miou.png               old / new / all mIoU per step
     out_dir/predictions_step<k>.png  image | ground truth | prediction for validation images spread over
@@ -38,7 +39,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -55,7 +55,7 @@ from .lock import RunFolderLock, orphaned_temporary
 from .logs import RunReports, run_log_file, tensorboard_available
 from .metrics import summarize
 from .orders import ClassOrder, resolve_class_order
-from .report import class_palette, save_comparison_grid
+from .report import class_palette, save_comparison_grid, spread_indices
 from .scenarios import (cached_select_images, classes_up_to, get_task, num_classes, remap_eval_labels,
                         select_eval_images)
 from .transforms import train_transform, val_transform
@@ -148,6 +148,21 @@ def write_metrics(out_dir: Path, records: list[dict], num_classes_total: int) ->
                            [*(r.get(k) for k in MIOU_KEYS), r["new_fp_rate"], *ious]])
     with atomic_write(Path(out_dir) / "metrics.csv") as handle:
         handle.write(buffer.getvalue().encode())
+
+
+def write_class_table(out_dir: Path, records: list[dict], class_names) -> None:
+    """per_class_iou.csv (atomic): one row per class of the dataset — ``class`` (its index), ``name``
+    (``class_names``), then its IoU after each finished step (``step_<k>``; empty before the class is seen
+    or without ground truth)."""
+    records = sorted(records, key=lambda r: r["step"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["class", "name", *(f"step_{r['step']}" for r in records)])
+    for c, name in enumerate(class_names):
+        ious = [r["per_class_iou"][c] if c < len(r["per_class_iou"]) else None for r in records]
+        writer.writerow([c, name, *("" if v is None else f"{v:.6f}" for v in ious)])
+    with atomic_write(Path(out_dir) / "per_class_iou.csv") as handle:
+        handle.write(buffer.getvalue().encode("utf-8"))
 
 
 def plot_miou(out_dir: Path, records: list[dict]) -> None:
@@ -325,8 +340,8 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
     """Re-score ``checkpoint`` — the model after step ``step`` of ``config.task`` — on that step's
     validation set, as the run scored it (``select_eval_images``, ``remap_eval_labels``, ``config.eval_mode``).
 
-    Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode``
-    and ``checkpoint``. ``run_dir`` locates a synthetic run's generated data and selection cache. Under
+    Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode``,
+    ``checkpoint`` and ``class_names`` (the names of ``per_class_iou``'s classes, by index). ``run_dir`` locates a synthetic run's generated data and selection cache. Under
     torchrun every process scores its share; the matrix is summed over them.
     """
     owns_group = _init_distributed(config)
@@ -361,7 +376,9 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
         record = {"step": step, "classes": list(task[step]), **summarize(matrix, task, step),
                   "val_images": len(val_set), "seconds": round(time.perf_counter() - started, 2),
                   "eval_mode": config.eval_mode, "checkpoint": str(checkpoint)}
-        return record if order is None else order.record_to_dataset(record)
+        record = record if order is None else order.record_to_dataset(record)
+        record["class_names"] = list(dataset_class_names(config))[:len(record["per_class_iou"])]  # by index
+        return record
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -445,16 +462,18 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         _barrier(env)
         train_set, val_set = _open_datasets(config, data_root, cache_dir)
     scans = {}
-    for split, dataset in (("train", train_set), ("val", val_set)):
-        if env.is_main:  # rank 0 decodes and caches; the others then read its cache
-            scans[split] = dataset.scan(progress=progress)
-    _barrier(env)
+    if env.is_main:  # rank 0 decodes both splits, then caches them (nothing written before both are valid)
+        for split, dataset in (("train", train_set), ("val", val_set)):
+            scans[split] = dataset.scan(progress=progress, write_cache=False)
+        for split, dataset in (("train", train_set), ("val", val_set)):
+            dataset.write_scan_cache(scans[split])
+    _barrier(env)  # the others then read rank 0's cache
     for split, dataset in (("train", train_set), ("val", val_set)):
         scans[split] = scans.get(split) or dataset.scan()
         if scans[split].converted:
-            names = sorted(scans[split].converted)
-            log(f"{split}: {len(names)} grayscale/CMYK image(s) converted to RGB when loaded: "
-                f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}")
+            converted = sorted(scans[split].converted)
+            log(f"{split}: {len(converted)} grayscale/CMYK image(s) converted to RGB when loaded: "
+                f"{', '.join(converted[:5])}{', …' if len(converted) > 5 else ''}")
     train_labels, val_labels = scans["train"].labels, scans["val"].labels
     evaluation = split_fingerprint(val_labels)  # before the class order: the dataset's own indices
     check_fingerprint(evaluation, (read_run_file(out_dir) or {}).get("evaluation"), data_root, out_dir)
@@ -480,6 +499,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
             log(f"--retrain-from {first}: step(s) {', '.join(map(str, stale))} trained from the old step "
                 f"{first} or later: removing their checkpoints, records and figures")
             records = remove_steps(out_dir, records, stale, len(classes_up_to(task, len(task) - 1)))
+            write_class_table(out_dir, records, names)
         atomic_write_json(out_dir / "config.json", {"config": config.to_dict(), "launch": launch,
                                                     "changes": changes, "evaluation": evaluation})
         log(f"run {out_dir}: {config.method} on {config.dataset} {config.task} ({config.setting}), "
@@ -542,6 +562,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
             records = [r for r in records if r["step"] != current] + [record]
             write_metrics(out_dir, records, len(names) if order is not None else
                           len(classes_up_to(task, len(task) - 1)))
+            write_class_table(out_dir, records, names)
             epoch_path.unlink(missing_ok=True)  # the step is finished: its checkpoint and record are written
             plot_miou(out_dir, records)
             _visualise(model, step_val, config, task, current, device, out_dir, mean, std, order, names)
@@ -715,10 +736,10 @@ def _visualise(model, val_set, config, task, step, device, out_dir, mean, std, o
     from videos holds runs of near-identical frames), on ``val_size`` crops whatever the evaluation mode (a
     grid needs one size); columns image / ground truth / prediction, classes named in a legend, in the
     dataset's own indices."""
-    count = min(config.num_visualised, len(val_set))
-    if count == 0:
+    picks = spread_indices(len(val_set), config.num_visualised)
+    if not picks:
         return
-    picks = np.linspace(0, len(val_set) - 1, count).round().astype(int)
+    count = len(picks)
     val_set = val_set.subset([val_set.ids[i] for i in picks])
     val_set.transform = val_transform(config.val_size, mean, std)
     items = [val_set[i] for i in range(count)]

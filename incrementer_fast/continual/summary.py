@@ -40,17 +40,18 @@ def summarize_runs(run_dirs) -> dict:
     "method", "seeds", "class_orders", "steps": [{"step", "runs", "miou_old": {"mean", "std", "values"},
     ...}]}``. ``InputError`` naming the run for a folder without a finished run, and naming the fields for
     runs of different tasks or different finished steps."""
-    from .run import read_records, read_run_config
+    from .run import read_records, read_run_file
 
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise InputError("summary needs at least one run directory")
-    configs, records = [], []
+    configs, records, evaluations = [], [], []
     for run_dir in run_dirs:
-        config = read_run_config(run_dir)
-        if config is None:
+        stored = read_run_file(run_dir)
+        if stored is None:
             raise InputError(f"{run_dir} is not a run directory: {run_dir / 'config.json'} not found")
-        configs.append(upgrade_config_values(config))
+        configs.append(upgrade_config_values(stored["config"]))
+        evaluations.append(stored.get("evaluation"))
         run_records = {r["step"]: r for r in read_records(run_dir)}
         if not run_records:
             raise InputError(f"{run_dir} has no finished step (its metrics.json is missing or empty)")
@@ -62,6 +63,14 @@ def summarize_runs(run_dirs) -> dict:
         if differing:
             raise InputError(f"{run_dir} is not the same task as {run_dirs[0]} ({'; '.join(differing)}); summarise "
                              "runs that differ only in seed or class order")
+    for run_dir, evaluation in zip(run_dirs[1:], evaluations[1:]):
+        # The validation split's fingerprint (evaluation_set.split_fingerprint; absent in older runs): the same
+        # options on another folder of data are another task.
+        if None not in (evaluation, evaluations[0]) and evaluation != evaluations[0]:
+            raise InputError(f"{run_dir} was scored on another validation set than {run_dirs[0]} "
+                             f"({evaluation.get('val_images')} images, sha256 {str(evaluation.get('val_sha256'))[:12]}"
+                             f" vs {evaluations[0].get('val_images')}, {str(evaluations[0].get('val_sha256'))[:12]}); "
+                             "summarise runs on the same data")
     steps = sorted(records[0])
     for run_dir, run_records in zip(run_dirs[1:], records[1:]):
         if sorted(run_records) != steps:
