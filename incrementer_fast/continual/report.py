@@ -99,21 +99,14 @@ def _percent(value) -> float:
     return math.nan if value is None else 100.0 * value
 
 
-def plot_comparison(path, results: dict[str, list[dict]], joint: dict | None = None, title: str = "") -> None:
-    """One figure, three panels (old / new / all mIoU in %), x = step, one line per method of ``results``
-    (method → its metrics records); ``joint`` (a record with ``miou_old``/``miou_new``/``miou_all`` of the
-    joint upper bound, scored with the last step's old/new split) is drawn as a dashed level."""
+def plot_miou_panels(path, steps, draw, title: str = "") -> None:
+    """One figure, three panels (old / new / all mIoU in %, ``METRICS``), x = ``steps``: ``draw(ax, key)``
+    draws one panel's lines (with legend labels); the panels, the shared legend and ``title`` are laid out
+    here, and the figure is written atomically to ``path``."""
     plt = _pyplot()
-    steps = sorted({r["step"] for records in results.values() for r in records})
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.3), sharey=True)
     for ax, (key, label) in zip(axes, METRICS):
-        for method, records in results.items():
-            records = sorted(records, key=lambda r: r["step"])
-            style = METHOD_STYLES.get(method, {})
-            ax.plot([r["step"] for r in records], [_percent(r[key]) for r in records], label=method, lw=2,
-                    **style)
-        if joint is not None and joint.get(key) is not None:
-            ax.axhline(_percent(joint[key]), color="0.35", ls="--", lw=1.2, label="joint (upper bound)")
+        draw(ax, key)
         ax.set_title(label, fontsize=9)
         ax.set_xticks(steps)
         ax.set_xlabel("step")
@@ -126,6 +119,22 @@ def plot_comparison(path, results: dict[str, list[dict]], joint: dict | None = N
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     _save(fig, path, dpi=80)
+
+
+def plot_comparison(path, results: dict[str, list[dict]], joint: dict | None = None, title: str = "") -> None:
+    """``plot_miou_panels`` with one line per method of ``results`` (method → its metrics records); ``joint``
+    (a record with ``miou_old``/``miou_new``/``miou_all`` of the joint upper bound, scored with the last
+    step's old/new split) is drawn as a dashed level."""
+
+    def draw(ax, key):
+        for method, records in results.items():
+            records = sorted(records, key=lambda r: r["step"])
+            ax.plot([r["step"] for r in records], [_percent(r[key]) for r in records], label=method, lw=2,
+                    **METHOD_STYLES.get(method, {}))
+        if joint is not None and joint.get(key) is not None:
+            ax.axhline(_percent(joint[key]), color="0.35", ls="--", lw=1.2, label="joint (upper bound)")
+
+    plot_miou_panels(path, sorted({r["step"] for records in results.values() for r in records}), draw, title)
 
 
 def colourise(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 from .._files import atomic_write, atomic_write_json
 from ..errors import InputError
 from .config import RUNTIME_FIELDS, upgrade_config_values
-from .report import METRICS, _percent, _pyplot, _save
+from .report import METRICS, _percent, plot_miou_panels
 
 # Fields that may differ between the runs of one summary: what is averaged over, and where or how fast a
 # run went.
@@ -121,29 +121,20 @@ def write_summary(summary: dict, out_dir) -> list[Path]:
 
 def plot_summary(path, summary: dict) -> None:
     """Old / new / all mIoU (%) per step: the mean over the runs with a ±1 std band, each run thin."""
-    plt = _pyplot()
-    steps = [s["step"] for s in summary["steps"]]
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.3), sharey=True)
-    for ax, (key, label) in zip(axes, METRICS):
+    runs = len(summary["runs"])
+
+    def draw(ax, key):
         mean = [_percent(s[key]["mean"]) for s in summary["steps"]]
         std = [0.0 if s[key]["std"] is None else 100 * s[key]["std"] for s in summary["steps"]]
-        for run in range(len(summary["runs"])):
+        for run in range(runs):
             ax.plot(steps, [_percent(s[key]["values"][run]) for s in summary["steps"]], color="#1f77b4", lw=0.6,
                     alpha=0.4, label="each run" if run == 0 else None)
         ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                         color="#1f77b4", alpha=0.25, lw=0, label="± 1 std")
         ax.plot(steps, mean, color="#1f77b4", marker="o", lw=2, label="mean")
-        ax.set_title(label, fontsize=9)
-        ax.set_xticks(steps)
-        ax.set_xlabel("step")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mIoU (%)")
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.suptitle(f"{summary['method']} on {summary['dataset']} {summary['task']}: mean over "
-                 f"{len(summary['runs'])} runs", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    _save(fig, path, dpi=80)
+
+    steps = [s["step"] for s in summary["steps"]]
+    plot_miou_panels(path, steps, draw,
+                     f"{summary['method']} on {summary['dataset']} {summary['task']}: mean over {runs} runs")
 
 
