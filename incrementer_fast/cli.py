@@ -4,6 +4,7 @@
         --method incrementer --out runs/voc-15-1 [--step K] [--resume] [--epochs N] [...]
     incrementer-fast eval --run runs/voc-15-1 --step 5 [--eval-mode slide]
     incrementer-fast eval --checkpoint step_5.pt --dataset voc --data-root DATA --task 15-1 --step 5
+    incrementer-fast summary runs/voc-15-1-seed0 runs/voc-15-1-seed1 ... [--out DIR]
     incrementer-fast demo [--out DIR] [--seed N] [--no-joint] [--workers 1|2]
     incrementer-fast check [--device cuda|cpu] [--quick | --thorough]
 
@@ -175,10 +176,16 @@ def _train(args: argparse.Namespace) -> int:
     from .continual.run import read_run_config, run_scenario
 
     out = Path(args.out)
-    stored = read_run_config(out) if args.resume else None
+    continues = args.resume or args.retrain_from is not None  # both continue the run with its config.json
+    stored = read_run_config(out) if continues else None
+    if continues and stored is None:
+        option = "--resume" if args.resume else f"--retrain-from {args.retrain_from}"
+        raise CommandError(f"{option}: {out} holds no run to continue ({out / 'config.json'} not found); "
+                           f"drop {option.split()[0]} to start a new run there")
     config = config_from_args(args, stored)
     _check_step(config, args.step)
-    run_scenario(config, out, step=args.step, resume=args.resume, progress=not args.quiet)
+    run_scenario(config, out, step=args.step, resume=args.resume, retrain_from=args.retrain_from,
+                 progress=not args.quiet)
     return 0
 
 
@@ -219,6 +226,18 @@ def _eval(args: argparse.Namespace) -> int:
         with atomic_write(output) as handle:
             handle.write((text + "\n").encode("utf-8"))
         print(f"written to {output}", file=sys.stderr)
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    """Old / new / all mIoU per step as mean ± std over the runs given (``continual.summary``): printed, and
+    written to ``--out`` as summary.json, summary.csv and summary.png."""
+    from .continual.summary import format_summary, summarize_runs, write_summary
+
+    summary = summarize_runs(args.runs)
+    print(format_summary(summary))
+    paths = write_summary(summary, args.out)
+    print(f"written to {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
 
 
@@ -295,7 +314,7 @@ def add_common_options(parser: argparse.ArgumentParser, *, quiet: bool = True) -
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="incrementer-fast", description=__doc__.split("\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,demo,check}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,summary,demo,check}")
     train = commands.add_parser("train", help="train a class-incremental scenario (every step, or one)")
     train.add_argument("--out", required=True, help="run directory (created; holds config.json, metrics, "
                                                     "checkpoints and figures)")
@@ -303,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train this step only (the previous step must be finished in --out)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last finished step, with its config.json")
+    train.add_argument("--retrain-from", type=int, default=None, metavar="N",
+                       help="train the run in --out again from step N, with its config.json (as --resume: "
+                            "options given may change the learning rates and runtime options): step N and every "
+                            "later finished step are removed first, as they were trained from the old step N; a "
+                            "finished step is never retrained without this")
     add_common_options(train)
     train.add_argument("--preset", choices=list(PRESETS), default=None,
                        help="the defaults of every option below: voc / ade (paper scale, each value's source in "
@@ -327,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "--dataset)")
     _add_config_options(evaluation)
     evaluation.set_defaults(handler=_eval)
+    summaries = commands.add_parser("summary", help="old / new / all mIoU per step, mean ± std over runs of one task "
+                                                  "(seeds, class orders), with a figure")
+    summaries.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of the same task")
+    summaries.add_argument("--out", default="summary", help="where summary.json, summary.csv and summary.png go "
+                                                          "(default ./summary)")
+    add_common_options(summaries, quiet=False)
+    summaries.set_defaults(handler=_summary)
     demo = commands.add_parser("demo", help="the synthetic scenario, small pretrained ViT, CPU: incrementer vs "
                                             "finetune vs joint")
     demo.add_argument("--out", default="runs/demo",

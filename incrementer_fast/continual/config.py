@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..constants import NEW_TOKEN_INITS
 
-DATASETS = ("voc", "ade", "synthetic")
+DATASETS = ("voc", "ade", "synthetic", "folder")
 SETTINGS = ("overlapped", "disjoint")
 METHODS = ("incrementer", "finetune", "joint")
 ATTENTIONS = ("auto", "xformers", "sdpa")
@@ -33,6 +33,7 @@ AUGMENTATIONS = ("random_resized_crop", "rescale_pad_crop")
 PLOP_ENTROPIES = ("plop", "normalized")
 EVAL_MODES = ("resize", "slide")
 AMPS = ("bf16", "fp16", "off")
+COMPILES = ("auto", "on", "off")
 # Fields a resumed run may change because they change where or how fast it runs, or what it reports, not what
 # it computes (micro_batch_size changes only the float rounding of the accumulated gradients) ...
 RUNTIME_FIELDS = frozenset({"num_workers", "eval_batch_size", "compile", "data_root", "micro_batch_size",
@@ -48,10 +49,21 @@ RESUMABLE_FIELDS = RUNTIME_FIELDS | RETUNABLE_FIELDS
 class TrainConfig:
     # ---------------------------------------------------------------- scenario and data
     dataset: str = "voc"
-    """``voc`` (Pascal VOC 2012 + SegmentationClassAug), ``ade`` (ADE20K) or ``synthetic`` (built in)."""
+    """``voc`` (Pascal VOC 2012 + SegmentationClassAug), ``ade`` (ADE20K), ``synthetic`` (built in) or
+    ``folder`` (your own: classes.txt, images/, labels/, splits/; see incrementer_fast/continual/folder.py)."""
     data_root: str | None = None
-    """Folder holding ``VOCdevkit/`` or ``ADEChallengeData2016/``; for ``synthetic``, where the generated
-    dataset lives (generated there when absent). ``None`` for ``synthetic`` means ``<run dir>/data``."""
+    """Folder holding ``VOCdevkit/`` or ``ADEChallengeData2016/`` (or, for ``folder``, the layout itself); for
+    ``synthetic``, where the generated dataset lives (generated there when absent). ``None`` for
+    ``synthetic`` means ``<run dir>/data``."""
+    ignore_index: int | None = None
+    """``folder`` only: the label files' void value, read as 255 (``None``: 255 is the void)."""
+    label_map: str | None = None
+    """``folder`` only: a file of ``SOURCE TARGET`` lines mapping the label files' values to classes; the
+    values it does not list become void (for sets whose ids are not contiguous, e.g. Cityscapes' 34 → 19)."""
+    class_order: str | None = None
+    """The order the classes arrive in: ``0,5,3,...`` (a permutation of the dataset's classes, 0 first), a
+    published order by name (PLOP's VOC orders ``b`` ... ``w``), or ``random:SEED``; the task's steps count
+    positions in it. ``None``: the label order. Results keep the dataset's own indices (see orders.py)."""
     task: str = "15-1"
     """Scenario name (``15-1``, ``100-50``, ...) or an explicit spec such as ``0-15,16,17,18-20``."""
     setting: str = "overlapped"
@@ -215,8 +227,9 @@ class TrainConfig:
     amp: str = "bf16"
     """Mixed precision on CUDA: ``bf16`` (autocast to bfloat16), ``fp16`` (autocast to float16, with a gradient
     scaler against underflow) or ``off`` (float32). Ignored on the CPU, where training runs in float32."""
-    compile: bool = False
-    """``torch.compile`` the model of each step."""
+    compile: str = "auto"
+    """``torch.compile`` the training model of each step: ``auto`` (on CUDA, off on the CPU, where compiling
+    costs more than it saves at the sizes a CPU trains), ``on`` or ``off``."""
     tensorboard: bool = False
     """Also write every epoch's loss terms and lr, and every step's mIoU, as TensorBoard scalars to
     ``<run>/tensorboard`` (needs ``pip install incrementer_fast[tensorboard]``)."""
@@ -254,6 +267,7 @@ class TrainConfig:
             "plop_entropy": PLOP_ENTROPIES,
             "eval_mode": EVAL_MODES,
             "amp": AMPS,
+            "compile": COMPILES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -439,10 +453,13 @@ PRESETS: dict[str, dict] = {
 
 
 def upgrade_config_values(values: dict) -> dict:
-    """Field values written by earlier versions, in today's form: ``amp`` was a bool (True = bf16)."""
+    """Field values written by earlier versions, in today's form: ``amp`` was a bool (True = bf16), and
+    so was ``compile`` (True = on)."""
     values = dict(values)
     if isinstance(values.get("amp"), bool):
         values["amp"] = "bf16" if values["amp"] else "off"
+    if isinstance(values.get("compile"), bool):
+        values["compile"] = "on" if values["compile"] else "off"
     return values
 
 

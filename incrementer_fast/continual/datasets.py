@@ -75,15 +75,16 @@ def load_image(path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
-def load_label(path, num_classes: int) -> Image.Image:
+def load_label(path, num_classes: int, lut: np.ndarray | None = None) -> Image.Image:
     """A single-channel label map (mode L or P) whose values are classes or 255; ValueError naming the
-    file otherwise."""
-    label = _read_label(path)
+    file otherwise. ``lut`` (256 uint8 entries): the file's values are mapped through it first (a folder
+    dataset's ``--ignore-index`` and label map)."""
+    label = _read_label(path, lut)
     _check_values(np.asarray(label), num_classes, path)
     return label
 
 
-def _read_label(path) -> Image.Image:
+def _read_label(path, lut: np.ndarray | None = None) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
@@ -96,6 +97,8 @@ def _read_label(path) -> Image.Image:
         raise ValueError(
             f"label {path} has mode {label.mode}: expected a single-channel 8-bit index PNG (mode L or P)"
         )
+    if lut is not None:
+        label = Image.fromarray(lut[np.asarray(label)])
     return label
 
 
@@ -116,7 +119,8 @@ def _check_values(arr: np.ndarray, num_classes: int, path) -> np.ndarray:
 CONVERTED_IMAGE_MODES = ("L", "CMYK")
 
 
-def _scan_pair(image_path, label_path, num_classes: int) -> tuple[list[int], str | None]:
+def _scan_pair(image_path, label_path, num_classes: int,
+               lut: np.ndarray | None = None) -> tuple[list[int], str | None]:
     """Decode an image and its label map: (the label values present, the image's mode if ``load_image``
     converts it to RGB, else None); ValueError naming the file for anything a training run would trip on."""
     try:
@@ -130,7 +134,7 @@ def _scan_pair(image_path, label_path, num_classes: int) -> tuple[list[int], str
     if mode != "RGB" and mode not in CONVERTED_IMAGE_MODES:
         raise ValueError(f"image {image_path} has mode {mode}: expected an RGB photo (or grayscale, which is "
                          f"converted); is it a label map or an image with transparency?")
-    label = _read_label(label_path)
+    label = _read_label(label_path, lut)
     values = _check_values(np.asarray(label), num_classes, label_path)
     if label.size != size:
         raise ValueError(f"image {image_path} is {size[0]}x{size[1]} but its label {label_path} is "
@@ -162,6 +166,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     num_classes: int = 0
     class_names: tuple[str, ...] | None = None
+    # 256 uint8 entries mapping a label file's values before they are checked and used (None: as stored).
+    label_lut: np.ndarray | None = None
 
     def __init__(self, transform=None, label_transform=None, cache_dir=None):
         self.transform = transform
@@ -187,7 +193,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         image_id = self.ids[index]
         image = load_image(self._images[image_id])
-        label = load_label(self._labels[image_id], self.num_classes)
+        label = load_label(self._labels[image_id], self.num_classes, self.label_lut)
         if image.size != label.size:
             raise ValueError(
                 f"image {self._images[image_id]} is {image.size[0]}x{image.size[1]} but its label "
@@ -215,6 +221,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def _scan_cache_key(self) -> str:
         digest = hashlib.sha256()
         digest.update(json.dumps({"v": 2, "class": type(self).__name__, "num_classes": self.num_classes}).encode())
+        if self.label_lut is not None:
+            digest.update(self.label_lut.tobytes())
         for image_id in self.ids:
             entry = [image_id]
             for path in (self._images[image_id], self._labels[image_id]):
@@ -245,7 +253,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
         def check(image_id):
             try:
-                return _scan_pair(self._images[image_id], self._labels[image_id], self.num_classes)
+                return _scan_pair(self._images[image_id], self._labels[image_id], self.num_classes,
+                                  self.label_lut)
             except ValueError as error:
                 return error
 
@@ -407,12 +416,19 @@ class SyntheticSegmentation(VOCSegmentation):
                          cache_dir=cache_dir)
 
 
-def build_dataset(name: str, root, split: str, transform=None, label_transform=None, cache_dir=None):
-    """The dataset ``name`` ("voc", "ade" or "synthetic") at ``root`` for ``split`` ("train" or "val").
+def build_dataset(name: str, root, split: str, transform=None, label_transform=None, cache_dir=None,
+                  **folder_options):
+    """The dataset ``name`` ("voc", "ade", "synthetic" or "folder") at ``root`` for ``split`` ("train" or
+    "val").
 
     For "synthetic", a root without a synthetic dataset gets one generated with the default parameters
-    (``generate_synthetic(root)``); call ``generate_synthetic`` first for other sizes or seeds.
+    (``generate_synthetic(root)``); call ``generate_synthetic`` first for other sizes or seeds. For
+    "folder", ``folder_options`` are ``FolderSegmentation``'s ``ignore_index`` and ``label_map``.
     """
+    if name == "folder":
+        from .folder import FolderSegmentation
+
+        return FolderSegmentation(root, split, transform, label_transform, cache_dir, **folder_options)
     if name == "voc":
         return VOCSegmentation(root, split, transform, label_transform, cache_dir)
     if name == "ade":
@@ -421,4 +437,4 @@ def build_dataset(name: str, root, split: str, transform=None, label_transform=N
         if read_manifest(root) is None:
             generate_synthetic(root)
         return SyntheticSegmentation(root, split, transform, label_transform, cache_dir)
-    raise ValueError(f"unknown dataset {name!r}: expected 'voc', 'ade' or 'synthetic'")
+    raise ValueError(f"unknown dataset {name!r}: expected 'voc', 'ade', 'synthetic' or 'folder'")

@@ -116,9 +116,10 @@ class EpochLog:
                 self.rows = list(reader)
                 self.columns = list(reader.fieldnames or self.columns)
 
-    def start_step(self, step: int) -> None:
-        """Forget the rows of ``step`` (it is about to be trained again)."""
-        self.rows = [row for row in self.rows if int(row["step"]) != step]
+    def start_step(self, step: int, after_epoch: int = 0) -> None:
+        """Forget the rows of ``step`` after epoch ``after_epoch`` (they are about to be trained again; a step
+        resumed from its epoch checkpoint keeps the rows of the epochs it does not train again)."""
+        self.rows = [row for row in self.rows if int(row["step"]) != step or int(row["epoch"]) <= after_epoch]
 
     def add(self, step: int, summary: dict) -> None:
         """Append the summary of a finished epoch (``train_step``'s) and rewrite the file atomically."""
@@ -198,11 +199,12 @@ class RunReports:
             self._board = TensorBoardLog(self.out_dir)
         return self._board
 
-    def start_step(self, step: int, epochs_before: int) -> None:
-        """Step ``step`` begins; the run trained ``epochs_before`` epochs before it (TensorBoard's x axis)."""
+    def start_step(self, step: int, epochs_before: int, after_epoch: int = 0) -> None:
+        """Step ``step`` begins (after its epoch ``after_epoch`` when resumed); the run trained
+        ``epochs_before`` epochs before it (TensorBoard's x axis)."""
         self.current_step, self.epochs_before = step, epochs_before
         if self.enabled:
-            self._epoch_log().start_step(step)
+            self._epoch_log().start_step(step, after_epoch)
 
     def epoch(self, summary: dict) -> None:
         """An epoch of the current step ended (``train_step``'s ``on_epoch``)."""

@@ -30,12 +30,31 @@ _DISTINCT_COLOURS = np.array([
 VOID_COLOUR = (255, 255, 255)
 
 
-def class_palette(dataset: str) -> np.ndarray:
+def voc_colour_map() -> np.ndarray:
+    """(256, 3) uint8: Pascal VOC's colour map (class c's colour from the bits of c), which covers any class
+    index; 255 white."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for c in range(256):
+        r = g = b = 0
+        value = c
+        for shift in range(7, -1, -1):
+            r |= ((value >> 0) & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[c] = (r, g, b)
+    palette[255] = VOID_COLOUR
+    return palette
+
+
+def class_palette(dataset: str, num_classes: int | None = None) -> np.ndarray:
     """(classes, 3) uint8 colours of the classes of ``dataset``. The synthetic classes are drawn in their own
     colour family, the first class of a family bright and the second dark (red disc bright red, red square
     dark red, ...), over a light grey background, so that a map reads like the image; other datasets get
-    20 distinct colours."""
+    20 distinct colours, or VOC's colour map when they have more than 20 classes (``num_classes``)."""
     if dataset != "synthetic":
+        if num_classes is not None and num_classes > len(_DISTINCT_COLOURS):
+            return voc_colour_map()
         return _DISTINCT_COLOURS
     import colorsys
 

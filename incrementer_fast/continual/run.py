@@ -9,12 +9,16 @@
     out_dir/metrics.csv            the same, one row per step, one column per class IoU
     out_dir/step_<k>.pt            the model after step k (Incrementer.save: temporary file, then rename)
     out_dir/miou.png               old / new / all mIoU per step
-    out_dir/predictions_step<k>.png  image | ground truth | prediction for a few validation images
+    out_dir/predictions_step<k>.png  image | ground truth | prediction for validation images spread over
+                                   the set, with a legend of the classes' names
+    out_dir/step_<k>.epoch.pt      while step k trains: its state after the last finished epoch
+                                   (epoch_state.py), removed when the step is finished
     out_dir/cache/                 the per-step image selections (see scenarios.cached_select_images)
 
 A step is *finished* when its checkpoint and its metrics record both exist; the checkpoint is written first,
 so a crash between the two only repeats that step. ``resume=True`` skips the finished steps and continues
-from the last one's checkpoint. Each step's randomness is seeded by (seed, step) alone, so on the CPU a
+from the last one's checkpoint, and a step interrupted after an epoch from its epoch checkpoint ("step 1:
+resuming after epoch 2 of 4"). Each step's randomness is seeded by (seed, step) alone, so on the CPU a
 resumed run gives the metrics of an uninterrupted one exactly.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here (NCCL on CUDA, gloo on the
@@ -42,14 +46,20 @@ from .._files import atomic_write, atomic_write_json
 from ..errors import CheckpointError, InputError
 from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
-from .datasets import build_dataset
+from .datasets import VOC_CLASSES, build_dataset
+from .epoch_state import epoch_checkpoint_path, load_epoch_state, save_epoch_state
+from .evaluation_set import check_fingerprint, open_validation_set, split_fingerprint
+from .folder import folder_options, read_class_names
+from .lock import RunFolderLock, orphaned_temporary
 from .logs import RunReports, run_log_file, tensorboard_available
 from .metrics import summarize
-from .scenarios import (cached_select_images, classes_up_to, get_task, remap_eval_labels,
+from .orders import ClassOrder, resolve_class_order
+from .report import class_palette, save_comparison_grid
+from .scenarios import (cached_select_images, classes_up_to, get_task, num_classes, remap_eval_labels,
                         select_eval_images)
 from .transforms import train_transform, val_transform
 from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
-                    seed_everything, step_epochs, train_step)
+                    seed_everything, step_epochs, step_learning_rate, train_step)
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +99,23 @@ def read_records(out_dir: Path) -> list[dict]:
     return records
 
 
-def read_run_config(out_dir: Path) -> dict | None:
-    """The ``config`` of a run directory's config.json (None when there is none); InputError naming the
-    file when it cannot be read."""
+def read_run_file(out_dir: Path) -> dict | None:
+    """A run directory's whole config.json (``config``, ``launch``, ``changes``, ``evaluation``; None when
+    there is none); InputError naming the file when it cannot be read."""
     path = Path(out_dir) / "config.json"
     if not path.exists():
         return None
     stored = _read_json(path, "configuration")
     if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
         raise InputError(f"{path} has no \"config\" object; restore it, or start the run in another --out")
-    return stored["config"]
+    return stored
+
+
+def read_run_config(out_dir: Path) -> dict | None:
+    """The ``config`` of a run directory's config.json (None when there is none); InputError naming the
+    file when it cannot be read."""
+    stored = read_run_file(out_dir)
+    return None if stored is None else stored["config"]
 
 
 def finished_steps(out_dir: Path) -> list[int]:
@@ -157,41 +174,6 @@ def plot_miou(out_dir: Path, records: list[dict]) -> None:
     plt.close(fig)
 
 
-def _palette() -> np.ndarray:
-    """The VOC colour map (class c → RGB), 255 → white."""
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for c in range(256):
-        r = g = b = 0
-        value = c
-        for shift in range(7, -1, -1):
-            r |= ((value >> 0) & 1) << shift
-            g |= ((value >> 1) & 1) << shift
-            b |= ((value >> 2) & 1) << shift
-            value >>= 3
-        palette[c] = (r, g, b)
-    palette[255] = (255, 255, 255)
-    return palette
-
-
-def save_prediction_grid(path: Path, images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
-                         mean, std) -> None:
-    """One row per image: the image (normalisation undone), its ground truth, the prediction."""
-    from PIL import Image
-
-    palette = _palette()
-    mean = torch.tensor(mean).view(3, 1, 1)
-    std = torch.tensor(std).view(3, 1, 1)
-    rows = []
-    for image, label, prediction in zip(images.cpu(), labels.cpu(), predictions.cpu()):
-        rgb = ((image.float() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        rows.append(np.concatenate([rgb, palette[label.numpy()], palette[prediction.numpy()]], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    zoom = max(1, 512 // grid.shape[1])
-    picture = Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST)
-    with atomic_write(path) as handle:
-        picture.save(handle, format="PNG")
-
-
 # ------------------------------------------------------------------------------------ data
 def resolve_data_root(config: TrainConfig, out_dir: Path) -> Path:
     if config.data_root is not None:
@@ -210,9 +192,39 @@ def prepare_synthetic(config: TrainConfig, root: Path) -> None:
                        num_val=config.synthetic_val_images, image_size=config.synthetic_image_size)
 
 
+def scenario_dataset(config: TrainConfig) -> str | int:
+    """What ``scenarios`` names the dataset by: its name, or for ``folder`` its number of classes (the lines
+    of ``classes.txt``)."""
+    if config.dataset == "folder":
+        if config.data_root is None:
+            raise ValueError("--data-root is required for dataset 'folder'")
+        return len(read_class_names(config.data_root))
+    return config.dataset
+
+
+def dataset_class_names(config: TrainConfig) -> tuple[str, ...]:
+    """The names of the dataset's classes, by index (ADE20K's are its indices)."""
+    if config.dataset == "folder":
+        return read_class_names(config.data_root)
+    if config.dataset == "voc":
+        return VOC_CLASSES
+    if config.dataset == "synthetic":
+        from .synthetic import CLASS_NAMES
+
+        return tuple(CLASS_NAMES)
+    return tuple(str(c) for c in range(num_classes(config.dataset)))
+
+
+def class_order(config: TrainConfig) -> ClassOrder | None:
+    """``config.class_order`` resolved (``None``: the label order)."""
+    order = resolve_class_order(config.class_order, config.dataset, num_classes(scenario_dataset(config)))
+    return None if order is None else ClassOrder(order)
+
+
 def scenario_task(config: TrainConfig) -> list[list[int]]:
-    """The steps to train: the named task, or for ``joint`` all its classes in one step."""
-    task = get_task(config.dataset, config.task)
+    """The steps to train (class positions in ``config.class_order``; without one, the classes): the named
+    task, or for ``joint`` all its classes in one step."""
+    task = get_task(scenario_dataset(config), config.task)
     if config.method == "joint":
         return [classes_up_to(task, len(task) - 1)]
     return task
@@ -286,18 +298,22 @@ def _barrier(env: DistEnv) -> None:
 
 
 def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resume: bool = False,
-                 progress: bool = True) -> list[dict]:
+                 retrain_from: int | None = None, progress: bool = True) -> list[dict]:
     """Train and evaluate the steps of ``config`` into ``out_dir``; returns the metrics records of the run
     directory (every finished step). ``step=k`` trains step k only (step k − 1 must be finished there);
-    ``resume=True`` continues a run directory, skipping its finished steps. Progress is logged through
+    ``resume=True`` continues a run directory, skipping its finished steps; a finished step is trained
+    again only from ``retrain_from=k`` on, which removes step k and every later finished step first
+    (``plan_steps``). Progress is logged through
     ``logging`` and tqdm bars (``progress=False``: none); ``epochs.csv``, ``run.log`` and, with
     ``config.tensorboard``, TensorBoard scalars go to ``out_dir`` (see ``incrementer_fast.continual.logs``)."""
     out_dir = Path(out_dir)
     owns_group = _init_distributed(config)
     try:
         is_main = current_dist_env().is_main
-        with run_log_file(out_dir, enabled=is_main), RunReports(out_dir, config, enabled=is_main) as reports:
-            return _run(config, out_dir, step=step, resume=resume, progress=progress, reports=reports)
+        with (RunFolderLock(out_dir, enabled=is_main) as lock, run_log_file(out_dir, enabled=is_main),
+              RunReports(out_dir, config, enabled=is_main) as reports):
+            return _run(config, out_dir, step=step, resume=resume, retrain_from=retrain_from, progress=progress,
+                        reports=reports, lock=lock)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -328,20 +344,42 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
                              f"{config.task!r} has seen {expected}")
         data_root = resolve_data_root(config, run_dir if run_dir is not None else Path("."))
         cache_dir = Path(run_dir) / "cache" if run_dir is not None else None
-        val_set = build_dataset(config.dataset, data_root, "val", cache_dir=cache_dir)
-        val_set = val_set.subset(select_eval_images(val_set.image_labels(), config.dataset, task, step))
+        val_set = open_validation_set(config, data_root, cache_dir)
+        order = class_order(config)
+        val_labels = val_set.image_labels()  # the dataset's own indices, as the fingerprint was taken
+        task_labels = val_labels
+        if order is not None:
+            val_set.label_transform, task_labels = order, order.positions_of(val_labels)
+        eval_ids = select_eval_images(task_labels, scenario_dataset(config), task, step)
+        if run_dir is not None:
+            _check_run_evaluation_set(Path(run_dir), val_labels, eval_ids, step, data_root)
+        val_set = val_set.subset(eval_ids)
         val_set.transform = eval_transform(config, *model.normalization)
         matrix = evaluate(model, val_set, config=config, task=task, step=step, device=device, env=env,
                           progress=progress)
-        return {"step": step, "classes": list(task[step]), **summarize(matrix, task, step),
-                "val_images": len(val_set), "seconds": round(time.perf_counter() - started, 2),
-                "eval_mode": config.eval_mode, "checkpoint": str(checkpoint)}
+        record = {"step": step, "classes": list(task[step]), **summarize(matrix, task, step),
+                  "val_images": len(val_set), "seconds": round(time.perf_counter() - started, 2),
+                  "eval_mode": config.eval_mode, "checkpoint": str(checkpoint)}
+        return record if order is None else order.record_to_dataset(record)
     finally:
         if owns_group:
             dist.destroy_process_group()
 
 
-def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports: RunReports) -> list[dict]:
+def _check_run_evaluation_set(run_dir: Path, val_labels, eval_ids, step: int, data_root) -> None:
+    """InputError unless the validation split eval rebuilt is the one ``run_dir`` was scored on: its
+    fingerprint in config.json, or (a run written before fingerprints) the step's image count in
+    metrics.json."""
+    stored = (read_run_file(run_dir) or {}).get("evaluation")
+    check_fingerprint(split_fingerprint(val_labels), stored, data_root, run_dir)
+    record = next((r for r in read_records(run_dir) if r["step"] == step), None)
+    if stored is None and record is not None and record.get("val_images") != len(eval_ids):
+        raise InputError(f"step {step} of {run_dir} was scored on {record.get('val_images')} validation images, "
+                         f"but {data_root} gives {len(eval_ids)}: pass --data-root where the run's data is")
+
+
+def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, progress, reports: RunReports,
+         lock: RunFolderLock) -> list[dict]:
     env = current_dist_env()
     log = logger.info if env.is_main else _silent
 
@@ -354,9 +392,13 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
         task = scenario_task(config)
         accumulation = config.accumulation_steps(env.world_size)
         data_root = resolve_data_root(config, out_dir)
+        order = class_order(config)
+        names = dataset_class_names(config)
         check_encoder_init(config)
     except ValueError as error:
         raise InputError(str(error)) from error
+    except FileNotFoundError as error:
+        raise InputError(f"{error} (check --data-root)") from error
     if step is not None and not 0 <= step < len(task):
         raise InputError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has "
                          f"{len(task)} steps, 0..{len(task) - 1}")
@@ -365,19 +407,17 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
     check_writable_folder(out_dir)
     records = read_records(out_dir)
     done = set(finished_steps(out_dir))
-    if records and not resume and step is None:
+    if records and not resume and step is None and retrain_from is None:
         raise RunError(f"{out_dir} already holds a run (steps {sorted(done)} finished): "
                        "pass --resume to continue it or choose another --out")
     stored = read_run_config(out_dir)
     if stored is not None:
         _check_resumable(stored, config, out_dir)
-    if step is not None and step > 0 and (step - 1) not in done:
-        raise RunError(f"--step {step} needs step {step - 1} finished in {out_dir} "
-                       f"(finished: {sorted(done) or 'none'})")
-    steps_to_run = [step] if step is not None else [s for s in range(len(task)) if not (resume and s in done)]
+    steps_to_run = plan_steps(out_dir, len(task), done, step=step, resume=resume, retrain_from=retrain_from)
     if not steps_to_run:
         log(f"every step of {out_dir} is already finished")
         return sorted(records, key=lambda r: r["step"])
+    stale = sorted(s for s in done if s >= steps_to_run[0])  # only with retrain_from (plan_steps refuses else)
     cache_dir = out_dir / "cache"
     if config.dataset != "synthetic":
         train_set, val_set = _open_datasets(config, data_root, cache_dir)
@@ -415,17 +455,32 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
             log(f"{split}: {len(names)} grayscale/CMYK image(s) converted to RGB when loaded: "
                 f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}")
     train_labels, val_labels = scans["train"].labels, scans["val"].labels
+    evaluation = split_fingerprint(val_labels)  # before the class order: the dataset's own indices
+    check_fingerprint(evaluation, (read_run_file(out_dir) or {}).get("evaluation"), data_root, out_dir)
+    if order is not None:  # training works on positions in the order (orders.py)
+        train_set.label_transform = val_set.label_transform = order
+        train_labels, val_labels = order.positions_of(train_labels), order.positions_of(val_labels)
+    dataset_key = scenario_dataset(config)
+    in_dataset = order.task_to_dataset if order is not None else (lambda steps: steps)
 
     # The run starts: config.json (with the history of resumed changes), leftovers of a crash removed.
     launch = dict(world_size=env.world_size, micro_batch_size=config.micro_batch(env.world_size),
                   accumulation_steps=accumulation, effective_batch_size=config.batch_size,
-                  device=str(device), task_steps=task)
+                  device=str(device), task_steps=in_dataset(task), class_names=list(names),
+                  class_order=None if order is None else order.order)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if lock.acquire_if_present() and (read_run_file(out_dir) is not None or read_records(out_dir)):
+            # The folder did not exist when this command checked it; another one has started a run there since.
+            raise RunError(f"{out_dir} was filled by another command while this one started: choose another --out")
         _report_removed(log, remove_orphaned_temporaries(out_dir), "unfinished temporary file")
         changes = _config_changes(out_dir, stored, config, first)
+        if stale:
+            log(f"--retrain-from {first}: step(s) {', '.join(map(str, stale))} trained from the old step "
+                f"{first} or later: removing their checkpoints, records and figures")
+            records = remove_steps(out_dir, records, stale, len(classes_up_to(task, len(task) - 1)))
         atomic_write_json(out_dir / "config.json", {"config": config.to_dict(), "launch": launch,
-                                                    "changes": changes})
+                                                    "changes": changes, "evaluation": evaluation})
         log(f"run {out_dir}: {config.method} on {config.dataset} {config.task} ({config.setting}), "
             f"{len(task)} steps; effective batch {config.batch_size} = {env.world_size} process(es) × "
             f"{launch['micro_batch_size']} images × {accumulation} accumulation step(s); device {device}")
@@ -449,18 +504,29 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
                 teacher = model.frozen_copy()
             seed_everything(derive_seed(config.seed, "add_classes", current))
             model.add_classes(len(task[current]))
-        ids = cached_select_images(cache_dir, train_labels, config.dataset, task, current,
+        ids = cached_select_images(cache_dir, train_labels, dataset_key, task, current,
                                    config.setting == "overlapped")
         if not ids:
             raise RunError(f"step {current} of task {config.task!r} has no training image in {data_root}")
         step_train = train_set.subset(ids)
-        log(f"step {current}: classes {task[current]}, {len(step_train)} training images, "
-            f"{model.num_classes} classes in the model")
-        reports.start_step(current, epochs_before=sum(step_epochs(config, s) for s in range(current)))
+        step_classes = in_dataset([task[current]])[0]
+        log(f"step {current}: classes {step_classes} ({', '.join(names[c] for c in step_classes)}), "
+            f"{len(step_train)} training images, {model.num_classes} classes in the model")
+        epoch_path = epoch_checkpoint_path(out_dir, current)
+        resume_state = _epoch_state_to_resume(config, epoch_path, current, len(step_train), model.num_classes,
+                                              log) if resume else None
+        reports.start_step(current, epochs_before=sum(step_epochs(config, s) for s in range(current)),
+                           after_epoch=0 if resume_state is None else resume_state["epoch"])
+
+        def save_state(state, path=epoch_path):
+            if env.is_main:
+                save_epoch_state(path, state)
+
         train_step(model, teacher, step_train, config=config, task=task, step=current, device=device, env=env,
-                   progress=progress, on_epoch=reports.epoch)
-        del teacher
-        eval_ids = select_eval_images(val_labels, config.dataset, task, current)
+                   progress=progress, on_epoch=reports.epoch, on_epoch_state=save_state,
+                   resume_state=resume_state)
+        del teacher, resume_state
+        eval_ids = select_eval_images(val_labels, dataset_key, task, current)
         step_val = val_set.subset(eval_ids)
         matrix = evaluate(model, step_val, config=config, task=task, step=current, device=device, env=env,
                           progress=progress)
@@ -468,12 +534,16 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
         record = {"step": current, "classes": list(task[current]), **summary,
                   "val_images": len(step_val), "train_images": len(step_train),
                   "seconds": round(time.perf_counter() - started, 2)}
+        if order is not None:
+            record = order.record_to_dataset(record)
         if env.is_main:
             model.save(checkpoint_path(out_dir, current))
             records = [r for r in records if r["step"] != current] + [record]
-            write_metrics(out_dir, records, len(classes_up_to(task, len(task) - 1)))
+            write_metrics(out_dir, records, len(names) if order is not None else
+                          len(classes_up_to(task, len(task) - 1)))
+            epoch_path.unlink(missing_ok=True)  # the step is finished: its checkpoint and record are written
             plot_miou(out_dir, records)
-            _visualise(model, step_val, config, task, current, device, out_dir, mean, std)
+            _visualise(model, step_val, config, task, current, device, out_dir, mean, std, order, names)
             reports.step(record)
             log(f"step {current} done in {record['seconds']:.1f} s: " + format_record(record))
         _barrier(env)
@@ -484,10 +554,33 @@ def _open_datasets(config: TrainConfig, data_root: Path, cache_dir: Path):
     """The train and val datasets (their file lists; nothing decoded yet); InputError naming what is
     missing or malformed."""
     try:
-        return tuple(build_dataset(config.dataset, data_root, split, cache_dir=cache_dir)
+        return tuple(build_dataset(config.dataset, data_root, split, cache_dir=cache_dir, **folder_options(config))
                      for split in ("train", "val"))
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise InputError(f"{error} (check --data-root)") from error
+
+
+def _epoch_state_to_resume(config: TrainConfig, path: Path, step: int, train_images: int, model_classes: int,
+                           log) -> dict | None:
+    """The epoch state step ``step`` continues from (``None``: it starts from its beginning): the epoch
+    checkpoint at ``path`` when there is one and the step's learning rate is the one it was trained with
+    (a retuned ``--lr``/``--lr-incremental`` restarts the step, as it applies to steps still to train)."""
+    if not path.exists():
+        return None
+    epochs = step_epochs(config, step)
+    expect = dict(step=step, epochs=epochs, updates_per_epoch=math.ceil(train_images / config.batch_size),
+                  num_classes=model_classes, train_images=train_images)
+    try:
+        state = load_epoch_state(path, expect)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error} (or resume without it)") from error
+    trained_lr = state["optimizer"]["param_groups"][0]["initial_lr"]
+    if trained_lr != step_learning_rate(config, step):
+        log(f"step {step}: the learning rate changed ({trained_lr:g} → {step_learning_rate(config, step):g}); "
+            f"the step starts again instead of resuming after epoch {state['epoch']}")
+        return None
+    log(f"step {step}: resuming after epoch {state['epoch']} of {epochs}")
+    return state
 
 
 def check_writable_folder(folder: Path) -> None:
@@ -512,9 +605,11 @@ def check_writable_folder(folder: Path) -> None:
 
 def remove_orphaned_temporaries(out_dir: Path) -> list[Path]:
     """Delete the temporary files an interrupted run left in ``out_dir`` (and its cache): checkpoints
-    being written (``step_N.pt.*.tmp``) and atomic writes (``.NAME.*.tmp``). Returns what was removed."""
+    being written (``step_N.pt.*.tmp``) and atomic writes (``.NAME.<pid>.*.tmp``) whose writer is gone
+    (``lock.orphaned_temporary``: a live writer's are kept). Returns what was removed."""
     out_dir = Path(out_dir)
-    leftovers = sorted({*out_dir.glob("step_*.pt.*.tmp"), *out_dir.glob(".*.tmp"), *out_dir.glob("cache/.*.tmp")})
+    leftovers = sorted(path for path in {*out_dir.glob("step_*.pt.*.tmp"), *out_dir.glob(".*.tmp"),
+                                         *out_dir.glob("cache/.*.tmp")} if orphaned_temporary(path))
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers
@@ -527,14 +622,81 @@ def _report_removed(log, paths: list[Path], what: str) -> None:
 
 
 def _config_changes(out_dir: Path, stored: dict | None, config: TrainConfig, first: int) -> list[dict]:
-    """config.json's "changes": earlier entries, plus one for the options this resumption changes (only
-    RESUMABLE_FIELDS can differ), with the step they apply from."""
+    """config.json's "changes": the earlier entries that still describe a kept step (``from_step`` before
+    ``first``: the others described steps retrained now), plus one for what this command changes (only
+    RESUMABLE_FIELDS can differ) relative to the configuration step ``first - 1`` was trained with, applying
+    from ``first``. So every step's options are config.json's ``config`` with the entries up to it undone."""
     if stored is None:
         return []
-    previous = _read_json(out_dir / "config.json", "configuration").get("changes", [])
+    previous = (read_run_file(out_dir) or {}).get("changes", [])
+    kept = [entry for entry in previous if entry["from_step"] < first]
+    trained_with = dict(stored)
+    for entry in reversed([entry for entry in previous if entry["from_step"] >= first]):
+        trained_with.update({k: values[0] for k, values in entry.items() if k != "from_step"})
     current = config.to_dict()
-    changed = {k: [stored.get(k), v] for k, v in current.items() if stored.get(k) != v}
-    return previous + ([{"from_step": first, **changed}] if changed else [])
+    changed = {k: [trained_with.get(k), v] for k, v in current.items() if trained_with.get(k) != v}
+    return kept + ([{"from_step": first, **changed}] if changed else [])
+
+
+def plan_steps(out_dir: Path, num_steps: int, done: set[int], *, step: int | None, resume: bool,
+               retrain_from: int | None) -> list[int]:
+    """The steps a command trains, in order; RunError when it would overwrite a finished step without
+    ``retrain_from`` (a finished step is never retrained silently: the later steps were trained from it).
+
+    Args:
+        out_dir: the run directory (for messages).
+        num_steps: the steps of the task.
+        done: its finished steps.
+        step: train this step only (``--step``).
+        resume: skip the finished steps (``--resume``).
+        retrain_from: retrain from this step on (``--retrain-from``): it and every later finished step are
+            removed by the caller before training (``remove_steps``).
+
+    Returns:
+        The steps to train (empty when every step is finished).
+    """
+    if retrain_from is not None:
+        if not 0 <= retrain_from < num_steps:
+            raise RunError(f"--retrain-from {retrain_from} is out of range: the task has {num_steps} steps, "
+                           f"0..{num_steps - 1}")
+        if step is not None and step != retrain_from:
+            raise RunError(f"--step {step} with --retrain-from {retrain_from}: give the same step, or drop --step")
+        first = retrain_from
+    elif step is not None:
+        first = step
+    else:
+        first = next((s for s in range(num_steps) if not (resume and s in done)), num_steps)
+    if first > 0 and first < num_steps and (first - 1) not in done:
+        option = "--retrain-from" if retrain_from is not None else "--step"
+        raise RunError(f"{option} {first} needs step {first - 1} finished in {out_dir} "
+                       f"(finished: {sorted(done) or 'none'})")
+    later = sorted(s for s in done if s >= first)
+    if later and retrain_from is None:
+        what = f"step {first} is finished" if first in done else f"step {later[0]} is finished after step {first}"
+        raise RunError(f"{out_dir}: {what} (steps {sorted(done)} finished); training step {first} again would "
+                       f"leave steps {', '.join(map(str, later))} trained from the old one. Pass --retrain-from "
+                       f"{first} to retrain from step {first} (steps {', '.join(map(str, later))} are removed "
+                       "and trained again), or choose another --out")
+    if step is not None:
+        return [step]
+    return list(range(first, num_steps))
+
+
+def remove_steps(out_dir: Path, records: list[dict], steps: list[int], num_classes_total: int) -> list[dict]:
+    """Remove finished ``steps`` from a run directory: their records first (metrics.json, metrics.csv,
+    miou.png rewritten), then their checkpoints, prediction grids and eval results, so that a crash half-way
+    leaves steps that are simply unfinished. Returns the records kept."""
+    kept = [r for r in records if r["step"] not in steps]
+    write_metrics(out_dir, kept, num_classes_total)
+    if kept:
+        plot_miou(out_dir, kept)
+    else:
+        (Path(out_dir) / "miou.png").unlink(missing_ok=True)
+    for step in steps:
+        for path in (checkpoint_path(out_dir, step), Path(out_dir) / f"predictions_step{step}.png",
+                     *Path(out_dir).glob(f"eval_step{step}_*.json")):
+            path.unlink(missing_ok=True)
+    return kept
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -547,20 +709,29 @@ def eval_transform(config: TrainConfig, mean, std):
     return val_transform(None if config.eval_mode == "slide" else config.val_size, mean, std)
 
 
-def _visualise(model, val_set, config, task, step, device, out_dir, mean, std) -> None:
-    """The prediction grid, on ``val_size`` crops whatever the evaluation mode (a grid needs one size)."""
+def _visualise(model, val_set, config, task, step, device, out_dir, mean, std, order, names) -> None:
+    """The prediction grid: ``num_visualised`` images spread evenly over the step's validation set (a set cut
+    from videos holds runs of near-identical frames), on ``val_size`` crops whatever the evaluation mode (a
+    grid needs one size); columns image / ground truth / prediction, classes named in a legend, in the
+    dataset's own indices."""
     count = min(config.num_visualised, len(val_set))
     if count == 0:
         return
-    val_set = val_set.subset(val_set.ids[:count])
+    picks = np.linspace(0, len(val_set) - 1, count).round().astype(int)
+    val_set = val_set.subset([val_set.ids[i] for i in picks])
     val_set.transform = val_transform(config.val_size, mean, std)
     items = [val_set[i] for i in range(count)]
     images = torch.stack([image for image, _ in items])
     labels = torch.stack([torch.as_tensor(label) for _, label in items])
-    predictions = predict(model, images, dataclasses.replace(config, eval_mode="resize"), device)
+    predictions = predict(model, images, dataclasses.replace(config, eval_mode="resize"), device).cpu()
     model.train()
-    save_prediction_grid(out_dir / f"predictions_step{step}.png", images,
-                         remap_eval_labels(labels.long(), task, step), predictions, mean, std)
+    labels = remap_eval_labels(labels.long(), task, step)
+    if order is not None:
+        labels, predictions = order.to_dataset(labels), order.to_dataset(predictions)
+    save_comparison_grid(out_dir / f"predictions_step{step}.png", images, labels, {"prediction": predictions},
+                         names, class_palette(config.dataset, len(names)), mean, std,
+                         title=f"after step {step} of {config.dataset} {config.task}: "
+                               f"{len(classes_up_to(task, step))} classes seen")
 
 
 def _percent(value) -> str:

@@ -52,8 +52,12 @@ _NAME_RE = re.compile(r"^(\d+)-(\d+)$")
 _SPEC_ITEM_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
-def num_classes(dataset: str) -> int:
-    """Number of label values of ``dataset`` including the background 0 (voc 21, ade 151, synthetic 13)."""
+def num_classes(dataset: str | int) -> int:
+    """Number of label values of ``dataset`` including the background 0 (voc 21, ade 151, synthetic 13).
+    A dataset whose class count is read from its files (``--dataset folder``: its ``classes.txt``) is named
+    by that count, an int, wherever this module takes a ``dataset``."""
+    if isinstance(dataset, int) and not isinstance(dataset, bool) and dataset >= 2:
+        return dataset
     if dataset not in _NUM_CLASSES:
         raise ValueError(f"unknown dataset {dataset!r}: expected one of 'voc', 'ade', 'synthetic'")
     return _NUM_CLASSES[dataset]
@@ -116,7 +120,7 @@ def get_task(dataset: str, name: str) -> list[list[int]]:
         if inc < 1 or base >= n - 1 or remaining % inc != 0:
             raise ValueError(
                 f"task {name!r} does not tile dataset {dataset!r}: {n - 1} foreground classes, "
-                f"base {base}, then blocks of {inc} (known tasks: {', '.join(TASK_NAMES[dataset])}; "
+                f"base {base}, then blocks of {inc} (known tasks: {', '.join(TASK_NAMES.get(dataset, ())) or 'none'}; "
                 f"or give steps explicitly, e.g. '0-{n // 2},{n // 2 + 1}-{n - 1}')"
             )
         steps = [list(range(0, base + 1))]

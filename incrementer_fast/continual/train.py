@@ -67,6 +67,7 @@ from ..constants import IGNORE_INDEX
 from ..errors import InputError, WorkError
 from ..nn import PLOPPseudoLabeler, SegHeadLoss
 from .config import TrainConfig
+from .epoch_state import restore_rng_states, rng_states
 from .inference import sliding_window_logits
 from .metrics import ConfusionMatrix
 from .scenarios import classes_up_to, remap_eval_labels, remap_train_labels
@@ -158,7 +159,7 @@ class EffectiveBatchSampler(Sampler):
     """
 
     def __init__(self, num_images: int, *, batch_size: int, micro_batch: int, accumulation: int, rank: int,
-                 world_size: int, seed: int, step: int, epochs: int):
+                 world_size: int, seed: int, step: int, epochs: int, first_epoch: int = 0):
         if num_images <= 0:
             raise ValueError("no training images for this step: check the task and the dataset")
         if micro_batch * accumulation * world_size != batch_size:
@@ -175,6 +176,7 @@ class EffectiveBatchSampler(Sampler):
         self.seed = seed
         self.step = step
         self.epochs = epochs
+        self.first_epoch = first_epoch  # epochs before it were trained already (a resumed step)
         self.updates_per_epoch = math.ceil(num_images / batch_size)
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -185,7 +187,7 @@ class EffectiveBatchSampler(Sampler):
 
     def __iter__(self):
         share = self.batch_size // self.world_size
-        for epoch in range(self.epochs):
+        for epoch in range(self.first_epoch, self.epochs):
             order = self.epoch_order(epoch)
             tag = ("train", self.step, epoch)
             for update in range(self.updates_per_epoch):
@@ -195,7 +197,7 @@ class EffectiveBatchSampler(Sampler):
                     yield [(tag, i) for i in mine[a * self.micro_batch:(a + 1) * self.micro_batch]]
 
     def __len__(self) -> int:
-        return self.epochs * self.updates_per_epoch * self.accumulation
+        return (self.epochs - self.first_epoch) * self.updates_per_epoch * self.accumulation
 
 
 def shard(num_items: int, env: DistEnv) -> list[int]:
@@ -353,6 +355,11 @@ def num_old_classes(task, step: int) -> int:
     return 0 if step == 0 else len(classes_up_to(task, step - 1))
 
 
+def compile_enabled(config: TrainConfig, device: torch.device) -> bool:
+    """Whether ``config.compile`` compiles the training model on ``device`` (``auto``: on CUDA only)."""
+    return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+
+
 def make_optimizer(config: TrainConfig, parameters, lr: float) -> torch.optim.Optimizer:
     """A fresh optimiser per step over the trainable parameters (frozen tokens are not among them)."""
     if config.optimizer == "adamw":
@@ -362,7 +369,9 @@ def make_optimizer(config: TrainConfig, parameters, lr: float) -> torch.optim.Op
 
 def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: int, device: torch.device,
                env: DistEnv, progress: bool = True,
-               on_epoch: Optional[Callable[[dict], None]] = None) -> list[dict]:
+               on_epoch: Optional[Callable[[dict], None]] = None,
+               on_epoch_state: Optional[Callable[[dict], None]] = None,
+               resume_state: Optional[dict] = None) -> list[dict]:
     """Train ``model`` (already holding step ``step``'s classes) on ``train_set`` (step ``step``'s images);
     ``teacher`` is the frozen previous model (``None`` at step 0 and for ``finetune``/``joint``).
 
@@ -374,6 +383,11 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
     Returns one summary per epoch — ``LossTerms.NAMES`` (each the mean over the epoch's micro-batches of
     every process), ``epoch``, ``lr`` (of the epoch's last update) and ``seconds`` — and passes each to
     ``on_epoch`` as soon as the epoch ends (on every process).
+
+    ``on_epoch_state`` (if given) then receives the training state after that epoch (``epoch`` finished,
+    ``model``, ``optimizer``, ``scheduler`` and ``scaler`` state dicts, the PLOP ``thresholds``, the
+    ``rng`` states and the ``SHAPE_KEYS`` of ``epoch_state``); ``resume_state``, such a state, continues the
+    step after its epoch: the finished epochs are not trained again.
     """
     distill = teacher is not None
     num_old = num_old_classes(task, step)
@@ -382,10 +396,15 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
     epochs = step_epochs(config, step)
     sampler = EffectiveBatchSampler(len(train_set), batch_size=config.batch_size, micro_batch=micro,
                                     accumulation=accumulation, rank=env.rank, world_size=env.world_size,
-                                    seed=config.seed, step=step, epochs=epochs)
+                                    seed=config.seed, step=step, epochs=epochs,
+                                    first_epoch=0 if resume_state is None else resume_state["epoch"])
     loader = _loader(SeededSamples(train_set, config.seed), config, device, batch_sampler=sampler)
     pseudo_labeler = None
-    if distill:
+    if distill and resume_state is not None:
+        teacher.eval()
+        pseudo_labeler = make_pseudo_labeler(config, num_classes=len(classes_up_to(task, step)),
+                                             thresholds=resume_state["thresholds"].to(device))
+    elif distill:
         teacher.eval()
         pseudo_labeler = step_pseudo_labeler(teacher, train_set, config=config, task=task, step=step,
                                              device=device, env=env, progress=progress)
@@ -399,20 +418,28 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
         network = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     ddp = network
-    if config.compile:
+    if compile_enabled(config, device):
         network = torch.compile(network)
 
     updates_per_epoch = sampler.updates_per_epoch
     total_updates = epochs * updates_per_epoch
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_updates, power=config.poly_power)
     micro_per_epoch = updates_per_epoch * accumulation
+    shape = dict(step=step, epochs=epochs, updates_per_epoch=updates_per_epoch, num_classes=model.num_classes,
+                 train_images=len(train_set))
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        restore_rng_states(resume_state["rng"])
     model.train()
     summaries: list[dict] = []
     sums = torch.zeros(len(LossTerms.NAMES), device=device)
     guard = _FiniteGuard(step, base_lr, updates_per_epoch, device, env)
     bar = None
     epoch_start = time.perf_counter()
-    for micro_index, (images, labels) in enumerate(loader):
+    for micro_index, (images, labels) in enumerate(loader, start=sampler.first_epoch * micro_per_epoch):
         epoch, in_epoch = divmod(micro_index, micro_per_epoch)
         update = micro_index // accumulation
         a = micro_index % accumulation
@@ -467,6 +494,11 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
                             summary["seconds"])
             if on_epoch is not None:
                 on_epoch(summary)
+            if on_epoch_state is not None:
+                on_epoch_state(dict(shape, epoch=epoch + 1, model=model.state_dict(),
+                                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                    scaler=scaler.state_dict(), rng=rng_states(),
+                                    thresholds=None if pseudo_labeler is None else pseudo_labeler.thresholds))
     guard.check_weights(model, total_updates)
     return summaries
 

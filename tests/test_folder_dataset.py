@@ -1,0 +1,195 @@
+"""``--dataset folder``: your own data in the documented layout, class orders, their errors and results.
+
+The datasets are a few 32² JPEG/PNG images written by PIL (tests/folder_data.py); the runs use timm's
+``test_vit`` through ``incrementer-fast train`` (``cli.main``), two steps of one or two epochs.
+"""
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from folder_data import CLASSES, write_folder_dataset
+from incrementer_fast.cli import main
+from incrementer_fast.continual.folder import FolderSegmentation, label_lut, read_class_names
+from incrementer_fast.continual.orders import PLOP_VOC_ORDERS, ClassOrder, resolve_class_order
+from incrementer_fast.errors import InputError
+
+TINY = ["--dataset", "folder", "--img-size", "32", "--crop-size", "32", "--val-size", "32", "--backbone",
+        "test_vit", "--no-pretrained", "--task", "2-1", "--epochs", "1", "--epochs-incremental", "1",
+        "--batch-size", "4", "--eval-batch-size", "4", "--num-visualised", "2", "--num-workers", "0",
+        "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_folder_dataset(tmp_path_factory.mktemp("folder") / "data")
+
+
+def train(out, root, *extra):
+    return main(["train", "--out", str(out), "--data-root", str(root), *TINY, *map(str, extra)])
+
+
+def one_line_error(argv, capsys):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return code, err[0]
+
+
+@pytest.fixture(scope="module")
+def ordered_run(data, tmp_path_factory):
+    """Both steps of task 2-1 with the class order 0,3,1,2: step 0 learns 0, 3, 1 and step 1 learns 2."""
+    out = tmp_path_factory.mktemp("ordered") / "run"
+    assert train(out, data, "--class-order", "0,3,1,2") == 0
+    return out
+
+
+def test_two_steps_train_on_a_folder_dataset_with_the_class_names(ordered_run):
+    records = json.loads((ordered_run / "metrics.json").read_text())
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(r["train_images"] > 0 and r["val_images"] > 0 for r in records)
+    launch = json.loads((ordered_run / "config.json").read_text())["launch"]
+    assert launch["class_names"] == list(CLASSES)
+    log = (ordered_run / "run.log").read_text()
+    assert "step 0: classes [0, 3, 1] (background, blue box, red box)" in log
+    assert "step 1: classes [2] (green box)" in log
+    with Image.open(ordered_run / "predictions_step1.png") as grid:
+        assert grid.size[0] > grid.size[1] * 0.8  # three titled columns and the legend beside them
+
+
+def test_class_order_steps_metrics_and_tables_keep_the_dataset_indices(ordered_run):
+    records = json.loads((ordered_run / "metrics.json").read_text())
+    assert [r["classes"] for r in records] == [[0, 3, 1], [2]]
+    step0, step1 = records
+    assert len(step0["per_class_iou"]) == len(CLASSES)
+    assert step0["per_class_iou"][2] is None  # class 2 (green box) arrives at step 1
+    assert step0["per_class_iou"][3] is not None and step1["per_class_iou"][2] is not None
+    launch = json.loads((ordered_run / "config.json").read_text())["launch"]
+    assert launch["task_steps"] == [[0, 3, 1], [2]] and launch["class_order"] == [0, 3, 1, 2]
+    with open(ordered_run / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[0]["classes"] == "0 3 1" and rows[1]["classes"] == "2"
+    assert rows[0]["iou_2"] == "" and float(rows[1]["iou_2"]) == pytest.approx(step1["per_class_iou"][2], abs=1e-6)
+
+
+def test_an_order_trains_what_the_relabelled_dataset_trains(ordered_run, data, tmp_path):
+    """The order 0,3,1,2 on the dataset is the plain label order on a copy whose label files hold positions
+    (3 → 1, 1 → 2, 2 → 3): the same numbers, class by class."""
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(data, relabelled)
+    position = np.array([0, 2, 3, 1] + list(range(4, 255)) + [255], dtype=np.uint8)
+    for path in (relabelled / "labels").iterdir():
+        with Image.open(path) as label:
+            Image.fromarray(position[np.asarray(label)]).save(path)
+    out = tmp_path / "run"
+    assert train(out, relabelled) == 0
+    plain = json.loads((out / "metrics.json").read_text())
+    ordered = json.loads((ordered_run / "metrics.json").read_text())
+    for a, b in zip(plain, ordered):
+        assert [a[k] for k in ("miou_old", "miou_new", "miou_all")] == [b[k] for k in ("miou_old", "miou_new", "miou_all")]
+        assert [a["per_class_iou"][position[c]] if position[c] < len(a["per_class_iou"]) else None
+                for c in range(4)] == b["per_class_iou"]
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("no_classes", "class list (one class name per line, the background first) not found"),
+    ("label_outside", "holds values [7] outside the classes 0..3"),
+    ("no_label", "label of image img001.png not found"),
+    ("duplicate_id", "lists 'img000' twice"),
+    ("two_images", "two images of the id 'img000'"),
+    ("empty_class_line", "line 2 is empty"),
+])
+def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    if fault == "no_classes":
+        (root / "classes.txt").unlink()
+    elif fault == "label_outside":
+        label = np.zeros((32, 32), dtype=np.uint8)
+        label[5, 5] = 7
+        Image.fromarray(label).save(root / "labels" / "img002.png")
+    elif fault == "no_label":
+        (root / "labels" / "img001.png").unlink()
+    elif fault == "duplicate_id":
+        with open(root / "splits" / "train.txt", "a") as handle:
+            handle.write("img000\n")
+    elif fault == "two_images":
+        shutil.copy(root / "images" / "img000.jpg", root / "images" / "img000.png")
+    elif fault == "empty_class_line":
+        (root / "classes.txt").write_text("background\n\nred box\n")
+    out = tmp_path / "run"
+    code, line = one_line_error(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and message in line, line
+    assert not out.exists()
+
+
+def test_bad_class_orders_are_refused_before_anything_is_written(data, tmp_path, capsys):
+    for order, message in (("0,1,2", "missing [3]"), ("1,0,2,3", "starts with 1"), ("0,1,1,2", "repeated [1]"),
+                           ("15-5s_b", "unknown order name"), ("random:x", "integer seed")):
+        code, line = one_line_error(["train", "--out", tmp_path / "run", "--data-root", data, *TINY,
+                                     "--class-order", order], capsys)
+        assert code == 2 and message in line, (order, line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_published_and_random_orders():
+    for name, text in PLOP_VOC_ORDERS.items():
+        order = resolve_class_order(name, "voc", 21)
+        assert order[0] == 0 and sorted(order) == list(range(21)), name
+    assert len(PLOP_VOC_ORDERS) == 22 and set(PLOP_VOC_ORDERS) == {f"15-5s_{c}" for c in "bcdefghijklmnopqrstuvw"}
+    # PLOP's tasks.py, tasks_voc["15-5s_b"]: step 0 [0, 12, 9, 20, 7, 15, 8, 14, 16, 5, 19, 4, 1, 13, 2, 11],
+    # then [17], [3], [6], [18], [10].
+    assert resolve_class_order("15-5s_b", "voc", 21)[:3] == [0, 12, 9]
+    assert resolve_class_order("15-5s_b", "voc", 21)[16:] == [17, 3, 6, 18, 10]
+    first, again, other = (resolve_class_order(f"random:{s}", "ade", 151) for s in (3, 3, 4))
+    assert first == again != other and first[0] == 0 and sorted(first) == list(range(151))
+    assert resolve_class_order(None, "voc", 21) is None
+
+
+def test_class_order_maps_labels_and_records_both_ways():
+    order = ClassOrder([0, 3, 1, 2])
+    labels = torch.tensor([[0, 1, 2, 3, 255]])
+    positions = order.to_positions(labels)
+    assert positions.tolist() == [[0, 2, 3, 1, 255]]
+    assert order.to_dataset(positions).tolist() == labels.tolist()
+    record = order.record_to_dataset({"classes": [0, 1, 2], "per_class_iou": [0.9, 0.3, 0.5]})
+    assert record["classes"] == [0, 3, 1] and record["per_class_iou"] == [0.9, 0.5, None, 0.3]
+
+
+def test_ignore_index_and_label_map(data, tmp_path):
+    assert read_class_names(data) == CLASSES
+    lut = label_lut(4, ignore_index=0)
+    assert lut[0] == 255 and lut[3] == 3 and lut[255] == 255
+    mapping = tmp_path / "map.txt"
+    mapping.write_text("# Cityscapes-like ids\n0 0\n7 1\n8 2 # sidewalk\n11 3\n")
+    lut = label_lut(4, label_map=mapping)
+    assert [int(lut[v]) for v in (0, 7, 8, 11, 5, 255)] == [0, 1, 2, 3, 255, 255]
+    root = tmp_path / "cityscapes_like"
+    shutil.copytree(data, root)
+    ids = np.array([0, 7, 8, 11] + [5] * 251 + [255], dtype=np.uint8)
+    for path in (root / "labels").iterdir():
+        with Image.open(path) as label:
+            Image.fromarray(ids[np.asarray(label)]).save(path)
+    mapped = FolderSegmentation(root, "train", label_map=mapping, cache_dir=tmp_path / "cache")
+    plain = FolderSegmentation(data, "train", cache_dir=tmp_path / "cache")
+    assert mapped.scan().labels == plain.scan().labels
+    assert torch.equal(mapped[0][1], plain[0][1])
+    with pytest.raises(InputError, match="outside the classes"):
+        FolderSegmentation(root, "train", cache_dir=tmp_path / "cache").scan()
+    bad = tmp_path / "bad_map.txt"
+    bad.write_text("7 9\n")
+    with pytest.raises(ValueError, match="line 1: SOURCE must lie in 0..255 and TARGET be a class 0..3"):
+        label_lut(4, label_map=bad)
