@@ -98,11 +98,11 @@ def mib_losses(config, student_masks: torch.Tensor, labels: torch.Tensor, teache
         training loss is ce + λ_kd · kd.
     """
     loss = mib_head_loss if config.fused_head else reference_mib_head_loss
-    unce, unkd = loss(student_masks, labels, num_old, teacher_masks.float(), kd_alpha=config.mib_kd_alpha,
-                      ignore_index=IGNORE_INDEX)
+    unce, unkd = loss(student_masks, labels, num_old, teacher_masks.to(student_masks.dtype),
+                      kd_alpha=config.mib_kd_alpha, ignore_index=IGNORE_INDEX)
     # MiB's reduction="none" + .mean(): from the op's mean over the labelled pixels to the mean over all.
     labelled = ((labels >= 0) & (labels < student_masks.shape[1]) & (labels != IGNORE_INDEX)).sum()
-    return unce * (labelled / labels.numel()), unkd
+    return unce * labelled.to(unce.dtype) / labels.numel(), unkd
 
 
 # ------------------------------------------------------------------------------------ PLOP's Local POD
@@ -115,8 +115,14 @@ def local_pod_embedding(features: torch.Tensor, scales=PLOP_POD_SCALES) -> torch
 
     Returns:
         (B, Σ_s s²·2·C·k) embedding.
+
+    Raises ValueError for a map wider than tall, whose bottom regions would be empty (PLOP's maps, and this
+    package's training crops, are square).
     """
-    batch, width = features.shape[0], features.shape[-1]
+    batch, height, width = features.shape[0], features.shape[-2], features.shape[-1]
+    if height < width:
+        raise ValueError(f"local POD pools square regions of the width's side: the map must be at least as tall "
+                         f"as wide, got (h, w) = ({height}, {width})")
     pooled = []
     for scale in scales:
         side = width // scale
