@@ -119,18 +119,19 @@ def local_pod_embedding(features: torch.Tensor, scales=PLOP_POD_SCALES) -> torch
     Raises ValueError for a map wider than tall, whose bottom regions would be empty (PLOP's maps, and this
     package's training crops, are square).
     """
-    batch, height, width = features.shape[0], features.shape[-2], features.shape[-1]
+    batch, channels, height, width = features.shape
     if height < width:
         raise ValueError(f"local POD pools square regions of the width's side: the map must be at least as tall "
                          f"as wide, got (h, w) = ({height}, {width})")
     pooled = []
     for scale in scales:
         side = width // scale
-        for i in range(scale):
-            for j in range(scale):
-                region = features[..., i * side:(i + 1) * side, j * side:(j + 1) * side]
-                pooled.append(region.mean(dim=3).reshape(batch, -1))
-                pooled.append(region.mean(dim=2).reshape(batch, -1))
+        # The s × s regions at once: (B, C, i, row, j, column); the order of PLOP's loops over (i, j), each
+        # region's row means (one per row) before its column means.
+        regions = features[..., :scale * side, :scale * side].reshape(batch, channels, scale, side, scale, side)
+        row_means = regions.mean(dim=5).permute(0, 2, 4, 1, 3)      # (B, i, j, C, row)
+        column_means = regions.mean(dim=3).permute(0, 2, 3, 1, 4)   # (B, i, j, C, column)
+        pooled.append(torch.stack([row_means, column_means], dim=3).reshape(batch, -1))
     return torch.cat(pooled, dim=1)
 
 
