@@ -426,12 +426,13 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
                                     first_epoch=0 if resume_state is None else resume_state["epoch"])
     loader = _loader(SeededSamples(train_set, config.seed), config, device, batch_sampler=sampler)
     pseudo_labeler = None
-    if distill and resume_state is not None:
+    if distill:
         teacher.eval()
+    pseudo_labels = distill and config.method != "mib"  # MiB learns from the labels alone
+    if pseudo_labels and resume_state is not None:
         pseudo_labeler = make_pseudo_labeler(config, num_classes=len(classes_up_to(task, step)),
                                              thresholds=resume_state["thresholds"].to(device))
-    elif distill:
-        teacher.eval()
+    elif pseudo_labels:
         pseudo_labeler = step_pseudo_labeler(teacher, train_set, config=config, task=task, step=step,
                                              device=device, env=env, progress=progress)
 
