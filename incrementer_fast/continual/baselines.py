@@ -156,7 +156,8 @@ def local_pod_loss(teacher_maps: list[torch.Tensor], student_maps: list[torch.Te
         scales: PLOP's ``spp_scales``.
 
     Returns:
-        0-dim Σ_ℓ factor_ℓ · √(K_total / K_new) · mean_b ‖emb(a²) − emb(b²)‖₂, divided by the layer count.
+        0-dim Σ_ℓ factor_ℓ · √(K_total / K_new) · mean_b ‖emb(a²) − emb(b²)‖₂, divided by the layer
+        count.
     """
     schedule = math.sqrt(num_classes / num_new)
     total = teacher_maps[0].new_zeros(())

@@ -98,9 +98,10 @@ def _pool(workers: int):
 def run_demo(out, *, resume: bool = False, progress: bool = True, joint: bool = True,
              figures: bool = True, workers: int = 2, methods: tuple[str, ...] | None = None,
              **overrides) -> dict[str, list[dict]]:
-    """The demo in ``out``: synthetic data in ``out/data``; each of ``methods`` (``DEMO_CHOICES``) on every step
-    of the demo task (``None``: ``DEMO_METHODS``; ``out/incrementer``, ``out/finetune``, ...) and, with ``joint``, every class in one step
-    (``out/joint``, the upper bound); ``overrides`` change the demo preset (``TrainConfig.demo``). With
+    """The demo in ``out``: synthetic data in ``out/data``; each of ``methods`` (``DEMO_CHOICES``; ``None``:
+    ``DEMO_METHODS``) on every step of the demo task (``out/incrementer``, ``out/finetune``, ...; the first
+    trains the shared step 0) and, with ``joint``, every class in one step (``out/joint``, the upper bound);
+    ``overrides`` change the demo preset (``TrainConfig.demo``). With
     ``figures``, ``out/comparison.png`` (mIoU per step, every method) and ``out/predictions.png``
     (validation images, ground truth and each method's final prediction). ``workers``: processes (see the
     module docstring; progress bars only with one). Returns method → metrics records (``joint``: its
