@@ -143,7 +143,8 @@ def test_epochs_csv_run_log_and_tensorboard(baseline):
     out, records = baseline
     config = tiny_config(out)
     rows = epoch_rows(out)
-    assert list(rows[0]) == ["step", "epoch", "total", "ce", "dice", "fod_visual", "fod_class", "lr", "seconds"]
+    assert list(rows[0]) == ["step", "epoch", "total", "ce", "dice", "fod_visual", "fod_class", "kd", "pod", "lr",
+                             "seconds"]
     assert [(row["step"], row["epoch"]) for row in rows] == [("0", "1"), ("1", "1"), ("2", "1")]
     for row, record in zip(rows, records):
         updates = math.ceil(record["train_images"] / config.batch_size)  # one epoch: U updates, last u = U − 1
