@@ -16,7 +16,8 @@ with ``--resume`` they are the run directory's ``config.json`` and any option gi
 
 ``demo`` is the main job on the embedded default: the synthetic dataset generated into ``DIR/data``, a small
 ViT with the encoder pretrained for the demo (``incrementer_fast/assets``), on the CPU: every step of the demo
-task for ``incrementer`` and ``finetune`` (``DIR/incrementer``, ``DIR/finetune``) and the joint upper bound
+task for ``incrementer`` and ``finetune`` (``DIR/incrementer``, ``DIR/finetune``; ``--methods`` picks among
+incrementer, mib, plop and finetune) and the joint upper bound
 (``DIR/joint``), then the old / new / all mIoU table, ``DIR/comparison.png`` and ``DIR/predictions.png``
 (``incrementer_fast.continual.demo``).
 
