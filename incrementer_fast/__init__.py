@@ -16,6 +16,7 @@ from ._dispatch import backend, use_backend
 from .ops.cds_dice_loss import cds_dice_loss
 from .ops.cosine_mask import cosine_mask
 from .ops.fod_loss import fod_loss
+from .ops.mib_head_loss import mib_head_loss
 from .ops.seg_head import entropy_histogram, plop_thresholds, pseudo_label, seg_head_loss
 from .reference import fod_token_weights
 
@@ -49,6 +50,7 @@ __all__ = [
     "fod_token_weights",
     "cds_dice_loss",
     "seg_head_loss",
+    "mib_head_loss",
     "entropy_histogram",
     "plop_thresholds",
     "pseudo_label",

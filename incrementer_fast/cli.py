@@ -5,7 +5,7 @@
     incrementer-fast eval --run runs/voc-15-1 --step 5 [--eval-mode slide]
     incrementer-fast eval --checkpoint step_5.pt --dataset voc --data-root DATA --task 15-1 --step 5
     incrementer-fast summary runs/voc-15-1-seed0 runs/voc-15-1-seed1 ... [--out DIR]
-    incrementer-fast demo [--out DIR] [--seed N] [--no-joint] [--workers 1|2]
+    incrementer-fast demo [--out DIR] [--seed N] [--no-joint] [--workers 1|2] [--methods incrementer,mib,...]
     incrementer-fast check [--device cuda|cpu] [--quick | --thorough]
 
 ``train`` has one option per field of ``TrainConfig`` (``--lambda-visual 1.0``, ``--no-use-fod``, ...; the
@@ -16,7 +16,8 @@ with ``--resume`` they are the run directory's ``config.json`` and any option gi
 
 ``demo`` is the main job on the embedded default: the synthetic dataset generated into ``DIR/data``, a small
 ViT with the encoder pretrained for the demo (``incrementer_fast/assets``), on the CPU: every step of the demo
-task for ``incrementer`` and ``finetune`` (``DIR/incrementer``, ``DIR/finetune``) and the joint upper bound
+task for ``incrementer`` and ``finetune`` (``DIR/incrementer``, ``DIR/finetune``; ``--methods`` picks among
+incrementer, mib, plop and finetune) and the joint upper bound
 (``DIR/joint``), then the old / new / all mIoU table, ``DIR/comparison.png`` and ``DIR/predictions.png``
 (``incrementer_fast.continual.demo``).
 
@@ -283,6 +284,16 @@ def demo_table(results: dict[str, list[dict]], joint: dict | None = None) -> str
     return "\n".join(lines)
 
 
+def _demo_methods(text: str) -> tuple[str, ...]:
+    """``demo --methods``: the names, checked by ``continual.demo.parse_methods`` (imported here: torch)."""
+    from .continual.demo import parse_methods
+
+    try:
+        return parse_methods(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .continual.demo import run_demo
     from .continual.report import first_step_split
@@ -290,7 +301,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     results = run_demo(args.out, resume=args.resume, progress=not args.quiet, joint=not args.no_joint,
-                       workers=args.workers, seed=args.seed)
+                       workers=args.workers, methods=args.methods, seed=args.seed)
     config = TrainConfig.demo(seed=args.seed)
     joint = results.pop("joint", None)
     split = None if joint is None else first_step_split(joint[-1], get_task(config.dataset, config.task))
@@ -370,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2, choices=(1, 2),
                       help="processes, one intra-op thread each (same numbers either way; progress bars only "
                            "with 1; default 2)")
+    demo.add_argument("--methods", type=_demo_methods, default=None, metavar="M1,M2,...",
+                      help="methods to compare, among incrementer,mib,plop,finetune (default incrementer,finetune; "
+                           "step 0 is trained once, by the first)")
     add_common_options(demo)
     demo.set_defaults(handler=_demo)
     from .check import build_parser as add_check_options  # torch and the ops only: no timm

@@ -13,6 +13,7 @@ by another implementation, to check a training run against or to debug one.
     fod = inc.nn.FODLoss()                             # student, teacher, weight -> 0-dim
     dice = inc.nn.CDSDiceLoss(num_old=16)              # logits (B, C, ...), labels -> 0-dim
     head = inc.nn.SegHeadLoss(num_old=16, new_class_weight=0.5)   # masks (B, K, h, w), labels -> (ce, dice)
+    mib = inc.nn.MiBHeadLoss(num_old=16)               # masks, labels, teacher_masks -> (unce, unkd)
     plop = inc.nn.PLOPPseudoLabeler(num_classes=21)    # update() over a step, compute_thresholds(), forward()
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from . import ops as dispatching_ops
 from . import reference as reference_ops
 
-__all__ = ["CosineMask", "FODLoss", "CDSDiceLoss", "SegHeadLoss", "PLOPPseudoLabeler"]
+__all__ = ["CosineMask", "FODLoss", "CDSDiceLoss", "SegHeadLoss", "MiBHeadLoss", "PLOPPseudoLabeler"]
 
 
 def _ops(reference: bool) -> ModuleType:
@@ -238,6 +239,44 @@ class SegHeadLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_old={self.num_old}, new_class_weight={self.new_class_weight}, "
                 f"ignore_index={self.ignore_index}, smooth={self.smooth}{_reference_repr(self.reference)}")
+
+
+class MiBHeadLoss(nn.Module):
+    """MiB's unbiased cross-entropy and unbiased distillation from patch-resolution masks
+    (``inc.mib_head_loss``), without materialising the full-resolution logits.
+
+    Args:
+        num_old: MiB's ``old_cl``: the background and the classes of the earlier steps (1 ≤ num_old < K).
+        kd_alpha: MiB's ``alpha``: the teacher's logits are scaled by it before its softmax.
+        ignore_index: the label value the CE leaves out.
+        reference: compute with the plain-PyTorch reference ``incrementer_fast.reference.mib_head_loss`` (the
+            spec: full-resolution logits, differentiated by autograd) instead of the dispatching op.
+
+    Shape:
+        masks (B, K, h, w), labels (B, H, W), teacher_masks (B, num_old, h, w) or ``None`` → ``(unce, unkd)``,
+        two 0-dim float32 losses (unkd = 0 without a teacher); the pixel logits are the bilinear
+        (align_corners=False) upsampling of the masks to (H, W).
+
+    Examples:
+        >>> mib = MiBHeadLoss(num_old=16)
+        >>> unce, unkd = mib(torch.randn(2, 21, 8, 8), torch.randint(0, 21, (2, 64, 64)), torch.randn(2, 16, 8, 8))
+    """
+
+    def __init__(self, num_old: int, kd_alpha: float = 1.0, ignore_index: int = 255, reference: bool = False):
+        super().__init__()
+        self.num_old = num_old
+        self.kd_alpha = float(kd_alpha)
+        self.ignore_index = ignore_index
+        self.reference = _check_reference(reference)
+
+    def forward(self, masks: torch.Tensor, labels: torch.Tensor,
+                teacher_masks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return _ops(self.reference).mib_head_loss(masks, labels, self.num_old, teacher_masks,
+                                                  kd_alpha=self.kd_alpha, ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return (f"num_old={self.num_old}, kd_alpha={self.kd_alpha}, ignore_index={self.ignore_index}"
+                f"{_reference_repr(self.reference)}")
 
 
 class PLOPPseudoLabeler(nn.Module):

@@ -141,6 +141,21 @@ def test_demo_table_lists_both_methods_per_step():
     assert with_joint[-1] == "joint (every class in one step, the upper bound): old 70.0, new 60.0, all 65.0"
 
 
+def test_demo_methods_option(capsys):
+    """``demo --methods``: names among the demo's choices, in the order given (the first trains step 0); an
+    unknown or repeated name is refused naming the option, before anything runs."""
+    from incrementer_fast.continual.demo import DEMO_CHOICES, DEMO_METHODS
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).methods is None  # run_demo's DEMO_METHODS
+    assert DEMO_METHODS == ("incrementer", "finetune")
+    assert parser.parse_args(["demo", "--methods", "plop,incrementer"]).methods == ("plop", "incrementer")
+    assert parser.parse_args(["demo", "--methods", ",".join(DEMO_CHOICES)]).methods == DEMO_CHOICES
+    for bad in ("mib,foo", "mib,mib", "joint", ""):
+        assert main(["demo", "--methods", bad, "--out", "unused"]) == 2
+        assert "--methods" in capsys.readouterr().err
+
+
 def test_a_presets_weights_belong_to_its_backbone():
     demo = TrainConfig.demo()
     assert demo.weights is not None and demo.backbone == "vit_demo_patch8"

@@ -46,10 +46,13 @@ def without_time(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
+# mib and plop: their old class tokens train; plop's POD hooks and thresholds come back with the resumed step,
+# mib has no thresholds.
+@pytest.mark.parametrize("method", ["incrementer", "mib", "plop"])
 def test_a_run_killed_in_step_1_resumes_after_its_last_epoch_and_matches_an_uninterrupted_one(
-        data, tmp_path, monkeypatch, capsys):
+        data, tmp_path, monkeypatch, capsys, method):
     reference = tmp_path / "reference"
-    assert train(reference, data) == 0
+    assert train(reference, data, "--method", method) == 0
     assert not epoch_checkpoint_path(reference, 0).exists() and not epoch_checkpoint_path(reference, 1).exists()
 
     # Kill the run in the middle of step 1's epoch 3, after its epoch-2 checkpoint was written.
@@ -70,7 +73,7 @@ def test_a_run_killed_in_step_1_resumes_after_its_last_epoch_and_matches_an_unin
     monkeypatch.setattr(run_module, "save_epoch_state", save_and_note)
     monkeypatch.setattr(train_module, "compute_losses", dying_losses)
     with pytest.raises(Killed):
-        train(out, data)
+        train(out, data, "--method", method)
     assert saved == [(0, 1), (1, 1), (1, 2)]
     assert (out / "step_0.pt").exists() and not (out / "step_1.pt").exists()
     assert [r["step"] for r in json.loads((out / "metrics.json").read_text())] == [0]

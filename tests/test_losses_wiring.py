@@ -161,7 +161,7 @@ def test_without_teacher_the_loss_is_plain_cross_entropy(models, batch):
     expected = F.cross_entropy(logits, labels, ignore_index=255, reduction="none").mean()
     torch.testing.assert_close(terms.total, expected)
     assert float(terms.dice) == float(terms.fod_visual) == float(terms.fod_class) == 0.0
-    assert set(LossTerms.NAMES) == {"total", "ce", "dice", "fod_visual", "fod_class"}
+    assert set(LossTerms.NAMES) == {"total", "ce", "dice", "fod_visual", "fod_class", "kd", "pod"}
 
 
 def plop_ce(logits, targets, weight):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import incrementer_fast as inc
-from incrementer_fast.nn import CDSDiceLoss, CosineMask, FODLoss, PLOPPseudoLabeler, SegHeadLoss
+from incrementer_fast.nn import CDSDiceLoss, CosineMask, FODLoss, MiBHeadLoss, PLOPPseudoLabeler, SegHeadLoss
 
 from helpers import REL_ERR_BOUND, rel_err
 
@@ -104,12 +104,14 @@ def _module_calls(g):
         (lambda **kw: CDSDiceLoss(num_old=3, **kw), lambda m: m(logits, labels), ["cds_dice_loss"]),
         (lambda **kw: SegHeadLoss(num_old=3, new_class_weight=0.5, **kw),
          lambda m: m(masks, labels, image_weight), ["seg_head_loss"]),
+        (lambda **kw: MiBHeadLoss(num_old=3, kd_alpha=0.5, **kw),
+         lambda m: m(masks, labels, teacher_masks), ["mib_head_loss"]),
         (lambda **kw: PLOPPseudoLabeler(5, **kw), labeler, ["entropy_histogram", "plop_thresholds", "pseudo_label"]),
     ]
 
 
-@pytest.mark.parametrize("index", range(5), ids=["CosineMask", "FODLoss", "CDSDiceLoss", "SegHeadLoss",
-                                                 "PLOPPseudoLabeler"])
+@pytest.mark.parametrize("index", range(6), ids=["CosineMask", "FODLoss", "CDSDiceLoss", "SegHeadLoss",
+                                                 "MiBHeadLoss", "PLOPPseudoLabeler"])
 def test_reference_flag_runs_the_plain_pytorch_reference(monkeypatch, index):
     """``reference=True`` calls ``incrementer_fast.reference``'s function, the default the dispatching op's;
     the two agree within float32 rounding."""
@@ -170,6 +172,7 @@ def test_cds_dice_and_seg_head_modules_are_the_ops():
     for got, want in zip(head(masks, labels, image_weight), expected):
         assert torch.equal(got, want)
     assert repr(head) == "SegHeadLoss(num_old=3, new_class_weight=0.5, ignore_index=7, smooth=1.0)"
+    assert repr(MiBHeadLoss(num_old=3, kd_alpha=0.5)) == "MiBHeadLoss(num_old=3, kd_alpha=0.5, ignore_index=255)"
 
 
 def test_plop_pseudo_labeler_holds_the_step_histogram():

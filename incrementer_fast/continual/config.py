@@ -25,7 +25,7 @@ from ..constants import NEW_TOKEN_INITS
 
 DATASETS = ("voc", "ade", "synthetic", "folder")
 SETTINGS = ("overlapped", "disjoint")
-METHODS = ("incrementer", "finetune", "joint")
+METHODS = ("incrementer", "mib", "plop", "finetune", "joint")
 ATTENTIONS = ("auto", "xformers", "sdpa")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
@@ -69,8 +69,9 @@ class TrainConfig:
     setting: str = "overlapped"
     """``overlapped`` (an image may hold future classes, labelled background) or ``disjoint``."""
     method: str = "incrementer"
-    """``incrementer`` (pseudo-labels + FOD + CDS), ``finetune`` (plain CE: the lower bound) or ``joint``
-    (every class in one step: the upper bound)."""
+    """``incrementer`` (pseudo-labels + FOD + CDS), ``mib`` / ``plop`` (the baselines as their released code
+    trains, on this model: incrementer_fast/continual/baselines.py), ``finetune`` (plain CE: the lower bound)
+    or ``joint`` (every class in one step: the upper bound)."""
     synthetic_seed: int = 0
     """Seed of the generated synthetic dataset (only for ``dataset="synthetic"``)."""
     synthetic_train_images: int = 480
@@ -205,6 +206,21 @@ class TrainConfig:
     ``incrementer_fast/reference/seg_head.py``) — as Incrementer, which uses PLOP's strategy. ``normalized``:
     H / ln K_old ∈ [0, 1] with the interpolated histogram median (sparser pseudo-labels: about half of each
     class's background pixels, where PLOP's keep most of them)."""
+    mib_lambda_kd: float = 10.0
+    """``mib``: λ_kd, the weight of MiB's unbiased distillation (MiB's ``argparser.py`` sets ``loss_kd = 10``
+    for ``--method MiB``)."""
+    mib_kd_alpha: float = 1.0
+    """``mib``: MiB's ``--alpha`` (default 1.0): the teacher's logits are multiplied by it before its softmax."""
+    plop_pod_factor: float = 0.01
+    """``plop``: the Local POD factor of the feature maps (PLOP's ``argparser.py`` for ``--method PLOP``:
+    ``pod_factor 0.01``)."""
+    plop_pod_logits_factor: float = 0.0005
+    """``plop``: the Local POD factor of the logits, the last map (PLOP's ``pod_options`` ``{"switch":
+    {"after": {"factor": 0.0005, ...}}}``)."""
+    plop_pod_blocks: int = 4
+    """``plop``: how many encoder blocks' token maps POD distils, evenly spaced, the last block included
+    (OUR choice: PLOP distils the 4 stages of its ResNet-101; a ViT has no stages, so the same count of
+    maps; capped at the encoder's blocks)."""
     fused_head: bool = True
     """Compute CE + dice and PLOP's pseudo-labels (histogram, thresholds, labels) with the fused ops
     (``inc.seg_head_loss``, ``inc.entropy_histogram``, ``inc.plop_thresholds``, ``inc.pseudo_label``, through
@@ -274,7 +290,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         positive = ("epochs", "epochs_incremental", "batch_size", "crop_size", "val_size", "eval_batch_size",
                     "synthetic_train_images", "synthetic_val_images", "synthetic_image_size", "n_layers",
-                    "micro_batch_size", "d_model", "img_size")
+                    "micro_batch_size", "d_model", "img_size", "plop_pod_blocks")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -285,7 +301,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
         non_negative = ("lr", "lr_incremental", "weight_decay", "poly_power", "new_class_weight",
                         "fod_bg_weight", "lambda_visual", "lambda_class", "lambda_dice", "plop_min_threshold",
-                        "num_workers", "num_visualised")
+                        "num_workers", "num_visualised", "mib_lambda_kd", "mib_kd_alpha", "plop_pod_factor",
+                        "plop_pod_logits_factor")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0; got {getattr(self, name)!r}")

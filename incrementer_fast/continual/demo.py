@@ -1,13 +1,14 @@
-"""The demo's runs: ``incrementer`` and ``finetune`` on every step of the demo task, and the joint upper bound,
-on two CPU processes.
+"""The demo's runs: ``incrementer`` and ``finetune`` (or any of ``DEMO_CHOICES``: ``methods``) on every step of
+the demo task, and the joint upper bound, on two CPU processes.
 
 Four pieces of work, in two phases whose pieces are independent of each other:
 
-1. step 0 (plain CE; the same training for both methods, trained once into ``out/incrementer`` and copied
-   into ``out/finetune``) and ``joint`` (every class in one step, ``out/joint``);
-2. the incremental steps of ``incrementer`` and of ``finetune``.
+1. step 0 (plain CE; the same training for every method, trained once into the first method's run directory,
+   ``out/incrementer`` by default, and copied into the others) and ``joint`` (every class in one step,
+   ``out/joint``);
+2. the incremental steps of each method.
 
-With ``workers=2`` the two pieces of a phase run at once in two spawned processes; with ``workers=1`` one after
+With ``workers=2`` two pieces of a phase run at once in two spawned processes; with ``workers=1`` one after
 the other in this process. Every piece runs with ONE intra-op thread either way, so the numbers are the same
 for any ``workers`` and on any machine with the same torch build (a multi-threaded reduction's rounding
 depends on the thread count), and two processes use two cores better than one process with two threads
@@ -36,6 +37,20 @@ from .train import predict
 from .transforms import val_transform
 
 DEMO_METHODS = ("incrementer", "finetune")
+"""The methods of ``incrementer-fast demo`` by default (what fits its few minutes)."""
+DEMO_CHOICES = ("incrementer", "mib", "plop", "finetune")
+"""The methods ``--methods`` can name (``joint`` is the upper bound, run unless ``--no-joint``)."""
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``--methods`` (``incrementer,mib,plop,finetune``) → the methods, in order; ``ValueError`` naming the
+    option for an unknown, repeated or missing name."""
+    methods = tuple(name.strip() for name in text.split(","))
+    unknown = [m for m in methods if m not in DEMO_CHOICES]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"--methods {text!r}: give distinct names among {', '.join(DEMO_CHOICES)}, separated by "
+                         "commas (joint is the upper bound: --no-joint drops it)")
+    return methods
 
 
 def _run_piece(config: TrainConfig, out_dir: Path, step: int | None, resume: bool, progress: bool) -> list[dict]:
@@ -89,17 +104,20 @@ def _pool(workers: int):
 
 
 def run_demo(out, *, resume: bool = False, progress: bool = True, joint: bool = True,
-             figures: bool = True, workers: int = 2, **overrides) -> dict[str, list[dict]]:
-    """The demo in ``out``: synthetic data in ``out/data``; ``incrementer`` and ``finetune`` on every step of
-    the demo task (``out/incrementer``, ``out/finetune``) and, with ``joint``, every class in one step
-    (``out/joint``, the upper bound); ``overrides`` change the demo preset (``TrainConfig.demo``). With
+             figures: bool = True, workers: int = 2, methods: tuple[str, ...] | None = None,
+             **overrides) -> dict[str, list[dict]]:
+    """The demo in ``out``: synthetic data in ``out/data``; each of ``methods`` (``DEMO_CHOICES``; ``None``:
+    ``DEMO_METHODS``) on every step of the demo task (``out/incrementer``, ``out/finetune``, ...; the first
+    trains the shared step 0) and, with ``joint``, every class in one step (``out/joint``, the upper bound);
+    ``overrides`` change the demo preset (``TrainConfig.demo``). With
     ``figures``, ``out/comparison.png`` (mIoU per step, every method) and ``out/predictions.png``
     (validation images, ground truth and each method's final prediction). ``workers``: processes (see the
     module docstring; progress bars only with one). Returns method → metrics records (``joint``: its
     single record)."""
     out = Path(out)
+    methods = DEMO_METHODS if methods is None else parse_methods(",".join(methods))
     base = TrainConfig.demo(data_root=str(out / "data"), **overrides)
-    configs = {m: dataclasses.replace(base, method=m) for m in (*DEMO_METHODS, "joint")}
+    configs = {m: dataclasses.replace(base, method=m) for m in (*methods, "joint")}
     runs = {m: out / m for m in configs}
     progress = progress and workers <= 1
     if not resume:
@@ -109,21 +127,23 @@ def run_demo(out, *, resume: bool = False, progress: bool = True, joint: bool = 
                                "choose another --out")
 
     # Every piece skips what is finished (resume=True), so an interrupted demo continues where it stopped.
+    owner = methods[0]  # trains the shared step 0
     first = []
-    if 0 not in finished_steps(runs["incrementer"]):
-        first.append(("step 0", configs["incrementer"], runs["incrementer"], 0, True))
+    if 0 not in finished_steps(runs[owner]):
+        first.append(("step 0", configs[owner], runs[owner], 0, True))
     if joint:
         first.append(("joint", configs["joint"], runs["joint"], None, True))
     with _pool(workers) as pool:
         _run_phase(first, pool, progress)
-        if 0 not in finished_steps(runs["finetune"]):
-            copy_finished_step(runs["incrementer"], runs["finetune"], 0)
-        second = [(m, configs[m], runs[m], None, True) for m in DEMO_METHODS]
-        results = dict(zip(DEMO_METHODS, _run_phase(second, pool, progress)))
+        for method in methods[1:]:
+            if 0 not in finished_steps(runs[method]):
+                copy_finished_step(runs[owner], runs[method], 0)
+        second = [(m, configs[m], runs[m], None, True) for m in methods]
+        results = dict(zip(methods, _run_phase(second, pool, progress)))
     if joint:
         results["joint"] = read_records(runs["joint"])
     if figures:
-        demo_figures(out, base, {m: runs[m] for m in DEMO_METHODS}, results)
+        demo_figures(out, base, {m: runs[m] for m in methods}, results)
     return results
 
 

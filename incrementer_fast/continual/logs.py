@@ -5,9 +5,9 @@
   (``configure_logging``) that prints rank 0's records and only warnings and errors of the other ranks of a
   ``torchrun`` launch, prefixed ``[rank r]``; in your own code, configure ``logging`` as you like.
 * ``epochs.csv`` in the run directory: one row per finished epoch of every step — ``step``, ``epoch``, every
-  loss term (``total``, ``ce``, ``dice``, ``fod_visual``, ``fod_class``: means over the epoch's micro-batches
-  of every process), ``lr`` (the epoch's last update's) and ``seconds`` — rewritten atomically after each
-  epoch; a step that is trained again (resumed after a crash, or ``--step k``) replaces its rows.
+  loss term (``total``, ``ce``, ``dice``, ``fod_visual``, ``fod_class``, ``kd``, ``pod``: means over the
+  epoch's micro-batches of every process), ``lr`` (the epoch's last update's) and ``seconds`` — rewritten
+  atomically after each epoch; a step that is trained again (resumed after a crash, or ``--step k``) replaces its rows.
 * ``run.log`` in the run directory: the records of the run that the logger's level lets through.
 * ``--tensorboard``: the same per-epoch numbers and each step's mIoU as TensorBoard scalars in
   ``<run>/tensorboard`` (x axis: the run's epoch count, and the step for mIoU).

@@ -19,7 +19,8 @@ from .._files import atomic_write
 METRICS = (("miou_old", "old classes (step 0, background included)"),
            ("miou_new", "new classes (added after step 0)"),
            ("miou_all", "all classes seen"))
-METHOD_STYLES = {"incrementer": dict(color="#1f77b4", marker="o"), "finetune": dict(color="#d62728", marker="s")}
+METHOD_STYLES = {"incrementer": dict(color="#1f77b4", marker="o"), "mib": dict(color="#2ca02c", marker="^"),
+                 "plop": dict(color="#9467bd", marker="D"), "finetune": dict(color="#d62728", marker="s")}
 # Distinct colours for up to 20 classes (background dark grey, the ignored void band white), for datasets
 # without their own palette (see class_palette).
 _DISTINCT_COLOURS = np.array([

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from .._files import atomic_write, atomic_write_json
 from ..errors import CheckpointError, InputError
 from ..model import Incrementer
+from .baselines import DISTILLING_METHODS, EVERY_TOKEN_TRAINED_METHODS, train_every_class_token
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
 from .dataset_names import build_dataset
 from .datasets import VOC_CLASSES
@@ -521,10 +522,12 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         model.new_token_init = model.config["new_token_init"] = config.new_token_init
         teacher = None
         if current > 0:
-            if config.method == "incrementer":
+            if config.method in DISTILLING_METHODS:
                 teacher = model.frozen_copy()
             seed_everything(derive_seed(config.seed, "add_classes", current))
             model.add_classes(len(task[current]))
+            if config.method in EVERY_TOKEN_TRAINED_METHODS:
+                train_every_class_token(model)
         ids = cached_select_images(cache_dir, train_labels, dataset_key, task, current,
                                    config.setting == "overlapped")
         if not ids:

@@ -24,7 +24,9 @@ Per step t of a task (the classes of each step, background in step 0):
   labels: the training labels hold no old class (old classes are background at step t), the pseudo-labels
   do, so an old-class patch gets weight 1, a background or uncertain patch β and a patch touching a new
   class 0.
-  Step 0, ``finetune`` and ``joint`` train with plain CE on the training labels.
+  Step 0, ``finetune`` and ``joint`` train with plain CE on the training labels; ``mib`` and ``plop`` train
+  as their released code does (``baselines.py``: MiB's unbiased CE and distillation; PLOP's pseudo-labels
+  with its CE and its Local POD on the encoder blocks' token maps).
   ``TrainConfig.fused_head=False`` runs the plain-PyTorch references of ``seg_head_loss`` and of PLOP's
   pseudo-labels instead (the modules' ``reference=True``).
 
@@ -66,6 +68,7 @@ from .. import fod_loss, fod_token_weights
 from ..constants import IGNORE_INDEX
 from ..errors import InputError, WorkError
 from ..nn import PLOPPseudoLabeler, SegHeadLoss
+from .baselines import BlockTokenMaps, mib_losses, plop_pod, pod_block_indices
 from .config import TrainConfig
 from .epoch_state import restore_rng_states, rng_states
 from .inference import sliding_window_logits
@@ -233,15 +236,23 @@ def _loader(dataset, config: TrainConfig, device: torch.device, **kwargs) -> Dat
 # ------------------------------------------------------------------------------------ losses
 @dataclass
 class LossTerms:
-    """The loss of one micro-batch and its terms (0-dim float32; the unused terms are 0)."""
+    """The loss of one micro-batch and its terms (0-dim float32; the unused terms are 0). ``kd``: MiB's
+    unbiased distillation (before λ_kd); ``pod``: PLOP's Local POD (weighted, as PLOP adds it)."""
 
     total: torch.Tensor
     ce: torch.Tensor
     dice: torch.Tensor
     fod_visual: torch.Tensor
     fod_class: torch.Tensor
+    kd: Optional[torch.Tensor] = None
+    pod: Optional[torch.Tensor] = None
 
-    NAMES = ("total", "ce", "dice", "fod_visual", "fod_class")
+    NAMES = ("total", "ce", "dice", "fod_visual", "fod_class", "kd", "pod")
+
+    def __post_init__(self) -> None:
+        for name in ("kd", "pod"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros((), device=self.total.device))
 
     def stacked(self) -> torch.Tensor:
         return torch.stack([getattr(self, n).detach().float() for n in self.NAMES])
@@ -267,7 +278,8 @@ def make_pseudo_labeler(config: TrainConfig, num_classes: int,
 
 
 def compute_losses(config: TrainConfig, student, labels: torch.Tensor, *, num_old: int, patch_size: int,
-                   teacher=None, pseudo_labeler: PLOPPseudoLabeler | None = None) -> LossTerms:
+                   teacher=None, pseudo_labeler: PLOPPseudoLabeler | None = None,
+                   block_maps: tuple[list, list] | None = None) -> LossTerms:
     """The loss of a micro-batch (see the module docstring).
 
     ``student``/``teacher``: model outputs (``masks``, ``patch_embeddings``, ``class_embeddings``);
@@ -277,6 +289,9 @@ def compute_losses(config: TrainConfig, student, labels: torch.Tensor, *, num_ol
     (``step_pseudo_labeler``), then CE + λ_d·dice + λ_v·FOD_v + λ_c·FOD_c (terms switched off by
     ``use_cds`` / ``use_fod`` are reported but not added). ``config.fused_head`` picks the dispatching
     seg-head op or its reference (``make_seg_head_loss``), as ``make_pseudo_labeler`` does for the labeler.
+    ``config.method`` ``mib``: MiB's CE + λ_kd·KD instead (no pseudo-labels); ``plop``: CE on the pseudo-labels
+    (no class weight, no dice) + POD, whose encoder token maps ``block_maps`` holds (the student's, the
+    teacher's; ``BlockTokenMaps.maps``).
     """
     labels = labels.long()
     if teacher is None:
@@ -284,11 +299,22 @@ def compute_losses(config: TrainConfig, student, labels: torch.Tensor, *, num_ol
         ce, _ = make_seg_head_loss(config, num_old=1, new_class_weight=1.0)(student.masks, labels)
         zero = torch.zeros((), device=ce.device)
         return LossTerms(total=ce, ce=ce, dice=zero, fod_visual=zero, fod_class=zero)
+    zero = torch.zeros((), device=student.masks.device)
+    if config.method == "mib":
+        ce, kd = mib_losses(config, student.masks, labels, teacher.masks, num_old)
+        return LossTerms(total=ce + config.mib_lambda_kd * kd, ce=ce, dice=zero, fod_visual=zero, fod_class=zero,
+                         kd=kd)
     if pseudo_labeler is None:
         raise ValueError("compute_losses with a teacher needs the step's PLOP pseudo-labeler")
     with torch.no_grad():
         pseudo, image_factor = pseudo_labeler(teacher.masks.float(), labels)
     image_weight = image_factor.float() if config.plop_image_factor else None
+    if config.method == "plop":
+        if block_maps is None:
+            raise ValueError("compute_losses for plop needs the encoder blocks' token maps (block_maps)")
+        ce, _ = make_seg_head_loss(config, num_old, new_class_weight=1.0)(student.masks, pseudo, image_weight)
+        pod = plop_pod(config, student, teacher, *block_maps, num_old)
+        return LossTerms(total=ce + pod, ce=ce, dice=zero, fod_visual=zero, fod_class=zero, pod=pod)
     # CE on the pseudo-labels; the dice's M_new / M_old on the step's ground truth (see the module docstring).
     seg_head_loss = make_seg_head_loss(config, num_old, config.new_class_weight)
     ce, dice = seg_head_loss(student.masks, pseudo, image_weight, dice_labels=labels)
@@ -400,14 +426,21 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
                                     first_epoch=0 if resume_state is None else resume_state["epoch"])
     loader = _loader(SeededSamples(train_set, config.seed), config, device, batch_sampler=sampler)
     pseudo_labeler = None
-    if distill and resume_state is not None:
+    if distill:
         teacher.eval()
+    pseudo_labels = distill and config.method != "mib"  # MiB learns from the labels alone
+    if pseudo_labels and resume_state is not None:
         pseudo_labeler = make_pseudo_labeler(config, num_classes=len(classes_up_to(task, step)),
                                              thresholds=resume_state["thresholds"].to(device))
-    elif distill:
-        teacher.eval()
+    elif pseudo_labels:
         pseudo_labeler = step_pseudo_labeler(teacher, train_set, config=config, task=task, step=step,
                                              device=device, env=env, progress=progress)
+
+    block_hooks = None
+    if distill and config.method == "plop":
+        # After the thresholds' pass, so the hooks see only training forwards; removed after the loop.
+        indices = pod_block_indices(len(model.encoder.blocks), config.plop_pod_blocks)
+        block_hooks = (BlockTokenMaps(model.encoder, indices), BlockTokenMaps(teacher.encoder, indices))
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     base_lr = step_learning_rate(config, step)
@@ -462,8 +495,12 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
         with sync:
             with _autocast(config, device):
                 student_out = network(images)
+            block_maps = None
+            if block_hooks is not None:
+                grid = student_out.masks.shape[-2:]
+                block_maps = (block_hooks[0].maps(*grid), block_hooks[1].maps(*grid))
             terms = compute_losses(config, student_out, labels, num_old=num_old, patch_size=model.patch_size,
-                                   teacher=teacher_out, pseudo_labeler=pseudo_labeler)
+                                   teacher=teacher_out, pseudo_labeler=pseudo_labeler, block_maps=block_maps)
             scaler.scale(terms.total / accumulation).backward()
         stacked = terms.stacked()
         sums += stacked
@@ -499,6 +536,9 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
                                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                     scaler=scaler.state_dict(), rng=rng_states(),
                                     thresholds=None if pseudo_labeler is None else pseudo_labeler.thresholds))
+    if block_hooks is not None:
+        for hooks in block_hooks:
+            hooks.remove()
     guard.check_weights(model, total_updates)
     return summaries
 

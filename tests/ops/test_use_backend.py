@@ -20,6 +20,7 @@ LAUNCHERS = {
     "fod_loss": ("fod_loss", ("fod_loss_forward", "fod_loss_backward")),
     "cds_dice_loss": ("cds_dice_loss", ("cds_dice_loss_forward", "cds_dice_loss_backward")),
     "seg_head_loss": ("seg_head", ("seg_head_loss_forward", "seg_head_loss_backward")),
+    "mib_head_loss": ("mib_head_loss", ("mib_head_loss_forward", "mib_head_loss_backward")),
     "pseudo_label": ("seg_head", ("pseudo_label_forward",)),
     "entropy_histogram": ("seg_head", ("entropy_histogram_forward",)),
 }
@@ -40,11 +41,12 @@ def _every_op(patches, classes, labels, teacher):
     masks = inc.cosine_mask(patches, classes, scale=4.0).view(2, 5, 4, 4)
     ce, dice = inc.seg_head_loss(masks, labels, num_old=3)
     cds = inc.cds_dice_loss(masks, labels[:, ::2, ::2], num_old=3)
+    unce, unkd = inc.mib_head_loss(masks, labels, num_old=3, teacher_masks=teacher)
     fod = inc.fod_loss(patches, patches.detach() + 1, torch.ones(2, 16))
     histogram = inc.entropy_histogram(teacher, labels, num_classes=5)
     thresholds = inc.plop_thresholds(histogram)
     pseudo, factor = inc.pseudo_label(teacher, labels, thresholds, num_classes=5)
-    return ce + dice + cds + fod + factor.sum() + pseudo.float().mean()
+    return ce + dice + cds + unce + unkd + fod + factor.sum() + pseudo.float().mean()
 
 
 @pytest.fixture
