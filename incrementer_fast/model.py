@@ -198,10 +198,11 @@ def _load_encoder_weights(encoder: nn.Module, path, backbone: str) -> None:
             raise ValueError(f"{path!r}: .npz (JAX) weights load only into timm VisionTransformer backbones")
         try:
             encoder.load_pretrained(path)
-        except (KeyError, ValueError, RuntimeError) as error:
+        except Exception as error:  # not a zip (BadZipFile), pickled, missing arrays, wrong shapes: one user error
             raise ValueError(
                 f"could not load the .npz checkpoint {path!r} into {backbone!r}: {error}"
             ) from error
+        _check_finite_encoder(encoder, path)
         return
     try:
         state = timm.models.load_state_dict(path, weights_only=True)
@@ -234,6 +235,16 @@ def _load_encoder_weights(encoder: nn.Module, path, backbone: str) -> None:
             f"encoder weights {path!r} do not match backbone {backbone!r}: shapes differ: {_short_list(wrong)}"
         )
     encoder.load_state_dict(state)
+    _check_finite_encoder(encoder, path)
+
+
+def _check_finite_encoder(encoder: nn.Module, path: str) -> None:
+    """ValueError naming ``path`` and its non-finite tensors: a NaN or Inf weight makes the first loss
+    non-finite, which no learning rate cures, so it is refused before the run starts."""
+    bad = [k for k, v in encoder.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"encoder weights {path!r} hold non-finite values in {_short_list(bad)}: they cannot be "
+                         "trained from; use another file")
 
 
 class Incrementer(nn.Module):

@@ -543,3 +543,41 @@ def test_checkpoint_tensors_are_checked_against_a_meta_model_before_allocation(f
     with pytest.raises(CheckpointError, match=r"proj_patch: file \(64, 64\) torch.float64 vs model \(64, 64\) "
                                               r"torch.float32"):
         Incrementer.from_checkpoint(tmp_path / "double.pt")
+
+
+# ------------------------------------------------------------------------------------ encoder weights
+def _encoder_state():
+    import timm
+
+    return timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict()
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("nan", "hold non-finite values in blocks.0.attn.qkv.weight"),
+    ("inf", "hold non-finite values in pos_embed"),
+    ("shape", "shapes differ: norm.weight: file (7,) vs model (64,)"),
+])
+def test_bad_encoder_weights_are_refused_before_anything_is_written(fault, message, tmp_path, capsys):
+    state = _encoder_state()
+    if fault == "nan":
+        state["blocks.0.attn.qkv.weight"][3, 5] = float("nan")
+    elif fault == "inf":
+        state["pos_embed"][0, 0, 0] = float("-inf")
+    else:
+        state["norm.weight"] = torch.ones(7)
+    path = tmp_path / "encoder.pth"
+    torch.save(state, path)
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, *TINY, "--weights", path], capsys)  # the data would go in out/data
+    assert code == 2 and f"encoder weights '{path}'" in err and message in err
+    assert not out.exists()  # no config.json, run.log, generated data or lock
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04" + b"\x00" * 60, b"not an archive at all"])
+def test_an_unreadable_npz_encoder_file_is_named(content, tmp_path, capsys):
+    path = tmp_path / "bad.npz"
+    path.write_bytes(content)
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, *TINY, "--weights", path], capsys)
+    assert code == 2 and f"could not load the .npz checkpoint '{path}'" in err
+    assert not out.exists()
