@@ -581,3 +581,18 @@ def test_an_unreadable_npz_encoder_file_is_named(content, tmp_path, capsys):
     code, err, _ = cli(["train", "--out", out, *TINY, "--weights", path], capsys)
     assert code == 2 and f"could not load the .npz checkpoint '{path}'" in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ every step's images
+def test_a_step_without_training_images_is_refused_before_step_0_trains(data, tmp_path, capsys):
+    root = _broken_copy(data, tmp_path)
+    split = root / SPLITS / "train_aug.txt"
+    # Step 2 of task 8-2 adds classes 11 and 12: only syn_train_00003 (11) and syn_train_00006 (12) hold them.
+    kept = [line for line in split.read_text().splitlines() if line not in ("syn_train_00003", "syn_train_00006")]
+    split.write_text("\n".join(kept) + "\n")
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and "step 2 of task '8-2' has no training image" in err
+    assert "no image of the train split holds its classes [11, 12] (purple_square, cyan_ring)" in err
+    assert not (out / "config.json").exists() and not (out / "run.log").exists()
+    assert not list(out.glob("step_*")) and not (out / "metrics.json").exists()

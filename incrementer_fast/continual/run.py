@@ -58,6 +58,7 @@ from .report import class_palette, save_comparison_grid
 from .scenarios import (cached_select_images, classes_up_to, get_task, num_classes, remap_eval_labels,
                         select_eval_images)
 from .transforms import train_transform, val_transform
+from .validation import check_step_selections
 from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
                     seed_everything, step_epochs, step_learning_rate, train_step)
 
@@ -451,9 +452,9 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     for split, dataset in (("train", train_set), ("val", val_set)):
         scans[split] = scans.get(split) or dataset.scan()
         if scans[split].converted:
-            names = sorted(scans[split].converted)
-            log(f"{split}: {len(names)} grayscale/CMYK image(s) converted to RGB when loaded: "
-                f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}")
+            converted = sorted(scans[split].converted)  # (not `names`: those are the class names)
+            log(f"{split}: {len(converted)} grayscale/CMYK image(s) converted to RGB when loaded: "
+                f"{', '.join(converted[:5])}{', …' if len(converted) > 5 else ''}")
     train_labels, val_labels = scans["train"].labels, scans["val"].labels
     evaluation = split_fingerprint(val_labels)  # before the class order: the dataset's own indices
     check_fingerprint(evaluation, (read_run_file(out_dir) or {}).get("evaluation"), data_root, out_dir)
@@ -462,6 +463,9 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         train_labels, val_labels = order.positions_of(train_labels), order.positions_of(val_labels)
     dataset_key = scenario_dataset(config)
     in_dataset = order.task_to_dataset if order is not None else (lambda steps: steps)
+    check_step_selections(train_labels, dataset_key, task, steps_to_run, overlap=config.setting == "overlapped",
+                          dataset_classes=in_dataset(task), class_names=names, task_name=config.task,
+                          data_root=data_root)
 
     # The run starts: config.json (with the history of resumed changes), leftovers of a crash removed.
     launch = dict(world_size=env.world_size, micro_batch_size=config.micro_batch(env.world_size),
@@ -506,8 +510,6 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
             model.add_classes(len(task[current]))
         ids = cached_select_images(cache_dir, train_labels, dataset_key, task, current,
                                    config.setting == "overlapped")
-        if not ids:
-            raise RunError(f"step {current} of task {config.task!r} has no training image in {data_root}")
         step_train = train_set.subset(ids)
         step_classes = in_dataset([task[current]])[0]
         log(f"step {current}: classes {step_classes} ({', '.join(names[c] for c in step_classes)}), "
