@@ -632,6 +632,12 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     return checkpoint
 
 
+def checkpoint_differences(path, expect: Mapping) -> list[str]:
+    """``field: file X, expected Y`` for each field of ``expect`` (``from_checkpoint``'s) that the checkpoint at
+    ``path`` differs in; read memory-mapped, nothing built or allocated. Raises as :func:`read_checkpoint`."""
+    return _architecture_differences(read_checkpoint(path), expect)
+
+
 def _load_failure(error: Exception) -> str:
     """Why torch.load failed, in a few words (torch's own messages span paragraphs and, for a refused
     pickle, advise weights_only=False: never the right advice for a checkpoint of ours)."""
@@ -726,4 +732,4 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-__all__ = ["Incrementer", "IncrementerOutput", "read_checkpoint"]
+__all__ = ["Incrementer", "IncrementerOutput", "checkpoint_differences", "read_checkpoint"]

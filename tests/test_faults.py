@@ -596,3 +596,36 @@ def test_a_step_without_training_images_is_refused_before_step_0_trains(data, tm
     assert "no image of the train split holds its classes [11, 12] (purple_square, cyan_ring)" in err
     assert not (out / "config.json").exists() and not (out / "run.log").exists()
     assert not list(out.glob("step_*")) and not (out / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------------ resume: which file changed
+def _edit_config(run, **changes):
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"].update(changes)
+    (run / "config.json").write_text(json.dumps(stored))
+
+
+@pytest.mark.parametrize("run_fixture, edit, message", [
+    ("finished", dict(task="10-1"), "its task '10-1' (incrementer) step 0 adds [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10] "
+                                    "(trained: [0, 1, 2, 3, 4, 5, 6, 7, 8])"),
+    ("three_steps", dict(task="8-4"), "step 1 adds [9, 10, 11, 12] (trained: [9, 10]); step 2 is not in it"),
+    ("three_steps", dict(method="joint"), "its task '8-2' (joint) step 0 adds [0, 1, 2"),
+    ("three_steps", dict(n_layers=1), "every finished step's checkpoint (steps [0, 1, 2]) differs from it alike "
+                                      "(n_layers: file 2, expected 1)"),
+])
+def test_resume_names_config_json_when_it_changed_and_keeps_the_checkpoints(run_fixture, edit, message, request,
+                                                                            tmp_path, capsys):
+    run = copy_run(request.getfixturevalue(run_fixture), tmp_path / "run")
+    _edit_config(run, **edit)
+    code, err = _resume(run, capsys)  # (today: "does not fit … delete it", or "every step is finished", exit 0)
+    assert code == 2 and message in err and "config.json was changed after" in err
+    assert "delete" not in err and "keep the checkpoints" in err
+
+
+def test_a_replaced_checkpoint_is_named_and_never_advised_deleted(three_steps, tmp_path, capsys):
+    run = copy_run(three_steps, tmp_path / "run")
+    shutil.copy(run / "step_0.pt", run / "step_1.pt")  # step 1's file replaced by step 0's (9 classes, not 11)
+    code, err = _resume(run, capsys)
+    assert code == 2 and f"checkpoint {run / 'step_1.pt'} does not fit: classes_per_step: file [9], expected [9, 2]" in err
+    assert "config.json and metrics.json agree on its classes [9, 10]" in err and f"move it out of {run}" in err
+    assert "delete" not in err

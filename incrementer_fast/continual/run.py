@@ -46,6 +46,7 @@ from .._files import atomic_write, atomic_write_json
 from ..errors import CheckpointError, InputError
 from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
+from .consistency import check_finished_steps
 from .datasets import VOC_CLASSES, build_dataset
 from .epoch_state import epoch_checkpoint_path, load_epoch_state, save_epoch_state
 from .evaluation_set import check_fingerprint, open_validation_set, split_fingerprint
@@ -279,8 +280,8 @@ def load_step(config: TrainConfig, task, out_dir: Path, step: int) -> Incremente
     try:
         return Incrementer.from_checkpoint(path, attention=config.attention, expect=expect)
     except CheckpointError as error:
-        raise CheckpointError(f"{error} — it is not this run's step {step}: restore the right file, or delete "
-                              f"it and rerun with --resume to train step {step} again") from error
+        raise CheckpointError(f"{error} — it is not this run's step {step}: restore the right file, or move it "
+                              f"out of {out_dir} and rerun with --resume to train step {step} again") from error
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -414,6 +415,9 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     stored = read_run_config(out_dir)
     if stored is not None:
         _check_resumable(stored, config, out_dir)
+    check_finished_steps(out_dir, records, {s: checkpoint_path(out_dir, s) for s in done},
+                         (order.task_to_dataset if order is not None else list)(task), model_options(config),
+                         config.task, config.method)
     steps_to_run = plan_steps(out_dir, len(task), done, step=step, resume=resume, retrain_from=retrain_from)
     if not steps_to_run:
         log(f"every step of {out_dir} is already finished")
