@@ -24,7 +24,8 @@ Errors. ``main`` is the one place where an exception becomes what the user sees:
 ``incrementer-fast COMMAND: error: MESSAGE``, and the exit status — 2 for input that cannot be used as given
 (``InputError``, ``CommandError``, ``CheckpointError``, an option argparse refuses, and the library's
 ValueError / FileNotFoundError, which name what they refuse), 1 for a failure during the work
-(``WorkError``, a write the OS refuses, out of memory, anything unexpected), 130 for Ctrl-C. The
+(``WorkError``, a write the OS refuses, out of memory, anything unexpected), 130 for Ctrl-C, 143 for SIGTERM
+(handled as Ctrl-C: ``errors.Terminated``). The
 traceback is shown only with ``--debug``. A new subcommand gets all of this by ``add_common_options(sub)``
 and ``sub.set_defaults(handler=fn)``, where ``fn(args) -> int`` raises those types.
 """
@@ -37,7 +38,9 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -45,12 +48,13 @@ from pathlib import Path
 from ._files import atomic_write
 from .continual.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, preset_values, read_config_file,
                                upgrade_config_values)
-from .errors import InputError, WorkError
+from .errors import InputError, Terminated, WorkError
 
 DATASET_PRESETS = {"voc": "voc", "ade": "ade", "synthetic": "demo"}  # the preset of each --dataset
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
 
 
 class CommandError(InputError):
@@ -387,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe_error(error: BaseException) -> tuple[int, str]:
     """(exit status, one-line message) for an exception that ended a command."""
+    if isinstance(error, Terminated):
+        return EXIT_TERMINATED, "terminated (SIGTERM); finished steps are kept: rerun with --resume to continue"
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted; finished steps are kept: rerun with --resume to continue"
     if isinstance(error, InputError):
@@ -422,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     # Progress messages of rank 0 (and warnings of every rank) to stdout, for this command only: stderr is
     # kept for the one-line error (and the progress bars).
     handler = configure_logging(logging.INFO, sys.stdout)
+    previous_sigterm = _raise_on_sigterm()
     try:
         return args.handler(args)
     except (Exception, KeyboardInterrupt) as error:
@@ -431,7 +438,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"incrementer-fast {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return code
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         logging.getLogger(ROOT_LOGGER).removeHandler(handler)
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _raise_on_sigterm():
+    """SIGTERM raises ``Terminated`` for the command's duration (the default action kills the process at once,
+    leaving its temporary files); returns the previous handler to restore, or None where signals cannot be
+    handled (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
 
 
 if __name__ == "__main__":  # pragma: no cover

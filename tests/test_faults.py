@@ -629,3 +629,47 @@ def test_a_replaced_checkpoint_is_named_and_never_advised_deleted(three_steps, t
     assert code == 2 and f"checkpoint {run / 'step_1.pt'} does not fit: classes_per_step: file [9], expected [9, 2]" in err
     assert "config.json and metrics.json agree on its classes [9, 10]" in err and f"move it out of {run}" in err
     assert "delete" not in err
+
+
+# ------------------------------------------------------------------------------------ SIGTERM
+def test_sigterm_is_handled_like_ctrl_c(data, tmp_path):
+    """What ``timeout`` and schedulers send: the child pauses inside the write of step 0's metrics record (an
+    atomic write's temporary file open) and says so; this process then sends SIGTERM. The command ends with
+    one line and exit status 143, the temporary file is removed, and the step's figures were written before
+    its record (a record without its figure would stay so: the step counts as finished)."""
+    out = tmp_path / "run"
+    script = textwrap.dedent("""
+        import sys, time
+        from incrementer_fast import _files
+        from incrementer_fast.cli import main
+        from incrementer_fast.continual import run
+
+        def paused_write(path, obj):
+            if path.name != "metrics.json":
+                return _files.atomic_write_json(path, obj)
+            with _files.atomic_write(path) as handle:
+                handle.write(b"[")
+                handle.flush()
+                print("writing", flush=True)
+                time.sleep(60)  # SIGTERM arrives here
+
+        run.atomic_write_json = paused_write
+        sys.exit(main(sys.argv[1:]))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script, "train", "--out", str(out), "--data-root", str(data),
+                              *TINY, "--step", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stdout:
+            if line.strip() == "writing":
+                break
+        assert list(out.glob(".metrics.json.*.tmp")), "the child did not pause inside the write"
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 143
+    assert stderr.count("\n") == 1 and "terminated (SIGTERM)" in stderr and "--resume" in stderr, stderr
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert (out / "predictions_step0.png").exists() and (out / "miou.png").exists()
+    assert not (out / "metrics.json").exists()  # step 0 is not finished: --resume trains it again

@@ -543,13 +543,15 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         if order is not None:
             record = order.record_to_dataset(record)
         if env.is_main:
+            # The checkpoint, the figures, then the record, which makes the step finished: an interruption
+            # before it repeats the step (figures included), never leaves a finished step without its figures.
             model.save(checkpoint_path(out_dir, current))
             records = [r for r in records if r["step"] != current] + [record]
+            plot_miou(out_dir, records)
+            _visualise(model, step_val, config, task, current, device, out_dir, mean, std, order, names)
             write_metrics(out_dir, records, len(names) if order is not None else
                           len(classes_up_to(task, len(task) - 1)))
             epoch_path.unlink(missing_ok=True)  # the step is finished: its checkpoint and record are written
-            plot_miou(out_dir, records)
-            _visualise(model, step_val, config, task, current, device, out_dir, mean, std, order, names)
             reports.step(record)
             log(f"step {current} done in {record['seconds']:.1f} s: " + format_record(record))
         _barrier(env)
