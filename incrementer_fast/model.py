@@ -557,13 +557,14 @@ class Incrementer(nn.Module):
         """
         path = os.fspath(path)
         checkpoint = read_checkpoint(path)  # memory-mapped: nothing allocated yet
+        # Bounded loading (incrementer_fast.checkpoint_loading): only architecture fields reach the
+        # constructor, and every count, name, shape and dtype is checked before the model is allocated.
+        # Malformed metadata is named as such before it is compared with what the caller expects.
+        config = architecture_config(checkpoint["config"], path)
         if expect is not None:
             differences = _architecture_differences(checkpoint, expect)
             if differences:
                 raise CheckpointError(f"checkpoint {path} does not fit: {'; '.join(differences)}")
-        # Bounded loading (incrementer_fast.checkpoint_loading): only architecture fields reach the
-        # constructor, and every count, name, shape and dtype is checked before the model is allocated.
-        config = architecture_config(checkpoint["config"], path)
         if attention is not None:
             config["attention"] = attention
         steps = list(checkpoint["classes_per_step"])

@@ -673,3 +673,61 @@ def test_sigterm_is_handled_like_ctrl_c(data, tmp_path):
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
     assert (out / "predictions_step0.png").exists() and (out / "miou.png").exists()
     assert not (out / "metrics.json").exists()  # step 0 is not finished: --resume trains it again
+
+
+# ------------------------------------------------------------------------------------ unexpected errors, named
+def _png_header_only(path, width, height):
+    """A PNG whose header claims ``width`` × ``height`` pixels (PIL refuses it at open, before decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_image_is_named(data, tmp_path, capsys):
+    root = _broken_copy(data, tmp_path)
+    image = root / IMAGES / "syn_train_00005.png"
+    _png_header_only(image, 14000, 14000)  # 196 million pixels: over PIL's limit
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and f"cannot read image {image}" in err and "decompression bomb" in err
+    assert not (out / "config.json").exists() and not (out / "run.log").exists()
+
+
+def test_a_checkpoint_without_its_backbone_is_named_on_resume(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    checkpoint = torch.load(run / "step_0.pt", weights_only=True)
+    del checkpoint["config"]["backbone"]
+    torch.save(checkpoint, run / "step_0.pt")
+    code, err = _resume(run, capsys)
+    assert code == 2 and f"checkpoint {run / 'step_0.pt'} lacks config field(s) backbone" in err
+
+
+@pytest.mark.parametrize("content", [{"labels": [1, 2], "converted": {}}, {"labels": None},
+                                     {"labels": "many", "converted": 5}, "[not json"])
+def test_a_corrupt_scan_cache_is_named_and_rebuilt(content, finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    caches = sorted((run / "cache").glob("scan-*.json"))
+    assert len(caches) == 2  # train and val
+    for path in caches:
+        if isinstance(content, str):
+            path.write_text(content)
+        else:
+            key = json.loads(path.read_text())["key"]
+            path.write_text(json.dumps({"key": key, **content}))
+    code = main(["train", "--out", str(run), "--resume", "--step", "1", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for path in caches:
+        assert f"scan cache {path} is corrupt" in printed
+        assert isinstance(json.loads(path.read_text())["labels"], dict)  # rebuilt
+
+
+def test_check_names_an_unknown_device(capsys):
+    code = main(["check", "--quick", "--device", "tpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "incrementer-fast check: error: --device tpu: expected cpu, cuda or cuda:N"

@@ -14,13 +14,14 @@ for every finished step and names the one that changed:
 * the architecture fields (``model_options``) of every finished checkpoint agree with each other but not
   with config.json: config.json was edited; one finished step alone cannot tell, and the message says both.
 
-Unreadable checkpoints are left to the loader, which names them.
+Unreadable checkpoints, and those whose metadata is malformed, are left to the loader, which names them.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..checkpoint_loading import architecture_config
 from ..errors import CheckpointError, InputError
 from ..model import checkpoint_differences, read_checkpoint
 
@@ -60,7 +61,9 @@ def check_finished_steps(out_dir, records: Sequence[Mapping], checkpoints: Mappi
     counts = {}  # finished step -> the checkpoint's classes per step (readable checkpoints only)
     for step, path in checkpoints.items():
         try:
-            counts[step] = list(read_checkpoint(path)["classes_per_step"])
+            checkpoint = read_checkpoint(path)
+            architecture_config(checkpoint["config"], path)  # (malformed metadata is the checkpoint's fault)
+            counts[step] = list(checkpoint["classes_per_step"])
         except (CheckpointError, FileNotFoundError):
             pass  # the loader names it when the step is loaded
     config_changed = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +42,8 @@ from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from .synthetic import generate_synthetic, read_manifest
 
 
+logger = logging.getLogger(__name__)
+
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -57,6 +60,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "incrementer_fast"
 
 
+# What PIL raises for a file it cannot decode: PIL.UnidentifiedImageError is an OSError; an image whose header
+# claims more pixels than twice PIL.Image.MAX_IMAGE_PIXELS raises DecompressionBombError at open (before any
+# memory is allocated), which is no OSError.
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -71,7 +80,7 @@ def load_image(path) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+    except UNREADABLE_IMAGE as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
@@ -91,7 +100,7 @@ def _read_label(path, lut: np.ndarray | None = None) -> Image.Image:
             label = im.copy()
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         raise ValueError(f"cannot read label {path}: {e}") from e
     if label.mode not in ("L", "P"):
         raise ValueError(
@@ -129,7 +138,7 @@ def _scan_pair(image_path, label_path, num_classes: int,
             mode, size = im.mode, im.size
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         raise ValueError(f"cannot read image {image_path}: {e}") from e
     if mode != "RGB" and mode not in CONVERTED_IMAGE_MODES:
         raise ValueError(f"image {image_path} has mode {mode}: expected an RGB photo (or grayscale, which is "
@@ -241,15 +250,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """
         key = self._scan_cache_key()
         path = self.cache_dir / f"scan-{type(self).__name__}-{key[:32]}.json"
-        if path.exists():
-            try:
-                with open(path, encoding="utf-8") as f:
-                    cached = json.load(f)
-                if cached.get("key") == key:
-                    return DatasetScan({i: cached["labels"][i] for i in self.ids},
-                                       {i: m for i, m in cached["converted"].items() if i in self._images})
-            except (OSError, json.JSONDecodeError, KeyError, AttributeError):
-                pass  # unreadable or foreign: recompute and overwrite
+        cached = _read_scan_cache(path, key, self.ids, self.num_classes)
+        if cached is not None:
+            return DatasetScan(cached.labels, {i: m for i, m in cached.converted.items() if i in self._images})
 
         def check(image_id):
             try:
@@ -278,6 +281,39 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Image id -> sorted label values present in its label map (0 and 255 included when present),
         for the ids of this dataset: ``scan(progress).labels``."""
         return self.scan(progress).labels
+
+
+def _read_scan_cache(path: Path, key: str, ids: list[str], num_classes: int) -> DatasetScan | None:
+    """The scan cached at ``path`` for ``key``, restricted to ``ids``; None when there is none, it is of other
+    files (another key), or its content is not a scan of these ids — then a warning names the file, and the
+    caller scans again and overwrites it (a cache is never trusted blindly: its labels select the training
+    images)."""
+    if not path.exists():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+    except (OSError, ValueError) as error:
+        problem = f"unreadable: {error}"
+    else:
+        if isinstance(cached, dict) and cached.get("key") != key:
+            return None
+        labels = cached.get("labels") if isinstance(cached, dict) else None
+        converted = cached.get("converted") if isinstance(cached, dict) else None
+        allowed = set(range(num_classes)) | {IGNORE_INDEX}
+        if not isinstance(labels, dict) or not isinstance(converted, dict):
+            problem = "not a mapping of labels and converted images"
+        elif any(i not in labels for i in ids):
+            problem = f"{sum(i not in labels for i in ids)} image(s) missing"
+        elif not all(isinstance(labels[i], list) and all(type(v) is int and v in allowed for v in labels[i])
+                     for i in ids):
+            problem = "label values that are not classes"
+        elif not all(isinstance(k, str) and isinstance(m, str) for k, m in converted.items()):
+            problem = "malformed converted-image modes"
+        else:
+            return DatasetScan({i: labels[i] for i in ids}, converted)
+    logger.warning(f"scan cache {path} is corrupt ({problem}): scanning the images again to rebuild it")
+    return None
 
 
 def _first_existing(candidates: list[Path]) -> Path | None:
