@@ -123,17 +123,43 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                            metavar=base.__name__.upper(), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace, stored: dict | None = None) -> TrainConfig:
+def _field_source(field: str, flags: dict, files: list[tuple[str, str, dict]]) -> str:
+    """How a refused value was given, for the message: ``--lr`` on the command line, else ``FILE: key "lr"``
+    of the first of ``files`` (path, key prefix, values) that gave it, else the field's name (a preset's)."""
+    if field in flags:
+        return "--" + field.replace("_", "-")
+    for file, prefix, values in files:
+        if field in values:
+            return f'{file}: key "{prefix}{field}"'
+    return field
+
+
+def name_refused_field(error: Exception, flags: dict, files: list[tuple[str, str, dict]]) -> CommandError:
+    """TrainConfig's "FIELD must be ..." as the user gave the field (``_field_source``)."""
+    message = str(error)
+    field = message.split(" ", 1)[0]
+    if field in {f.name for f in dataclasses.fields(TrainConfig)}:
+        message = _field_source(field, flags, files) + message[len(field):]
+    return CommandError(message)
+
+
+def config_from_args(args: argparse.Namespace, stored: dict | None = None, stored_file=None) -> TrainConfig:
     """TrainConfig from the options given — the ``--config`` file's fields, then the command line's over them —
     over the base (stored config.json when resuming, else the preset's defaults); ``CommandError`` for
-    invalid values, an unreadable config file or stored-config clashes."""
+    invalid values (named as given: the option, or the key of the file that holds it — ``stored_file``
+    names the stored config's), an unreadable config file or stored-config clashes."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
+    given = flags = {k: v for k, v in vars(args).items() if k in names}
+    files = []
     if getattr(args, "config", None):
         try:
-            given = {**read_config_file(args.config), **given}
+            from_file = read_config_file(args.config)
         except (OSError, ValueError) as error:
             raise CommandError(str(error)) from None
+        files.append((args.config, "", from_file))
+        given = {**from_file, **flags}
+    if stored is not None and stored_file is not None:
+        files.append((str(stored_file), "config.", stored))
     if stored is not None:
         stored = upgrade_config_values(stored)
         clashes = [f"--{k.replace('_', '-')} {v!r} (the run has {stored.get(k)!r})" for k, v in given.items()
@@ -152,12 +178,8 @@ def config_from_args(args: argparse.Namespace, stored: dict | None = None) -> Tr
         config = TrainConfig.from_dict(values)
         config.accumulation_steps(int(os.environ.get("WORLD_SIZE", "1")))
     except (TypeError, ValueError) as error:
-        # TrainConfig names the field ("lr must be ..."); on the command line it is the option (--lr).
-        message = str(error)
-        field = message.split(" ", 1)[0]
-        if field in names:
-            message = "--" + field.replace("_", "-") + message[len(field):]
-        raise CommandError(message) from None
+        # TrainConfig names the field ("lr must be ..."): say it as it was given (--lr, or a file's key).
+        raise name_refused_field(error, flags, files) from None
     if config.dataset != "synthetic" and config.data_root is None:
         raise CommandError(f"--data-root is required for --dataset {config.dataset}")
     return config
@@ -186,7 +208,7 @@ def _train(args: argparse.Namespace) -> int:
         option = "--resume" if args.resume else f"--retrain-from {args.retrain_from}"
         raise CommandError(f"{option}: {out} holds no run to continue ({out / 'config.json'} not found); "
                            f"drop {option.split()[0]} to start a new run there")
-    config = config_from_args(args, stored)
+    config = config_from_args(args, stored, out / "config.json")
     _check_step(config, args.step)
     run_scenario(config, out, step=args.step, resume=args.resume, retrain_from=args.retrain_from,
                  progress=not args.quiet)
@@ -210,7 +232,7 @@ def _eval(args: argparse.Namespace) -> int:
         try:
             config = TrainConfig.from_dict({**stored, **given})
         except (TypeError, ValueError) as error:
-            raise CommandError(str(error)) from None
+            raise name_refused_field(error, given, [(str(run_dir / "config.json"), "config.", stored)]) from None
         checkpoint = checkpoint_path(run_dir, args.step)
     else:
         config = config_from_args(args)

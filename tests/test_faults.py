@@ -731,3 +731,26 @@ def test_check_names_an_unknown_device(capsys):
     code = main(["check", "--quick", "--device", "tpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "incrementer-fast check: error: --device tpu: expected cpu, cuda or cuda:N"
+
+
+# ------------------------------------------------------------------------------------ values read from files
+@pytest.mark.parametrize("name, content, message", [
+    ("run.yaml", "dataset: synthetic\nlr: .inf\n", 'run.yaml: key "lr" must be a finite number'),
+    ("run.json", '{"dataset": "synthetic", "dropout": 2}', 'run.json: key "dropout" must be in [0, 1)'),
+    ("twice.yaml", "dataset: synthetic\nlr: 0.1\nepochs: 2\nlr: 0.2\n", "key 'lr' given twice (line 4)"),
+    ("twice.json", '{"dataset": "synthetic", "lr": 0.1, "lr": 0.2}', "key(s) 'lr' given twice"),
+])
+def test_a_config_files_values_are_named_by_its_keys(name, content, message, tmp_path, capsys):
+    (tmp_path / name).write_text(content)
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--config", tmp_path / name, "--quiet"], capsys)
+    assert code == 2 and message in err and str(tmp_path / name) in err
+    assert not out.exists()
+
+
+def test_a_bad_value_in_config_json_is_named_as_its_key(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    _edit_config(run, dropout=2)
+    code, err = _resume(run, capsys)
+    assert code == 2 and f'{run / "config.json"}: key "config.dropout" must be in [0, 1)' in err
+    assert "--dropout" not in err
