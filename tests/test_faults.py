@@ -754,3 +754,28 @@ def test_a_bad_value_in_config_json_is_named_as_its_key(finished, tmp_path, caps
     code, err = _resume(run, capsys)
     assert code == 2 and f'{run / "config.json"}: key "config.dropout" must be in [0, 1)' in err
     assert "--dropout" not in err
+
+
+# ------------------------------------------------------------------------------------ split lists
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text.replace("syn_train_00003", "syn_train 00003"),
+     "line 4: 'syn_train 00003' is not one id (an id cannot hold whitespace"),
+    (lambda text: text + "syn_val_00001\nsyn_val_00002\n",
+     "share 2 image(s): 'syn_val_00001', 'syn_val_00002'; an image scored must not be trained on"),
+])
+def test_a_malformed_split_list_is_refused_naming_the_line(edit, message, data, tmp_path, capsys):
+    root = _broken_copy(data, tmp_path)
+    split = root / SPLITS / "train_aug.txt"
+    split.write_text(edit(split.read_text()))
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and message in err and str(split) in err
+    assert not out.exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(data, tmp_path):
+    root = _broken_copy(data, tmp_path)
+    split = root / SPLITS / "train_aug.txt"
+    split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes())  # as Notepad saves UTF-8
+    ids = SyntheticSegmentation(root, "train", cache_dir=tmp_path / "cache").ids
+    assert ids[0] == "syn_train_00000" and len(ids) == 8

@@ -38,6 +38,7 @@ from .._files import atomic_write_json
 from ..constants import IGNORE_INDEX
 from ..errors import InputError
 from .scenarios import num_classes as _num_classes
+from .split_lists import read_split_list
 from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from .synthetic import generate_synthetic, read_manifest
 
@@ -175,6 +176,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     num_classes: int = 0
     class_names: tuple[str, ...] | None = None
+    # The split list the ids come from (None: a layout without one, ADE20K's folders).
+    split_list: Path | None = None
     # 256 uint8 entries mapping a label file's values before they are checked and used (None: as stored).
     label_lut: np.ndarray | None = None
 
@@ -370,18 +373,8 @@ class VOCSegmentation(SegmentationDataset):
                 f"VOC split list not found: {list_candidates[0]} "
                 f"(also tried {', '.join(map(str, list_candidates[1:]))})"
             )
-        ids, lines = [], {}
-        for number, line in enumerate(list_file.read_text().splitlines(), start=1):
-            fields = line.split()
-            if fields:
-                image_id = Path(fields[0]).stem
-                if image_id in lines:
-                    raise ValueError(f"split list {list_file} lists {image_id!r} twice (lines {lines[image_id]} "
-                                     f"and {number}): remove the duplicate line")
-                lines[image_id] = number
-                ids.append(image_id)
-        if not ids:
-            raise ValueError(f"split list {list_file} lists no image")
+        ids = read_split_list(list_file)
+        self.split_list = list_file
         images, labels = {}, {}
         image_dir = voc / "JPEGImages"
         for image_id in ids:

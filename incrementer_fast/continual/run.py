@@ -59,7 +59,7 @@ from .report import class_palette, save_comparison_grid
 from .scenarios import (cached_select_images, classes_up_to, get_task, num_classes, remap_eval_labels,
                         select_eval_images)
 from .transforms import train_transform, val_transform
-from .validation import check_step_selections
+from .validation import check_split_overlap, check_step_selections
 from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
                     seed_everything, step_epochs, step_learning_rate, train_step)
 
@@ -562,10 +562,12 @@ def _open_datasets(config: TrainConfig, data_root: Path, cache_dir: Path):
     """The train and val datasets (their file lists; nothing decoded yet); InputError naming what is
     missing or malformed."""
     try:
-        return tuple(build_dataset(config.dataset, data_root, split, cache_dir=cache_dir, **folder_options(config))
-                     for split in ("train", "val"))
+        train_set, val_set = (build_dataset(config.dataset, data_root, split, cache_dir=cache_dir,
+                                            **folder_options(config)) for split in ("train", "val"))
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise InputError(f"{error} (check --data-root)") from error
+    check_split_overlap(train_set, val_set)
+    return train_set, val_set
 
 
 def _epoch_state_to_resume(config: TrainConfig, path: Path, step: int, train_images: int, model_classes: int,

@@ -11,7 +11,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from ..errors import InputError
 from .scenarios import select_images
 
-__all__ = ["check_step_selections"]
+__all__ = ["check_split_overlap", "check_step_selections"]
+
+
+def check_split_overlap(train_set, val_set) -> None:
+    """InputError when the training and validation splits share images (by id): an image scored after being
+    trained on inflates every number of the run. Names both lists and a few of the shared ids."""
+    shared = sorted(set(train_set.ids) & set(val_set.ids))
+    if not shared:
+        return
+    lists = [str(d.split_list) for d in (train_set, val_set) if getattr(d, "split_list", None) is not None]
+    where = f" ({' and '.join(lists)})" if lists else ""
+    examples = ", ".join(map(repr, shared[:3])) + (", …" if len(shared) > 3 else "")
+    raise InputError(f"the train and val splits{where} share {len(shared)} image(s): {examples}; an image scored "
+                     "must not be trained on: remove them from one list")
 
 
 def check_step_selections(train_labels: Mapping[str, Iterable[int]], dataset, task, steps: Sequence[int], *,
