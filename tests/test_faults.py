@@ -594,8 +594,7 @@ def test_a_step_without_training_images_is_refused_before_step_0_trains(data, tm
     code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
     assert code == 2 and "step 2 of task '8-2' has no training image" in err
     assert "no image of the train split holds its classes [11, 12] (purple_square, cyan_ring)" in err
-    assert not (out / "config.json").exists() and not (out / "run.log").exists()
-    assert not list(out.glob("step_*")) and not (out / "metrics.json").exists()
+    assert not out.exists()  # the scan caches written before the refusal went with the folder it created
 
 
 # ------------------------------------------------------------------------------------ resume: which file changed
@@ -779,3 +778,26 @@ def test_a_byte_order_mark_is_not_part_of_the_first_id(data, tmp_path):
     split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes())  # as Notepad saves UTF-8
     ids = SyntheticSegmentation(root, "train", cache_dir=tmp_path / "cache").ids
     assert ids[0] == "syn_train_00000" and len(ids) == 8
+
+
+# ------------------------------------------------------------------------------------ a refused command leaves nothing
+def test_a_refused_command_removes_the_folders_it_created(data, tmp_path, capsys):
+    """Refused after the run had created and locked its new folder and written caches into it (the val
+    split's truncated image is found by the scan, after the train split's cache was written)."""
+    root = _broken_copy(data, tmp_path)
+    image = root / IMAGES / "syn_val_00001.png"
+    image.write_bytes(image.read_bytes()[:100])
+    out = tmp_path / "new" / "nested" / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and f"cannot read image {image}" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_command_leaves_an_existing_folder_as_it_was(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path / "run")
+    (tmp_path / "bad.pth").write_bytes(b"not weights")
+    code, err, _ = cli(["train", "--out", tmp_path / "run", *TINY, "--weights", tmp_path / "bad.pth"], capsys)
+    assert code == 2 and "could not read encoder weights" in err
+    assert snapshot(tmp_path / "run") == before and not (tmp_path / "run" / ".lock").exists()

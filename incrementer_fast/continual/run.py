@@ -314,8 +314,12 @@ def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resum
         is_main = current_dist_env().is_main
         with (RunFolderLock(out_dir, enabled=is_main) as lock, run_log_file(out_dir, enabled=is_main),
               RunReports(out_dir, config, enabled=is_main) as reports):
-            return _run(config, out_dir, step=step, resume=resume, retrain_from=retrain_from, progress=progress,
-                        reports=reports, lock=lock)
+            try:
+                return _run(config, out_dir, step=step, resume=resume, retrain_from=retrain_from,
+                            progress=progress, reports=reports, lock=lock)
+            except BaseException:
+                lock.undo()  # a refused request leaves nothing it created (nothing, once the run started)
+                raise
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -407,6 +411,10 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     if config.tensorboard and not tensorboard_available():
         raise InputError("--tensorboard needs the tensorboard package: pip install 'incrementer_fast[tensorboard]'")
     check_writable_folder(out_dir)
+    if env.is_main and not lock.held:
+        # A new folder is created and locked before anything is written there (caches, generated data); a
+        # refused request removes it again (run_scenario: lock.undo).
+        lock.create_and_acquire()
     records = read_records(out_dir)
     done = set(finished_steps(out_dir))
     if records and not resume and step is None and retrain_from is None:
@@ -477,10 +485,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
                   device=str(device), task_steps=in_dataset(task), class_names=list(names),
                   class_order=None if order is None else order.order)
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if lock.acquire_if_present() and (read_run_file(out_dir) is not None or read_records(out_dir)):
-            # The folder did not exist when this command checked it; another one has started a run there since.
-            raise RunError(f"{out_dir} was filled by another command while this one started: choose another --out")
+        lock.keep()
         _report_removed(log, remove_orphaned_temporaries(out_dir), "unfinished temporary file")
         changes = _config_changes(out_dir, stored, config, first)
         if stale:
