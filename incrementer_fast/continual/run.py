@@ -59,9 +59,9 @@ from .report import class_palette, save_comparison_grid
 from .scenarios import (cached_select_images, classes_up_to, get_task, num_classes, remap_eval_labels,
                         select_eval_images)
 from .transforms import train_transform, val_transform
-from .validation import check_split_overlap, check_step_selections
 from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
                     seed_everything, step_epochs, step_learning_rate, train_step)
+from .validation import check_split_overlap, check_step_selections
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     if stored is not None:
         _check_resumable(stored, config, out_dir)
     check_finished_steps(out_dir, records, {s: checkpoint_path(out_dir, s) for s in done},
-                         (order.task_to_dataset if order is not None else list)(task), model_options(config),
+                         task if order is None else order.task_to_dataset(task), model_options(config),
                          config.task, config.method)
     steps_to_run = plan_steps(out_dir, len(task), done, step=step, resume=resume, retrain_from=retrain_from)
     if not steps_to_run:
