@@ -801,3 +801,14 @@ def test_a_refused_command_leaves_an_existing_folder_as_it_was(tmp_path, capsys)
     code, err, _ = cli(["train", "--out", tmp_path / "run", *TINY, "--weights", tmp_path / "bad.pth"], capsys)
     assert code == 2 and "could not read encoder weights" in err
     assert snapshot(tmp_path / "run") == before and not (tmp_path / "run" / ".lock").exists()
+
+
+def test_converted_images_do_not_replace_the_class_names(data, tmp_path, capsys):
+    from incrementer_fast.continual.synthetic import CLASS_NAMES
+
+    root = _broken_copy(data, tmp_path)
+    Image.open(root / IMAGES / "syn_train_00001.png").convert("L").save(root / IMAGES / "syn_train_00001.png")
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--data-root", str(root), *TINY, "--step", "0"]) == 0
+    assert "1 grayscale/CMYK image(s) converted to RGB when loaded: syn_train_00001" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["launch"]["class_names"] == list(CLASS_NAMES)
