@@ -495,7 +495,14 @@ def run(args: argparse.Namespace, out=None) -> int:
         print(f"incrementer-fast check: error: unknown op(s) {', '.join(unknown) or '(none given)'}; "
               f"choose from {', '.join(OPS)}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # torch's message lists every device type it knows; the ops run on two
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        print(f"incrementer-fast check: error: --device {args.device}: expected cpu, cuda or cuda:N",
+              file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print("incrementer-fast check: error: --device cuda, but torch sees no CUDA device "
               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})", file=sys.stderr)

@@ -25,7 +25,8 @@ Errors. ``main`` is the one place where an exception becomes what the user sees:
 ``incrementer-fast COMMAND: error: MESSAGE``, and the exit status — 2 for input that cannot be used as given
 (``InputError``, ``CommandError``, ``CheckpointError``, an option argparse refuses, and the library's
 ValueError / FileNotFoundError, which name what they refuse), 1 for a failure during the work
-(``WorkError``, a write the OS refuses, out of memory, anything unexpected), 130 for Ctrl-C. The
+(``WorkError``, a write the OS refuses, out of memory, anything unexpected), 130 for Ctrl-C, 143 for SIGTERM
+(handled as Ctrl-C: ``errors.Terminated``). The
 traceback is shown only with ``--debug``. A new subcommand gets all of this by ``add_common_options(sub)``
 and ``sub.set_defaults(handler=fn)``, where ``fn(args) -> int`` raises those types.
 """
@@ -38,7 +39,9 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -46,12 +49,13 @@ from pathlib import Path
 from ._files import atomic_write
 from .continual.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, preset_values, read_config_file,
                                upgrade_config_values)
-from .errors import InputError, WorkError
+from .errors import InputError, Terminated, WorkError
 
 DATASET_PRESETS = {"voc": "voc", "ade": "ade", "synthetic": "demo"}  # the preset of each --dataset
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
 
 
 class CommandError(InputError):
@@ -120,17 +124,43 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                            metavar=base.__name__.upper(), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace, stored: dict | None = None) -> TrainConfig:
+def _field_source(field: str, flags: dict, files: list[tuple[str, str, dict]]) -> str:
+    """How a refused value was given, for the message: ``--lr`` on the command line, else ``FILE: key "lr"``
+    of the first of ``files`` (path, key prefix, values) that gave it, else the field's name (a preset's)."""
+    if field in flags:
+        return "--" + field.replace("_", "-")
+    for file, prefix, values in files:
+        if field in values:
+            return f'{file}: key "{prefix}{field}"'
+    return field
+
+
+def name_refused_field(error: Exception, flags: dict, files: list[tuple[str, str, dict]]) -> CommandError:
+    """TrainConfig's "FIELD must be ..." as the user gave the field (``_field_source``)."""
+    message = str(error)
+    field = message.split(" ", 1)[0]
+    if field in {f.name for f in dataclasses.fields(TrainConfig)}:
+        message = _field_source(field, flags, files) + message[len(field):]
+    return CommandError(message)
+
+
+def config_from_args(args: argparse.Namespace, stored: dict | None = None, stored_file=None) -> TrainConfig:
     """TrainConfig from the options given — the ``--config`` file's fields, then the command line's over them —
     over the base (stored config.json when resuming, else the preset's defaults); ``CommandError`` for
-    invalid values, an unreadable config file or stored-config clashes."""
+    invalid values (named as given: the option, or the key of the file that holds it — ``stored_file``
+    names the stored config's), an unreadable config file or stored-config clashes."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
+    given = flags = {k: v for k, v in vars(args).items() if k in names}
+    files = []
     if getattr(args, "config", None):
         try:
-            given = {**read_config_file(args.config), **given}
+            from_file = read_config_file(args.config)
         except (OSError, ValueError) as error:
             raise CommandError(str(error)) from None
+        files.append((args.config, "", from_file))
+        given = {**from_file, **flags}
+    if stored is not None and stored_file is not None:
+        files.append((str(stored_file), "config.", stored))
     if stored is not None:
         stored = upgrade_config_values(stored)
         clashes = [f"--{k.replace('_', '-')} {v!r} (the run has {stored.get(k)!r})" for k, v in given.items()
@@ -149,12 +179,8 @@ def config_from_args(args: argparse.Namespace, stored: dict | None = None) -> Tr
         config = TrainConfig.from_dict(values)
         config.accumulation_steps(int(os.environ.get("WORLD_SIZE", "1")))
     except (TypeError, ValueError) as error:
-        # TrainConfig names the field ("lr must be ..."); on the command line it is the option (--lr).
-        message = str(error)
-        field = message.split(" ", 1)[0]
-        if field in names:
-            message = "--" + field.replace("_", "-") + message[len(field):]
-        raise CommandError(message) from None
+        # TrainConfig names the field ("lr must be ..."): say it as it was given (--lr, or a file's key).
+        raise name_refused_field(error, flags, files) from None
     if config.dataset != "synthetic" and config.data_root is None:
         raise CommandError(f"--data-root is required for --dataset {config.dataset}")
     return config
@@ -183,7 +209,7 @@ def _train(args: argparse.Namespace) -> int:
         option = "--resume" if args.resume else f"--retrain-from {args.retrain_from}"
         raise CommandError(f"{option}: {out} holds no run to continue ({out / 'config.json'} not found); "
                            f"drop {option.split()[0]} to start a new run there")
-    config = config_from_args(args, stored)
+    config = config_from_args(args, stored, out / "config.json")
     _check_step(config, args.step)
     run_scenario(config, out, step=args.step, resume=args.resume, retrain_from=args.retrain_from,
                  progress=not args.quiet)
@@ -207,7 +233,7 @@ def _eval(args: argparse.Namespace) -> int:
         try:
             config = TrainConfig.from_dict({**stored, **given})
         except (TypeError, ValueError) as error:
-            raise CommandError(str(error)) from None
+            raise name_refused_field(error, given, [(str(run_dir / "config.json"), "config.", stored)]) from None
         checkpoint = checkpoint_path(run_dir, args.step)
     else:
         config = config_from_args(args)
@@ -401,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe_error(error: BaseException) -> tuple[int, str]:
     """(exit status, one-line message) for an exception that ended a command."""
+    if isinstance(error, Terminated):
+        return EXIT_TERMINATED, "terminated (SIGTERM); finished steps are kept: rerun with --resume to continue"
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted; finished steps are kept: rerun with --resume to continue"
     if isinstance(error, InputError):
@@ -436,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     # Progress messages of rank 0 (and warnings of every rank) to stdout, for this command only: stderr is
     # kept for the one-line error (and the progress bars).
     handler = configure_logging(logging.INFO, sys.stdout)
+    previous_sigterm = _raise_on_sigterm()
     try:
         return args.handler(args)
     except (Exception, KeyboardInterrupt) as error:
@@ -445,7 +474,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"incrementer-fast {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return code
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         logging.getLogger(ROOT_LOGGER).removeHandler(handler)
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _raise_on_sigterm():
+    """SIGTERM raises ``Terminated`` for the command's duration (the default action kills the process at once,
+    leaving its temporary files); returns the previous handler to restore, or None where signals cannot be
+    handled (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _terminate)
 
 
 if __name__ == "__main__":  # pragma: no cover

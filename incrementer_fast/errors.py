@@ -9,10 +9,12 @@ these types decide its exit status:
   format) or that does not fit what it is loaded for; the message names the file (and the fields).
 * ``WorkError`` (a ``RuntimeError``): the work itself failed (a non-finite loss, a write the OS refused);
   what was finished before is kept. Exit status 1.
+* ``Terminated`` (a ``KeyboardInterrupt``): the command received SIGTERM (what ``timeout`` and job schedulers
+  send); it unwinds exactly as Ctrl-C does, so temporary files are removed. Exit status 143.
 """
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "InputError", "WorkError"]
+__all__ = ["CheckpointError", "InputError", "Terminated", "WorkError"]
 
 
 class InputError(ValueError):
@@ -25,3 +27,8 @@ class CheckpointError(InputError):
 
 class WorkError(RuntimeError):
     """The work failed part-way (what was finished before is kept); the message says where and what to do."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command was when it arrived; a KeyboardInterrupt, so that everything that
+    cleans up after Ctrl-C (atomic writes removing their temporary file, data loader workers) does so too."""

@@ -198,10 +198,11 @@ def _load_encoder_weights(encoder: nn.Module, path, backbone: str) -> None:
             raise ValueError(f"{path!r}: .npz (JAX) weights load only into timm VisionTransformer backbones")
         try:
             encoder.load_pretrained(path)
-        except (KeyError, ValueError, RuntimeError) as error:
+        except Exception as error:  # not a zip (BadZipFile), pickled, missing arrays, wrong shapes: one user error
             raise ValueError(
                 f"could not load the .npz checkpoint {path!r} into {backbone!r}: {error}"
             ) from error
+        _check_finite_encoder(encoder, path)
         return
     try:
         state = timm.models.load_state_dict(path, weights_only=True)
@@ -234,6 +235,16 @@ def _load_encoder_weights(encoder: nn.Module, path, backbone: str) -> None:
             f"encoder weights {path!r} do not match backbone {backbone!r}: shapes differ: {_short_list(wrong)}"
         )
     encoder.load_state_dict(state)
+    _check_finite_encoder(encoder, path)
+
+
+def _check_finite_encoder(encoder: nn.Module, path: str) -> None:
+    """ValueError naming ``path`` and its non-finite tensors: a NaN or Inf weight makes the first loss
+    non-finite, which no learning rate cures, so it is refused before the run starts."""
+    bad = [k for k, v in encoder.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"encoder weights {path!r} hold non-finite values in {_short_list(bad)}: they cannot be "
+                         "trained from; use another file")
 
 
 class Incrementer(nn.Module):
@@ -546,13 +557,14 @@ class Incrementer(nn.Module):
         """
         path = os.fspath(path)
         checkpoint = read_checkpoint(path)  # memory-mapped: nothing allocated yet
+        # Bounded loading (incrementer_fast.checkpoint_loading): only architecture fields reach the
+        # constructor, and every count, name, shape and dtype is checked before the model is allocated.
+        # Malformed metadata is named as such before it is compared with what the caller expects.
+        config = architecture_config(checkpoint["config"], path)
         if expect is not None:
             differences = _architecture_differences(checkpoint, expect)
             if differences:
                 raise CheckpointError(f"checkpoint {path} does not fit: {'; '.join(differences)}")
-        # Bounded loading (incrementer_fast.checkpoint_loading): only architecture fields reach the
-        # constructor, and every count, name, shape and dtype is checked before the model is allocated.
-        config = architecture_config(checkpoint["config"], path)
         if attention is not None:
             config["attention"] = attention
         steps = list(checkpoint["classes_per_step"])
@@ -619,6 +631,12 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} has a malformed config, state_dict or classes_per_step "
                               f"({steps!r})")
     return checkpoint
+
+
+def checkpoint_differences(path, expect: Mapping) -> list[str]:
+    """``field: file X, expected Y`` for each field of ``expect`` (``from_checkpoint``'s) that the checkpoint at
+    ``path`` differs in; read memory-mapped, nothing built or allocated. Raises as :func:`read_checkpoint`."""
+    return _architecture_differences(read_checkpoint(path), expect)
 
 
 def _load_failure(error: Exception) -> str:
@@ -715,4 +733,4 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-__all__ = ["Incrementer", "IncrementerOutput", "read_checkpoint"]
+__all__ = ["Incrementer", "IncrementerOutput", "checkpoint_differences", "read_checkpoint"]

@@ -543,3 +543,272 @@ def test_checkpoint_tensors_are_checked_against_a_meta_model_before_allocation(f
     with pytest.raises(CheckpointError, match=r"proj_patch: file \(64, 64\) torch.float64 vs model \(64, 64\) "
                                               r"torch.float32"):
         Incrementer.from_checkpoint(tmp_path / "double.pt")
+
+
+# ------------------------------------------------------------------------------------ encoder weights
+def _encoder_state():
+    import timm
+
+    return timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict()
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("nan", "hold non-finite values in blocks.0.attn.qkv.weight"),
+    ("inf", "hold non-finite values in pos_embed"),
+    ("shape", "shapes differ: norm.weight: file (7,) vs model (64,)"),
+])
+def test_bad_encoder_weights_are_refused_before_anything_is_written(fault, message, tmp_path, capsys):
+    state = _encoder_state()
+    if fault == "nan":
+        state["blocks.0.attn.qkv.weight"][3, 5] = float("nan")
+    elif fault == "inf":
+        state["pos_embed"][0, 0, 0] = float("-inf")
+    else:
+        state["norm.weight"] = torch.ones(7)
+    path = tmp_path / "encoder.pth"
+    torch.save(state, path)
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, *TINY, "--weights", path], capsys)  # the data would go in out/data
+    assert code == 2 and f"encoder weights '{path}'" in err and message in err
+    assert not out.exists()  # no config.json, run.log, generated data or lock
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04" + b"\x00" * 60, b"not an archive at all"])
+def test_an_unreadable_npz_encoder_file_is_named(content, tmp_path, capsys):
+    path = tmp_path / "bad.npz"
+    path.write_bytes(content)
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, *TINY, "--weights", path], capsys)
+    assert code == 2 and f"could not load the .npz checkpoint '{path}'" in err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ every step's images
+def test_a_step_without_training_images_is_refused_before_step_0_trains(data, tmp_path, capsys):
+    root = _broken_copy(data, tmp_path)
+    split = root / SPLITS / "train_aug.txt"
+    # Step 2 of task 8-2 adds classes 11 and 12: only syn_train_00003 (11) and syn_train_00006 (12) hold them.
+    kept = [line for line in split.read_text().splitlines() if line not in ("syn_train_00003", "syn_train_00006")]
+    split.write_text("\n".join(kept) + "\n")
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and "step 2 of task '8-2' has no training image" in err
+    assert "no image of the train split holds its classes [11, 12] (purple_square, cyan_ring)" in err
+    assert not out.exists()  # the scan caches written before the refusal went with the folder it created
+
+
+# ------------------------------------------------------------------------------------ resume: which file changed
+def _edit_config(run, **changes):
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"].update(changes)
+    (run / "config.json").write_text(json.dumps(stored))
+
+
+@pytest.mark.parametrize("run_fixture, edit, message", [
+    ("finished", dict(task="10-1"), "its task '10-1' (incrementer) step 0 adds [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10] "
+                                    "(trained: [0, 1, 2, 3, 4, 5, 6, 7, 8])"),
+    ("three_steps", dict(task="8-4"), "step 1 adds [9, 10, 11, 12] (trained: [9, 10]); step 2 is not in it"),
+    ("three_steps", dict(method="joint"), "its task '8-2' (joint) step 0 adds [0, 1, 2"),
+    ("three_steps", dict(n_layers=1), "every finished step's checkpoint (steps [0, 1, 2]) differs from it alike "
+                                      "(n_layers: file 2, expected 1)"),
+])
+def test_resume_names_config_json_when_it_changed_and_keeps_the_checkpoints(run_fixture, edit, message, request,
+                                                                            tmp_path, capsys):
+    run = copy_run(request.getfixturevalue(run_fixture), tmp_path / "run")
+    _edit_config(run, **edit)
+    code, err = _resume(run, capsys)  # (today: "does not fit … delete it", or "every step is finished", exit 0)
+    assert code == 2 and message in err and "config.json was changed after" in err
+    assert "delete" not in err and "keep the checkpoints" in err
+
+
+def test_a_replaced_checkpoint_is_named_and_never_advised_deleted(three_steps, tmp_path, capsys):
+    run = copy_run(three_steps, tmp_path / "run")
+    shutil.copy(run / "step_0.pt", run / "step_1.pt")  # step 1's file replaced by step 0's (9 classes, not 11)
+    code, err = _resume(run, capsys)
+    assert code == 2 and f"checkpoint {run / 'step_1.pt'} does not fit: classes_per_step: file [9], expected [9, 2]" in err
+    assert "config.json and metrics.json agree on its classes [9, 10]" in err and f"move it out of {run}" in err
+    assert "delete" not in err
+
+
+# ------------------------------------------------------------------------------------ SIGTERM
+def test_sigterm_is_handled_like_ctrl_c(data, tmp_path):
+    """What ``timeout`` and schedulers send: the child pauses inside the write of step 0's metrics record (an
+    atomic write's temporary file open) and says so; this process then sends SIGTERM. The command ends with
+    one line and exit status 143, the temporary file is removed, and the step's figures were written before
+    its record (a record without its figure would stay so: the step counts as finished)."""
+    out = tmp_path / "run"
+    script = textwrap.dedent("""
+        import sys, time
+        from incrementer_fast import _files
+        from incrementer_fast.cli import main
+        from incrementer_fast.continual import run
+
+        def paused_write(path, obj):
+            if path.name != "metrics.json":
+                return _files.atomic_write_json(path, obj)
+            with _files.atomic_write(path) as handle:
+                handle.write(b"[")
+                handle.flush()
+                print("writing", flush=True)
+                time.sleep(60)  # SIGTERM arrives here
+
+        run.atomic_write_json = paused_write
+        sys.exit(main(sys.argv[1:]))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script, "train", "--out", str(out), "--data-root", str(data),
+                              *TINY, "--step", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stdout:
+            if line.strip() == "writing":
+                break
+        assert list(out.glob(".metrics.json.*.tmp")), "the child did not pause inside the write"
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 143
+    assert stderr.count("\n") == 1 and "terminated (SIGTERM)" in stderr and "--resume" in stderr, stderr
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert (out / "predictions_step0.png").exists() and (out / "miou.png").exists()
+    assert not (out / "metrics.json").exists()  # step 0 is not finished: --resume trains it again
+
+
+# ------------------------------------------------------------------------------------ unexpected errors, named
+def _png_header_only(path, width, height):
+    """A PNG whose header claims ``width`` × ``height`` pixels (PIL refuses it at open, before decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_image_is_named(data, tmp_path, capsys):
+    root = _broken_copy(data, tmp_path)
+    image = root / IMAGES / "syn_train_00005.png"
+    _png_header_only(image, 14000, 14000)  # 196 million pixels: over PIL's limit
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and f"cannot read image {image}" in err and "decompression bomb" in err
+    assert not (out / "config.json").exists() and not (out / "run.log").exists()
+
+
+def test_a_checkpoint_without_its_backbone_is_named_on_resume(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    checkpoint = torch.load(run / "step_0.pt", weights_only=True)
+    del checkpoint["config"]["backbone"]
+    torch.save(checkpoint, run / "step_0.pt")
+    code, err = _resume(run, capsys)
+    assert code == 2 and f"checkpoint {run / 'step_0.pt'} lacks config field(s) backbone" in err
+
+
+@pytest.mark.parametrize("content", [{"labels": [1, 2], "converted": {}}, {"labels": None},
+                                     {"labels": "many", "converted": 5}, "[not json"])
+def test_a_corrupt_scan_cache_is_named_and_rebuilt(content, finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    caches = sorted((run / "cache").glob("scan-*.json"))
+    assert len(caches) == 2  # train and val
+    for path in caches:
+        if isinstance(content, str):
+            path.write_text(content)
+        else:
+            key = json.loads(path.read_text())["key"]
+            path.write_text(json.dumps({"key": key, **content}))
+    code = main(["train", "--out", str(run), "--resume", "--step", "1", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for path in caches:
+        assert f"scan cache {path} is corrupt" in printed
+        assert isinstance(json.loads(path.read_text())["labels"], dict)  # rebuilt
+
+
+def test_check_names_an_unknown_device(capsys):
+    code = main(["check", "--quick", "--device", "tpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "incrementer-fast check: error: --device tpu: expected cpu, cuda or cuda:N"
+
+
+# ------------------------------------------------------------------------------------ values read from files
+@pytest.mark.parametrize("name, content, message", [
+    ("run.yaml", "dataset: synthetic\nlr: .inf\n", 'run.yaml: key "lr" must be a finite number'),
+    ("run.json", '{"dataset": "synthetic", "dropout": 2}', 'run.json: key "dropout" must be in [0, 1)'),
+    ("twice.yaml", "dataset: synthetic\nlr: 0.1\nepochs: 2\nlr: 0.2\n", "key 'lr' given twice (line 4)"),
+    ("twice.json", '{"dataset": "synthetic", "lr": 0.1, "lr": 0.2}', "key(s) 'lr' given twice"),
+])
+def test_a_config_files_values_are_named_by_its_keys(name, content, message, tmp_path, capsys):
+    (tmp_path / name).write_text(content)
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--config", tmp_path / name, "--quiet"], capsys)
+    assert code == 2 and message in err and str(tmp_path / name) in err
+    assert not out.exists()
+
+
+def test_a_bad_value_in_config_json_is_named_as_its_key(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    _edit_config(run, dropout=2)
+    code, err = _resume(run, capsys)
+    assert code == 2 and f'{run / "config.json"}: key "config.dropout" must be in [0, 1)' in err
+    assert "--dropout" not in err
+
+
+# ------------------------------------------------------------------------------------ split lists
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text.replace("syn_train_00003", "syn_train 00003"),
+     "line 4: 'syn_train 00003' is not one id (an id cannot hold whitespace"),
+    (lambda text: text + "syn_val_00001\nsyn_val_00002\n",
+     "share 2 image(s): 'syn_val_00001', 'syn_val_00002'; an image scored must not be trained on"),
+])
+def test_a_malformed_split_list_is_refused_naming_the_line(edit, message, data, tmp_path, capsys):
+    root = _broken_copy(data, tmp_path)
+    split = root / SPLITS / "train_aug.txt"
+    split.write_text(edit(split.read_text()))
+    out = tmp_path / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and message in err and str(split) in err
+    assert not out.exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(data, tmp_path):
+    root = _broken_copy(data, tmp_path)
+    split = root / SPLITS / "train_aug.txt"
+    split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes())  # as Notepad saves UTF-8
+    ids = SyntheticSegmentation(root, "train", cache_dir=tmp_path / "cache").ids
+    assert ids[0] == "syn_train_00000" and len(ids) == 8
+
+
+# ------------------------------------------------------------------------------------ a refused command leaves nothing
+def test_a_refused_command_removes_the_folders_it_created(data, tmp_path, capsys):
+    """Refused after the run had created and locked its new folder and written caches into it (the val
+    split's truncated image is found by the scan, after the train split's cache was written)."""
+    root = _broken_copy(data, tmp_path)
+    image = root / IMAGES / "syn_val_00001.png"
+    image.write_bytes(image.read_bytes()[:100])
+    out = tmp_path / "new" / "nested" / "run"
+    code, err, _ = cli(["train", "--out", out, "--data-root", root, *TINY], capsys)
+    assert code == 2 and f"cannot read image {image}" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_command_leaves_an_existing_folder_as_it_was(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path / "run")
+    (tmp_path / "bad.pth").write_bytes(b"not weights")
+    code, err, _ = cli(["train", "--out", tmp_path / "run", *TINY, "--weights", tmp_path / "bad.pth"], capsys)
+    assert code == 2 and "could not read encoder weights" in err
+    assert snapshot(tmp_path / "run") == before and not (tmp_path / "run" / ".lock").exists()
+
+
+def test_converted_images_do_not_replace_the_class_names(data, tmp_path, capsys):
+    from incrementer_fast.continual.synthetic import CLASS_NAMES
+
+    root = _broken_copy(data, tmp_path)
+    Image.open(root / IMAGES / "syn_train_00001.png").convert("L").save(root / IMAGES / "syn_train_00001.png")
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--data-root", str(root), *TINY, "--step", "0"]) == 0
+    assert "1 grayscale/CMYK image(s) converted to RGB when loaded: syn_train_00001" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["launch"]["class_names"] == list(CLASS_NAMES)

@@ -480,12 +480,42 @@ def upgrade_config_values(values: dict) -> dict:
     return values
 
 
+class DuplicateKey(ValueError):
+    """A key given twice in one mapping of a config file (JSON and YAML let the last one win silently)."""
+
+
+def _json_object_refusing_duplicates(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise DuplicateKey(f"key(s) {', '.join(map(repr, repeated))} given twice: keep one")
+    return dict(pairs)
+
+
+def _load_yaml_refusing_duplicates(text: str):
+    """``yaml.safe_load``, but a mapping with a key given twice is a DuplicateKey naming it and its line."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise DuplicateKey(f"key {key!r} given twice (line {key_node.start_mark.line + 1}): keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader: plain data only)
+
+
 def read_config_file(path) -> dict:
     """The TrainConfig fields of a JSON or YAML file (by its suffix: ``.json``, ``.yaml``/``.yml``).
 
     The file holds the fields as a mapping, or is a run's ``config.json`` (``{"config": {...}, "launch":
     {...}}``), whose ``config`` part is taken. Only the fields it names are returned (the caller fills in the
-    defaults); ``ValueError`` naming the file for unreadable content, a non-mapping or an unknown field.
+    defaults); ``ValueError`` naming the file for unreadable content, a non-mapping, a key given twice or an
+    unknown field.
     """
     path = Path(path)
     try:
@@ -495,14 +525,12 @@ def read_config_file(path) -> dict:
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
+            values = _load_yaml_refusing_duplicates(text)
         elif suffix == ".json":
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=_json_object_refusing_duplicates)
         else:
             raise ValueError(f"config file {path}: expected a .json, .yaml or .yml file")
-    except (json.JSONDecodeError, ImportError) as error:
+    except (json.JSONDecodeError, ImportError, DuplicateKey) as error:
         raise ValueError(f"config file {path}: {error}") from None
     except Exception as error:  # yaml.YAMLError, without importing yaml for JSON files
         if type(error).__module__.startswith("yaml"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,9 +38,12 @@ from .._files import atomic_write_json
 from ..constants import IGNORE_INDEX
 from ..errors import InputError
 from .scenarios import num_classes as _num_classes
+from .split_lists import read_split_list
 from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from .synthetic import read_manifest
 
+
+logger = logging.getLogger(__name__)
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -57,6 +61,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "incrementer_fast"
 
 
+# What PIL raises for a file it cannot decode: PIL.UnidentifiedImageError is an OSError; an image whose header
+# claims more pixels than twice PIL.Image.MAX_IMAGE_PIXELS raises DecompressionBombError at open (before any
+# memory is allocated), which is no OSError.
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -71,7 +81,7 @@ def load_image(path) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+    except UNREADABLE_IMAGE as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
@@ -91,7 +101,7 @@ def _read_label(path, lut: np.ndarray | None = None) -> Image.Image:
             label = im.copy()
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         raise ValueError(f"cannot read label {path}: {e}") from e
     if label.mode not in ("L", "P"):
         raise ValueError(
@@ -129,7 +139,7 @@ def _scan_pair(image_path, label_path, num_classes: int,
             mode, size = im.mode, im.size
     except FileNotFoundError:
         raise
-    except (OSError, SyntaxError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         raise ValueError(f"cannot read image {image_path}: {e}") from e
     if mode != "RGB" and mode not in CONVERTED_IMAGE_MODES:
         raise ValueError(f"image {image_path} has mode {mode}: expected an RGB photo (or grayscale, which is "
@@ -167,6 +177,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     num_classes: int = 0
     class_names: tuple[str, ...] | None = None
+    # The split list the ids come from (None: a layout without one, ADE20K's folders).
+    split_list: Path | None = None
     # 256 uint8 entries mapping a label file's values before they are checked and used (None: as stored).
     label_lut: np.ndarray | None = None
 
@@ -247,16 +259,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         outside the classes and 255; FileNotFoundError for a file that vanished since the listing.
         """
         key, path = self._scan_cache_file()
-        if path.exists():
-            try:
-                with open(path, encoding="utf-8") as f:
-                    cached = json.load(f)
-                if cached.get("key") == key:
-                    return DatasetScan({i: cached["labels"][i] for i in self.ids},
-                                       {i: m for i, m in cached["converted"].items() if i in self._images},
-                                       from_cache=True)
-            except (OSError, json.JSONDecodeError, KeyError, AttributeError):
-                pass  # unreadable or foreign: recompute and overwrite
+        cached = _read_scan_cache(path, key, self.ids, self.num_classes)
+        if cached is not None:
+            return DatasetScan(cached.labels, {i: m for i, m in cached.converted.items() if i in self._images},
+                               from_cache=True)
 
         def check(image_id):
             try:
@@ -294,6 +300,39 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Image id -> sorted label values present in its label map (0 and 255 included when present),
         for the ids of this dataset: ``scan(progress).labels``."""
         return self.scan(progress).labels
+
+
+def _read_scan_cache(path: Path, key: str, ids: list[str], num_classes: int) -> DatasetScan | None:
+    """The scan cached at ``path`` for ``key``, restricted to ``ids``; None when there is none, it is of other
+    files (another key), or its content is not a scan of these ids — then a warning names the file, and the
+    caller scans again and overwrites it (a cache is never trusted blindly: its labels select the training
+    images)."""
+    if not path.exists():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+    except (OSError, ValueError) as error:
+        problem = f"unreadable: {error}"
+    else:
+        if isinstance(cached, dict) and cached.get("key") != key:
+            return None
+        labels = cached.get("labels") if isinstance(cached, dict) else None
+        converted = cached.get("converted") if isinstance(cached, dict) else None
+        allowed = set(range(num_classes)) | {IGNORE_INDEX}
+        if not isinstance(labels, dict) or not isinstance(converted, dict):
+            problem = "not a mapping of labels and converted images"
+        elif any(i not in labels for i in ids):
+            problem = f"{sum(i not in labels for i in ids)} image(s) missing"
+        elif not all(isinstance(labels[i], list) and all(type(v) is int and v in allowed for v in labels[i])
+                     for i in ids):
+            problem = "label values that are not classes"
+        elif not all(isinstance(k, str) and isinstance(m, str) for k, m in converted.items()):
+            problem = "malformed converted-image modes"
+        else:
+            return DatasetScan({i: labels[i] for i in ids}, converted)
+    logger.warning(f"scan cache {path} is corrupt ({problem}): scanning the images again to rebuild it")
+    return None
 
 
 def _first_existing(candidates: list[Path]) -> Path | None:
@@ -350,18 +389,8 @@ class VOCSegmentation(SegmentationDataset):
                 f"VOC split list not found: {list_candidates[0]} "
                 f"(also tried {', '.join(map(str, list_candidates[1:]))})"
             )
-        ids, lines = [], {}
-        for number, line in enumerate(list_file.read_text().splitlines(), start=1):
-            fields = line.split()
-            if fields:
-                image_id = Path(fields[0]).stem
-                if image_id in lines:
-                    raise ValueError(f"split list {list_file} lists {image_id!r} twice (lines {lines[image_id]} "
-                                     f"and {number}): remove the duplicate line")
-                lines[image_id] = number
-                ids.append(image_id)
-        if not ids:
-            raise ValueError(f"split list {list_file} lists no image")
+        ids = read_split_list(list_file)
+        self.split_list = list_file
         images, labels = {}, {}
         image_dir = voc / "JPEGImages"
         for image_id in ids:

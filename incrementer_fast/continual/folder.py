@@ -32,6 +32,7 @@ import numpy as np
 
 from ..constants import IGNORE_INDEX
 from .datasets import SegmentationDataset, _require
+from .split_lists import read_split_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLIT_FILES = {"train": "train.txt", "val": "val.txt"}
@@ -100,23 +101,6 @@ def label_lut(num_classes: int, ignore_index: int | None = None, label_map=None)
     return lut
 
 
-def _read_split(path: Path) -> list[str]:
-    ids, lines = [], {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        image_id = Path(fields[0]).stem
-        if image_id in lines:
-            raise ValueError(f"split list {path} lists {image_id!r} twice (lines {lines[image_id]} and "
-                             f"{number}): remove the duplicate line")
-        lines[image_id] = number
-        ids.append(image_id)
-    if not ids:
-        raise ValueError(f"split list {path} lists no image")
-    return ids
-
-
 class FolderSegmentation(SegmentationDataset):
     """A dataset in the folder layout of the module docstring (``--dataset folder --data-root DIR``).
 
@@ -139,7 +123,8 @@ class FolderSegmentation(SegmentationDataset):
         self.label_lut = label_lut(self.num_classes, ignore_index, label_map)
         image_dir = _require(self.root / "images", "images folder")
         label_dir = _require(self.root / "labels", "labels folder")
-        ids = _read_split(_require(self.root / "splits" / SPLIT_FILES[split], "split list"))
+        self.split_list = _require(self.root / "splits" / SPLIT_FILES[split], "split list")
+        ids = read_split_list(self.split_list)
         images, labels = {}, {}
         for image_id in ids:
             found = [image_dir / f"{image_id}{s}" for s in IMAGE_SUFFIXES if (image_dir / f"{image_id}{s}").exists()]

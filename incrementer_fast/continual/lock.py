@@ -8,8 +8,12 @@ ends; a second command is refused at once, naming the holder's pid (written into
 holds it). The OS drops the lock when its holder exits, however it exits, so a crash never leaves a stale
 lock: a leftover ``.lock`` file is harmless and reused.
 
-A folder that does not exist yet is locked as soon as the run creates it (before it writes anything there),
-so a refused request still leaves no folder behind.
+A folder that does not exist yet is created and locked as soon as the request's cheap checks pass (its
+options, the output folder), before anything is written there; when the request is refused later (a bad
+image, a step without training images), what this command created is removed again: the folders it created
+with everything in them, or in a folder that existed, the lock file if it created it (the scan caches it
+wrote there stay: they are correct, and save the next command the scan). A lock file that existed before
+keeps the refused command's pid, which nothing reads once the lock is free.
 
 Temporaries (``_files.atomic_write``: ``.NAME.<pid>.<random>.tmp``) carry their writer's pid;
 ``orphaned_temporary`` says whether that writer is gone, so that a cleanup removes only what nobody is
@@ -21,6 +25,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 from pathlib import Path
 
 from ..errors import InputError
@@ -47,6 +52,8 @@ class RunFolderLock:
         self.folder = Path(folder)
         self.enabled = enabled
         self._fd: int | None = None
+        self._created_folder: Path | None = None  # the topmost folder this command created
+        self._created_file = False  # whether this command created the lock file
 
     @property
     def held(self) -> bool:
@@ -57,21 +64,64 @@ class RunFolderLock:
         command holds it. Returns whether this call took the lock."""
         if not self.enabled or self.held or not self.folder.is_dir():
             return False
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        path = self.folder / LOCK_FILE
+        while True:
+            try:
+                fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), True
+            except FileExistsError:
+                fd, created = os.open(path, os.O_RDWR | os.O_CLOEXEC), False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise RunFolderBusy(
+                    f"{self.folder} is in use by another incrementer-fast command (pid {holder}): wait for it to "
+                    "end (or stop it), or use another --out") from None
+            # A refused command removes the lock file it created (``undo``): a lock taken on that file after it
+            # was unlinked locks nothing, so lock the file that is there now.
+            if _same_file(fd, path):
+                break
             os.close(fd)
-            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise RunFolderBusy(
-                f"{self.folder} is in use by another incrementer-fast command (pid {holder}): wait for it to end "
-                "(or stop it), or use another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
-        self._fd = fd
+        self._fd, self._created_file = fd, created
         return True
+
+    def create_and_acquire(self) -> None:
+        """Create the folder (and its missing parents) and lock it, remembering what this command created for
+        ``undo``; only locks it when another command created it first."""
+        if not self.enabled or self.held:
+            return
+        missing = []
+        for folder in (self.folder, *self.folder.parents):
+            if folder.exists():
+                break
+            missing.append(folder)
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue  # created by someone else meanwhile: not ours to remove
+            self._created_folder = self._created_folder or folder
+        self.acquire_if_present()
+
+    def keep(self) -> None:
+        """The run starts writing: what this command created stays."""
+        self._created_folder, self._created_file = None, False
+
+    def undo(self) -> None:
+        """Remove what this command created (before ``keep``), while it still holds the lock: the folders it
+        created, with everything in them, or else the lock file if it created it."""
+        if not self.held:
+            return
+        if self._created_folder is not None:
+            shutil.rmtree(self._created_folder, ignore_errors=True)
+        elif self._created_file:
+            (self.folder / LOCK_FILE).unlink(missing_ok=True)
+        self.keep()
 
     def release(self) -> None:
         """Drop the lock (closing the file releases it); the lock file stays, for the next command."""
@@ -85,6 +135,15 @@ class RunFolderLock:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def _alive(pid: int) -> bool:

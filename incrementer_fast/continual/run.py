@@ -47,6 +47,7 @@ from ..errors import CheckpointError, InputError
 from ..model import Incrementer
 from .baselines import DISTILLING_METHODS, EVERY_TOKEN_TRAINED_METHODS, train_every_class_token
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
+from .consistency import check_finished_steps
 from .dataset_names import build_dataset
 from .datasets import VOC_CLASSES
 from .epoch_state import epoch_checkpoint_path, load_epoch_state, save_epoch_state
@@ -62,6 +63,7 @@ from .scenarios import (cached_select_images, classes_up_to, get_task, num_class
 from .transforms import train_transform, val_transform
 from .train import (DistEnv, current_dist_env, derive_seed, evaluate, predict, resolve_device,
                     seed_everything, step_epochs, step_learning_rate, train_step)
+from .validation import check_split_overlap, check_step_selections
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +297,8 @@ def load_step(config: TrainConfig, task, out_dir: Path, step: int) -> Incremente
     try:
         return Incrementer.from_checkpoint(path, attention=config.attention, expect=expect)
     except CheckpointError as error:
-        raise CheckpointError(f"{error} — it is not this run's step {step}: restore the right file, or delete "
-                              f"it and rerun with --resume to train step {step} again") from error
+        raise CheckpointError(f"{error} — it is not this run's step {step}: restore the right file, or move it "
+                              f"out of {out_dir} and rerun with --resume to train step {step} again") from error
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -329,8 +331,12 @@ def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resum
         is_main = current_dist_env().is_main
         with (RunFolderLock(out_dir, enabled=is_main) as lock, run_log_file(out_dir, enabled=is_main),
               RunReports(out_dir, config, enabled=is_main) as reports):
-            return _run(config, out_dir, step=step, resume=resume, retrain_from=retrain_from, progress=progress,
-                        reports=reports, lock=lock)
+            try:
+                return _run(config, out_dir, step=step, resume=resume, retrain_from=retrain_from,
+                            progress=progress, reports=reports, lock=lock)
+            except BaseException:
+                lock.undo()  # a refused request leaves nothing it created (nothing, once the run started)
+                raise
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -424,6 +430,10 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     if config.tensorboard and not tensorboard_available():
         raise InputError("--tensorboard needs the tensorboard package: pip install 'incrementer_fast[tensorboard]'")
     check_writable_folder(out_dir)
+    if env.is_main and not lock.held:
+        # A new folder is created and locked before anything is written there (caches, generated data); a
+        # refused request removes it again (run_scenario: lock.undo).
+        lock.create_and_acquire()
     records = read_records(out_dir)
     done = set(finished_steps(out_dir))
     if records and not resume and step is None and retrain_from is None:
@@ -432,6 +442,9 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     stored = read_run_config(out_dir)
     if stored is not None:
         _check_resumable(stored, config, out_dir)
+    check_finished_steps(out_dir, records, {s: checkpoint_path(out_dir, s) for s in done},
+                         task if order is None else order.task_to_dataset(task), model_options(config),
+                         config.task, config.method)
     steps_to_run = plan_steps(out_dir, len(task), done, step=step, resume=resume, retrain_from=retrain_from)
     if not steps_to_run:
         log(f"every step of {out_dir} is already finished")
@@ -472,7 +485,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     for split, dataset in (("train", train_set), ("val", val_set)):
         scans[split] = scans.get(split) or dataset.scan()
         if scans[split].converted:
-            converted = sorted(scans[split].converted)
+            converted = sorted(scans[split].converted)  # (not `names`: those are the class names)
             log(f"{split}: {len(converted)} grayscale/CMYK image(s) converted to RGB when loaded: "
                 f"{', '.join(converted[:5])}{', …' if len(converted) > 5 else ''}")
     train_labels, val_labels = scans["train"].labels, scans["val"].labels
@@ -483,6 +496,9 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         train_labels, val_labels = order.positions_of(train_labels), order.positions_of(val_labels)
     dataset_key = scenario_dataset(config)
     in_dataset = order.task_to_dataset if order is not None else (lambda steps: steps)
+    check_step_selections(train_labels, dataset_key, task, steps_to_run, overlap=config.setting == "overlapped",
+                          dataset_classes=in_dataset(task), class_names=names, task_name=config.task,
+                          data_root=data_root)
 
     # The run starts: config.json (with the history of resumed changes), leftovers of a crash removed.
     launch = dict(world_size=env.world_size, micro_batch_size=config.micro_batch(env.world_size),
@@ -490,10 +506,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
                   device=str(device), task_steps=in_dataset(task), class_names=list(names),
                   class_order=None if order is None else order.order)
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if lock.acquire_if_present() and (read_run_file(out_dir) is not None or read_records(out_dir)):
-            # The folder did not exist when this command checked it; another one has started a run there since.
-            raise RunError(f"{out_dir} was filled by another command while this one started: choose another --out")
+        lock.keep()
         _report_removed(log, remove_orphaned_temporaries(out_dir), "unfinished temporary file")
         changes = _config_changes(out_dir, stored, config, first)
         if stale:
@@ -530,8 +543,6 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
                 train_every_class_token(model)
         ids = cached_select_images(cache_dir, train_labels, dataset_key, task, current,
                                    config.setting == "overlapped")
-        if not ids:
-            raise RunError(f"step {current} of task {config.task!r} has no training image in {data_root}")
         step_train = train_set.subset(ids)
         step_classes = in_dataset([task[current]])[0]
         log(f"step {current}: classes {step_classes} ({', '.join(names[c] for c in step_classes)}), "
@@ -561,14 +572,16 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         if order is not None:
             record = order.record_to_dataset(record)
         if env.is_main:
+            # The checkpoint, the figures, then the record, which makes the step finished: an interruption
+            # before it repeats the step (figures included), never leaves a finished step without its figures.
             model.save(checkpoint_path(out_dir, current))
             records = [r for r in records if r["step"] != current] + [record]
+            plot_miou(out_dir, records)
+            _visualise(model, step_val, config, task, current, device, out_dir, mean, std, order, names)
             write_metrics(out_dir, records, len(names) if order is not None else
                           len(classes_up_to(task, len(task) - 1)))
             write_class_table(out_dir, records, names)
             epoch_path.unlink(missing_ok=True)  # the step is finished: its checkpoint and record are written
-            plot_miou(out_dir, records)
-            _visualise(model, step_val, config, task, current, device, out_dir, mean, std, order, names)
             reports.step(record)
             log(f"step {current} done in {record['seconds']:.1f} s: " + format_record(record))
         _barrier(env)
@@ -579,10 +592,12 @@ def _open_datasets(config: TrainConfig, data_root: Path, cache_dir: Path):
     """The train and val datasets (their file lists; nothing decoded yet); InputError naming what is
     missing or malformed."""
     try:
-        return tuple(build_dataset(config.dataset, data_root, split, cache_dir=cache_dir, **folder_options(config))
-                     for split in ("train", "val"))
+        train_set, val_set = (build_dataset(config.dataset, data_root, split, cache_dir=cache_dir,
+                                            **folder_options(config)) for split in ("train", "val"))
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise InputError(f"{error} (check --data-root)") from error
+    check_split_overlap(train_set, val_set)
+    return train_set, val_set
 
 
 def _epoch_state_to_resume(config: TrainConfig, path: Path, step: int, train_images: int, model_classes: int,

@@ -238,10 +238,11 @@ def cached_select_images(
         try:
             with open(path, encoding="utf-8") as f:
                 cached = json.load(f)
-            if cached.get("key") == key and isinstance(cached.get("ids"), list):
-                return cached["ids"]
-        except (OSError, json.JSONDecodeError):
-            pass  # an unreadable cache file is recomputed and overwritten
+            ids = cached.get("ids") if isinstance(cached, dict) and cached.get("key") == key else None
+            if isinstance(ids, list) and all(isinstance(i, str) and i in image_labels for i in ids):
+                return ids
+        except (OSError, ValueError):
+            pass  # an unreadable or malformed cache file is recomputed and overwritten
     ids = select_images(image_labels, dataset, task, step, overlap)
     atomic_write_json(path, {"key": key, "dataset": dataset, "task": task, "step": step,
                              "overlap": bool(overlap), "ids": ids})
