@@ -6,6 +6,8 @@ validate. Errors name the argument and the shapes involved. The one exception is
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -80,6 +82,10 @@ def check_cosine_mask_args(patches, classes, scale, eps, out_dtype=None) -> None
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"scale must be a Python float or a 0-dim tensor, got {type(scale).__name__}")
     else:
+        # A tensor scale is not read (that would sync with the device); a float is: NaN or ±inf would
+        # make every mask NaN.
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite float, got {scale!r}")
         check_same_device(patches=patches, classes=classes)
     _check_eps(eps)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
@@ -89,8 +95,16 @@ def check_cosine_mask_args(patches, classes, scale, eps, out_dtype=None) -> None
 
 
 def _check_eps(eps) -> None:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+
+
+def _check_non_negative(name: str, value) -> None:
+    """A finite float ≥ 0 (NaN and inf refused: they turn the loss into NaN)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a non-negative finite float, got {value!r}")
 
 
 def check_fod_loss_args(student, teacher, weight, eps) -> None:
@@ -124,10 +138,7 @@ def check_fod_token_weights_args(labels, num_old, patch_size, bg_weight, ignore_
         )
     if not isinstance(num_old, int) or num_old < 1:
         raise ValueError(f"num_old must be an int >= 1, got {num_old!r}")
-    if not isinstance(bg_weight, (int, float)) or isinstance(bg_weight, bool):
-        raise TypeError(f"bg_weight must be a float, got {type(bg_weight).__name__}")
-    if not bg_weight >= 0:  # also NaN: the weights feed fod_loss's weighted mean
-        raise ValueError(f"bg_weight must be a non-negative float, got {bg_weight!r}")
+    _check_non_negative("bg_weight", bg_weight)  # the weights feed fod_loss's weighted mean
     check_ignore_index(labels, ignore_index)
 
 
@@ -148,8 +159,7 @@ def check_cds_dice_args(logits, labels, num_old, ignore_index, smooth) -> None:
             f"num_old must be an int in [1, C) with C = {num_classes} (logits {_shape(logits)}), got {num_old!r}"
         )
     check_ignore_index(labels, ignore_index)
-    if not isinstance(smooth, (int, float)) or isinstance(smooth, bool) or smooth < 0:
-        raise ValueError(f"smooth must be a non-negative float, got {smooth!r}")
+    _check_non_negative("smooth", smooth)
     check_same_device(logits=logits, labels=labels)
 
 
@@ -185,6 +195,8 @@ def _check_masks_labels(masks_name: str, masks, labels) -> None:
         )
     if masks.shape[2] == 0 or masks.shape[3] == 0:
         raise ValueError(f"{masks_name} (B, K, h, w) = {_shape(masks)} must have h, w >= 1")
+    if labels.shape[1] == 0 or labels.shape[2] == 0:  # the masks cannot be upsampled to no pixels
+        raise ValueError(f"labels (B, H, W) = {_shape(labels)} must have H, W >= 1")
     check_same_device(**{masks_name: masks, "labels": labels})
 
 
@@ -199,13 +211,9 @@ def check_seg_head_loss_args(
         raise ValueError(
             f"num_old must be an int in [1, K) with K = {num_classes} (masks {_shape(masks)}), got {num_old!r}"
         )
-    _check_number("new_class_weight", new_class_weight)
-    if not new_class_weight >= 0:
-        raise ValueError(f"new_class_weight must be >= 0, got {new_class_weight!r}")
+    _check_non_negative("new_class_weight", new_class_weight)
     check_ignore_index(labels, ignore_index)
-    _check_number("smooth", smooth)
-    if not smooth >= 0:
-        raise ValueError(f"smooth must be a non-negative float, got {smooth!r}")
+    _check_non_negative("smooth", smooth)
     if image_weight is not None:
         check_float("image_weight", image_weight)
         if tuple(image_weight.shape) != (masks.shape[0],):

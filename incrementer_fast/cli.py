@@ -175,10 +175,16 @@ def _train(args: argparse.Namespace) -> int:
     from .continual.run import read_run_config, run_scenario
 
     out = Path(args.out)
-    stored = read_run_config(out) if args.resume else None
+    continues = args.resume or args.retrain_from is not None  # both continue the run with its config.json
+    stored = read_run_config(out) if continues else None
+    if continues and stored is None:
+        option = "--resume" if args.resume else f"--retrain-from {args.retrain_from}"
+        raise CommandError(f"{option}: {out} holds no run to continue ({out / 'config.json'} not found); "
+                           f"drop {option.split()[0]} to start a new run there")
     config = config_from_args(args, stored)
     _check_step(config, args.step)
-    run_scenario(config, out, step=args.step, resume=args.resume, progress=not args.quiet)
+    run_scenario(config, out, step=args.step, resume=args.resume, retrain_from=args.retrain_from,
+                 progress=not args.quiet)
     return 0
 
 
@@ -303,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train this step only (the previous step must be finished in --out)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last finished step, with its config.json")
+    train.add_argument("--retrain-from", type=int, default=None, metavar="N",
+                       help="train the run in --out again from step N, with its config.json (as --resume: "
+                            "options given may change the learning rates and runtime options): step N and every "
+                            "later finished step are removed first, as they were trained from the old step N; a "
+                            "finished step is never retrained without this")
     add_common_options(train)
     train.add_argument("--preset", choices=list(PRESETS), default=None,
                        help="the defaults of every option below: voc / ade (paper scale, each value's source in "

@@ -68,6 +68,7 @@ from torch import nn
 from . import backbones  # noqa: F401  (registers the package's own timm backbones, e.g. vit_demo_patch8)
 from ._files import atomic_write
 from .attention import Attention, requested_backend
+from .checkpoint_loading import architecture_config, check_counts, check_state
 from .constants import NEW_TOKEN_INITS
 from .errors import CheckpointError
 from .nn import CosineMask
@@ -544,24 +545,40 @@ class Incrementer(nn.Module):
             >>> model = Incrementer.from_checkpoint("run/step_0.pt", expect={"n_layers": 2})
         """
         path = os.fspath(path)
-        checkpoint = read_checkpoint(path, map_location)
+        checkpoint = read_checkpoint(path)  # memory-mapped: nothing allocated yet
         if expect is not None:
             differences = _architecture_differences(checkpoint, expect)
             if differences:
                 raise CheckpointError(f"checkpoint {path} does not fit: {'; '.join(differences)}")
-        config = dict(checkpoint["config"])
+        # Bounded loading (incrementer_fast.checkpoint_loading): only architecture fields reach the
+        # constructor, and every count, name, shape and dtype is checked before the model is allocated.
+        config = architecture_config(checkpoint["config"], path)
         if attention is not None:
             config["attention"] = attention
         steps = list(checkpoint["classes_per_step"])
+        state = dict(checkpoint["state_dict"])
+        _rename_legacy_keys(state)
+        check_counts(config, steps, state, path)
+        with torch.device("meta"):
+            blueprint = cls._from_config(config, steps, path)
+        check_state(blueprint.state_dict(), state, path)
+        model = cls._from_config(config, steps, path)
+        _load_weights(model, state, path)
+        if isinstance(map_location, (str, torch.device)):
+            model.to(map_location)
+        return model
+
+    @classmethod
+    def _from_config(cls, config: Mapping, steps: Sequence[int], path: str) -> "Incrementer":
+        """The model of a checked checkpoint config and its classes per step (on the current default device:
+        ``meta`` for the blueprint ``from_checkpoint`` checks the weights against)."""
+        options = dict(config)
         try:
-            model = cls(config.pop("backbone"), steps[0], **config)
+            model = cls(options.pop("backbone"), steps[0], **options)
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path}: its model cannot be built here: {error}") from error
         for n in steps[1:]:
             model.add_classes(n)
-        _load_weights(model, checkpoint["state_dict"], path)
-        if isinstance(map_location, (str, torch.device)):
-            model.to(map_location)
         return model
 
 
@@ -578,7 +595,12 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (a write that never finished?)")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        try:  # memory-mapped: tensors are read from disk when used, not allocated at load
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)  # a legacy format
     except Exception as error:  # every reader failure of this one file is the same user error
         raise CheckpointError(f"checkpoint {path} cannot be read: {_load_failure(error)}") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -643,19 +665,8 @@ def _architecture_differences(checkpoint: dict, expect: Mapping) -> list[str]:
 
 
 def _load_weights(model: nn.Module, state: dict, path: str) -> None:
-    """``model.load_state_dict(state)``, with every mismatch or non-finite weight named in one line."""
-    state = dict(state)
-    _rename_legacy_keys(state)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"checkpoint {path}: its weights do not fit its own architecture: missing keys "
-            f"[{_short_list(missing)}]; unexpected keys [{_short_list(unexpected)}]; shapes [{_short_list(wrong)}]"
-        )
+    """``model.load_state_dict(state)`` for a state dict ``check_state`` has checked against the model's
+    architecture; CheckpointError naming the non-finite weights, if any."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"checkpoint {path} holds non-finite weights ({_short_list(bad)}): it cannot be "

@@ -89,10 +89,10 @@ class CosineMask(nn.Module):
                  out_dtype: Optional[torch.dtype] = None, min_out_dtype: Optional[torch.dtype] = None,
                  reference: bool = False):
         super().__init__()
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-            raise ValueError(f"scale must be a positive float, got {scale!r}")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-            raise ValueError(f"eps must be a positive float, got {eps!r}")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < math.inf:
+            raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < math.inf:
+            raise ValueError(f"eps must be a positive finite float, got {eps!r}")
         for name, dtype in (("out_dtype", out_dtype), ("min_out_dtype", min_out_dtype)):
             if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise TypeError(f"{name} must be None or a floating torch.dtype, got {dtype!r}")

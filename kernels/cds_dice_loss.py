@@ -21,6 +21,9 @@ pixels:
 
     dice_k = 1 − (2·I_k + smooth) / (Q_k + T_k + smooth),   loss = (1/B) Σ_b (dice_new + dice_old).
 
+(An image without valid pixels has Q_k = T_k = I_k = 0: with smooth = 0 its dice_k is taken as 0, the value
+every smooth > 0 gives it, rather than 0/0, and it gets no gradient; see reference.dice_from_sums.)
+
 One launch, `_cds_dice_loss_fwd_kernel`, grid (n_chunks·B,): each program owns a contiguous run of S-tiles
 of one image, keeps the six sums per pixel lane in registers across its tiles and writes six scalars to
 partials (6, B, n_chunks) — per-program partials, no atomics on the sums. Then each program increments a
@@ -245,8 +248,12 @@ def _finalize(
         tl.store(stats_ptr + 3 * B + images, inter_old, mask=in_batch)
         tl.store(stats_ptr + 4 * B + images, prob_old, mask=in_batch)
         tl.store(stats_ptr + 5 * B + images, count_old, mask=in_batch)
-        dice_new = 1.0 - (2.0 * inter_new + smooth) / (prob_new + count_new + smooth)
-        dice_old = 1.0 - (2.0 * inter_old + smooth) / (prob_old + count_old + smooth)
+        # An image without valid pixels has D_k = smooth: with smooth = 0 its dice is 0, the value every
+        # smooth > 0 gives it (reference.dice_from_sums), not 0/0.
+        den_new = prob_new + count_new + smooth
+        den_old = prob_old + count_old + smooth
+        dice_new = tl.where(den_new == 0, 0.0, 1.0 - (2.0 * inter_new + smooth) / tl.where(den_new == 0, 1.0, den_new))
+        dice_old = tl.where(den_old == 0, 0.0, 1.0 - (2.0 * inter_old + smooth) / tl.where(den_old == 0, 1.0, den_old))
         dice_sum += tl.where(in_batch, dice_new + dice_old, 0.0)
     tl.store(loss_ptr, tl.sum(dice_sum, axis=0) / B)
 
@@ -289,8 +296,12 @@ def _cds_dice_loss_bwd_kernel(
     inter_old = tl.load(stats_ptr + 3 * B + image)
     prob_old = tl.load(stats_ptr + 4 * B + image)
     count_old = tl.load(stats_ptr + 5 * B + image)
+    # D_k = 0 only for an image without valid pixels (smooth = 0): none of its pixels takes a gradient, and
+    # 1 keeps the unused coefficients finite.
     den_new = prob_new + count_new + smooth
     den_old = prob_old + count_old + smooth
+    den_new = tl.where(den_new == 0, 1.0, den_new)
+    den_old = tl.where(den_old == 0, 1.0, den_old)
     miss_new = scale * (2.0 * inter_new + smooth) / (den_new * den_new)
     miss_old = scale * (2.0 * inter_old + smooth) / (den_old * den_old)
     hit_new = miss_new - 2.0 * scale / den_new

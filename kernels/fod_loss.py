@@ -131,7 +131,8 @@ def _fod_loss_fwd_kernel(
             st += tl.sum(s * t, axis=1)
         cos = st / tl.maximum(tl.sqrt(ss), eps) / tl.maximum(tl.sqrt(tt), eps)
         w_offsets = _row_offsets(rows, inner_size, w_stride_outer, w_stride_inner)
-        w = tl.maximum(tl.load(weight_ptr + w_offsets, mask=row_mask, other=0.0).to(acc_dtype), 0.0)
+        w = tl.load(weight_ptr + w_offsets, mask=row_mask, other=0.0).to(acc_dtype)
+        w = tl.where(w < 0, 0.0, w)  # max(w, 0) that keeps a NaN (tl.maximum drops it), as the reference does
         numerator += w * (1.0 - cos)  # masked rows have w = 0 and add nothing
         denominator += w
     # pid < P by construction of the grid, so these two scalar stores are in bounds.
@@ -214,7 +215,8 @@ def _fod_loss_bwd_kernel(
     t_rows = _row_offsets(rows, inner_size, t_stride_outer, t_stride_inner)
     out_rows = rows * D  # gradients are contiguous (M, D)
     w = tl.load(weight_ptr + _row_offsets(rows, inner_size, w_stride_outer, w_stride_inner), mask=row_mask, other=0.0)
-    c = scale * tl.maximum(w.to(acc_dtype), 0.0)
+    w = w.to(acc_dtype)
+    c = scale * tl.where(w < 0, 0.0, w)  # max(w, 0), NaN kept
 
     # The row sums: from chunks kept in registers (NUM_CHUNKS ≥ 1), or a first pass over the row.
     if NUM_CHUNKS >= 1:

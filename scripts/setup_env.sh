@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 # --no-compile: byte-compiling every module of torch's 5 GB took half of the install (107 s → 57 s here);
-# Python compiles what it imports on first use instead.
-.venv/bin/python -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q --no-compile -e ".[test]"
+# Python compiles what it imports on first use instead. One pip call for the stack and the package: one
+# resolution instead of two (95 s → 68 s here from an empty venv).
+.venv/bin/python -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1 -e ".[test]"

@@ -66,6 +66,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
     config.addinivalue_line("markers", "slow: a longer test (training runs, DDP)")
+    config.addinivalue_line("markers", "plan_independent: checks what no launch plan changes (torch.compile's "
+                            "graph, the dispatch); tests/run.sh runs it under one plan only, the H100's")
     if config.getoption("--kernel-lines"):
         if not INTERPRET:
             raise pytest.UsageError("--kernel-lines records kernel lines run by Triton's interpreter: set "

@@ -8,9 +8,11 @@ so that the module stays within a few tens of seconds on two cores; only the fre
 interpreter (the others call ``cli.main``, which is exactly what ``python -m incrementer_fast`` returns).
 """
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -317,3 +319,226 @@ def test_a_refused_checkpoint_write_is_named_and_leaves_nothing(data, tmp_path, 
 def test_debug_shows_the_traceback(data, tmp_path):
     with pytest.raises(InputError, match="--dropout must be in"):
         main(["train", "--out", str(tmp_path / "run"), "--data-root", str(data), *TINY, "--dropout", "2", "--debug"])
+
+
+# ------------------------------------------------------------------------------------ eval scores what was trained
+@pytest.fixture(scope="module")
+def own_data_run(tmp_path_factory):
+    """A finished step 0 whose synthetic data the run generated itself, in ``run/data`` (8/4 images at 32²)."""
+    out = tmp_path_factory.mktemp("own-data") / "run"
+    assert main(["train", "--out", str(out), "--step", "0", *TINY]) == 0
+    return out
+
+
+def _eval_record(run, capsys, *extra):
+    code = main(["eval", "--run", str(run), "--step", "0", "--quiet", "--output", str(run.parent / "eval.json"),
+                 *map(str, extra)])
+    captured = capsys.readouterr()
+    return code, captured
+
+
+def test_eval_rebuilds_the_runs_own_synthetic_set(own_data_run, tmp_path, capsys):
+    run = copy_run(own_data_run, tmp_path / "run")
+    stored = json.loads((run / "metrics.json").read_text())[0]
+    shutil.rmtree(run / "data")
+    code, _ = _eval_record(run, capsys)
+    assert code == 0
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["val_images"] == stored["val_images"]  # not the default 120-image set's share
+    assert record["miou_all"] == stored["miou_all"]
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert (manifest["num_train"], manifest["num_val"], manifest["image_size"]) == (8, 4, 32)
+
+
+def test_eval_refuses_another_synthetic_set_in_the_runs_folder(own_data_run, tmp_path, capsys):
+    run = copy_run(own_data_run, tmp_path / "run")
+    shutil.rmtree(run / "data")
+    generate_synthetic(run / "data", seed=0, num_train=8, num_val=6, image_size=32)
+    code, err, _ = cli(["eval", "--run", run, "--step", "0", "--quiet", "--output", tmp_path / "eval.json"], capsys)
+    assert code == 2 and "holds another synthetic dataset than the run's: synthetic_val_images 6 (the run's 4)" in err
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_checks_the_set_against_the_fingerprint_stored_at_training(own_data_run, tmp_path, capsys):
+    run = copy_run(own_data_run, tmp_path / "run")
+    assert json.loads((run / "config.json").read_text())["evaluation"]["val_images"] == 4
+    other = generate_synthetic(tmp_path / "other", seed=5, num_train=8, num_val=4, image_size=32)
+    code, err, _ = cli(["eval", "--run", run, "--step", "0", "--quiet", "--data-root", other,
+                        "--synthetic-seed", "5", "--output", tmp_path / "eval.json"], capsys)
+    assert code == 2 and f"the validation set at {other} (4 images" in err and f"is not the one {run} was scored on" in err
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_eval_refuses_a_run_whose_data_root_is_gone(finished, data, tmp_path, capsys):
+    moved = copy_run(data, tmp_path / "data")
+    run = copy_run(finished, tmp_path / "run")
+    stored = json.loads((run / "config.json").read_text())
+    stored["config"]["dataset"], stored["config"]["data_root"] = "voc", str(moved)
+    (run / "config.json").write_text(json.dumps(stored))
+    shutil.rmtree(moved)
+    code, err, _ = cli(["eval", "--run", run, "--step", "0", "--quiet", "--output", tmp_path / "eval.json"], capsys)
+    assert code == 2 and f"data root not found: {moved}" in err and "--data-root" in err
+    assert not moved.exists() and not (tmp_path / "eval.json").exists()
+
+
+# ------------------------------------------------------------------------------------ nothing finished is overwritten
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory, data):
+    """A run directory with all three steps of task 8-2 finished."""
+    out = tmp_path_factory.mktemp("three") / "run"
+    assert main(["train", "--out", str(out), "--data-root", str(data), *TINY]) == 0
+    return out
+
+
+@pytest.mark.parametrize("how", [["--step", "1", "--data-root", "DATA", *TINY], ["--resume", "--step", "1", "--quiet"]])
+def test_a_finished_step_is_not_retrained_without_retrain_from(how, three_steps, data, tmp_path, capsys):
+    run = copy_run(three_steps, tmp_path / "run")
+    before = snapshot(run)
+    argv = ["train", "--out", run, *[str(data) if a == "DATA" else a for a in how], "--lr-incremental", "0.002"]
+    code, err, _ = cli(argv, capsys)
+    assert code == 2 and "step 1 is finished" in err and "--retrain-from 1" in err and "steps 1, 2 are removed" in err
+    assert snapshot(run) == before
+
+
+def test_retrain_from_removes_the_stale_steps_and_records_changes_exactly(three_steps, tmp_path, capsys):
+    run = copy_run(three_steps, tmp_path / "run")
+    before = snapshot(run)
+    lr = json.loads((run / "config.json").read_text())["config"]["lr_incremental"]
+
+    def retrain(step, value):
+        code = main(["train", "--out", str(run), "--resume", "--retrain-from", str(step), "--lr-incremental",
+                     str(value), "--quiet"])
+        return code, capsys.readouterr().out
+
+    code, printed = retrain(1, 0.002)
+    assert code == 0 and "--retrain-from 1: step(s) 1, 2 trained from the old step 1 or later: removing" in printed
+    after = snapshot(run)
+    assert after["step_0.pt"] == before["step_0.pt"]  # kept
+    assert after["step_1.pt"] != before["step_1.pt"] and after["step_2.pt"] != before["step_2.pt"]  # retrained
+    assert [r["step"] for r in json.loads((run / "metrics.json").read_text())] == [0, 1, 2]
+    changes = lambda: json.loads((run / "config.json").read_text())["changes"]  # noqa: E731
+    assert changes() == [{"from_step": 1, "lr_incremental": [lr, 0.002]}]
+    assert retrain(2, 0.003)[0] == 0
+    assert changes() == [{"from_step": 1, "lr_incremental": [lr, 0.002]},
+                         {"from_step": 2, "lr_incremental": [0.002, 0.003]}]
+    assert retrain(1, 0.004)[0] == 0  # the entry of step 2 described a step trained again: gone
+    assert changes() == [{"from_step": 1, "lr_incremental": [lr, 0.004]}]
+
+
+def test_resume_on_a_folder_without_a_run_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err, _ = cli(["train", "--out", tmp_path / "empty", "--resume", "--quiet"], capsys)
+    assert code == 2 and "holds no run to continue" in err and "drop --resume" in err
+    assert not list((tmp_path / "empty").iterdir())
+
+
+# ------------------------------------------------------------------------------------ one writer per run folder
+def test_a_second_command_on_a_locked_run_folder_is_refused_naming_the_holder(finished, tmp_path, capsys):
+    """The holder is another command's lock as the OS sees it: ``run/.lock`` flock-ed (per open file, so it
+    conflicts even within one process) and holding its pid."""
+    run = copy_run(finished, tmp_path / "run")
+    with open(run / ".lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242\n")
+        holder.flush()
+        before = snapshot(run)
+        code, err, _ = cli(["train", "--out", run, "--resume", "--quiet"], capsys)
+        assert code == 2 and f"{run} is in use by another incrementer-fast command (pid 4242)" in err
+        assert snapshot(run) == before  # no step trained, no log line, no config.json rewrite
+    # Released (the holder closed its file): the next command takes the lock and trains.
+    assert main(["train", "--out", str(run), "--resume", "--step", "1", "--quiet"]) == 0
+
+
+def test_cleanup_removes_only_the_temporaries_of_dead_writers(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live_temporary = run / f".step_1.pt.{writer.pid}.0123abcd.tmp"  # another process's checkpoint being written
+        dead_temporary = run / f".metrics.json.{dead}.89abcdef.tmp"
+        live_temporary.write_bytes(b"being written")
+        dead_temporary.write_text("[")
+        code = main(["train", "--out", str(run), "--resume", "--step", "1", "--quiet"])
+        assert code == 0 and "removed 1 unfinished temporary file(s)" in capsys.readouterr().out
+        assert live_temporary.read_bytes() == b"being written" and not dead_temporary.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_run_folder_lock_is_exclusive_and_released(tmp_path):
+    from incrementer_fast.continual.lock import RunFolderBusy, RunFolderLock
+
+    assert not RunFolderLock(tmp_path / "absent").acquire_if_present()  # nothing to lock: nothing created
+    assert not (tmp_path / "absent").exists()
+    with RunFolderLock(tmp_path) as first:
+        assert first.held
+        with pytest.raises(RunFolderBusy, match=f"pid {os.getpid()}"):
+            RunFolderLock(tmp_path).acquire_if_present()
+    with RunFolderLock(tmp_path) as again:
+        assert again.held
+
+
+# ------------------------------------------------------------------------------------ bounded checkpoint loading
+def _tampered(finished, tmp_path, **config_changes):
+    """step_0.pt of the finished run with its metadata edited (``classes_per_step`` and ``config`` keys; a
+    value None removes the key)."""
+    checkpoint = torch.load(finished / "step_0.pt", weights_only=True)
+    if "classes_per_step" in config_changes:
+        checkpoint["classes_per_step"] = config_changes.pop("classes_per_step")
+    for key, value in config_changes.items():
+        if value is None:
+            checkpoint["config"].pop(key)
+        else:
+            checkpoint["config"][key] = value
+    path = tmp_path / "tampered.pt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def constructions(monkeypatch):
+    """The device of every Incrementer built while the test runs (``meta`` allocates nothing)."""
+    devices = []
+    original = Incrementer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        devices.append(torch.empty(0).device.type)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Incrementer, "__init__", recording_init)
+    return devices
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(classes_per_step=[3_000_000]), "classes_per_step [3000000] do not match its class tokens"),
+    (dict(n_layers=3000), "its config says n_layers=3000 but its weights hold 2 decoder block(s)"),
+    (dict(weights="/etc/passwd"), "config fields a checkpoint may not hold: weights"),
+    (dict(pretrained=True), "config fields a checkpoint may not hold: pretrained"),
+    (dict(surprise=1), "config fields a checkpoint may not hold: surprise"),
+    (dict(backbone=None), "lacks config field(s) backbone"),
+    (dict(dropout="0.1"), "dropout must be a number, got '0.1'"),
+])
+def test_checkpoint_metadata_cannot_make_the_loader_build_read_or_download(change, message, finished, tmp_path,
+                                                                            constructions, capsys):
+    path = _tampered(finished, tmp_path, **change)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        Incrementer.from_checkpoint(path)
+    assert constructions == []  # refused before any model was built, on any device
+    code, err, _ = cli(["eval", "--checkpoint", path, "--data-root", finished.parent.parent / "missing", *TINY,
+                        "--step", "0"], capsys)
+    assert code == 2 and f"checkpoint {path}" in err and message in err
+
+
+def test_checkpoint_tensors_are_checked_against_a_meta_model_before_allocation(finished, tmp_path, constructions):
+    path = _tampered(finished, tmp_path, d_model=4096, n_heads=64)
+    with pytest.raises(CheckpointError, match=r"proj_dec.weight: file \(64, 64\) torch.float32 vs model \(4096, 64\)"):
+        Incrementer.from_checkpoint(path)
+    assert constructions == ["meta"]  # the 4096-wide decoder was only ever a blueprint
+    checkpoint = torch.load(finished / "step_0.pt", weights_only=True)
+    checkpoint["state_dict"]["proj_patch"] = checkpoint["state_dict"]["proj_patch"].double()
+    torch.save(checkpoint, tmp_path / "double.pt")
+    with pytest.raises(CheckpointError, match=r"proj_patch: file \(64, 64\) torch.float64 vs model \(64, 64\) "
+                                              r"torch.float32"):
+        Incrementer.from_checkpoint(tmp_path / "double.pt")

@@ -60,6 +60,11 @@ def test_cosine_mask_scale_is_required_and_min_out_dtype_promotes():
         CosineMask(scale=10.0, out_dtype=torch.float32, min_out_dtype=torch.float32)
     with pytest.raises(TypeError, match="min_out_dtype"):
         CosineMask(scale=10.0, min_out_dtype=torch.int32)
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a positive finite float"):
+            CosineMask(scale=bad)
+        with pytest.raises(ValueError, match="eps must be a positive finite float"):
+            CosineMask(scale=10.0, eps=bad)
 
 
 def _spy(monkeypatch, namespace, name):

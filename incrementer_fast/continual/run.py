@@ -43,6 +43,8 @@ from ..errors import CheckpointError, InputError
 from ..model import Incrementer
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
 from .datasets import build_dataset
+from .evaluation_set import check_fingerprint, open_validation_set, split_fingerprint
+from .lock import RunFolderLock, orphaned_temporary
 from .logs import RunReports, run_log_file, tensorboard_available
 from .metrics import summarize
 from .scenarios import (cached_select_images, classes_up_to, get_task, remap_eval_labels,
@@ -89,16 +91,23 @@ def read_records(out_dir: Path) -> list[dict]:
     return records
 
 
-def read_run_config(out_dir: Path) -> dict | None:
-    """The ``config`` of a run directory's config.json (None when there is none); InputError naming the
-    file when it cannot be read."""
+def read_run_file(out_dir: Path) -> dict | None:
+    """A run directory's whole config.json (``config``, ``launch``, ``changes``, ``evaluation``; None when
+    there is none); InputError naming the file when it cannot be read."""
     path = Path(out_dir) / "config.json"
     if not path.exists():
         return None
     stored = _read_json(path, "configuration")
     if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
         raise InputError(f"{path} has no \"config\" object; restore it, or start the run in another --out")
-    return stored["config"]
+    return stored
+
+
+def read_run_config(out_dir: Path) -> dict | None:
+    """The ``config`` of a run directory's config.json (None when there is none); InputError naming the
+    file when it cannot be read."""
+    stored = read_run_file(out_dir)
+    return None if stored is None else stored["config"]
 
 
 def finished_steps(out_dir: Path) -> list[int]:
@@ -286,18 +295,22 @@ def _barrier(env: DistEnv) -> None:
 
 
 def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resume: bool = False,
-                 progress: bool = True) -> list[dict]:
+                 retrain_from: int | None = None, progress: bool = True) -> list[dict]:
     """Train and evaluate the steps of ``config`` into ``out_dir``; returns the metrics records of the run
     directory (every finished step). ``step=k`` trains step k only (step k − 1 must be finished there);
-    ``resume=True`` continues a run directory, skipping its finished steps. Progress is logged through
+    ``resume=True`` continues a run directory, skipping its finished steps; a finished step is trained
+    again only from ``retrain_from=k`` on, which removes step k and every later finished step first
+    (``plan_steps``). Progress is logged through
     ``logging`` and tqdm bars (``progress=False``: none); ``epochs.csv``, ``run.log`` and, with
     ``config.tensorboard``, TensorBoard scalars go to ``out_dir`` (see ``incrementer_fast.continual.logs``)."""
     out_dir = Path(out_dir)
     owns_group = _init_distributed(config)
     try:
         is_main = current_dist_env().is_main
-        with run_log_file(out_dir, enabled=is_main), RunReports(out_dir, config, enabled=is_main) as reports:
-            return _run(config, out_dir, step=step, resume=resume, progress=progress, reports=reports)
+        with (RunFolderLock(out_dir, enabled=is_main) as lock, run_log_file(out_dir, enabled=is_main),
+              RunReports(out_dir, config, enabled=is_main) as reports):
+            return _run(config, out_dir, step=step, resume=resume, retrain_from=retrain_from, progress=progress,
+                        reports=reports, lock=lock)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -328,8 +341,12 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
                              f"{config.task!r} has seen {expected}")
         data_root = resolve_data_root(config, run_dir if run_dir is not None else Path("."))
         cache_dir = Path(run_dir) / "cache" if run_dir is not None else None
-        val_set = build_dataset(config.dataset, data_root, "val", cache_dir=cache_dir)
-        val_set = val_set.subset(select_eval_images(val_set.image_labels(), config.dataset, task, step))
+        val_set = open_validation_set(config, data_root, cache_dir)
+        val_labels = val_set.image_labels()
+        eval_ids = select_eval_images(val_labels, config.dataset, task, step)
+        if run_dir is not None:
+            _check_run_evaluation_set(Path(run_dir), val_labels, eval_ids, step, data_root)
+        val_set = val_set.subset(eval_ids)
         val_set.transform = eval_transform(config, *model.normalization)
         matrix = evaluate(model, val_set, config=config, task=task, step=step, device=device, env=env,
                           progress=progress)
@@ -341,7 +358,20 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
             dist.destroy_process_group()
 
 
-def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports: RunReports) -> list[dict]:
+def _check_run_evaluation_set(run_dir: Path, val_labels, eval_ids, step: int, data_root) -> None:
+    """InputError unless the validation split eval rebuilt is the one ``run_dir`` was scored on: its
+    fingerprint in config.json, or (a run written before fingerprints) the step's image count in
+    metrics.json."""
+    stored = (read_run_file(run_dir) or {}).get("evaluation")
+    check_fingerprint(split_fingerprint(val_labels), stored, data_root, run_dir)
+    record = next((r for r in read_records(run_dir) if r["step"] == step), None)
+    if stored is None and record is not None and record.get("val_images") != len(eval_ids):
+        raise InputError(f"step {step} of {run_dir} was scored on {record.get('val_images')} validation images, "
+                         f"but {data_root} gives {len(eval_ids)}: pass --data-root where the run's data is")
+
+
+def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, progress, reports: RunReports,
+         lock: RunFolderLock) -> list[dict]:
     env = current_dist_env()
     log = logger.info if env.is_main else _silent
 
@@ -365,19 +395,17 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
     check_writable_folder(out_dir)
     records = read_records(out_dir)
     done = set(finished_steps(out_dir))
-    if records and not resume and step is None:
+    if records and not resume and step is None and retrain_from is None:
         raise RunError(f"{out_dir} already holds a run (steps {sorted(done)} finished): "
                        "pass --resume to continue it or choose another --out")
     stored = read_run_config(out_dir)
     if stored is not None:
         _check_resumable(stored, config, out_dir)
-    if step is not None and step > 0 and (step - 1) not in done:
-        raise RunError(f"--step {step} needs step {step - 1} finished in {out_dir} "
-                       f"(finished: {sorted(done) or 'none'})")
-    steps_to_run = [step] if step is not None else [s for s in range(len(task)) if not (resume and s in done)]
+    steps_to_run = plan_steps(out_dir, len(task), done, step=step, resume=resume, retrain_from=retrain_from)
     if not steps_to_run:
         log(f"every step of {out_dir} is already finished")
         return sorted(records, key=lambda r: r["step"])
+    stale = sorted(s for s in done if s >= steps_to_run[0])  # only with retrain_from (plan_steps refuses else)
     cache_dir = out_dir / "cache"
     if config.dataset != "synthetic":
         train_set, val_set = _open_datasets(config, data_root, cache_dir)
@@ -415,6 +443,8 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
             log(f"{split}: {len(names)} grayscale/CMYK image(s) converted to RGB when loaded: "
                 f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}")
     train_labels, val_labels = scans["train"].labels, scans["val"].labels
+    evaluation = split_fingerprint(val_labels)
+    check_fingerprint(evaluation, (read_run_file(out_dir) or {}).get("evaluation"), data_root, out_dir)
 
     # The run starts: config.json (with the history of resumed changes), leftovers of a crash removed.
     launch = dict(world_size=env.world_size, micro_batch_size=config.micro_batch(env.world_size),
@@ -422,10 +452,17 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, progress, reports:
                   device=str(device), task_steps=task)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if lock.acquire_if_present() and (read_run_file(out_dir) is not None or read_records(out_dir)):
+            # The folder did not exist when this command checked it; another one has started a run there since.
+            raise RunError(f"{out_dir} was filled by another command while this one started: choose another --out")
         _report_removed(log, remove_orphaned_temporaries(out_dir), "unfinished temporary file")
         changes = _config_changes(out_dir, stored, config, first)
+        if stale:
+            log(f"--retrain-from {first}: step(s) {', '.join(map(str, stale))} trained from the old step "
+                f"{first} or later: removing their checkpoints, records and figures")
+            records = remove_steps(out_dir, records, stale, len(classes_up_to(task, len(task) - 1)))
         atomic_write_json(out_dir / "config.json", {"config": config.to_dict(), "launch": launch,
-                                                    "changes": changes})
+                                                    "changes": changes, "evaluation": evaluation})
         log(f"run {out_dir}: {config.method} on {config.dataset} {config.task} ({config.setting}), "
             f"{len(task)} steps; effective batch {config.batch_size} = {env.world_size} process(es) × "
             f"{launch['micro_batch_size']} images × {accumulation} accumulation step(s); device {device}")
@@ -512,9 +549,11 @@ def check_writable_folder(folder: Path) -> None:
 
 def remove_orphaned_temporaries(out_dir: Path) -> list[Path]:
     """Delete the temporary files an interrupted run left in ``out_dir`` (and its cache): checkpoints
-    being written (``step_N.pt.*.tmp``) and atomic writes (``.NAME.*.tmp``). Returns what was removed."""
+    being written (``step_N.pt.*.tmp``) and atomic writes (``.NAME.<pid>.*.tmp``) whose writer is gone
+    (``lock.orphaned_temporary``: a live writer's are kept). Returns what was removed."""
     out_dir = Path(out_dir)
-    leftovers = sorted({*out_dir.glob("step_*.pt.*.tmp"), *out_dir.glob(".*.tmp"), *out_dir.glob("cache/.*.tmp")})
+    leftovers = sorted(path for path in {*out_dir.glob("step_*.pt.*.tmp"), *out_dir.glob(".*.tmp"),
+                                         *out_dir.glob("cache/.*.tmp")} if orphaned_temporary(path))
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers
@@ -527,14 +566,81 @@ def _report_removed(log, paths: list[Path], what: str) -> None:
 
 
 def _config_changes(out_dir: Path, stored: dict | None, config: TrainConfig, first: int) -> list[dict]:
-    """config.json's "changes": earlier entries, plus one for the options this resumption changes (only
-    RESUMABLE_FIELDS can differ), with the step they apply from."""
+    """config.json's "changes": the earlier entries that still describe a kept step (``from_step`` before
+    ``first``: the others described steps retrained now), plus one for what this command changes (only
+    RESUMABLE_FIELDS can differ) relative to the configuration step ``first - 1`` was trained with, applying
+    from ``first``. So every step's options are config.json's ``config`` with the entries up to it undone."""
     if stored is None:
         return []
-    previous = _read_json(out_dir / "config.json", "configuration").get("changes", [])
+    previous = (read_run_file(out_dir) or {}).get("changes", [])
+    kept = [entry for entry in previous if entry["from_step"] < first]
+    trained_with = dict(stored)
+    for entry in reversed([entry for entry in previous if entry["from_step"] >= first]):
+        trained_with.update({k: values[0] for k, values in entry.items() if k != "from_step"})
     current = config.to_dict()
-    changed = {k: [stored.get(k), v] for k, v in current.items() if stored.get(k) != v}
-    return previous + ([{"from_step": first, **changed}] if changed else [])
+    changed = {k: [trained_with.get(k), v] for k, v in current.items() if trained_with.get(k) != v}
+    return kept + ([{"from_step": first, **changed}] if changed else [])
+
+
+def plan_steps(out_dir: Path, num_steps: int, done: set[int], *, step: int | None, resume: bool,
+               retrain_from: int | None) -> list[int]:
+    """The steps a command trains, in order; RunError when it would overwrite a finished step without
+    ``retrain_from`` (a finished step is never retrained silently: the later steps were trained from it).
+
+    Args:
+        out_dir: the run directory (for messages).
+        num_steps: the steps of the task.
+        done: its finished steps.
+        step: train this step only (``--step``).
+        resume: skip the finished steps (``--resume``).
+        retrain_from: retrain from this step on (``--retrain-from``): it and every later finished step are
+            removed by the caller before training (``remove_steps``).
+
+    Returns:
+        The steps to train (empty when every step is finished).
+    """
+    if retrain_from is not None:
+        if not 0 <= retrain_from < num_steps:
+            raise RunError(f"--retrain-from {retrain_from} is out of range: the task has {num_steps} steps, "
+                           f"0..{num_steps - 1}")
+        if step is not None and step != retrain_from:
+            raise RunError(f"--step {step} with --retrain-from {retrain_from}: give the same step, or drop --step")
+        first = retrain_from
+    elif step is not None:
+        first = step
+    else:
+        first = next((s for s in range(num_steps) if not (resume and s in done)), num_steps)
+    if first > 0 and first < num_steps and (first - 1) not in done:
+        option = "--retrain-from" if retrain_from is not None else "--step"
+        raise RunError(f"{option} {first} needs step {first - 1} finished in {out_dir} "
+                       f"(finished: {sorted(done) or 'none'})")
+    later = sorted(s for s in done if s >= first)
+    if later and retrain_from is None:
+        what = f"step {first} is finished" if first in done else f"step {later[0]} is finished after step {first}"
+        raise RunError(f"{out_dir}: {what} (steps {sorted(done)} finished); training step {first} again would "
+                       f"leave steps {', '.join(map(str, later))} trained from the old one. Pass --retrain-from "
+                       f"{first} to retrain from step {first} (steps {', '.join(map(str, later))} are removed "
+                       "and trained again), or choose another --out")
+    if step is not None:
+        return [step]
+    return list(range(first, num_steps))
+
+
+def remove_steps(out_dir: Path, records: list[dict], steps: list[int], num_classes_total: int) -> list[dict]:
+    """Remove finished ``steps`` from a run directory: their records first (metrics.json, metrics.csv,
+    miou.png rewritten), then their checkpoints, prediction grids and eval results, so that a crash half-way
+    leaves steps that are simply unfinished. Returns the records kept."""
+    kept = [r for r in records if r["step"] not in steps]
+    write_metrics(out_dir, kept, num_classes_total)
+    if kept:
+        plot_miou(out_dir, kept)
+    else:
+        (Path(out_dir) / "miou.png").unlink(missing_ok=True)
+    for step in steps:
+        for path in (checkpoint_path(out_dir, step), Path(out_dir) / f"predictions_step{step}.png",
+                     *Path(out_dir).glob(f"eval_step{step}_*.json")):
+            path.unlink(missing_ok=True)
+    return kept
 
 
 def _silent(*_args, **_kwargs) -> None:

@@ -91,7 +91,8 @@ def fod_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
         student: (..., D) float tensor; gets a gradient, in its dtype.
         teacher: (..., D), the shape of student; gets a gradient when it requires one.
         weight: (...) one weight per vector; gets no gradient. Negative weights count as 0 (clamped on the
-            device, both on the kernel and the reference path; see `incrementer_fast.reference.fod_loss`).
+            device, both on the kernel and the reference path; see `incrementer_fast.reference.fod_loss`); a
+            NaN weight gives a NaN loss on both.
         eps: the norm clamp, > 0.
 
     Returns:

@@ -53,7 +53,8 @@ def fod_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
     Negative weights count as 0 (w_i = max(w_i, 0)): a weighted mean needs non-negative weights, and with
     weights of both signs Σ w can cancel to almost 0 and blow the loss up (1.4e6 from +1, −0.999999).
     Clamping is checked on the device, so it costs no host synchronisation (a ValueError would need one);
-    FOD's own weights (`fod_token_weights`) are never negative.
+    FOD's own weights (`fod_token_weights`) are never negative. A NaN weight makes the loss NaN (on both
+    paths), so the trainer's non-finite-loss guard sees it.
     """
     check_fod_loss_args(student, teacher, weight, eps)
     acc = compute_dtype(student.dtype)
@@ -121,10 +122,14 @@ def cds_dice_loss(
 def dice_from_sums(intersection: torch.Tensor, probability: torch.Tensor, count: torch.Tensor,
                    smooth: float) -> torch.Tensor:
     """CDS's dice from per-image sums, each (2, B) with rows (new, old): the sum over both rows and the B
-    images of 1 − (2·Σ P·M + smooth) / (Σ P + Σ M + smooth), divided by B (0 for B = 0).
+    images of 1 − (2·Σ P·M + smooth) / (Σ P + Σ M + smooth), divided by B (0 for B = 0). An image without
+    valid pixels has dice 0 for every smooth ≥ 0: with smooth > 0 the formula gives 0, and with smooth = 0
+    the 0/0 is taken at that value (and gives no gradient) rather than NaN.
 
     The one place this formula lives: ``cds_dice_loss`` here, and the kernel path of ``seg_head_loss``
     (``incrementer_fast.ops.seg_head``, on the kernels' sums), which autograd differentiates.
     """
-    dice = 1.0 - (2.0 * intersection + smooth) / (probability + count + smooth)
+    denominator = probability + count + smooth
+    empty = denominator == 0
+    dice = torch.where(empty, 0.0, 1.0 - (2.0 * intersection + smooth) / torch.where(empty, 1.0, denominator))
     return dice.sum() / max(dice.shape[-1], 1)

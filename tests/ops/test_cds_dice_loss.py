@@ -280,6 +280,27 @@ def test_labels_outside_the_classes_are_ignored(device, label_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_smooth_zero_on_an_image_without_valid_pixels(device):
+    """Image 0 is all ignored: with smooth = 0 its dice is 0 (the value every smooth > 0 gives it), not 0/0,
+    and it gives no gradient; image 1 is scored as usual. Both paths, against the float64 reference."""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 4, 4), generator=gen)
+    labels[0] = 255
+    x = logits.float().to(device).requires_grad_()
+    loss = inc.cds_dice_loss(x, labels.to(device), num_old=2, smooth=0.0)
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = logits.clone().requires_grad_()
+    expected = inc.reference.cds_dice_loss(x64, labels, 2, smooth=0.0)
+    (expected_grad,) = torch.autograd.grad(expected, x64)
+    alone = inc.reference.cds_dice_loss(logits[1:], labels[1:], 2, smooth=0.0)
+    assert torch.isfinite(expected) and abs(expected.item() - alone.item() / 2) < 1e-12
+    assert_close_rel(loss, expected, torch.float32, "loss")
+    assert_close_rel(grad, expected_grad, torch.float32, "grad")
+    assert not grad[0].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch_gives_zero(device):
     logits = torch.randn(0, 5, 4, 4, device=device, requires_grad=True)
     labels = torch.zeros(0, 4, 4, dtype=torch.int64, device=device)
@@ -322,6 +343,7 @@ def test_gradcheck_float64(device):
     assert torch.autograd.gradcheck(lambda x: inc.cds_dice_loss(x, labels, 1, smooth=0.1), (logits,))
 
 
+@pytest.mark.plan_independent
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_matches_eager(device):
     gen = torch.Generator().manual_seed(13)
@@ -367,6 +389,12 @@ def test_bad_inputs(make, error, match):
     logits, labels, num_old = make()
     with pytest.raises(error, match=match):
         inc.cds_dice_loss(logits, labels, num_old)
+
+
+@pytest.mark.parametrize("smooth", [-1.0, float("nan"), float("inf")])
+def test_smooth_must_be_finite_and_non_negative(smooth):
+    with pytest.raises(ValueError, match="smooth must be a non-negative finite float"):
+        inc.cds_dice_loss(torch.randn(2, 5, 4), _int(2, 4), 2, smooth=smooth)
 
 
 @pytest.mark.cuda

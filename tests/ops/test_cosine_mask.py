@@ -305,6 +305,7 @@ def test_gradcheck(device):
     )
 
 
+@pytest.mark.plan_independent
 def test_compiled_matches_eager(device):
     patches, classes = _small_inputs(device, num_patches=37, num_classes=6, dim=20, seed=3)
     weight = torch.randn(2, 6, 37, generator=torch.Generator().manual_seed(4)).to(device)
@@ -377,6 +378,8 @@ def _bad_inputs():
         ((p, c, torch.tensor(2)), TypeError, ["scale"]),
         ((p, c, "2.0"), TypeError, ["scale"]),
         ((p, c, 1.0, -1e-8), ValueError, ["eps"]),
+        ((p, c, float("nan")), ValueError, ["scale must be a finite float", "nan"]),
+        ((p, c, float("-inf")), ValueError, ["scale must be a finite float", "-inf"]),
         ((p, c, 1.0, 1e-8, torch.int32), TypeError, ["out_dtype", "torch.int32"]),
         ((p, c.to(meta), 1.0), ValueError, ["patches on cpu", "classes on meta"]),
         ((p, c, torch.tensor(1.0, device=meta)), ValueError, ["scale on meta"]),

@@ -241,6 +241,19 @@ def test_negative_weights_count_as_zero(device, dtype):
     assert_close_rel(loss, expected, dtype, "loss")
 
 
+def test_a_nan_weight_gives_nan_on_both_paths(device):
+    """max(w, 0) keeps a NaN (torch's clamp_min does; the kernels' must too), so a NaN weight reaches the
+    trainer's non-finite-loss guard instead of being dropped as a 0."""
+    gen = torch.Generator().manual_seed(6)
+    student = torch.randn(3, 8, generator=gen).to(device).requires_grad_()
+    teacher = torch.randn(3, 8, generator=gen).to(device)
+    weight = torch.tensor([1.0, float("nan"), 1.0], device=device)
+    loss = inc.fod_loss(student, teacher, weight)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isnan(loss) and torch.isnan(inc.reference.fod_loss(student, teacher, weight))
+    assert torch.isnan(grad).all()
+
+
 def test_weight_gets_no_gradient_and_teacher_none_without_requires_grad(device):
     student = torch.randn(4, 9, device=device, requires_grad=True)
     teacher = torch.randn(4, 9, device=device)
@@ -291,6 +304,7 @@ def test_gradcheck_float64(device, eps):
     assert torch.autograd.gradcheck(lambda s, t: inc.fod_loss(s, t, weight, eps), (student, teacher), fast_mode=True)
 
 
+@pytest.mark.plan_independent
 def test_torch_compile_fullgraph_matches_eager(device):
     gen = torch.Generator().manual_seed(2)
     class_emb = torch.randn(2, 6, 24, generator=gen).to(device).requires_grad_()
@@ -364,6 +378,9 @@ def test_bad_dtypes_devices_and_eps():
         inc.fod_loss(s, t.to("meta"), w)
     with pytest.raises(ValueError, match="eps"):
         inc.fod_loss(s, t, w, eps=0.0)
+    for eps in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a positive finite float"):
+            inc.fod_loss(s, t, w, eps=eps)
 
 
 @pytest.mark.cuda

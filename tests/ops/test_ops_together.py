@@ -4,6 +4,7 @@ This is the way the model and the trainer use them: masks from cosine_mask feed 
 same embeddings are distilled by fod_loss against a detached teacher. Runs on the reference path and, with
 TRITON_INTERPRET=1, on the kernels through the interpreter.
 """
+import pytest
 import torch
 
 import incrementer_fast as inc
@@ -35,6 +36,7 @@ def _inputs(seed):
     return (patches, classes, scale, teacher_patches, teacher_classes, labels, num_old, 2)
 
 
+@pytest.mark.plan_independent
 def test_all_ops_compile_fullgraph_and_match_eager():
     torch._dynamo.reset()
     eager_inputs, compiled_inputs = _inputs(0), _inputs(0)

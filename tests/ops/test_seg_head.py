@@ -245,14 +245,35 @@ def test_empty_batch_gives_zero_losses_and_empty_results(device):
         assert pseudo.shape == (0, 6, 6) and factor.shape == (0,)
 
 
+@pytest.mark.parametrize("smooth", [1.0, 0.0])
 @pytest.mark.parametrize("device", DEVICES)
-def test_seg_head_loss_all_ignored_is_zero_not_nan(device):
+def test_seg_head_loss_all_ignored_is_zero_not_nan(device, smooth):
     masks = torch.randn(2, 4, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
     labels = torch.full((2, 5, 5), IGNORE, device=device)
-    ce, dice = inc.seg_head_loss(masks, labels, 2)
+    ce, dice = inc.seg_head_loss(masks, labels, 2, smooth=smooth)
     (ce + dice).backward()
-    assert ce.item() == 0.0
-    assert torch.isfinite(dice) and torch.count_nonzero(masks.grad) == 0
+    assert ce.item() == 0.0 and dice.item() == 0.0
+    assert torch.count_nonzero(masks.grad) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_smooth_zero_with_one_image_all_ignored_matches_the_reference(device):
+    """With smooth = 0 an image without valid pixels has dice 0 and no gradient (not 0/0); the other image
+    is scored as usual, on both paths."""
+    gen = torch.Generator().manual_seed(12)
+    masks = torch.randn(2, 5, 3, 3, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 7, 7), generator=gen)
+    labels[1] = IGNORE
+    x = masks.float().to(device).requires_grad_()
+    ce, dice = inc.seg_head_loss(x, labels.to(device), 2, smooth=0.0)
+    (grad,) = torch.autograd.grad(ce + dice, x)
+    x64 = masks.clone().requires_grad_()
+    expected = inc.reference.seg_head_loss(x64, labels, 2, smooth=0.0)
+    (expected_grad,) = torch.autograd.grad(sum(expected), x64)
+    assert all(torch.isfinite(value) for value in expected)
+    for got, want, name in zip((ce, dice, grad), (*expected, expected_grad), ("ce", "dice", "grad")):
+        assert_close_rel(got, want, torch.float32, name)
+    assert not grad[1].any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -381,6 +402,13 @@ def test_pseudo_label_low_precision_differs_only_at_the_threshold(device, dtype,
         (lambda m, l: inc.seg_head_loss(m, l, 0), ValueError, ["num_old"]),
         (lambda m, l: inc.seg_head_loss(m, l, 2, new_class_weight=-1.0), ValueError, ["new_class_weight"]),
         (lambda m, l: inc.seg_head_loss(m, l, 2, smooth=-1.0), ValueError, ["smooth"]),
+        (lambda m, l: inc.seg_head_loss(m, l, 2, smooth=float("nan")), ValueError, ["smooth", "finite"]),
+        (lambda m, l: inc.seg_head_loss(m, l, 2, new_class_weight=float("inf")), ValueError,
+         ["new_class_weight", "finite"]),
+        # No pixels to upsample the masks to: the same error on both paths (the reference's interpolate would
+        # raise its own, the kernels would return zeros).
+        (lambda m, l: inc.seg_head_loss(m, l[:, :0, :0], 2), ValueError, ["labels", "(2, 0, 0)", "H, W >= 1"]),
+        (lambda m, l: inc.entropy_histogram(m, l[:, :, :0], num_classes=5), ValueError, ["labels", "H, W >= 1"]),
         (lambda m, l: inc.seg_head_loss(m, l, 2, image_weight=torch.ones(3)), ValueError, ["image_weight", "(2,)"]),
         (lambda m, l: inc.seg_head_loss(m, l, 2, dice_labels=l[:, 1:]), ValueError, ["dice_labels", "(2, 6, 6)"]),
         (lambda m, l: inc.seg_head_loss(m, l, 2, dice_labels=l.float()), TypeError, ["dice_labels"]),

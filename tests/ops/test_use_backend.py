@@ -122,6 +122,7 @@ def test_unknown_backend_names_the_choices():
             pass
 
 
+@pytest.mark.plan_independent
 def test_compiled_graph_follows_the_switch_at_call_time(launches):
     """The choice is made before the autograd boundary and torch.compile guards on it: a compiled function
     runs whichever backend is in effect at each call (forward and backward), recompiling on a change."""
@@ -175,6 +176,7 @@ def test_unknown_plan_names_the_choices():
             pass
 
 
+@pytest.mark.plan_independent
 @pytest.mark.skipif(not INTERPRET, reason="the kernels run on CPU tensors only through the interpreter")
 def test_the_backward_follows_the_forward_choice(launches):
     """The dispatch happens before the autograd boundary: a backward run after the block (or under another
