@@ -162,3 +162,98 @@ def predict(launches: list[dict], device: Device, perfect_cache: bool = False) -
         total += work[limiting] + terms["launch"]
     bound = max(bound_time, key=bound_time.get) if launches else "none"
     return {"ms": total * 1e3, "bound": bound, "ms_by_bound": {k: v * 1e3 for k, v in bound_time.items()}}
+
+
+# ===================================================================================== datasheet GPUs
+# The GPUs a published measurement can name, from their datasheets (dense tensor-core rates = half the
+# "with sparsity" figures the datasheets print). Every figure carries its source in ``sources``. The
+# calibrated model below (``CalibratedModel``) prices launches on these.
+A100_DATASHEET = ("NVIDIA A100 Tensor Core GPU datasheet, https://www.nvidia.com/content/dam/en-zz/Solutions/"
+                  "Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf")
+A100_WHITEPAPER = ("NVIDIA A100 Tensor Core GPU Architecture whitepaper (108 SMs, 1410 MHz boost, 40 MB L2), "
+                   "https://images.nvidia.com/aem-dam/en-zz/Solutions/data-center/"
+                   "nvidia-ampere-architecture-whitepaper.pdf")
+H100_DATASHEET = ("NVIDIA H100 Tensor Core GPU datasheet (SXM / PCIe / NVL columns), "
+                  "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet")
+H100_WHITEPAPER = ("NVIDIA H100 Tensor Core GPU Architecture whitepaper (SXM5 132 SMs, PCIe 114 SMs, 50 MB L2), "
+                   "https://resources.nvidia.com/en-us-tensor-core/gtc22-whitepaper-hopper")
+H100_NVL_SMS = ("H100 NVL: 132 SMs / 16,896 CUDA cores and 1785 MHz boost — TechPowerUp GPU database "
+                "https://www.techpowerup.com/gpu-specs/h100-nvl.c4203, consistent with the datasheet's 60 TFLOP/s "
+                "FP32 (132 SMs × 128 lanes × 2 × 1.785 GHz = 60.3 TFLOP/s)")
+H200_DATASHEET = "NVIDIA H200 Tensor Core GPU product page / datasheet, https://www.nvidia.com/en-us/data-center/h200/"
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU model's datasheet figures (SI units: bytes/s, FLOP/s, Hz, bytes)."""
+
+    key: str
+    title: str
+    sms: int
+    boost_clock_hz: float
+    fp32_lanes_per_sm: int
+    hbm_bandwidth: float  # bytes/s, read + write
+    l2_bytes: int
+    fp32: float  # CUDA-core FP32 FLOP/s (FMA = 2)
+    tensor: dict  # precision -> dense tensor-core FLOP/s
+    sources: dict  # figure -> source
+
+    @property
+    def lane_rate(self) -> float:
+        return self.sms * self.fp32_lanes_per_sm * self.boost_clock_hz
+
+    @property
+    def sfu_rate(self) -> float:
+        return self.sms * SFU_PER_SM_CLOCK * self.boost_clock_hz
+
+    def to_json(self) -> dict:
+        return {"title": self.title, "sms": self.sms, "boost_clock_hz": self.boost_clock_hz,
+                "hbm_bandwidth_bytes_per_s": self.hbm_bandwidth, "l2_bytes": self.l2_bytes, "fp32_flops": self.fp32,
+                "tensor_flops": dict(self.tensor), "sources": dict(self.sources)}
+
+
+def _gpu(key, title, sms, clock_ghz, lanes, bandwidth_tb, l2_mb, fp32_tf, tf32_sparse_tf, bf16_sparse_tf, fp64_tc_tf,
+         fp8_sparse_tf, sources) -> GPU:
+    tensor = _tensor_peaks(tf32=tf32_sparse_tf * 1e12 / 2, bf16=bf16_sparse_tf * 1e12 / 2, fp64=fp64_tc_tf * 1e12,
+                           fp8=fp8_sparse_tf * 1e12 / 2)
+    return GPU(key, title, sms, clock_ghz * 1e9, lanes, bandwidth_tb * 1e12, int(l2_mb * 2**20), fp32_tf * 1e12,
+               tensor, sources)
+
+
+_A100 = {"bandwidth, FP32, tensor rates": A100_DATASHEET, "SMs, clock, L2": A100_WHITEPAPER}
+_H100 = {"bandwidth, FP32, tensor rates": H100_DATASHEET, "SMs, L2": H100_WHITEPAPER}
+# A100 has no FP8: its INT8 figure (624 TOPS dense) stands in the fp8 slots, which no A100 kernel uses.
+GPUS = {g.key: g for g in (
+    _gpu("a100_sxm_40gb", "A100 SXM4 40GB", 108, 1.41, 64, 1.555, 40, 19.5, 312, 624, 19.5, 1248, _A100),
+    _gpu("a100_sxm_80gb", "A100 SXM4 80GB", 108, 1.41, 64, 2.039, 40, 19.5, 312, 624, 19.5, 1248, _A100),
+    _gpu("a100_pcie_40gb", "A100 PCIe 40GB", 108, 1.41, 64, 1.555, 40, 19.5, 312, 624, 19.5, 1248, _A100),
+    _gpu("a100_pcie_80gb", "A100 PCIe 80GB", 108, 1.41, 64, 1.935, 40, 19.5, 312, 624, 19.5, 1248, _A100),
+    _gpu("h100_sxm", "H100 SXM5 80GB", 132, 1.98, 128, 3.35, 50, 67, 989, 1979, 67, 3958,
+         {**_H100, "clock": "implied by the datasheet's 67 TFLOP/s FP32: 132 × 128 × 2 × 1.98 GHz"}),
+    _gpu("h100_pcie", "H100 PCIe 80GB", 114, 1.755, 128, 2.0, 50, 51, 756, 1513, 51, 3026,
+         {**_H100, "clock": "implied by the datasheet's 51 TFLOP/s FP32: 114 × 128 × 2 × 1.755 GHz"}),
+    _gpu("h100_nvl", "H100 NVL 94GB", 132, 1.785, 128, 3.9, 50, 60, 835, 1671, 60, 3341,
+         {**_H100, "SMs, clock": H100_NVL_SMS}),
+    _gpu("h200_sxm", "H200 SXM 141GB", 132, 1.98, 128, 4.8, 50, 67, 989, 1979, 67, 3958,
+         {"bandwidth, FP32, tensor rates": H200_DATASHEET, "SMs, clock, L2": "the GH100 of H100 SXM5: " + H100_WHITEPAPER}),
+    _gpu("h200_nvl", "H200 NVL 141GB", 132, 1.785, 128, 4.8, 50, 60, 835, 1671, 60, 3341,
+         {"bandwidth, FP32, tensor rates": H200_DATASHEET, "SMs, clock, L2": "as H100 NVL: " + H100_NVL_SMS}),
+)}
+
+# ``torch.cuda.get_device_name()`` strings (the ``gpu_name`` column of published measurements) → GPUS keys.
+GPU_NAMES = {
+    "NVIDIA A100-SXM4-40GB": "a100_sxm_40gb", "NVIDIA A100-SXM4-80GB": "a100_sxm_80gb",
+    "NVIDIA A100-PCIE-40GB": "a100_pcie_40gb", "NVIDIA A100 80GB PCIe": "a100_pcie_80gb",
+    "NVIDIA A100-PCIE-80GB": "a100_pcie_80gb",
+    "NVIDIA H100 80GB HBM3": "h100_sxm", "NVIDIA H100 SXM5 80GB": "h100_sxm", "NVIDIA H100 PCIe": "h100_pcie",
+    "NVIDIA H100 NVL": "h100_nvl", "NVIDIA H200": "h200_sxm", "NVIDIA H200 NVL": "h200_nvl",
+}
+
+
+def gpu_for_name(gpu_name: str) -> GPU:
+    """The datasheet GPU a ``torch.cuda.get_device_name()`` string names; a ValueError naming it otherwise."""
+    key = GPU_NAMES.get(gpu_name.strip())
+    if key is None:
+        raise ValueError(f"unknown gpu_name {gpu_name!r}: add it to GPU_NAMES in benchmarks/ledger_model.py "
+                         f"(known: {', '.join(sorted(GPU_NAMES))})")
+    return GPUS[key]
