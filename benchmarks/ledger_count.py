@@ -720,6 +720,10 @@ class AtenCounter(TorchDispatchMode):
         launch = Launch("aten", str(func), self.phase)
         launch.bytes_read = launch.distinct_bytes_read = sum(_footprint(t) for t in read)
         launch.bytes_written = launch.distinct_bytes_written = sum(_footprint(t) for t in mutated + outputs)
+        # Which storages it read and wrote (storage key -> bytes), for a model that regroups aten launches into
+        # fused kernels (benchmarks/calibrate.py); not part of the launch's JSON record.
+        launch.storages_read = {t.untyped_storage()._cdata: _footprint(t) for t in read}
+        launch.storages_written = {t.untyped_storage()._cdata: _footprint(t) for t in mutated + outputs}
         packet = func.overloadpacket
         if packet in flop_registry:
             flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
