@@ -164,7 +164,12 @@ class _TraceCounter:
     synchronisations (``.item()``) kept in the launch sequence."""
 
     def __new__(cls, kernels):
+        import torch
+
         from ledger_count import AtenCounter, Launch
+
+        _BF16_PRODUCTS = {torch.ops.aten.mm.default: torch.mm, torch.ops.aten.bmm.default: torch.bmm,
+                          torch.ops.aten.addmm.default: torch.addmm}
 
         class TraceCounter(AtenCounter):
             def __init__(self, kernels):
@@ -174,6 +179,19 @@ class _TraceCounter:
             def snapshot(self):
                 self.live.sample()
                 self.snapshots.append({key: nbytes for key, (_, nbytes) in self.live._refs.items()})
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                # CPU bf16 matrix products run ~100x slower than fp32 ones (the MLPs' weight gradients take
+                # minutes): compute them in fp32 and round, recording the op as issued (its counts depend on
+                # shapes and dtypes only).
+                if func in _BF16_PRODUCTS and not kwargs and all(
+                        isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 and a.device.type == "cpu"
+                        for a in args[:3 if func is torch.ops.aten.addmm.default else 2]):
+                    out = _BF16_PRODUCTS[func](*[a.float() if isinstance(a, torch.Tensor) else a for a in args])
+                    out = out.to(torch.bfloat16)
+                    self._record(func, args, kwargs or {}, out)
+                    return out
+                return super().__torch_dispatch__(func, types, args, kwargs)
 
             def _record(self, func, args, kwargs, out):
                 super()._record(func, args, kwargs, out)
@@ -185,7 +203,7 @@ class _TraceCounter:
 
 
 # A launch of these stays its own kernel under torch.compile (a library call, a random draw, a host sync).
-EXTERN = ("mm", "addmm", "bmm", "matmul", "linear", "normal_", "randn", "randint", "random_", "uniform_",
+EXTERN = ("mm", "addmm", "bmm", "matmul", "linear", "normal_", "randn", "randn_like", "randint", "random_", "uniform_",
           "_local_scalar_dense")
 
 
@@ -308,6 +326,23 @@ def rebuild(rows: list[dict], log=print) -> list[dict]:
         result["gpu"] = gpu
         result["uses_matmul"] = spec.kernel in ("swiglu", "geglu", "rope")
     return results
+
+
+def save_counts(path: Path, results: list[dict]) -> None:
+    """The extrapolated counts of every rebuilt row (or its reason), for ``--from-counts``."""
+    records = [{"row": r["row"], **({"counts": r["counts"], "uses_matmul": r["uses_matmul"]} if "counts" in r
+                                    else {"reason": r["reason"]})} for r in results]
+    path.write_text(json.dumps(records) + "\n", encoding="utf-8")
+
+
+def load_counts(path: Path, rows: list[dict]) -> list[dict]:
+    records = json.loads(path.read_text(encoding="utf-8"))
+    if [r["row"] for r in records] != rows:
+        raise SystemExit(f"--from-counts {path}: its rows are not those of --measurements (rerun without it)")
+    for record in records:
+        if "counts" in record:
+            record["gpu"] = model.gpu_for_name(record["row"]["gpu_name"])
+    return records
 
 
 def predict(result: dict, params: dict) -> float:
@@ -440,11 +475,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=0, help="only the first N rows (a quick check)")
     parser.add_argument("--fit", action="store_true",
                         help="refit the time model's global parameters on the speed rows, with leave-one-kernel-out")
+    parser.add_argument("--from-counts", metavar="COUNTS_JSON",
+                        help="reuse the counts of an earlier run (its DIR/counts.json, same --measurements): "
+                             "refit and re-predict without counting")
     args = parser.parse_args(argv)
     rows = read_measurements(Path(args.measurements))
     if args.rows:
         rows = rows[: args.rows]
-    results = rebuild(rows)
+    if args.from_counts:
+        results = load_counts(Path(args.from_counts), rows)
+    else:
+        results = rebuild(rows)
     params, loko = fit_and_score(results, args.fit)
     for r in results:
         if "counts" in r:
@@ -461,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             record["reason"] = r["reason"]
         records.append(record)
+    save_counts(out / "counts.json", results)
     (out / "calibration.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps({"summary": s, "params": params}, indent=1) + "\n", encoding="utf-8")
     print(summary_text(s, params))

@@ -599,6 +599,7 @@ FREE_ATEN = {
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "set_", "lift_fresh", "detach",
     "alias", "_local_scalar_dense", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
     "is_same_size", "_has_compatible_shallow_copy_type", "record_stream",
+    "_unsafe_view",  # a view that autograd does not track as one (matmul's reshapes): no kernel
 }
 # Ops that write their first argument without reading it.
 WRITE_ONLY_FIRST = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_"}
