@@ -156,7 +156,8 @@ def _numbers(launch) -> dict:
     return {"kind": launch.kind, "name": launch.name, "phase": launch.phase, "bytes_read": launch.bytes_read,
             "bytes_written": launch.bytes_written, "dot_flops": dict(launch.dot_flops),
             "lane_ops": dict(launch.lane_ops), "transcendental_ops": launch.transcendental_ops,
-            "grid": launch.grid}
+            "grid": launch.grid, "load_calls": launch.load_calls, "num_warps": launch.config.get("num_warps", 4),
+            "tensor_traffic": getattr(launch, "tensor_traffic", [])}
 
 
 class _TraceCounter:
@@ -250,7 +251,7 @@ def fuse(launches, alive_after: set) -> dict:
         fused.append({"kind": "fused", "name": "+".join(l.name.split(".")[1] for l in group),
                       "phase": group[0].phase, "bytes_read": sum(read.values()), "bytes_written": sum(kept.values()),
                       "dot_flops": {}, "lane_ops": dict(lanes),
-                      "transcendental_ops": sum(l.transcendental_ops for l in group), "grid": 1})
+                      "transcendental_ops": sum(l.transcendental_ops for l in group), "grid": 1, "load_calls": 0})
         i = j
     return {"launches": fused, "internal": internal}
 
@@ -268,10 +269,14 @@ def extrapolate(a: dict, b: dict, s1: int, s2: int, target: int) -> dict:
     launches = []
     for x, y in zip(la, lb):
         out = dict(x)
-        for key in ("bytes_read", "bytes_written", "transcendental_ops", "grid"):
-            out[key] = max(0.0, lin(x[key], y[key]))
+        for key in ("bytes_read", "bytes_written", "transcendental_ops", "grid", "load_calls"):
+            out[key] = max(0.0, lin(x.get(key, 0), y.get(key, 0)))
         for key in ("dot_flops", "lane_ops"):
             out[key] = {k: max(0.0, lin(x[key].get(k, 0), y[key].get(k, 0))) for k in set(x[key]) | set(y[key])}
+        tx, ty = x.get("tensor_traffic", []), y.get("tensor_traffic", [])
+        if len(tx) != len(ty):
+            raise ValueError(f"{x['name']}: its tensor arguments change with the scaled size: not extrapolable")
+        out["tensor_traffic"] = [[max(0.0, lin(a, b)) for a, b in zip(ta, tb)] for ta, tb in zip(tx, ty)]
         launches.append(out)
     return {"launches": launches, "peak_bytes": lin(a["peak_bytes"], b["peak_bytes"])}
 

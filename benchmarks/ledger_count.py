@@ -126,6 +126,7 @@ class Launch:
     dot_shapes: Counter = field(default_factory=Counter)  # "MxNxK" -> number of tl.dot calls
     lane_ops: Counter = field(default_factory=Counter)  # kind -> lane operations
     transcendental_ops: int = 0
+    load_calls: int = 0  # tl.load calls issued (all programs): memory round trips, for a latency model
     uncounted: Counter = field(default_factory=Counter)  # builder calls the ledger does not classify
     interpreter_s: float = 0.0  # CPU seconds the interpreter spent in this launch (harness cost, not GPU time)
     # Programs actually interpreted, when only a sample of the grid ran (``KernelCounter(sample_programs=)``):
@@ -270,6 +271,7 @@ class KernelCounter:
                 result = original(ptrs, *args, **kwargs)
                 if count:
                     self._access(ptrs, args[0] if name == "create_masked_load" else None, write=False)
+                    self.current.load_calls += 1
                 return result
 
         return wrapper
@@ -342,6 +344,10 @@ class KernelCounter:
     def _end_tensors(self, record: Launch) -> None:
         record.distinct_bytes_read = int(np.minimum(self._read, self._sizes).sum())
         record.distinct_bytes_written = int(np.minimum(self._written, self._sizes).sum())
+        # Per tensor argument (storage bytes, bytes read, bytes written; the last entry: accesses outside every
+        # argument, size 0), for a cache model of repeated accesses (benchmarks/calibrate.py); not in the JSON.
+        sizes = [int(size) for size in self._sizes[:-1]] + [0]
+        record.tensor_traffic = [list(t) for t in zip(sizes, self._read.tolist(), self._written.tolist())]
 
     def _on_descriptor_load(self, original, name):
         def wrapper(*args, **kwargs):
@@ -490,7 +496,7 @@ def _scale_counts(record: Launch, counter: "KernelCounter", factor: Fraction) ->
     def scaled(value: int) -> int:
         return int(round(value * factor))
 
-    for name in ("bytes_read", "bytes_written", "atomic_lanes", "useful_dot_flops", "transcendental_ops"):
+    for name in ("bytes_read", "bytes_written", "atomic_lanes", "useful_dot_flops", "transcendental_ops", "load_calls"):
         setattr(record, name, scaled(getattr(record, name)))
     for name in ("dot_flops", "dot_shapes", "lane_ops", "uncounted"):
         counts = getattr(record, name)

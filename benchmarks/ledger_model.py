@@ -263,7 +263,8 @@ def gpu_for_name(gpu_name: str) -> GPU:
 # Fitted on Liger-Kernel's published H100 NVL rows (benchmarks/calibrate.py --fit; the fit and its
 # leave-one-kernel-out scores are in benchmarks/RESULTS.md). Global: none is per kernel or per provider.
 CALIBRATED_PARAMS = {
-    "hbm_fraction": 0.85,  # achievable share of the datasheet HBM bandwidth (read + write)
+    "hbm_fraction": 0.85,  # achievable share of the datasheet HBM bandwidth (read + write), Triton kernels
+    "aten_hbm_fraction": 0.6,  # the same for PyTorch's eager (TensorIterator, reduction, norm) kernels
     "tensor_fraction": 0.6,  # achievable share of the dense tensor-core peak (cuBLAS at these shapes)
     "kernel_floor_us": 2.0,  # GPU time of an empty kernel plus the gap between two kernels
     "call_us": 10.0,  # host: the timed Python call itself (and the CUDA event record)
@@ -300,9 +301,33 @@ class CalibratedModel:
     def __init__(self, params: dict | None = None):
         self.p = dict(CALIBRATED_PARAMS if params is None else params)
 
+    @staticmethod
+    def dram_bytes(launch: dict, gpu: GPU) -> float:
+        """A launch's HBM traffic. Aten launches: their counted bytes (each op reads its inputs and writes its
+        outputs once). Triton launches, per tensor argument: its first touch of each byte from HBM, and
+        repeated accesses from L2 when the tensor's part that the resident programs share (its size × resident
+        programs / grid, at most its size; a tensor every program reads, such as a norm's weight, stays whole)
+        fits in L2, else from HBM again. Resident programs: grid or SMs × 64 warps / num_warps."""
+        traffic = launch.get("tensor_traffic")
+        if not traffic:
+            return launch["bytes_read"] + launch["bytes_written"]
+        grid = max(1.0, launch.get("grid", 1))
+        resident = min(grid, gpu.sms * max(1, 64 // int(launch.get("num_warps", 4))))
+        total = 0.0
+        for size, read, written in traffic:
+            for accessed in (read, written):
+                if size <= 0:
+                    total += accessed
+                    continue
+                first = min(accessed, size)
+                cached = size * min(1.0, resident / grid) <= gpu.l2_bytes
+                total += first + (0.0 if cached else accessed - first)
+        return total
+
     def gpu_seconds(self, launch: dict, gpu: GPU) -> float:
         p = self.p
-        memory = (launch["bytes_read"] + launch["bytes_written"]) / (p["hbm_fraction"] * gpu.hbm_bandwidth)
+        fraction = p["hbm_fraction"] if launch["kind"] != "aten" else p["aten_hbm_fraction"]
+        memory = self.dram_bytes(launch, gpu) / (fraction * gpu.hbm_bandwidth)
         tensor = cuda = 0.0
         for precision, flops in launch["dot_flops"].items():
             if precision == "fp32_ieee":
@@ -317,7 +342,7 @@ class CalibratedModel:
     def call_ms(self, launches: list[dict], gpu: GPU, provider: str) -> float:
         p = self.p
         us = 1e-6
-        flush = FLUSH_BYTES / (p["hbm_fraction"] * gpu.hbm_bandwidth) + p["kernel_floor_us"] * us
+        flush = FLUSH_BYTES / (p["aten_hbm_fraction"] * gpu.hbm_bandwidth) + p["kernel_floor_us"] * us
         host, gpu_free = p["call_us"] * us, flush
         phase = None
         for launch in launches:
@@ -347,7 +372,7 @@ def fit_params(cases: list[tuple], start: dict, iterations: int = 1500) -> dict:
 
     def params_of(x):
         values = dict(zip(names, np.exp(x)))
-        for name in ("hbm_fraction", "tensor_fraction"):
+        for name in ("hbm_fraction", "aten_hbm_fraction", "tensor_fraction"):
             values[name] = min(values[name], 1.0)
         return values
 
