@@ -24,7 +24,8 @@ tensors of ``grad_to_none`` lose their gradient before it.
 * memory: the peak of the live bytes of every tensor of the script (inputs, parameters, gradients,
   saved activations, the call's temporaries), during the second call of ``full`` as ``_test_memory``
   measures it (``max_memory_allocated`` after ``reset_peak_memory_stats``), each allocation rounded to
-  the caching allocator's 512 bytes, plus cuBLAS's workspace where the script's process ran a matmul.
+  the caching allocator's 512 bytes, plus a cuBLAS workspace per thread that ran a matmul (the script's,
+  the autograd engine's).
 * torchcompile: the eager launches regrouped by a fusion model (``fuse``): every maximal run of
   non-matmul aten launches of one phase is one kernel that reads what it did not produce and writes
   what outlives it; its memory peak leaves out the tensors such a kernel keeps in registers.
@@ -353,7 +354,10 @@ def load_counts(path: Path, rows: list[dict]) -> list[dict]:
 def predict(result: dict, params: dict) -> float:
     row, counts, gpu = result["row"], result["counts"], result["gpu"]
     if row["metric_name"] == "memory":
-        workspace = model.cublas_workspace_bytes(gpu) if result["uses_matmul"] else 0
+        # cuBLAS handles (and their workspaces) are per thread: the script's thread when it ran a matmul, and
+        # the autograd engine's device thread when the backward runs matmuls.
+        backward_matmul = any(l["phase"] == "backward" and any(l["dot_flops"].values()) for l in counts["launches"])
+        workspace = model.cublas_workspace_bytes(gpu) * (int(result["uses_matmul"]) + int(backward_matmul))
         return (counts["peak_bytes"] + workspace) / 2**20
     return model.CalibratedModel(params).call_ms(counts["launches"], gpu, row["kernel_provider"])
 

@@ -266,6 +266,7 @@ CALIBRATED_PARAMS = {
     "hbm_fraction": 0.85,  # achievable share of the datasheet HBM bandwidth (read + write), Triton kernels
     "aten_hbm_fraction": 0.6,  # the same for PyTorch's eager (TensorIterator, reduction, norm) kernels
     "tensor_fraction": 0.6,  # achievable share of the dense tensor-core peak (cuBLAS at these shapes)
+    "load_latency_us": 1.0,  # one dependent HBM round trip of a program (a tl.load in a serial loop)
     "kernel_floor_us": 2.0,  # GPU time of an empty kernel plus the gap between two kernels
     "call_us": 10.0,  # host: the timed Python call itself (and the CUDA event record)
     "aten_us": 6.0,  # host: one eager aten op launching a kernel (dispatcher, allocator, launch)
@@ -283,6 +284,10 @@ def cublas_workspace_bytes(gpu: GPU) -> int:
     aten/src/ATen/cuda/CublasHandlePool.cpp, ``getChosenWorkspaceSize``)."""
     hopper = gpu.key.startswith(("h100", "h200"))
     return 8 * 4096 * 1024 if hopper else 2 * 4096 * 1024 + 8 * 16 * 1024
+
+
+def _num_warps(launch: dict) -> int:
+    return int(launch.get("num_warps", launch.get("config", {}).get("num_warps", 4)))
 
 
 class CalibratedModel:
@@ -312,7 +317,7 @@ class CalibratedModel:
         if not traffic:
             return launch["bytes_read"] + launch["bytes_written"]
         grid = max(1.0, launch.get("grid", 1))
-        resident = min(grid, gpu.sms * max(1, 64 // int(launch.get("num_warps", 4))))
+        resident = min(grid, gpu.sms * max(1, 64 // _num_warps(launch)))
         total = 0.0
         for size, read, written in traffic:
             for accessed in (read, written):
@@ -337,7 +342,19 @@ class CalibratedModel:
         lanes = launch["lane_ops"]
         cuda += (sum(lanes.values()) + (INT_DIVMOD_COST - 1) * lanes.get("int_divmod", 0)) / gpu.lane_rate
         sfu = launch["transcendental_ops"] / gpu.sfu_rate
-        return max(memory, tensor, cuda, sfu) + p["kernel_floor_us"] * 1e-6
+        return max(memory, tensor, cuda, sfu, self.latency_seconds(launch, gpu)) + p["kernel_floor_us"] * 1e-6
+
+    def latency_seconds(self, launch: dict, gpu: GPU) -> float:
+        """A Triton launch's memory latency bound: each program's loads are served one round trip after the
+        other (``load_latency_us`` each: a loop over rows, as Liger's norm backwards do with a grid of one
+        program per SM, waits for every row), for each wave of resident programs."""
+        loads = launch.get("load_calls", 0)
+        if not loads or launch["kind"] != "triton":
+            return 0.0
+        grid = max(1.0, launch.get("grid", 1))
+        resident = min(grid, gpu.sms * max(1, 64 // _num_warps(launch)))
+        waves = -(-grid // resident)
+        return waves * (loads / grid) * self.p["load_latency_us"] * 1e-6
 
     def call_ms(self, launches: list[dict], gpu: GPU, provider: str) -> float:
         p = self.p
