@@ -477,6 +477,39 @@ def fit_and_score(results: list[dict], fit: bool, log=print) -> tuple[dict, dict
     return params, loko
 
 
+def ledger_markdown(ledger: dict, params: dict, s: dict) -> str:
+    """The performance ledger's rows (a ``benchmarks/ledger.py`` ledger.json) re-priced by the calibrated
+    model: fused vs eager per op × case × dtype × mode on H100 SXM and H200 SXM, with the calibration's
+    measured error band beside them."""
+    calibrated = model.CalibratedModel(params)
+    rows = {}
+    for row in ledger["rows"]:
+        if "timeline" not in row:
+            raise SystemExit("--ledger: its rows have no launch timeline (a ledger.json older than the calibrated "
+                             "model): rerun benchmarks/ledger.py")
+        provider = "liger" if row["provider"] == "fused" else "huggingface"
+        times = {key: calibrated.call_ms(row["timeline"], model.GPUS[key], provider) for key in ("h100_sxm", "h200_sxm")}
+        rows[(row["op"], row["case"], row["dtype"], row["mode"], row["provider"])] = (row, times)
+    band_speed = 100 * s["speed"]["median_abs_error"]
+    band_p90 = 100 * s["speed"]["p90_abs_error"]
+    band_up = 100 * s["speedup_liger_over_huggingface"]["median_abs_error"]
+    lines = [f"Modelled, not measured. Model error on the published H100 NVL rows: time median ±{band_speed:.0f} % "
+             f"(90th percentile ±{band_p90:.0f} %), fused-over-eager speedup median ±{band_up:.0f} %.", "",
+             "| op | case | dtype | mode | H100 SXM ms fused / eager | × eager H100 SXM | H200 SXM ms fused / eager "
+             "| × eager H200 SXM | × eager H100, uncalibrated roofline | moved by |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (op, case, dtype, mode, provider), (row, times) in rows.items():
+        if provider != "fused" or (op, case, dtype, mode, "eager") not in rows:
+            continue
+        eager_row, eager = rows[(op, case, dtype, mode, "eager")]
+        up = {k: eager[k] / times[k] for k in times}
+        old = eager_row["predicted_ms"]["h100"] / row["predicted_ms"]["h100"]
+        lines.append(f"| {op} | {case} | {dtype} | {mode} | {times['h100_sxm']:.3g} / {eager['h100_sxm']:.3g} | "
+                     f"{up['h100_sxm']:.2f} | {times['h200_sxm']:.3g} / {eager['h200_sxm']:.3g} | {up['h200_sxm']:.2f} | "
+                     f"{old:.2f} | {100 * (up['h100_sxm'] / old - 1):+.0f} % |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measurements", required=True, help="a CSV in Liger-Kernel's benchmark format")
@@ -487,7 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-counts", metavar="COUNTS_JSON",
                         help="reuse the counts of an earlier run (its DIR/counts.json, same --measurements): "
                              "refit and re-predict without counting")
+    parser.add_argument("--ledger", metavar="LEDGER_JSON",
+                        help="also re-price a benchmarks/ledger.py run's rows with the calibrated model "
+                             "(DIR/ledger_calibrated.md)")
     args = parser.parse_args(argv)
+    if args.ledger and not Path(args.ledger).is_file():
+        raise SystemExit(f"--ledger: no file {args.ledger}")
     rows = read_measurements(Path(args.measurements))
     if args.rows:
         rows = rows[: args.rows]
@@ -515,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "calibration.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps({"summary": s, "params": params}, indent=1) + "\n", encoding="utf-8")
     print(summary_text(s, params))
+    if args.ledger:
+        table = ledger_markdown(json.loads(Path(args.ledger).read_text(encoding="utf-8")), params, s)
+        (out / "ledger_calibrated.md").write_text(table, encoding="utf-8")
+        print(table)
     print(f"[calibrate] wrote {out / 'calibration.json'} and {out / 'summary.json'}")
     return 0
 
