@@ -466,7 +466,7 @@ def fit_and_score(results: list[dict], fit: bool, log=print) -> tuple[dict, dict
     for kernel in sorted({r["row"]["kernel_name"] for r in speed}):
         train = [r for r in speed if r["row"]["kernel_name"] != kernel]
         test = [r for r in speed if r["row"]["kernel_name"] == kernel]
-        held = model.fit_params(cases(train), params)
+        held = model.fit_params(cases(train), params, iterations=600)
         errs = [model.CalibratedModel(held).call_ms(r["counts"]["launches"], r["gpu"], r["row"]["kernel_provider"])
                 / float(r["row"]["y_value_50"]) - 1 for r in test]
         ins = [model.CalibratedModel(params).call_ms(r["counts"]["launches"], r["gpu"], r["row"]["kernel_provider"])

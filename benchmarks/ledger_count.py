@@ -335,6 +335,8 @@ class KernelCounter:
                 if storage.nbytes():
                     storages[storage.data_ptr()] = storage.nbytes()
         starts = sorted(storages)
+        position = {start: i for i, start in enumerate(starts)}
+        self._argument_order = [position[start] for start in storages]  # first-argument order (dict order)
         self._starts = np.array(starts, dtype=np.uint64)
         self._ends = np.array([start + storages[start] for start in starts], dtype=np.uint64)
         self._sizes = np.array([storages[start] for start in starts] + [np.iinfo(np.int64).max], dtype=np.int64)
@@ -346,8 +348,11 @@ class KernelCounter:
         record.distinct_bytes_written = int(np.minimum(self._written, self._sizes).sum())
         # Per tensor argument (storage bytes, bytes read, bytes written; the last entry: accesses outside every
         # argument, size 0), for a cache model of repeated accesses (benchmarks/calibrate.py); not in the JSON.
+        # In argument order, so that launches of one kernel at two sizes line up.
+        order = self._argument_order + [len(self._argument_order)]
         sizes = [int(size) for size in self._sizes[:-1]] + [0]
-        record.tensor_traffic = [list(t) for t in zip(sizes, self._read.tolist(), self._written.tolist())]
+        read, written = self._read.tolist(), self._written.tolist()
+        record.tensor_traffic = [[sizes[i], read[i], written[i]] for i in order]
 
     def _on_descriptor_load(self, original, name):
         def wrapper(*args, **kwargs):

@@ -273,7 +273,8 @@ CALIBRATED_PARAMS = {
     "triton_us": 25.0,  # host: one Triton JIT launch from Python (argument binding, specialisation key)
     "backward_us": 30.0,  # host: entering the autograd engine (.backward / autograd.grad)
     "fused_us": 5.0,  # host: one kernel of a torch.compile'd graph (inductor's generated launcher)
-    "graph_us": 25.0,  # host: entering one compiled graph (guards, the AOTAutograd wrapper), per phase
+    "graph_us": 25.0,  # host: entering the compiled forward graph (guards, the AOTAutograd wrapper)
+    "compiled_backward_us": 60.0,  # host: entering the compiled backward graph (from the autograd engine)
 }
 FLUSH_BYTES = 256 * 2**20  # triton.testing.do_bench zeroes a 256 MB buffer before every timed call
 
@@ -368,7 +369,7 @@ class CalibratedModel:
                 if phase == "backward":
                     host += p["backward_us"] * us
                 if provider == "torchcompile":
-                    host += p["graph_us"] * us
+                    host += p["compiled_backward_us" if phase == "backward" else "graph_us"] * us
             kind = launch["kind"]
             if kind == "sync":
                 host = max(host, gpu_free)
