@@ -41,6 +41,15 @@ it touches (``distinct_bytes_*``): the opposite bound for the memory term. Where
 seg-head kernels gather their 5 MB of masks ~2.4 KB per pixel), the truth is in between and depends on
 the caches, which neither figure models.
 
+Calibrated model (second half of this file)
+-------------------------------------------
+``GPUS`` / ``GPU_NAMES``: datasheet figures of A100 (SXM4 / PCIe, 40 / 80 GB), H100 (SXM5 / PCIe / NVL) and
+H200 (SXM / NVL), each with its source. ``CalibratedModel``: a host + GPU timeline of one ``do_bench`` call
+(L2 flush, host issue costs, per-launch roofline with fitted achievable fractions, an L2 rule for repeated
+accesses, a memory-latency bound, a per-kernel floor); ``CALIBRATED_PARAMS`` fitted on Liger-Kernel's
+published H100 NVL rows by ``benchmarks/calibrate.py --fit`` (the fit and its errors beside them). The
+ledger's rows carry its time as ``predicted_ms_calibrated``; the roofline above stays as it was.
+
 What the model leaves out (so "modelled" can be far from "measured")
 -------------------------------------------------------------------
 * caches: ``predicted_ms`` counts every load as DRAM traffic (L1/L2 hits — re-reads of a tile, the gathers
