@@ -108,7 +108,7 @@ def count_workload(row, scale: int, mode: str, liger: dict | None) -> dict:
     import torch
 
     import calibrate_workloads as W
-    from ledger_count import AtenCounter, KernelCounter
+    from ledger_count import KernelCounter
 
     torch.manual_seed(0)
     with KernelCounter() as kernels, _TraceCounter(kernels) as aten:
