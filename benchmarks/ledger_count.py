@@ -126,6 +126,7 @@ class Launch:
     dot_shapes: Counter = field(default_factory=Counter)  # "MxNxK" -> number of tl.dot calls
     lane_ops: Counter = field(default_factory=Counter)  # kind -> lane operations
     transcendental_ops: int = 0
+    load_calls: int = 0  # tl.load calls issued (all programs): memory round trips, for a latency model
     uncounted: Counter = field(default_factory=Counter)  # builder calls the ledger does not classify
     interpreter_s: float = 0.0  # CPU seconds the interpreter spent in this launch (harness cost, not GPU time)
     # Programs actually interpreted, when only a sample of the grid ran (``KernelCounter(sample_programs=)``):
@@ -270,6 +271,7 @@ class KernelCounter:
                 result = original(ptrs, *args, **kwargs)
                 if count:
                     self._access(ptrs, args[0] if name == "create_masked_load" else None, write=False)
+                    self.current.load_calls += 1
                 return result
 
         return wrapper
@@ -333,6 +335,8 @@ class KernelCounter:
                 if storage.nbytes():
                     storages[storage.data_ptr()] = storage.nbytes()
         starts = sorted(storages)
+        position = {start: i for i, start in enumerate(starts)}
+        self._argument_order = [position[start] for start in storages]  # first-argument order (dict order)
         self._starts = np.array(starts, dtype=np.uint64)
         self._ends = np.array([start + storages[start] for start in starts], dtype=np.uint64)
         self._sizes = np.array([storages[start] for start in starts] + [np.iinfo(np.int64).max], dtype=np.int64)
@@ -342,6 +346,13 @@ class KernelCounter:
     def _end_tensors(self, record: Launch) -> None:
         record.distinct_bytes_read = int(np.minimum(self._read, self._sizes).sum())
         record.distinct_bytes_written = int(np.minimum(self._written, self._sizes).sum())
+        # Per tensor argument (storage bytes, bytes read, bytes written; the last entry: accesses outside every
+        # argument, size 0), for a cache model of repeated accesses (benchmarks/calibrate.py); not in the JSON.
+        # In argument order, so that launches of one kernel at two sizes line up.
+        order = self._argument_order + [len(self._argument_order)]
+        sizes = [int(size) for size in self._sizes[:-1]] + [0]
+        read, written = self._read.tolist(), self._written.tolist()
+        record.tensor_traffic = [[sizes[i], read[i], written[i]] for i in order]
 
     def _on_descriptor_load(self, original, name):
         def wrapper(*args, **kwargs):
@@ -490,7 +501,7 @@ def _scale_counts(record: Launch, counter: "KernelCounter", factor: Fraction) ->
     def scaled(value: int) -> int:
         return int(round(value * factor))
 
-    for name in ("bytes_read", "bytes_written", "atomic_lanes", "useful_dot_flops", "transcendental_ops"):
+    for name in ("bytes_read", "bytes_written", "atomic_lanes", "useful_dot_flops", "transcendental_ops", "load_calls"):
         setattr(record, name, scaled(getattr(record, name)))
     for name in ("dot_flops", "dot_shapes", "lane_ops", "uncounted"):
         counts = getattr(record, name)
@@ -599,6 +610,7 @@ FREE_ATEN = {
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "set_", "lift_fresh", "detach",
     "alias", "_local_scalar_dense", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
     "is_same_size", "_has_compatible_shallow_copy_type", "record_stream",
+    "_unsafe_view",  # a view that autograd does not track as one (matmul's reshapes): no kernel
 }
 # Ops that write their first argument without reading it.
 WRITE_ONLY_FIRST = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_"}
@@ -720,6 +732,10 @@ class AtenCounter(TorchDispatchMode):
         launch = Launch("aten", str(func), self.phase)
         launch.bytes_read = launch.distinct_bytes_read = sum(_footprint(t) for t in read)
         launch.bytes_written = launch.distinct_bytes_written = sum(_footprint(t) for t in mutated + outputs)
+        # Which storages it read and wrote (storage key -> bytes), for a model that regroups aten launches into
+        # fused kernels (benchmarks/calibrate.py); not part of the launch's JSON record.
+        launch.storages_read = {t.untyped_storage()._cdata: _footprint(t) for t in read}
+        launch.storages_written = {t.untyped_storage()._cdata: _footprint(t) for t in mutated + outputs}
         packet = func.overloadpacket
         if packet in flop_registry:
             flops = int(flop_registry[packet](*args, **kwargs, out_val=out))

@@ -41,6 +41,15 @@ it touches (``distinct_bytes_*``): the opposite bound for the memory term. Where
 seg-head kernels gather their 5 MB of masks ~2.4 KB per pixel), the truth is in between and depends on
 the caches, which neither figure models.
 
+Calibrated model (second half of this file)
+-------------------------------------------
+``GPUS`` / ``GPU_NAMES``: datasheet figures of A100 (SXM4 / PCIe, 40 / 80 GB), H100 (SXM5 / PCIe / NVL) and
+H200 (SXM / NVL), each with its source. ``CalibratedModel``: a host + GPU timeline of one ``do_bench`` call
+(L2 flush, host issue costs, per-launch roofline with fitted achievable fractions, an L2 rule for repeated
+accesses, a memory-latency bound, a per-kernel floor); ``CALIBRATED_PARAMS`` fitted on Liger-Kernel's
+published H100 NVL rows by ``benchmarks/calibrate.py --fit`` (the fit and its errors beside them). The
+ledger's rows carry its time as ``predicted_ms_calibrated``; the roofline above stays as it was.
+
 What the model leaves out (so "modelled" can be far from "measured")
 -------------------------------------------------------------------
 * caches: ``predicted_ms`` counts every load as DRAM traffic (L1/L2 hits — re-reads of a tile, the gathers
@@ -162,3 +171,271 @@ def predict(launches: list[dict], device: Device, perfect_cache: bool = False) -
         total += work[limiting] + terms["launch"]
     bound = max(bound_time, key=bound_time.get) if launches else "none"
     return {"ms": total * 1e3, "bound": bound, "ms_by_bound": {k: v * 1e3 for k, v in bound_time.items()}}
+
+
+# ===================================================================================== datasheet GPUs
+# The GPUs a published measurement can name, from their datasheets (dense tensor-core rates = half the
+# "with sparsity" figures the datasheets print). Every figure carries its source in ``sources``. The
+# calibrated model below (``CalibratedModel``) prices launches on these.
+A100_DATASHEET = ("NVIDIA A100 Tensor Core GPU datasheet, https://www.nvidia.com/content/dam/en-zz/Solutions/"
+                  "Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf")
+A100_WHITEPAPER = ("NVIDIA A100 Tensor Core GPU Architecture whitepaper (108 SMs, 1410 MHz boost, 40 MB L2), "
+                   "https://images.nvidia.com/aem-dam/en-zz/Solutions/data-center/"
+                   "nvidia-ampere-architecture-whitepaper.pdf")
+H100_DATASHEET = ("NVIDIA H100 Tensor Core GPU datasheet (SXM / PCIe / NVL columns), "
+                  "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet")
+H100_WHITEPAPER = ("NVIDIA H100 Tensor Core GPU Architecture whitepaper (SXM5 132 SMs, PCIe 114 SMs, 50 MB L2), "
+                   "https://resources.nvidia.com/en-us-tensor-core/gtc22-whitepaper-hopper")
+H100_NVL_SMS = ("H100 NVL: 132 SMs / 16,896 CUDA cores and 1785 MHz boost — TechPowerUp GPU database "
+                "https://www.techpowerup.com/gpu-specs/h100-nvl.c4203, consistent with the datasheet's 60 TFLOP/s "
+                "FP32 (132 SMs × 128 lanes × 2 × 1.785 GHz = 60.3 TFLOP/s)")
+H200_DATASHEET = "NVIDIA H200 Tensor Core GPU product page / datasheet, https://www.nvidia.com/en-us/data-center/h200/"
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU model's datasheet figures (SI units: bytes/s, FLOP/s, Hz, bytes)."""
+
+    key: str
+    title: str
+    sms: int
+    boost_clock_hz: float
+    fp32_lanes_per_sm: int
+    hbm_bandwidth: float  # bytes/s, read + write
+    l2_bytes: int
+    fp32: float  # CUDA-core FP32 FLOP/s (FMA = 2)
+    tensor: dict  # precision -> dense tensor-core FLOP/s
+    sources: dict  # figure -> source
+
+    @property
+    def lane_rate(self) -> float:
+        return self.sms * self.fp32_lanes_per_sm * self.boost_clock_hz
+
+    @property
+    def sfu_rate(self) -> float:
+        return self.sms * SFU_PER_SM_CLOCK * self.boost_clock_hz
+
+    def to_json(self) -> dict:
+        return {"title": self.title, "sms": self.sms, "boost_clock_hz": self.boost_clock_hz,
+                "hbm_bandwidth_bytes_per_s": self.hbm_bandwidth, "l2_bytes": self.l2_bytes, "fp32_flops": self.fp32,
+                "tensor_flops": dict(self.tensor), "sources": dict(self.sources)}
+
+
+def _gpu(key, title, sms, clock_ghz, lanes, bandwidth_tb, l2_mb, fp32_tf, tf32_sparse_tf, bf16_sparse_tf, fp64_tc_tf,
+         fp8_sparse_tf, sources) -> GPU:
+    tensor = _tensor_peaks(tf32=tf32_sparse_tf * 1e12 / 2, bf16=bf16_sparse_tf * 1e12 / 2, fp64=fp64_tc_tf * 1e12,
+                           fp8=fp8_sparse_tf * 1e12 / 2)
+    return GPU(key, title, sms, clock_ghz * 1e9, lanes, bandwidth_tb * 1e12, int(l2_mb * 2**20), fp32_tf * 1e12,
+               tensor, sources)
+
+
+_A100 = {"bandwidth, FP32, tensor rates": A100_DATASHEET, "SMs, clock, L2": A100_WHITEPAPER}
+_H100 = {"bandwidth, FP32, tensor rates": H100_DATASHEET, "SMs, L2": H100_WHITEPAPER}
+# A100 has no FP8: its INT8 figure (624 TOPS dense) stands in the fp8 slots, which no A100 kernel uses.
+GPUS = {g.key: g for g in (
+    _gpu("a100_sxm_40gb", "A100 SXM4 40GB", 108, 1.41, 64, 1.555, 40, 19.5, 312, 624, 19.5, 1248, _A100),
+    _gpu("a100_sxm_80gb", "A100 SXM4 80GB", 108, 1.41, 64, 2.039, 40, 19.5, 312, 624, 19.5, 1248, _A100),
+    _gpu("a100_pcie_40gb", "A100 PCIe 40GB", 108, 1.41, 64, 1.555, 40, 19.5, 312, 624, 19.5, 1248, _A100),
+    _gpu("a100_pcie_80gb", "A100 PCIe 80GB", 108, 1.41, 64, 1.935, 40, 19.5, 312, 624, 19.5, 1248, _A100),
+    _gpu("h100_sxm", "H100 SXM5 80GB", 132, 1.98, 128, 3.35, 50, 67, 989, 1979, 67, 3958,
+         {**_H100, "clock": "implied by the datasheet's 67 TFLOP/s FP32: 132 × 128 × 2 × 1.98 GHz"}),
+    _gpu("h100_pcie", "H100 PCIe 80GB", 114, 1.755, 128, 2.0, 50, 51, 756, 1513, 51, 3026,
+         {**_H100, "clock": "implied by the datasheet's 51 TFLOP/s FP32: 114 × 128 × 2 × 1.755 GHz"}),
+    _gpu("h100_nvl", "H100 NVL 94GB", 132, 1.785, 128, 3.9, 50, 60, 835, 1671, 60, 3341,
+         {**_H100, "SMs, clock": H100_NVL_SMS}),
+    _gpu("h200_sxm", "H200 SXM 141GB", 132, 1.98, 128, 4.8, 50, 67, 989, 1979, 67, 3958,
+         {"bandwidth, FP32, tensor rates": H200_DATASHEET, "SMs, clock, L2": "the GH100 of H100 SXM5: " + H100_WHITEPAPER}),
+    _gpu("h200_nvl", "H200 NVL 141GB", 132, 1.785, 128, 4.8, 50, 60, 835, 1671, 60, 3341,
+         {"bandwidth, FP32, tensor rates": H200_DATASHEET, "SMs, clock, L2": "as H100 NVL: " + H100_NVL_SMS}),
+)}
+
+# ``torch.cuda.get_device_name()`` strings (the ``gpu_name`` column of published measurements) → GPUS keys.
+GPU_NAMES = {
+    "NVIDIA A100-SXM4-40GB": "a100_sxm_40gb", "NVIDIA A100-SXM4-80GB": "a100_sxm_80gb",
+    "NVIDIA A100-PCIE-40GB": "a100_pcie_40gb", "NVIDIA A100 80GB PCIe": "a100_pcie_80gb",
+    "NVIDIA A100-PCIE-80GB": "a100_pcie_80gb",
+    "NVIDIA H100 80GB HBM3": "h100_sxm", "NVIDIA H100 SXM5 80GB": "h100_sxm", "NVIDIA H100 PCIe": "h100_pcie",
+    "NVIDIA H100 NVL": "h100_nvl", "NVIDIA H200": "h200_sxm", "NVIDIA H200 NVL": "h200_nvl",
+}
+
+
+def gpu_for_name(gpu_name: str) -> GPU:
+    """The datasheet GPU a ``torch.cuda.get_device_name()`` string names; a ValueError naming it otherwise."""
+    key = GPU_NAMES.get(gpu_name.strip())
+    if key is None:
+        raise ValueError(f"unknown gpu_name {gpu_name!r}: add it to GPU_NAMES in benchmarks/ledger_model.py "
+                         f"(known: {', '.join(sorted(GPU_NAMES))})")
+    return GPUS[key]
+
+
+# ================================================================================ the calibrated model
+# Fitted on Liger-Kernel 0.5.2's published H100 NVL rows (216 speed rows; `benchmarks/calibrate.py --fit`,
+# Nelder-Mead on the mean |log(predicted / measured)|, from hand-set starting values), 2026-12-07. The fit:
+# speed median |pred/meas - 1| 16.9 %, 90th percentile 56.7 %; liger-over-eager speedup median error 28 %;
+# leave-one-kernel-out medians cross_entropy 30.8 %, geglu 4.7 %, layer_norm 16.8 %, rms_norm 39.9 %,
+# rope 29.6 %, swiglu 1.7 % (benchmarks/RESULTS.md). Global: none is per kernel; the two bandwidth fractions
+# are per code generator (Triton kernels, PyTorch's eager kernels). Only the H100 NVL has been fitted: on
+# other GPUs the same fractions and host costs are assumed.
+CALIBRATED_PARAMS = {
+    "hbm_fraction": 0.7924,  # achievable share of the datasheet HBM bandwidth (read + write), Triton kernels
+    "aten_hbm_fraction": 0.5864,  # the same for PyTorch's eager (TensorIterator, reduction, norm) kernels
+    "tensor_fraction": 0.5842,  # achievable share of the dense tensor-core peak (cuBLAS at these shapes)
+    "load_latency_us": 1.054,  # one dependent HBM round trip of a program (a tl.load in a serial loop)
+    "kernel_floor_us": 6.486,  # GPU time of an empty kernel plus the gap between two kernels
+    "call_us": 15.45,  # host: the timed Python call itself (and the CUDA event record)
+    "aten_us": 2.882,  # host: one eager aten op launching a kernel (dispatcher, allocator, launch)
+    "triton_us": 1.976,  # host: one Triton JIT launch from Python (argument binding, specialisation key)
+    "backward_us": 37.72,  # host: entering the autograd engine (.backward / autograd.grad)
+    "fused_us": 4.089,  # host: one kernel of a torch.compile'd graph (inductor's generated launcher)
+    "graph_us": 104.9,  # host: entering the compiled forward graph (guards, the AOTAutograd wrapper)
+    "compiled_backward_us": 151.5,  # host: entering the compiled backward graph (from the autograd engine)
+}
+FLUSH_BYTES = 256 * 2**20  # triton.testing.do_bench zeroes a 256 MB buffer before every timed call
+
+
+def cublas_workspace_bytes(gpu: GPU) -> int:
+    """The cuBLAS workspace PyTorch allocates through its caching allocator on the first matmul of a stream:
+    ``:4096:8`` (8 × 4 MiB) on compute capability 9.x, ``:4096:2:16:8`` elsewhere (PyTorch,
+    aten/src/ATen/cuda/CublasHandlePool.cpp, ``getChosenWorkspaceSize``)."""
+    hopper = gpu.key.startswith(("h100", "h200"))
+    return 8 * 4096 * 1024 if hopper else 2 * 4096 * 1024 + 8 * 16 * 1024
+
+
+def _num_warps(launch: dict) -> int:
+    return int(launch.get("num_warps", launch.get("config", {}).get("num_warps", 4)))
+
+
+class CalibratedModel:
+    """Time of one timed call (``do_bench``'s ``fn``) from its launches in issue order.
+
+    GPU per launch: ``max(bytes / (hbm_fraction · HBM), dot FLOPs / (tensor_fraction · peak), lane ops /
+    lane rate, transcendentals / SFU rate) + kernel_floor``. Host: the call costs ``call_us``, each launch
+    its issue cost (``aten_us``, ``triton_us``, ``fused_us``), entering backward ``backward_us``, a compiled
+    graph ``graph_us`` per phase; a ``sync`` launch (``.item()``) waits for the GPU. A launch starts on the
+    GPU when the host has issued it and the previous one has finished. The clock starts when the GPU has
+    finished do_bench's L2 flush (``FLUSH_BYTES`` written), which the host overlaps with issuing the call:
+    host work shorter than the flush is hidden, longer host work shows (the ~0.2 ms floor of Liger's
+    rms_norm ``full``). Returns milliseconds.
+    """
+
+    def __init__(self, params: dict | None = None):
+        self.p = dict(CALIBRATED_PARAMS if params is None else params)
+
+    @staticmethod
+    def dram_bytes(launch: dict, gpu: GPU) -> float:
+        """A launch's HBM traffic. Aten launches: their counted bytes (each op reads its inputs and writes its
+        outputs once). Triton launches, per tensor argument: its first touch of each byte from HBM, and
+        repeated accesses from L2 when the tensor's part that the resident programs share (its size × resident
+        programs / grid, at most its size; a tensor every program reads, such as a norm's weight, stays whole)
+        fits in L2, else from HBM again. Resident programs: grid or SMs × 64 warps / num_warps."""
+        traffic = launch.get("tensor_traffic")
+        if not traffic:
+            return launch["bytes_read"] + launch["bytes_written"]
+        grid = max(1.0, launch.get("grid", 1))
+        resident = min(grid, gpu.sms * max(1, 64 // _num_warps(launch)))
+        total = 0.0
+        for size, read, written in traffic:
+            for accessed in (read, written):
+                if size <= 0:
+                    total += accessed
+                    continue
+                first = min(accessed, size)
+                cached = size * min(1.0, resident / grid) <= gpu.l2_bytes
+                total += first + (0.0 if cached else accessed - first)
+        return total
+
+    def gpu_seconds(self, launch: dict, gpu: GPU) -> float:
+        p = self.p
+        fraction = p["hbm_fraction"] if launch["kind"] != "aten" else p["aten_hbm_fraction"]
+        memory = self.dram_bytes(launch, gpu) / (fraction * gpu.hbm_bandwidth)
+        tensor = cuda = 0.0
+        for precision, flops in launch["dot_flops"].items():
+            if precision == "fp32_ieee":
+                cuda += flops / 2 / gpu.lane_rate
+            else:
+                tensor += flops / (p["tensor_fraction"] * gpu.tensor[precision])
+        lanes = launch["lane_ops"]
+        cuda += (sum(lanes.values()) + (INT_DIVMOD_COST - 1) * lanes.get("int_divmod", 0)) / gpu.lane_rate
+        sfu = launch["transcendental_ops"] / gpu.sfu_rate
+        return max(memory, tensor, cuda, sfu, self.latency_seconds(launch, gpu)) + p["kernel_floor_us"] * 1e-6
+
+    def latency_seconds(self, launch: dict, gpu: GPU) -> float:
+        """A Triton launch's memory latency bound: each program's loads are served one round trip after the
+        other (``load_latency_us`` each: a loop over rows, as Liger's norm backwards do with a grid of one
+        program per SM, waits for every row), for each wave of resident programs."""
+        loads = launch.get("load_calls", 0)
+        if not loads or launch["kind"] != "triton":
+            return 0.0
+        grid = max(1.0, launch.get("grid", 1))
+        resident = min(grid, gpu.sms * max(1, 64 // _num_warps(launch)))
+        waves = -(-grid // resident)
+        return waves * (loads / grid) * self.p["load_latency_us"] * 1e-6
+
+    def call_ms(self, launches: list[dict], gpu: GPU, provider: str) -> float:
+        p = self.p
+        us = 1e-6
+        flush = FLUSH_BYTES / (p["aten_hbm_fraction"] * gpu.hbm_bandwidth) + p["kernel_floor_us"] * us
+        host, gpu_free = p["call_us"] * us, flush
+        phase = None
+        for launch in launches:
+            if launch["phase"] != phase:
+                phase = launch["phase"]
+                if phase == "backward":
+                    host += p["backward_us"] * us
+                if provider == "torchcompile":
+                    host += p["compiled_backward_us" if phase == "backward" else "graph_us"] * us
+            kind = launch["kind"]
+            if kind == "sync":
+                host = max(host, gpu_free)
+                continue
+            host += {"aten": p["aten_us"], "triton": p["triton_us"], "fused": p["fused_us"]}[kind] * us
+            gpu_free = max(host, gpu_free) + self.gpu_seconds(launch, gpu)
+        return (max(gpu_free, host) - flush) * 1e3
+
+
+def fit_params(cases: list[tuple], start: dict, iterations: int = 1500) -> dict:
+    """Parameters minimising the mean |log(predicted / measured)| over ``cases`` (launches, gpu, provider,
+    measured ms): Nelder–Mead on the logarithms of the parameters (all positive; fractions capped at 1)."""
+    import numpy as np
+
+    names = list(start)
+    x0 = np.log([start[n] for n in names])
+    log_measured = np.log([c[3] for c in cases])
+
+    def params_of(x):
+        values = dict(zip(names, np.exp(x)))
+        for name in ("hbm_fraction", "aten_hbm_fraction", "tensor_fraction"):
+            values[name] = min(values[name], 1.0)
+        return values
+
+    def loss(x):
+        model = CalibratedModel(params_of(x))
+        predicted = np.log([max(model.call_ms(c[0], c[1], c[2]), 1e-9) for c in cases])
+        return float(np.mean(np.abs(predicted - log_measured)))
+
+    simplex = [x0] + [x0 + np.eye(len(x0))[i] * 0.3 for i in range(len(x0))]
+    values = [loss(x) for x in simplex]
+    for _ in range(iterations):
+        order = np.argsort(values)
+        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
+        centroid = np.mean(simplex[:-1], axis=0)
+        reflected = centroid + (centroid - simplex[-1])
+        fr = loss(reflected)
+        if fr < values[0]:
+            expanded = centroid + 2 * (centroid - simplex[-1])
+            fe = loss(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            contracted = centroid + 0.5 * (simplex[-1] - centroid)
+            fc = loss(contracted)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = contracted, fc
+            else:
+                simplex = [simplex[0]] + [simplex[0] + 0.5 * (s - simplex[0]) for s in simplex[1:]]
+                values = [values[0]] + [loss(s) for s in simplex[1:]]
+        if max(values) - min(values) < 1e-7:
+            break
+    best = simplex[int(np.argmin(values))]
+    return {k: float(v) for k, v in params_of(best).items()}

@@ -32,6 +32,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ("fused", "eager")
 MODE_PHASES = {"forward": ("forward",), "backward": ("backward",), "forward+backward": ("forward", "backward")}
 SCHEMA_VERSION = 1
+CALIBRATED_GPUS = ("h100_sxm", "h200_sxm")
+TIMELINE_FIELDS = ("kind", "phase", "bytes_read", "bytes_written", "dot_flops", "lane_ops", "transcendental_ops", "grid",
+                   "load_calls")
 
 
 # --------------------------------------------------------------------------------------- cases
@@ -243,6 +246,14 @@ def rows_for(case: W.Case, dtype_name: str, provider: str, counted: dict) -> lis
             "predicted_ms": {name: p["ms"] for name, p in predictions.items()},
             "bound": {name: p["bound"] for name, p in predictions.items()},
             "predicted_ms_perfect_cache": {name: p["ms"] for name, p in cached.items()},
+            # the model calibrated on published GPU measurements (benchmarks/calibrate.py), one timed call
+            "predicted_ms_calibrated": {key: model.CalibratedModel().call_ms(
+                launches, model.GPUS[key], "liger" if provider == "fused" else "huggingface")
+                for key in CALIBRATED_GPUS},
+            # what that model reads of each launch, in issue order within a phase (for re-pricing with
+            # refitted parameters: calibrate.py --ledger)
+            "timeline": [{k: launch.get(k) for k in TIMELINE_FIELDS} | {"num_warps": launch["config"].get("num_warps", 4)}
+                         for launch in launches],
             "dot_flops_by_precision": t["dot_flops_by_precision"], "lane_ops_by_kind": t["lane_ops_by_kind"],
             "atomic_lanes": t["atomic_lanes"], "atomic_max_per_address": t["atomic_max_per_address"],
             "triton_launches": len(triton), "syncs": counted["syncs"],
