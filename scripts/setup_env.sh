@@ -11,3 +11,8 @@ fi
 # Python compiles what it imports on first use instead. One pip call for the stack and the package: one
 # resolution instead of two (95 s → 68 s here from an empty venv).
 .venv/bin/python -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1 -e ".[test]"
+# Liger-Kernel 0.5.2 without its dependencies, beside the package rather than in .venv: benchmarks/calibrate.py
+# (and tests/test_calibrate.py) rebuild its published GPU benchmark rows with the kernels of that version.
+if [ ! -d .liger-0.5.2/liger_kernel ]; then
+  .venv/bin/python -m pip install -q --no-compile --no-deps --target .liger-0.5.2 liger-kernel==0.5.2
+fi
