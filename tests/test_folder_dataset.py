@@ -268,3 +268,15 @@ def test_the_documented_cityscapes_label_map(tmp_path):
     train_ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
     assert [int(lut[v]) for v in train_ids] == list(range(1, 20))
     assert all(lut[v] == 255 for v in range(256) if v not in train_ids)
+
+
+def test_a_byte_order_mark_is_not_part_of_a_class_name_or_a_label_map(data, tmp_path):
+    """Windows editors start UTF-8 files with a BOM: it must not become part of class 0's name."""
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    (root / "classes.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(CLASSES).encode() + b"\n")
+    assert read_class_names(root) == CLASSES
+    mapping = tmp_path / "map.txt"
+    mapping.write_bytes(b"\xef\xbb\xbf0 0\n7 1\n")
+    lut = label_lut(4, label_map=mapping)
+    assert [int(lut[v]) for v in (0, 7, 1)] == [0, 1, 255]

@@ -46,7 +46,8 @@ def read_class_names(root) -> tuple[str, ...]:
     if not Path(root).is_dir():
         raise FileNotFoundError(f"data root not found: {root}")
     _require(path, "class list (one class name per line, the background first)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # utf-8-sig: a BOM (Windows editors write one) would otherwise become part of class 0's name.
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()  # trailing blank lines
     names, seen = [], {}
@@ -79,7 +80,7 @@ def label_lut(num_classes: int, ignore_index: int | None = None, label_map=None)
         path = Path(label_map)
         _require(path, "label map file (--label-map)")
         sources = {}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             fields = line.split("#", 1)[0].split()
             if not fields:
                 continue
