@@ -27,7 +27,7 @@ Errors. ``main`` is the one place where an exception becomes what the user sees:
 ValueError / FileNotFoundError, which name what they refuse), 1 for a failure during the work
 (``WorkError``, a write the OS refuses, out of memory, anything unexpected), 130 for Ctrl-C, 143 for SIGTERM
 (handled as Ctrl-C: ``errors.Terminated``). The
-traceback is shown only with ``--debug``. A new subcommand gets all of this by ``add_common_options(sub)``
+traceback is shown only with ``--debug`` (on stderr, before the same one-line message and exit status). A new subcommand gets all of this by ``add_common_options(sub)``
 and ``sub.set_defaults(handler=fn)``, where ``fn(args) -> int`` raises those types.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import typing
 from pathlib import Path
 
@@ -468,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (Exception, KeyboardInterrupt) as error:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too; the one-line message and the exit status stay the same
+            traceback.print_exception(error, file=sys.stderr)
         code, message = describe_error(error)
         print(f"incrementer-fast {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return code

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from incrementer_fast import Incrementer
+from incrementer_fast import cli as cli_module
 from incrementer_fast.cli import main
 from incrementer_fast.continual.config import TrainConfig
 from incrementer_fast.continual.run import build_model
@@ -235,7 +236,8 @@ def test_demo_checkpoint_loads_in_a_fresh_process_and_errors_are_one_line(finish
         model = inc.Incrementer.from_checkpoint(sys.argv[1])
         print(model.config["backbone"], model.num_classes, tuple(model(inc_images := __import__("torch").zeros(
             1, 3, 32, 32)).masks.shape))
-        from incrementer_fast.cli import main
+        from incrementer_fast import cli as cli_module
+from incrementer_fast.cli import main
         sys.exit(main(["train", "--out", sys.argv[2], "--resume", "--quiet"]))
     """)
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "demo.pt"), str(run)],
@@ -317,9 +319,23 @@ def test_a_refused_checkpoint_write_is_named_and_leaves_nothing(data, tmp_path, 
     assert not list(out.glob("step_0*")) and not list(out.glob(".step_0*")) and not (out / "metrics.json").exists()
 
 
-def test_debug_shows_the_traceback(data, tmp_path):
-    with pytest.raises(InputError, match="--dropout must be in"):
-        main(["train", "--out", str(tmp_path / "run"), "--data-root", str(data), *TINY, "--dropout", "2", "--debug"])
+def test_debug_shows_the_traceback_and_keeps_the_message_and_exit_status(data, tmp_path, capsys, monkeypatch):
+    argv = ["train", "--out", str(tmp_path / "run"), "--data-root", str(data), *TINY, "--dropout", "2"]
+    assert main(argv) == 2
+    plain = capsys.readouterr().err.strip()
+    assert main([*argv, "--debug"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "Error: --dropout must be in" in err[-2]
+    assert err[-1] == plain and "--dropout must be in" in plain
+    assert not (tmp_path / "run").exists()
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_summary", interrupted)
+    assert main(["summary", str(tmp_path), "--debug"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "KeyboardInterrupt" in err[-2] and err[-1].startswith("incrementer-fast summary: error: interrupted")
 
 
 # ------------------------------------------------------------------------------------ eval scores what was trained
@@ -640,7 +656,8 @@ def test_sigterm_is_handled_like_ctrl_c(data, tmp_path):
     script = textwrap.dedent("""
         import sys, time
         from incrementer_fast import _files
-        from incrementer_fast.cli import main
+        from incrementer_fast import cli as cli_module
+from incrementer_fast.cli import main
         from incrementer_fast.continual import run
 
         def paused_write(path, obj):
