@@ -280,3 +280,26 @@ def test_a_byte_order_mark_is_not_part_of_a_class_name_or_a_label_map(data, tmp_
     mapping.write_bytes(b"\xef\xbb\xbf0 0\n7 1\n")
     lut = label_lut(4, label_map=mapping)
     assert [int(lut[v]) for v in (0, 7, 1)] == [0, 1, 255]
+
+
+def test_the_data_root_hint_only_follows_a_file_missing_under_the_data_root(data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    bad_map = tmp_path / "map.txt"
+    bad_map.write_text("0 0\n1 9\n")
+    out = tmp_path / "run"
+    base = ["train", "--out", out, "--data-root", root, *TINY]
+    for extra, message in ((["--label-map", tmp_path / "absent.txt"], "a path relative to the working directory"),
+                           (["--label-map", bad_map], "line 2: SOURCE must lie in 0..255"),
+                           (["--ignore-index", "300"], "--ignore-index must lie in 0..255")):
+        code, line = one_line_error([*base, *extra], capsys)
+        assert code == 2 and message in line and "--data-root" not in line, line
+    with open(root / "splits" / "train.txt", "a") as handle:
+        handle.write("img000\n")
+    code, line = one_line_error(base, capsys)
+    assert code == 2 and "lists 'img000' twice" in line and "--data-root" not in line, line
+    (root / "splits" / "train.txt").write_text("img000\nimg001\n")
+    (root / "labels" / "img001.png").unlink()
+    code, line = one_line_error(base, capsys)
+    assert code == 2 and line.endswith("img001.png (check --data-root)"), line
+    assert not out.exists()

@@ -59,7 +59,8 @@ class TrainConfig:
     """``folder`` only: the label files' void value, read as 255 (``None``: 255 is the void)."""
     label_map: str | None = None
     """``folder`` only: a file of ``SOURCE TARGET`` lines mapping the label files' values to classes; the
-    values it does not list become void (for sets whose ids are not contiguous, e.g. Cityscapes' 34 → 19)."""
+    values it does not list become void (for sets whose ids are not contiguous, e.g. Cityscapes' 34 → 19).
+    The path is relative to the working directory, not to ``data_root``."""
     class_order: str | None = None
     """The order the classes arrive in: ``0,5,3,...`` (a permutation of the dataset's classes, 0 first), a
     published order by name (PLOP's VOC orders ``b`` ... ``w``), or ``random:SEED``; the task's steps count

@@ -78,7 +78,7 @@ def label_lut(num_classes: int, ignore_index: int | None = None, label_map=None)
     if label_map is not None:
         lut[:] = IGNORE_INDEX
         path = Path(label_map)
-        _require(path, "label map file (--label-map)")
+        _require(path, "label map file (--label-map, a path relative to the working directory)")
         sources = {}
         for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             fields = line.split("#", 1)[0].split()

@@ -423,7 +423,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     except ValueError as error:
         raise InputError(str(error)) from error
     except FileNotFoundError as error:
-        raise InputError(f"{error} (check --data-root)") from error
+        raise InputError(f"{error}{_data_root_hint(error)}") from error
     if step is not None and not 0 <= step < len(task):
         raise InputError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has "
                          f"{len(task)} steps, 0..{len(task) - 1}")
@@ -588,6 +588,15 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     return sorted(records, key=lambda r: r["step"])
 
 
+def _data_root_hint(error: Exception) -> str:
+    """" (check --data-root)" for a file or folder missing under the data root, where a wrong --data-root is
+    the likely cause; nothing for a malformed file or option (its message says what to fix) or a missing
+    --label-map (a path relative to the working directory)."""
+    if not isinstance(error, (FileNotFoundError, NotADirectoryError)) or "--label-map" in str(error):
+        return ""
+    return " (check --data-root)"
+
+
 def _open_datasets(config: TrainConfig, data_root: Path, cache_dir: Path):
     """The train and val datasets (their file lists; nothing decoded yet); InputError naming what is
     missing or malformed."""
@@ -595,7 +604,7 @@ def _open_datasets(config: TrainConfig, data_root: Path, cache_dir: Path):
         train_set, val_set = (build_dataset(config.dataset, data_root, split, cache_dir=cache_dir,
                                             **folder_options(config)) for split in ("train", "val"))
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
-        raise InputError(f"{error} (check --data-root)") from error
+        raise InputError(f"{error}{_data_root_hint(error)}") from error
     check_split_overlap(train_set, val_set)
     return train_set, val_set
 
