@@ -163,6 +163,8 @@ def test_an_order_trains_what_the_relabelled_dataset_trains(ordered_run, data, t
     ("size_mismatch", "is 32x32 but its label"),
     ("unreadable_image", "cannot read image"),
     ("no_val_split", "split list not found"),
+    ("jpeg_label_named_png", "labels/img002.png is a JPEG file (lossy: it corrupts class indices): save labels as PNG"),
+    ("jpeg_label_only", "found img001.jpg: labels must be PNG"),
 ])
 def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data, tmp_path, capsys):
     root = tmp_path / "data"
@@ -190,6 +192,14 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data
             handle.write("img000\n")
     elif fault == "two_images":
         shutil.copy(root / "images" / "img000.jpg", root / "images" / "img000.png")
+    elif fault == "jpeg_label_named_png":
+        with Image.open(root / "labels" / "img002.png") as label:
+            label.convert("L").save(root / "labels" / "img002.png", format="JPEG")
+    elif fault == "jpeg_label_only":
+        path = root / "labels" / "img001.png"
+        with Image.open(path) as label:
+            label.convert("L").save(path.with_suffix(".jpg"))
+        path.unlink()
     elif fault == "empty_class_line":
         (root / "classes.txt").write_text("background\n\nred box\n")
     out = tmp_path / "run"

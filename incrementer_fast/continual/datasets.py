@@ -103,6 +103,8 @@ def _read_label(path, lut: np.ndarray | None = None) -> Image.Image:
         raise
     except UNREADABLE_IMAGE as e:
         raise ValueError(f"cannot read label {path}: {e}") from e
+    if im.format == "JPEG":  # whatever its name: its values would read as classes the set does not have
+        raise ValueError(f"label {path} is a JPEG file (lossy: it corrupts class indices): save labels as PNG")
     if label.mode not in ("L", "P"):
         raise ValueError(
             f"label {path} has mode {label.mode}: expected a single-channel 8-bit index PNG (mode L or P)"

@@ -136,7 +136,12 @@ class FolderSegmentation(SegmentationDataset):
                 raise ValueError(f"two images of the id {image_id!r} in {image_dir}: "
                                  f"{', '.join(p.name for p in found)}; keep one")
             images[image_id] = found[0]
-            labels[image_id] = _require(label_dir / f"{image_id}.png", f"label of image {found[0].name}")
+            label = label_dir / f"{image_id}.png"
+            lossy = next((label.with_suffix(s) for s in (".jpg", ".jpeg") if label.with_suffix(s).exists()), None)
+            if lossy is not None and not label.exists():
+                raise ValueError(f"label of image {found[0].name} not found: {label}; found {lossy.name}: "
+                                 "labels must be PNG (JPEG is lossy: it corrupts class indices)")
+            labels[image_id] = _require(label, f"label of image {found[0].name}")
         self._set_files(ids, images, labels)
 
 
