@@ -163,6 +163,8 @@ def test_an_order_trains_what_the_relabelled_dataset_trains(ordered_run, data, t
     ("size_mismatch", "is 32x32 but its label"),
     ("unreadable_image", "cannot read image"),
     ("no_val_split", "split list not found"),
+    ("both_splits_bad", "holds values [7] outside the classes 0..3 and the void 255: fix or replace the file, or "
+                        "remove its id from the split; the val split also has 1 bad file"),
     ("jpeg_label_named_png", "labels/img002.png is a JPEG file (lossy: it corrupts class indices): save labels as PNG"),
     ("jpeg_label_only", "found img001.jpg: labels must be PNG"),
 ])
@@ -175,6 +177,11 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data
         label = np.zeros((32, 32), dtype=np.uint8)
         label[5, 5] = 7
         Image.fromarray(label).save(root / "labels" / "img002.png")
+    elif fault == "both_splits_bad":  # both splits are scanned: the error counts the val split's bad files too
+        label = np.zeros((32, 32), dtype=np.uint8)
+        label[5, 5] = 7
+        Image.fromarray(label).save(root / "labels" / "img002.png")
+        Image.fromarray(label).save(root / "labels" / "img010.png")
     elif fault == "val_label_outside":  # the train split is good: its scan must not be cached in --out either
         label = np.zeros((32, 32), dtype=np.uint8)
         label[3, 3] = 9
@@ -313,3 +320,13 @@ def test_the_data_root_hint_only_follows_a_file_missing_under_the_data_root(data
     code, line = one_line_error(base, capsys)
     assert code == 2 and line.endswith("img001.png (check --data-root)"), line
     assert not out.exists()
+
+
+def test_a_class_no_label_holds_is_named_in_the_log(data, tmp_path):
+    mapping = tmp_path / "map.txt"  # drops class 2: its pixels become void
+    mapping.write_text("0 0\n1 1\n3 3\n")
+    out = tmp_path / "run"
+    assert train(out, data, "--label-map", mapping, "--step", "0") == 0
+    log = (out / "run.log").read_text()
+    for split in ("training", "validation"):
+        assert f"no {split} label holds the class(es) 2 {CLASSES[2]!r} of {data / 'classes.txt'}" in log, log

@@ -283,7 +283,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if failures:
             others = len(failures) - 1
             more = f" (and {others} more bad file{'s' if others > 1 else ''} in this split)" if others else ""
-            raise InputError(f"{failures[0]}{more}: fix or replace the file, or remove its id from the split")
+            error = InputError(f"{failures[0]}{more}: fix or replace the file, or remove its id from the split")
+            error.bad_files = len(failures)  # a run reports the other split's count with it
+            raise error
         labels = {i: values for i, (values, _) in zip(self.ids, results)}
         converted = {i: mode for i, (_, mode) in zip(self.ids, results) if mode is not None}
         result = DatasetScan(labels, converted)

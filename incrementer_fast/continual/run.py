@@ -477,8 +477,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         train_set, val_set = _open_datasets(config, data_root, cache_dir)
     scans = {}
     if env.is_main:  # rank 0 decodes both splits, then caches them (nothing written before both are valid)
-        for split, dataset in (("train", train_set), ("val", val_set)):
-            scans[split] = dataset.scan(progress=progress, write_cache=False)
+        scans = _scan_both_splits(train_set, val_set, progress)
         for split, dataset in (("train", train_set), ("val", val_set)):
             dataset.write_scan_cache(scans[split])
     _barrier(env)  # the others then read rank 0's cache
@@ -519,6 +518,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         log(f"run {out_dir}: {config.method} on {config.dataset} {config.task} ({config.setting}), "
             f"{len(task)} steps; effective batch {config.batch_size} = {env.world_size} process(es) × "
             f"{launch['micro_batch_size']} images × {accumulation} accumulation step(s); device {device}")
+        _unlabelled_classes_warning(config, names, scans["train"].labels, scans["val"].labels)
     mean, std = model.normalization
     train_set.transform = train_transform(config.crop_size, mean, std,
                                           scale=(config.train_scale_min, config.train_scale_max),
@@ -586,6 +586,39 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
             log(f"step {current} done in {record['seconds']:.1f} s: " + format_record(record))
         _barrier(env)
     return sorted(records, key=lambda r: r["step"])
+
+
+def _scan_both_splits(train_set, val_set, progress: bool) -> dict:
+    """Both splits' scans (``scan(write_cache=False)``), each split scanned even when the other fails, so that
+    the error (the first bad split's) also counts the val split's bad files."""
+    scans, failures = {}, {}
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        try:
+            scans[split] = dataset.scan(progress=progress, write_cache=False)
+        except InputError as error:
+            failures[split] = error
+    if "train" in failures and "val" in failures:
+        count = getattr(failures["val"], "bad_files", 1)
+        raise InputError(f"{failures['train']}; the val split also has {count} bad file{'s' if count > 1 else ''}"
+                         ) from failures["train"]
+    if failures:
+        raise next(iter(failures.values()))
+    return scans
+
+
+def _unlabelled_classes_warning(config, names, train_labels, val_labels) -> None:
+    """Warn about a class of a folder dataset's classes.txt that no training or no validation label holds
+    (e.g. a label map that maps nothing to it): it cannot be learned, or is not scored."""
+    if config.dataset != "folder":
+        return
+    for split, labels in (("training", train_labels), ("validation", val_labels)):
+        present = set().union(*map(set, labels.values())) if labels else set()
+        missing = [f"{c} {names[c]!r}" for c in range(len(names)) if c not in present]
+        if missing:
+            logger.warning(f"no {split} label holds the class(es) {', '.join(missing)} of "
+                           f"{Path(config.data_root) / 'classes.txt'}"
+                           + (f" (after --label-map {config.label_map})" if config.label_map else "")
+                           + ("; it cannot be learned" if split == "training" else "; its IoU is not scored"))
 
 
 def _data_root_hint(error: Exception) -> str:
