@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
 import logging
@@ -69,6 +70,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise CommandError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, but an unknown option is reported by the subcommand it was given to, with the closest
+        option it has (argparse's own message names the top-level parser, whose --help lists no options)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = getattr(parsed, "command", None)
+            parser = next((a.choices[command] for a in self._actions
+                           if isinstance(a, argparse._SubParsersAction) and command in a.choices), self)
+            options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            guesses = [difflib.get_close_matches(u.split("=", 1)[0], options, n=1) for u in unknown
+                       if u.startswith("--")]
+            hints = "".join(f"; did you mean {g[0]}?" for g in guesses if g)
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}{hints}")
+        return parsed
 
 
 # ------------------------------------------------------------------------------------ config options
