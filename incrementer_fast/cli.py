@@ -51,7 +51,7 @@ from pathlib import Path
 from ._files import atomic_write
 from .continual.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, preset_values, read_config_file,
                                upgrade_config_values)
-from .errors import InputError, Terminated, WorkError
+from .errors import InputError, Terminated, WorkError, interruption_message
 
 DATASET_PRESETS = {"voc": "voc", "ade": "ade", "synthetic": "demo"}  # the preset of each --dataset
 EXIT_FAILURE = 1
@@ -444,10 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe_error(error: BaseException) -> tuple[int, str]:
     """(exit status, one-line message) for an exception that ended a command."""
-    if isinstance(error, Terminated):
-        return EXIT_TERMINATED, "terminated (SIGTERM); finished steps are kept: rerun with --resume to continue"
     if isinstance(error, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, "interrupted; finished steps are kept: rerun with --resume to continue"
+        return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED, interruption_message(error)
     if isinstance(error, InputError):
         return EXIT_BAD_INPUT, str(error)
     if isinstance(error, WorkError):

@@ -236,8 +236,7 @@ def test_demo_checkpoint_loads_in_a_fresh_process_and_errors_are_one_line(finish
         model = inc.Incrementer.from_checkpoint(sys.argv[1])
         print(model.config["backbone"], model.num_classes, tuple(model(inc_images := __import__("torch").zeros(
             1, 3, 32, 32)).masks.shape))
-        from incrementer_fast import cli as cli_module
-from incrementer_fast.cli import main
+        from incrementer_fast.cli import main
         sys.exit(main(["train", "--out", sys.argv[2], "--resume", "--quiet"]))
     """)
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "demo.pt"), str(run)],
@@ -656,8 +655,7 @@ def test_sigterm_is_handled_like_ctrl_c(data, tmp_path):
     script = textwrap.dedent("""
         import sys, time
         from incrementer_fast import _files
-        from incrementer_fast import cli as cli_module
-from incrementer_fast.cli import main
+        from incrementer_fast.cli import main
         from incrementer_fast.continual import run
 
         def paused_write(path, obj):

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from .._files import atomic_write, atomic_write_json
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, interruption_message
 from ..model import Incrementer
 from .baselines import DISTILLING_METHODS, EVERY_TOKEN_TRAINED_METHODS, train_every_class_token
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
@@ -334,8 +334,10 @@ def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resum
             try:
                 return _run(config, out_dir, step=step, resume=resume, retrain_from=retrain_from,
                             progress=progress, reports=reports, lock=lock)
-            except BaseException:
+            except BaseException as error:
                 lock.undo()  # a refused request leaves nothing it created (nothing, once the run started)
+                if isinstance(error, KeyboardInterrupt):  # into run.log too (when the run started), not only stderr
+                    logger.warning(interruption_message(error))
                 raise
     finally:
         if owns_group:
