@@ -53,6 +53,7 @@ def one_line_error(argv, capsys):
 
 
 GRIDS = []  # what the ordered run passed to the prediction grids' writer, one entry per step
+MIOU_TITLES = []  # the titles the ordered run gave miou.png, one per finished step
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,15 @@ def ordered_run(data, tmp_path_factory):
                           class_names=tuple(class_names), title=kwargs.get("title")))
         write_grid(path, images, labels, predictions, class_names, *args, **kwargs)
 
+    plot_miou = run_module.plot_miou
+
+    def record_miou_title(out_dir, records, title=""):
+        MIOU_TITLES.append(title)
+        plot_miou(out_dir, records, title)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_module, "save_comparison_grid", record_grid)
+        patch.setattr(run_module, "plot_miou", record_miou_title)
         assert train(out, data, "--class-order", "0,3,1,2") == 0
     return out
 
@@ -100,6 +108,10 @@ def test_prediction_grids_show_the_class_names_and_images_spread_over_the_val_sp
         assert grid["class_names"] == CLASSES and list(grid["predictions"]) == ["prediction"]
         assert set(grid["predictions"]["prediction"].unique().tolist()) <= {0, 1, 2, 3}
     step0, step1 = GRIDS
+    assert [g["title"] for g in GRIDS] == [
+        f"incrementer on folder 2-1, class order 0,3,1,2, after step {step}: {seen} classes seen"
+        for step, seen in ((0, 3), (1, 4))]
+    assert MIOU_TITLES == ["incrementer on folder 2-1, class order 0,3,1,2"] * 2
     assert 2 not in step0["labels"].unique().tolist() and 3 in step0["labels"]  # class 2 is unseen at step 0
     # Step 1 has seen every class and scores the 4 val images: the grid shows the first and the last, in the
     # dataset's own indices (the order 0,3,1,2 undone).
@@ -116,6 +128,7 @@ def test_eval_names_the_classes_of_its_record(ordered_run, capsys):
     record = json.loads(capsys.readouterr().out)
     stored = json.loads((ordered_run / "metrics.json").read_text())[1]
     assert record["class_names"] == list(CLASSES) and record["per_class_iou"] == stored["per_class_iou"]
+    assert record["eval_mode"] == "resize" and record["val_size"] == 32  # how it scored (TINY's --val-size)
 
 
 def test_class_order_steps_metrics_and_tables_keep_the_dataset_indices(ordered_run):

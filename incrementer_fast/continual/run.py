@@ -168,8 +168,14 @@ def write_class_table(out_dir: Path, records: list[dict], class_names) -> None:
         handle.write(buffer.getvalue().encode("utf-8"))
 
 
-def plot_miou(out_dir: Path, records: list[dict]) -> None:
-    """miou.png: old / new / all mIoU (%) per step."""
+def run_title(config: TrainConfig) -> str:
+    """What a run's figures are of: its method, dataset and task (and class order, when one is set)."""
+    order = f", class order {config.class_order}" if config.class_order is not None else ""
+    return f"{config.method} on {config.dataset} {config.task}{order}"
+
+
+def plot_miou(out_dir: Path, records: list[dict], title: str = "") -> None:
+    """miou.png: old / new / all mIoU (%) per step, under ``title`` (``run_title``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +193,8 @@ def plot_miou(out_dir: Path, records: list[dict]) -> None:
     ax.set_xticks(steps)
     ax.grid(alpha=0.3)
     ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     with atomic_write(Path(out_dir) / "miou.png") as handle:
         fig.savefig(handle, format="png")
@@ -349,8 +357,8 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
     """Re-score ``checkpoint`` — the model after step ``step`` of ``config.task`` — on that step's
     validation set, as the run scored it (``select_eval_images``, ``remap_eval_labels``, ``config.eval_mode``).
 
-    Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode``,
-    ``checkpoint`` and ``class_names`` (the names of ``per_class_iou``'s classes, by index). ``run_dir`` locates a synthetic run's generated data and selection cache. Under
+    Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode`` and
+    ``val_size`` (how it scored), ``checkpoint`` and ``class_names`` (the names of ``per_class_iou``'s classes, by index). ``run_dir`` locates a synthetic run's generated data and selection cache. Under
     torchrun every process scores its share; the matrix is summed over them.
     """
     owns_group = _init_distributed(config)
@@ -384,7 +392,7 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
                           progress=progress)
         record = {"step": step, "classes": list(task[step]), **summarize(matrix, task, step),
                   "val_images": len(val_set), "seconds": round(time.perf_counter() - started, 2),
-                  "eval_mode": config.eval_mode, "checkpoint": str(checkpoint)}
+                  "eval_mode": config.eval_mode, "val_size": config.val_size, "checkpoint": str(checkpoint)}
         record = record if order is None else order.record_to_dataset(record)
         record["class_names"] = list(dataset_class_names(config))[:len(record["per_class_iou"])]  # by index
         return record
@@ -513,7 +521,8 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         if stale:
             log(f"--retrain-from {first}: step(s) {', '.join(map(str, stale))} trained from the old step "
                 f"{first} or later: removing their checkpoints, records and figures")
-            records = remove_steps(out_dir, records, stale, len(classes_up_to(task, len(task) - 1)))
+            records = remove_steps(out_dir, records, stale, len(classes_up_to(task, len(task) - 1)),
+                                   run_title(config))
             write_class_table(out_dir, records, names)
         atomic_write_json(out_dir / "config.json", {"config": config.to_dict(), "launch": launch,
                                                     "changes": changes, "evaluation": evaluation})
@@ -578,7 +587,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
             # before it repeats the step (figures included), never leaves a finished step without its figures.
             model.save(checkpoint_path(out_dir, current))
             records = [r for r in records if r["step"] != current] + [record]
-            plot_miou(out_dir, records)
+            plot_miou(out_dir, records, run_title(config))
             _visualise(model, step_val, config, task, current, device, out_dir, mean, std, order, names)
             write_metrics(out_dir, records, len(names) if order is not None else
                           len(classes_up_to(task, len(task) - 1)))
@@ -766,14 +775,15 @@ def plan_steps(out_dir: Path, num_steps: int, done: set[int], *, step: int | Non
     return list(range(first, num_steps))
 
 
-def remove_steps(out_dir: Path, records: list[dict], steps: list[int], num_classes_total: int) -> list[dict]:
+def remove_steps(out_dir: Path, records: list[dict], steps: list[int], num_classes_total: int,
+                 title: str = "") -> list[dict]:
     """Remove finished ``steps`` from a run directory: their records first (metrics.json, metrics.csv,
     miou.png rewritten), then their checkpoints, prediction grids and eval results, so that a crash half-way
-    leaves steps that are simply unfinished. Returns the records kept."""
+    leaves steps that are simply unfinished. ``title``: miou.png's (``run_title``). Returns the records kept."""
     kept = [r for r in records if r["step"] not in steps]
     write_metrics(out_dir, kept, num_classes_total)
     if kept:
-        plot_miou(out_dir, kept)
+        plot_miou(out_dir, kept, title)
     else:
         (Path(out_dir) / "miou.png").unlink(missing_ok=True)
     for step in steps:
@@ -814,7 +824,7 @@ def _visualise(model, val_set, config, task, step, device, out_dir, mean, std, o
         labels, predictions = order.to_dataset(labels), order.to_dataset(predictions)
     save_comparison_grid(out_dir / f"predictions_step{step}.png", images, labels, {"prediction": predictions},
                          names, class_palette(config.dataset, len(names)), mean, std,
-                         title=f"after step {step} of {config.dataset} {config.task}: "
+                         title=f"{run_title(config)}, after step {step}: "
                                f"{len(classes_up_to(task, step))} classes seen")
 
 
