@@ -26,8 +26,8 @@ Errors. ``main`` is the one place where an exception becomes what the user sees:
 (``InputError``, ``CommandError``, ``CheckpointError``, an option argparse refuses, and the library's
 ValueError / FileNotFoundError, which name what they refuse), 1 for a failure during the work
 (``WorkError``, a write the OS refuses, out of memory, anything unexpected), 130 for Ctrl-C, 143 for SIGTERM
-(handled as Ctrl-C: ``errors.Terminated``). The
-traceback is shown only with ``--debug`` (on stderr, before the same one-line message and exit status). A new subcommand gets all of this by ``add_common_options(sub)``
+(handled as Ctrl-C: ``errors.Terminated``). The traceback is shown only with ``--debug`` (on stderr, before
+the same one-line message and exit status). A new subcommand gets all of this by ``add_common_options(sub)``
 and ``sub.set_defaults(handler=fn)``, where ``fn(args) -> int`` raises those types.
 """
 from __future__ import annotations

@@ -63,8 +63,8 @@ class TrainConfig:
     The path is relative to the working directory, not to ``data_root``."""
     class_order: str | None = None
     """The order the classes arrive in: ``0,5,3,...`` (a permutation of the dataset's classes, 0 first), a
-    published order by name (PLOP's 22 VOC orders ``15-5s_b`` ... ``15-5s_w``), or ``random:SEED``; the task's steps count
-    positions in it. ``None``: the label order. Results keep the dataset's own indices (see orders.py)."""
+    published order by name (PLOP's 22 VOC orders ``15-5s_b`` ... ``15-5s_w``), or ``random:SEED``; the task's
+    steps count positions in it. ``None``: the label order. Results keep the dataset's own indices (see orders.py)."""
     task: str = "15-1"
     """Scenario name (``15-1``, ``100-50``, ...) or an explicit spec such as ``0-15,16,17,18-20``."""
     setting: str = "overlapped"

@@ -358,8 +358,9 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
     validation set, as the run scored it (``select_eval_images``, ``remap_eval_labels``, ``config.eval_mode``).
 
     Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode`` and
-    ``val_size`` (how it scored), ``checkpoint`` and ``class_names`` (the names of ``per_class_iou``'s classes, by index). ``run_dir`` locates a synthetic run's generated data and selection cache. Under
-    torchrun every process scores its share; the matrix is summed over them.
+    ``val_size`` (how it scored), ``checkpoint`` and ``class_names`` (the names of ``per_class_iou``'s classes,
+    by index). ``run_dir`` locates a synthetic run's generated data and selection cache. Under torchrun every
+    process scores its share; the matrix is summed over them.
     """
     owns_group = _init_distributed(config)
     try:

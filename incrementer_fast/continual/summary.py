@@ -2,11 +2,12 @@
 
 ``summarize_runs(run_dirs)`` reads each run directory's ``config.json`` and ``metrics.json``, checks that the
 runs are the same task — every ``TrainConfig`` field agrees except the ``seed``, the ``class_order`` and the
-fields that change only where or how fast a run goes (``config.RUNTIME_FIELDS``) — and that they finished
-the same steps, and that no two are the same seed and class order, then gives per step the mean and the sample standard deviation (n − 1; ``None`` for one
-run) of ``miou_old``, ``miou_new`` and ``miou_all`` (the papers' columns: old = the step-0 classes, new =
-the classes added after step 0). ``write_summary`` writes it as ``summary.json`` and ``summary.csv`` and
-draws ``summary.png``: one panel per column, the mean with a ±1 std band and each run as a thin line.
+fields that change only where or how fast a run goes (``config.RUNTIME_FIELDS``) — that they finished the
+same steps and that no two have the same seed and class order, then gives per step the mean and the sample
+standard deviation (n − 1; ``None`` for one run) of ``miou_old``, ``miou_new`` and ``miou_all`` (the papers'
+columns: old = the step-0 classes, new = the classes added after step 0). ``write_summary`` writes it as
+``summary.json`` and ``summary.csv`` and draws ``summary.png``: one panel per column, the mean with a ±1 std
+band and each run as a thin line.
 The command is ``incrementer-fast summary RUN_DIR... [--out DIR]``.
 """
 from __future__ import annotations
