@@ -634,9 +634,9 @@ def _unlabelled_classes_warning(config, names, train_labels, val_labels) -> None
 
 
 def _data_root_hint(error: Exception) -> str:
-    """" (check --data-root)" for a file or folder missing under the data root, where a wrong --data-root is
-    the likely cause; nothing for a malformed file or option (its message says what to fix) or a missing
-    --label-map (a path relative to the working directory)."""
+    """The hint ``" (check --data-root)"`` for a file or folder missing under the data root, where a wrong
+    --data-root is the likely cause; ``""`` for a malformed file or option (its message says what to fix) or
+    a missing --label-map (a path relative to the working directory)."""
     if not isinstance(error, (FileNotFoundError, NotADirectoryError)) or "--label-map" in str(error):
         return ""
     return " (check --data-root)"
