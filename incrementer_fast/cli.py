@@ -26,8 +26,8 @@ Errors. ``main`` is the one place where an exception becomes what the user sees:
 (``InputError``, ``CommandError``, ``CheckpointError``, an option argparse refuses, and the library's
 ValueError / FileNotFoundError, which name what they refuse), 1 for a failure during the work
 (``WorkError``, a write the OS refuses, out of memory, anything unexpected), 130 for Ctrl-C, 143 for SIGTERM
-(handled as Ctrl-C: ``errors.Terminated``). The
-traceback is shown only with ``--debug``. A new subcommand gets all of this by ``add_common_options(sub)``
+(handled as Ctrl-C: ``errors.Terminated``). The traceback is shown only with ``--debug`` (on stderr, before
+the same one-line message and exit status). A new subcommand gets all of this by ``add_common_options(sub)``
 and ``sub.set_defaults(handler=fn)``, where ``fn(args) -> int`` raises those types.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
 import logging
@@ -43,13 +44,14 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import typing
 from pathlib import Path
 
 from ._files import atomic_write
 from .continual.config import (PRESETS, RESUMABLE_FIELDS, TrainConfig, preset_values, read_config_file,
                                upgrade_config_values)
-from .errors import InputError, Terminated, WorkError
+from .errors import InputError, Terminated, WorkError, interruption_message
 
 DATASET_PRESETS = {"voc": "voc", "ade": "ade", "synthetic": "demo"}  # the preset of each --dataset
 EXIT_FAILURE = 1
@@ -68,6 +70,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise CommandError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, but an unknown option is reported by the subcommand it was given to, with the closest
+        option it has (argparse's own message names the top-level parser, whose --help lists no options)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = getattr(parsed, "command", None)
+            parser = next((a.choices[command] for a in self._actions
+                           if isinstance(a, argparse._SubParsersAction) and command in a.choices), self)
+            options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            guesses = [difflib.get_close_matches(u.split("=", 1)[0], options, n=1) for u in unknown
+                       if u.startswith("--")]
+            hints = "".join(f"; did you mean {g[0]}?" for g in guesses if g)
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}{hints}")
+        return parsed
 
 
 # ------------------------------------------------------------------------------------ config options
@@ -427,10 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe_error(error: BaseException) -> tuple[int, str]:
     """(exit status, one-line message) for an exception that ended a command."""
-    if isinstance(error, Terminated):
-        return EXIT_TERMINATED, "terminated (SIGTERM); finished steps are kept: rerun with --resume to continue"
     if isinstance(error, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, "interrupted; finished steps are kept: rerun with --resume to continue"
+        return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED, interruption_message(error)
     if isinstance(error, InputError):
         return EXIT_BAD_INPUT, str(error)
     if isinstance(error, WorkError):
@@ -468,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (Exception, KeyboardInterrupt) as error:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too; the one-line message and the exit status stay the same
+            traceback.print_exception(error, file=sys.stderr)
         code, message = describe_error(error)
         print(f"incrementer-fast {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return code

@@ -14,7 +14,7 @@ these types decide its exit status:
 """
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "InputError", "Terminated", "WorkError"]
+__all__ = ["CheckpointError", "InputError", "Terminated", "WorkError", "interruption_message"]
 
 
 class InputError(ValueError):
@@ -32,3 +32,10 @@ class WorkError(RuntimeError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the command was when it arrived; a KeyboardInterrupt, so that everything that
     cleans up after Ctrl-C (atomic writes removing their temporary file, data loader workers) does so too."""
+
+
+def interruption_message(error: KeyboardInterrupt) -> str:
+    """The one line for Ctrl-C or SIGTERM (``Terminated``): what stopped the command and how to continue (the
+    command's error line, and the run's ``run.log``)."""
+    cause = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
+    return f"{cause}; finished steps are kept: rerun with --resume to continue"

@@ -42,6 +42,11 @@ def tiny_data(tmp_path_factory):
     (["train", "--out", "x", "--dataset", "synthetic", "--task", "7-7"], "does not tile"),
     (["train", "--out", "x", "--batch-size", "6", "--micro-batch-size", "4"], "multiple of"),
     (["fly"], "invalid choice"),
+    (["train", "--out", "x", "--lamda-dice", "0.2"],
+     "incrementer-fast train: error: unrecognized arguments: --lamda-dice 0.2; did you mean --lambda-dice? "
+     "(see incrementer-fast train --help)"),
+    (["summary", "x", "--outt", "y"], "incrementer-fast summary: error: unrecognized arguments: --outt y; did you "
+                                      "mean --out? (see incrementer-fast summary --help)"),
 ])
 def test_argument_errors_are_reported(argv, message, capsys, tmp_path):
     argv = [a if a != "x" else str(tmp_path / "run") for a in argv]

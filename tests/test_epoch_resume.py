@@ -105,6 +105,33 @@ def test_a_run_killed_in_step_1_resumes_after_its_last_epoch_and_matches_an_unin
     assert rows == [(0, 1), (1, 1), (1, 2), (1, 3)]
 
 
+def test_an_epoch_is_logged_once_its_checkpoint_is_written_and_an_interruption_goes_to_run_log(
+        data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    save = run_module.save_epoch_state
+
+    def dying_save(path, state):
+        if state["step"] == 1 and state["epoch"] == 2:
+            raise Killed  # the process dies while it writes step 1's epoch-2 checkpoint
+        save(path, state)
+
+    monkeypatch.setattr(run_module, "save_epoch_state", dying_save)
+    with pytest.raises(Killed):
+        train(out, data)
+    log = (out / "run.log").read_text()
+    assert "step 1 epoch 1/3" in log and "step 1 epoch 2/3" not in log, log  # resume continues after epoch 1
+
+    def interrupted_save(path, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "save_epoch_state", interrupted_save)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 130
+    message = "interrupted; finished steps are kept: rerun with --resume to continue"
+    assert capsys.readouterr().err.strip() == f"incrementer-fast train: error: {message}"
+    assert (out / "run.log").read_text().splitlines()[-1].endswith(f"WARNING incrementer_fast.continual.run: {message}")
+
+
 def test_an_epoch_checkpoint_of_another_step_shape_is_refused(data, tmp_path):
     out = tmp_path / "run"
     path = epoch_checkpoint_path(out, 1)

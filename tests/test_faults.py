@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from incrementer_fast import Incrementer
+from incrementer_fast import cli as cli_module
 from incrementer_fast.cli import main
 from incrementer_fast.continual.config import TrainConfig
 from incrementer_fast.continual.run import build_model
@@ -317,9 +318,23 @@ def test_a_refused_checkpoint_write_is_named_and_leaves_nothing(data, tmp_path, 
     assert not list(out.glob("step_0*")) and not list(out.glob(".step_0*")) and not (out / "metrics.json").exists()
 
 
-def test_debug_shows_the_traceback(data, tmp_path):
-    with pytest.raises(InputError, match="--dropout must be in"):
-        main(["train", "--out", str(tmp_path / "run"), "--data-root", str(data), *TINY, "--dropout", "2", "--debug"])
+def test_debug_shows_the_traceback_and_keeps_the_message_and_exit_status(data, tmp_path, capsys, monkeypatch):
+    argv = ["train", "--out", str(tmp_path / "run"), "--data-root", str(data), *TINY, "--dropout", "2"]
+    assert main(argv) == 2
+    plain = capsys.readouterr().err.strip()
+    assert main([*argv, "--debug"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "Error: --dropout must be in" in err[-2]
+    assert err[-1] == plain and "--dropout must be in" in plain
+    assert not (tmp_path / "run").exists()
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_summary", interrupted)
+    assert main(["summary", str(tmp_path), "--debug"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "KeyboardInterrupt" in err[-2] and err[-1].startswith("incrementer-fast summary: error: interrupted")
 
 
 # ------------------------------------------------------------------------------------ eval scores what was trained

@@ -53,6 +53,7 @@ def one_line_error(argv, capsys):
 
 
 GRIDS = []  # what the ordered run passed to the prediction grids' writer, one entry per step
+MIOU_TITLES = []  # the titles the ordered run gave miou.png, one per finished step
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,15 @@ def ordered_run(data, tmp_path_factory):
                           class_names=tuple(class_names), title=kwargs.get("title")))
         write_grid(path, images, labels, predictions, class_names, *args, **kwargs)
 
+    plot_miou = run_module.plot_miou
+
+    def record_miou_title(out_dir, records, title=""):
+        MIOU_TITLES.append(title)
+        plot_miou(out_dir, records, title)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_module, "save_comparison_grid", record_grid)
+        patch.setattr(run_module, "plot_miou", record_miou_title)
         assert train(out, data, "--class-order", "0,3,1,2") == 0
     return out
 
@@ -100,6 +108,10 @@ def test_prediction_grids_show_the_class_names_and_images_spread_over_the_val_sp
         assert grid["class_names"] == CLASSES and list(grid["predictions"]) == ["prediction"]
         assert set(grid["predictions"]["prediction"].unique().tolist()) <= {0, 1, 2, 3}
     step0, step1 = GRIDS
+    assert [g["title"] for g in GRIDS] == [
+        f"incrementer on folder 2-1, class order 0,3,1,2, after step {step}: {seen} classes seen"
+        for step, seen in ((0, 3), (1, 4))]
+    assert MIOU_TITLES == ["incrementer on folder 2-1, class order 0,3,1,2"] * 2
     assert 2 not in step0["labels"].unique().tolist() and 3 in step0["labels"]  # class 2 is unseen at step 0
     # Step 1 has seen every class and scores the 4 val images: the grid shows the first and the last, in the
     # dataset's own indices (the order 0,3,1,2 undone).
@@ -116,6 +128,7 @@ def test_eval_names_the_classes_of_its_record(ordered_run, capsys):
     record = json.loads(capsys.readouterr().out)
     stored = json.loads((ordered_run / "metrics.json").read_text())[1]
     assert record["class_names"] == list(CLASSES) and record["per_class_iou"] == stored["per_class_iou"]
+    assert record["eval_mode"] == "resize" and record["val_size"] == 32  # how it scored (TINY's --val-size)
 
 
 def test_class_order_steps_metrics_and_tables_keep_the_dataset_indices(ordered_run):
@@ -163,6 +176,10 @@ def test_an_order_trains_what_the_relabelled_dataset_trains(ordered_run, data, t
     ("size_mismatch", "is 32x32 but its label"),
     ("unreadable_image", "cannot read image"),
     ("no_val_split", "split list not found"),
+    ("both_splits_bad", "holds values [7] outside the classes 0..3 and the void 255: fix or replace the file, or "
+                        "remove its id from the split; the val split also has 1 bad file"),
+    ("jpeg_label_named_png", "labels/img002.png is a JPEG file (lossy: it corrupts class indices): save labels as PNG"),
+    ("jpeg_label_only", "found img001.jpg: labels must be PNG"),
 ])
 def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data, tmp_path, capsys):
     root = tmp_path / "data"
@@ -173,6 +190,11 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data
         label = np.zeros((32, 32), dtype=np.uint8)
         label[5, 5] = 7
         Image.fromarray(label).save(root / "labels" / "img002.png")
+    elif fault == "both_splits_bad":  # both splits are scanned: the error counts the val split's bad files too
+        label = np.zeros((32, 32), dtype=np.uint8)
+        label[5, 5] = 7
+        Image.fromarray(label).save(root / "labels" / "img002.png")
+        Image.fromarray(label).save(root / "labels" / "img010.png")
     elif fault == "val_label_outside":  # the train split is good: its scan must not be cached in --out either
         label = np.zeros((32, 32), dtype=np.uint8)
         label[3, 3] = 9
@@ -190,6 +212,14 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(fault, message, data
             handle.write("img000\n")
     elif fault == "two_images":
         shutil.copy(root / "images" / "img000.jpg", root / "images" / "img000.png")
+    elif fault == "jpeg_label_named_png":
+        with Image.open(root / "labels" / "img002.png") as label:
+            label.convert("L").save(root / "labels" / "img002.png", format="JPEG")
+    elif fault == "jpeg_label_only":
+        path = root / "labels" / "img001.png"
+        with Image.open(path) as label:
+            label.convert("L").save(path.with_suffix(".jpg"))
+        path.unlink()
     elif fault == "empty_class_line":
         (root / "classes.txt").write_text("background\n\nred box\n")
     out = tmp_path / "run"
@@ -268,3 +298,48 @@ def test_the_documented_cityscapes_label_map(tmp_path):
     train_ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
     assert [int(lut[v]) for v in train_ids] == list(range(1, 20))
     assert all(lut[v] == 255 for v in range(256) if v not in train_ids)
+
+
+def test_a_byte_order_mark_is_not_part_of_a_class_name_or_a_label_map(data, tmp_path):
+    """Windows editors start UTF-8 files with a BOM: it must not become part of class 0's name."""
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    (root / "classes.txt").write_bytes(b"\xef\xbb\xbf" + "\n".join(CLASSES).encode() + b"\n")
+    assert read_class_names(root) == CLASSES
+    mapping = tmp_path / "map.txt"
+    mapping.write_bytes(b"\xef\xbb\xbf0 0\n7 1\n")
+    lut = label_lut(4, label_map=mapping)
+    assert [int(lut[v]) for v in (0, 7, 1)] == [0, 1, 255]
+
+
+def test_the_data_root_hint_only_follows_a_file_missing_under_the_data_root(data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    bad_map = tmp_path / "map.txt"
+    bad_map.write_text("0 0\n1 9\n")
+    out = tmp_path / "run"
+    base = ["train", "--out", out, "--data-root", root, *TINY]
+    for extra, message in ((["--label-map", tmp_path / "absent.txt"], "a path relative to the working directory"),
+                           (["--label-map", bad_map], "line 2: SOURCE must lie in 0..255"),
+                           (["--ignore-index", "300"], "--ignore-index must lie in 0..255")):
+        code, line = one_line_error([*base, *extra], capsys)
+        assert code == 2 and message in line and "--data-root" not in line, line
+    with open(root / "splits" / "train.txt", "a") as handle:
+        handle.write("img000\n")
+    code, line = one_line_error(base, capsys)
+    assert code == 2 and "lists 'img000' twice" in line and "--data-root" not in line, line
+    (root / "splits" / "train.txt").write_text("img000\nimg001\n")
+    (root / "labels" / "img001.png").unlink()
+    code, line = one_line_error(base, capsys)
+    assert code == 2 and line.endswith("img001.png (check --data-root)"), line
+    assert not out.exists()
+
+
+def test_a_class_no_label_holds_is_named_in_the_log(data, tmp_path):
+    mapping = tmp_path / "map.txt"  # drops class 2: its pixels become void
+    mapping.write_text("0 0\n1 1\n3 3\n")
+    out = tmp_path / "run"
+    assert train(out, data, "--label-map", mapping, "--step", "0") == 0
+    log = (out / "run.log").read_text()
+    for split in ("training", "validation"):
+        assert f"no {split} label holds the class(es) 2 {CLASSES[2]!r} of {data / 'classes.txt'}" in log, log

@@ -99,6 +99,13 @@ def test_user_spec_errors(spec, message):
         get_task("voc", spec)
 
 
+def test_a_dataset_named_by_its_class_count_is_named_so_in_errors():
+    with pytest.raises(ValueError, match="task '3-2' does not tile a dataset of 5 classes: 4 foreground classes"):
+        get_task(5, "3-2")
+    with pytest.raises(ValueError, match="class 5 is out of range for a dataset of 5 classes"):
+        get_task(5, "0-3,4-5")
+
+
 def test_step_class_helpers():
     task = get_task("voc", "15-1")
     assert classes_up_to(task, 0) == R(0, 15)

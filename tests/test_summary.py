@@ -132,3 +132,19 @@ def test_summary_refuses_runs_scored_on_another_validation_set(tmp_path):
     assert summarize_runs([first, same])["seeds"] == [0, 1]
     with pytest.raises(InputError, match="scored on another validation set .* sha256 cdcdcdcdcdcd vs 12, abababababab"):
         summarize_runs([first, same, other])
+
+
+def test_summary_refuses_two_runs_of_the_same_seed_and_order(tmp_path, capsys):
+    first = fake_run(tmp_path / "a", 0)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    for pair in ([first, copy], [first, first]):  # a copy, or one folder given twice: std 0 from one run
+        argv = ["summary", *map(str, pair), "--out", str(tmp_path / "s")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"incrementer-fast summary: error: {pair[0]} and {pair[1]} are the same run configuration "
+                       "(seed 0, class order None): a summary needs runs of different seeds or class orders; "
+                       "leave one out"], err
+    assert not (tmp_path / "s").exists()
+    other_order = fake_run(tmp_path / "b", 0, class_order="random:1")
+    assert summarize_runs([first, other_order])["class_orders"] == [None, "random:1"]

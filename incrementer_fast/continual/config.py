@@ -59,11 +59,12 @@ class TrainConfig:
     """``folder`` only: the label files' void value, read as 255 (``None``: 255 is the void)."""
     label_map: str | None = None
     """``folder`` only: a file of ``SOURCE TARGET`` lines mapping the label files' values to classes; the
-    values it does not list become void (for sets whose ids are not contiguous, e.g. Cityscapes' 34 → 19)."""
+    values it does not list become void (for sets whose ids are not contiguous, e.g. Cityscapes' 34 → 19).
+    The path is relative to the working directory, not to ``data_root``."""
     class_order: str | None = None
     """The order the classes arrive in: ``0,5,3,...`` (a permutation of the dataset's classes, 0 first), a
-    published order by name (PLOP's VOC orders ``b`` ... ``w``), or ``random:SEED``; the task's steps count
-    positions in it. ``None``: the label order. Results keep the dataset's own indices (see orders.py)."""
+    published order by name (PLOP's 22 VOC orders ``15-5s_b`` ... ``15-5s_w``), or ``random:SEED``; the task's
+    steps count positions in it. ``None``: the label order. Results keep the dataset's own indices (see orders.py)."""
     task: str = "15-1"
     """Scenario name (``15-1``, ``100-50``, ...) or an explicit spec such as ``0-15,16,17,18-20``."""
     setting: str = "overlapped"

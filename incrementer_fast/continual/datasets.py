@@ -103,6 +103,8 @@ def _read_label(path, lut: np.ndarray | None = None) -> Image.Image:
         raise
     except UNREADABLE_IMAGE as e:
         raise ValueError(f"cannot read label {path}: {e}") from e
+    if im.format == "JPEG":  # whatever its name: its values would read as classes the set does not have
+        raise ValueError(f"label {path} is a JPEG file (lossy: it corrupts class indices): save labels as PNG")
     if label.mode not in ("L", "P"):
         raise ValueError(
             f"label {path} has mode {label.mode}: expected a single-channel 8-bit index PNG (mode L or P)"
@@ -281,7 +283,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if failures:
             others = len(failures) - 1
             more = f" (and {others} more bad file{'s' if others > 1 else ''} in this split)" if others else ""
-            raise InputError(f"{failures[0]}{more}: fix or replace the file, or remove its id from the split")
+            error = InputError(f"{failures[0]}{more}: fix or replace the file, or remove its id from the split")
+            error.bad_files = len(failures)  # a run reports the other split's count with it
+            raise error
         labels = {i: values for i, (values, _) in zip(self.ids, results)}
         converted = {i: mode for i, (_, mode) in zip(self.ids, results) if mode is not None}
         result = DatasetScan(labels, converted)

@@ -46,7 +46,8 @@ def read_class_names(root) -> tuple[str, ...]:
     if not Path(root).is_dir():
         raise FileNotFoundError(f"data root not found: {root}")
     _require(path, "class list (one class name per line, the background first)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # utf-8-sig: a BOM (Windows editors write one) would otherwise become part of class 0's name.
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()  # trailing blank lines
     names, seen = [], {}
@@ -77,9 +78,9 @@ def label_lut(num_classes: int, ignore_index: int | None = None, label_map=None)
     if label_map is not None:
         lut[:] = IGNORE_INDEX
         path = Path(label_map)
-        _require(path, "label map file (--label-map)")
+        _require(path, "label map file (--label-map, a path relative to the working directory)")
         sources = {}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             fields = line.split("#", 1)[0].split()
             if not fields:
                 continue
@@ -135,7 +136,12 @@ class FolderSegmentation(SegmentationDataset):
                 raise ValueError(f"two images of the id {image_id!r} in {image_dir}: "
                                  f"{', '.join(p.name for p in found)}; keep one")
             images[image_id] = found[0]
-            labels[image_id] = _require(label_dir / f"{image_id}.png", f"label of image {found[0].name}")
+            label = label_dir / f"{image_id}.png"
+            lossy = next((label.with_suffix(s) for s in (".jpg", ".jpeg") if label.with_suffix(s).exists()), None)
+            if lossy is not None and not label.exists():
+                raise ValueError(f"label of image {found[0].name} not found: {label}; found {lossy.name}: "
+                                 "labels must be PNG (JPEG is lossy: it corrupts class indices)")
+            labels[image_id] = _require(label, f"label of image {found[0].name}")
         self._set_files(ids, images, labels)
 
 

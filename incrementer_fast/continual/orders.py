@@ -1,6 +1,7 @@
 """Class orders: the order in which a dataset's classes arrive in a class-incremental task.
 
-Results depend on it, so CISS papers report the mean over several orders (PLOP: 20 orders of VOC 15-5s).
+Results depend on it, so CISS papers report the mean over several orders (PLOP's tasks.py: 22 shuffled
+orders of VOC 15-5s, ``15-5s_b`` ... ``15-5s_w``, besides the label order ``15-5s``).
 An order is a permutation of the dataset's classes with the background 0 first; a task's steps count
 *positions* in the order, as PLOP's and MiB's orders do: with order ``0,12,9,...`` task 15-1 learns the
 classes at positions 0..15 first (0, 12, 9, ...), then one class per step.

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from .._files import atomic_write, atomic_write_json
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, interruption_message
 from ..model import Incrementer
 from .baselines import DISTILLING_METHODS, EVERY_TOKEN_TRAINED_METHODS, train_every_class_token
 from .config import RESUMABLE_FIELDS, TrainConfig, upgrade_config_values
@@ -168,8 +168,14 @@ def write_class_table(out_dir: Path, records: list[dict], class_names) -> None:
         handle.write(buffer.getvalue().encode("utf-8"))
 
 
-def plot_miou(out_dir: Path, records: list[dict]) -> None:
-    """miou.png: old / new / all mIoU (%) per step."""
+def run_title(config: TrainConfig) -> str:
+    """What a run's figures are of: its method, dataset and task (and class order, when one is set)."""
+    order = f", class order {config.class_order}" if config.class_order is not None else ""
+    return f"{config.method} on {config.dataset} {config.task}{order}"
+
+
+def plot_miou(out_dir: Path, records: list[dict], title: str = "") -> None:
+    """miou.png: old / new / all mIoU (%) per step, under ``title`` (``run_title``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,6 +193,8 @@ def plot_miou(out_dir: Path, records: list[dict]) -> None:
     ax.set_xticks(steps)
     ax.grid(alpha=0.3)
     ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     with atomic_write(Path(out_dir) / "miou.png") as handle:
         fig.savefig(handle, format="png")
@@ -334,8 +342,10 @@ def run_scenario(config: TrainConfig, out_dir, *, step: int | None = None, resum
             try:
                 return _run(config, out_dir, step=step, resume=resume, retrain_from=retrain_from,
                             progress=progress, reports=reports, lock=lock)
-            except BaseException:
+            except BaseException as error:
                 lock.undo()  # a refused request leaves nothing it created (nothing, once the run started)
+                if isinstance(error, KeyboardInterrupt):  # into run.log too (when the run started), not only stderr
+                    logger.warning(interruption_message(error))
                 raise
     finally:
         if owns_group:
@@ -347,9 +357,10 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
     """Re-score ``checkpoint`` — the model after step ``step`` of ``config.task`` — on that step's
     validation set, as the run scored it (``select_eval_images``, ``remap_eval_labels``, ``config.eval_mode``).
 
-    Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode``,
-    ``checkpoint`` and ``class_names`` (the names of ``per_class_iou``'s classes, by index). ``run_dir`` locates a synthetic run's generated data and selection cache. Under
-    torchrun every process scores its share; the matrix is summed over them.
+    Returns the step's record with the keys of metrics.json (``train_images`` aside), plus ``eval_mode`` and
+    ``val_size`` (how it scored), ``checkpoint`` and ``class_names`` (the names of ``per_class_iou``'s classes,
+    by index). ``run_dir`` locates a synthetic run's generated data and selection cache. Under torchrun every
+    process scores its share; the matrix is summed over them.
     """
     owns_group = _init_distributed(config)
     try:
@@ -382,7 +393,7 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint, step: int, *, run_dir=N
                           progress=progress)
         record = {"step": step, "classes": list(task[step]), **summarize(matrix, task, step),
                   "val_images": len(val_set), "seconds": round(time.perf_counter() - started, 2),
-                  "eval_mode": config.eval_mode, "checkpoint": str(checkpoint)}
+                  "eval_mode": config.eval_mode, "val_size": config.val_size, "checkpoint": str(checkpoint)}
         record = record if order is None else order.record_to_dataset(record)
         record["class_names"] = list(dataset_class_names(config))[:len(record["per_class_iou"])]  # by index
         return record
@@ -423,7 +434,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     except ValueError as error:
         raise InputError(str(error)) from error
     except FileNotFoundError as error:
-        raise InputError(f"{error} (check --data-root)") from error
+        raise InputError(f"{error}{_data_root_hint(error)}") from error
     if step is not None and not 0 <= step < len(task):
         raise InputError(f"--step {step} is out of range: task {config.task!r} ({config.method}) has "
                          f"{len(task)} steps, 0..{len(task) - 1}")
@@ -477,8 +488,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         train_set, val_set = _open_datasets(config, data_root, cache_dir)
     scans = {}
     if env.is_main:  # rank 0 decodes both splits, then caches them (nothing written before both are valid)
-        for split, dataset in (("train", train_set), ("val", val_set)):
-            scans[split] = dataset.scan(progress=progress, write_cache=False)
+        scans = _scan_both_splits(train_set, val_set, progress)
         for split, dataset in (("train", train_set), ("val", val_set)):
             dataset.write_scan_cache(scans[split])
     _barrier(env)  # the others then read rank 0's cache
@@ -512,13 +522,15 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
         if stale:
             log(f"--retrain-from {first}: step(s) {', '.join(map(str, stale))} trained from the old step "
                 f"{first} or later: removing their checkpoints, records and figures")
-            records = remove_steps(out_dir, records, stale, len(classes_up_to(task, len(task) - 1)))
+            records = remove_steps(out_dir, records, stale, len(classes_up_to(task, len(task) - 1)),
+                                   run_title(config))
             write_class_table(out_dir, records, names)
         atomic_write_json(out_dir / "config.json", {"config": config.to_dict(), "launch": launch,
                                                     "changes": changes, "evaluation": evaluation})
         log(f"run {out_dir}: {config.method} on {config.dataset} {config.task} ({config.setting}), "
             f"{len(task)} steps; effective batch {config.batch_size} = {env.world_size} process(es) × "
             f"{launch['micro_batch_size']} images × {accumulation} accumulation step(s); device {device}")
+        _unlabelled_classes_warning(config, names, scans["train"].labels, scans["val"].labels)
     mean, std = model.normalization
     train_set.transform = train_transform(config.crop_size, mean, std,
                                           scale=(config.train_scale_min, config.train_scale_max),
@@ -576,7 +588,7 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
             # before it repeats the step (figures included), never leaves a finished step without its figures.
             model.save(checkpoint_path(out_dir, current))
             records = [r for r in records if r["step"] != current] + [record]
-            plot_miou(out_dir, records)
+            plot_miou(out_dir, records, run_title(config))
             _visualise(model, step_val, config, task, current, device, out_dir, mean, std, order, names)
             write_metrics(out_dir, records, len(names) if order is not None else
                           len(classes_up_to(task, len(task) - 1)))
@@ -588,6 +600,48 @@ def _run(config: TrainConfig, out_dir: Path, *, step, resume, retrain_from, prog
     return sorted(records, key=lambda r: r["step"])
 
 
+def _scan_both_splits(train_set, val_set, progress: bool) -> dict:
+    """Both splits' scans (``scan(write_cache=False)``), each split scanned even when the other fails, so that
+    the error (the first bad split's) also counts the val split's bad files."""
+    scans, failures = {}, {}
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        try:
+            scans[split] = dataset.scan(progress=progress, write_cache=False)
+        except InputError as error:
+            failures[split] = error
+    if "train" in failures and "val" in failures:
+        count = getattr(failures["val"], "bad_files", 1)
+        raise InputError(f"{failures['train']}; the val split also has {count} bad file{'s' if count > 1 else ''}"
+                         ) from failures["train"]
+    if failures:
+        raise next(iter(failures.values()))
+    return scans
+
+
+def _unlabelled_classes_warning(config, names, train_labels, val_labels) -> None:
+    """Warn about a class of a folder dataset's classes.txt that no training or no validation label holds
+    (e.g. a label map that maps nothing to it): it cannot be learned, or is not scored."""
+    if config.dataset != "folder":
+        return
+    for split, labels in (("training", train_labels), ("validation", val_labels)):
+        present = set().union(*map(set, labels.values())) if labels else set()
+        missing = [f"{c} {names[c]!r}" for c in range(len(names)) if c not in present]
+        if missing:
+            logger.warning(f"no {split} label holds the class(es) {', '.join(missing)} of "
+                           f"{Path(config.data_root) / 'classes.txt'}"
+                           + (f" (after --label-map {config.label_map})" if config.label_map else "")
+                           + ("; it cannot be learned" if split == "training" else "; its IoU is not scored"))
+
+
+def _data_root_hint(error: Exception) -> str:
+    """The hint ``" (check --data-root)"`` for a file or folder missing under the data root, where a wrong
+    --data-root is the likely cause; ``""`` for a malformed file or option (its message says what to fix) or
+    a missing --label-map (a path relative to the working directory)."""
+    if not isinstance(error, (FileNotFoundError, NotADirectoryError)) or "--label-map" in str(error):
+        return ""
+    return " (check --data-root)"
+
+
 def _open_datasets(config: TrainConfig, data_root: Path, cache_dir: Path):
     """The train and val datasets (their file lists; nothing decoded yet); InputError naming what is
     missing or malformed."""
@@ -595,7 +649,7 @@ def _open_datasets(config: TrainConfig, data_root: Path, cache_dir: Path):
         train_set, val_set = (build_dataset(config.dataset, data_root, split, cache_dir=cache_dir,
                                             **folder_options(config)) for split in ("train", "val"))
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
-        raise InputError(f"{error} (check --data-root)") from error
+        raise InputError(f"{error}{_data_root_hint(error)}") from error
     check_split_overlap(train_set, val_set)
     return train_set, val_set
 
@@ -722,14 +776,15 @@ def plan_steps(out_dir: Path, num_steps: int, done: set[int], *, step: int | Non
     return list(range(first, num_steps))
 
 
-def remove_steps(out_dir: Path, records: list[dict], steps: list[int], num_classes_total: int) -> list[dict]:
+def remove_steps(out_dir: Path, records: list[dict], steps: list[int], num_classes_total: int,
+                 title: str = "") -> list[dict]:
     """Remove finished ``steps`` from a run directory: their records first (metrics.json, metrics.csv,
     miou.png rewritten), then their checkpoints, prediction grids and eval results, so that a crash half-way
-    leaves steps that are simply unfinished. Returns the records kept."""
+    leaves steps that are simply unfinished. ``title``: miou.png's (``run_title``). Returns the records kept."""
     kept = [r for r in records if r["step"] not in steps]
     write_metrics(out_dir, kept, num_classes_total)
     if kept:
-        plot_miou(out_dir, kept)
+        plot_miou(out_dir, kept, title)
     else:
         (Path(out_dir) / "miou.png").unlink(missing_ok=True)
     for step in steps:
@@ -770,7 +825,7 @@ def _visualise(model, val_set, config, task, step, device, out_dir, mean, std, o
         labels, predictions = order.to_dataset(labels), order.to_dataset(predictions)
     save_comparison_grid(out_dir / f"predictions_step{step}.png", images, labels, {"prediction": predictions},
                          names, class_palette(config.dataset, len(names)), mean, std,
-                         title=f"after step {step} of {config.dataset} {config.task}: "
+                         title=f"{run_title(config)}, after step {step}: "
                                f"{len(classes_up_to(task, step))} classes seen")
 
 

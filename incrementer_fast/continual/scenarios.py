@@ -52,6 +52,11 @@ _NAME_RE = re.compile(r"^(\d+)-(\d+)$")
 _SPEC_ITEM_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
+def _named(dataset: str | int) -> str:
+    """``dataset 'voc'``, or for a dataset named by its class count ``a dataset of 5 classes``."""
+    return f"a dataset of {dataset} classes" if isinstance(dataset, int) else f"dataset {dataset!r}"
+
+
 def num_classes(dataset: str | int) -> int:
     """Number of label values of ``dataset`` including the background 0 (voc 21, ade 151, synthetic 13).
     A dataset whose class count is read from its files (``--dataset folder``: its ``classes.txt``) is named
@@ -90,7 +95,7 @@ def _parse_spec(dataset: str, spec: str, n: int) -> list[list[int]]:
             )
         if hi > n - 1:
             raise ValueError(
-                f"task spec {spec!r}: class {hi} is out of range for dataset {dataset!r} "
+                f"task spec {spec!r}: class {hi} is out of range for {_named(dataset)} "
                 f"(classes 0..{n - 1})"
             )
         steps.append(list(range(lo, hi + 1)))
@@ -119,7 +124,9 @@ def get_task(dataset: str, name: str) -> list[list[int]]:
         remaining = n - 1 - base
         if inc < 1 or base >= n - 1 or remaining % inc != 0:
             raise ValueError(
-                f"task {name!r} does not tile dataset {dataset!r}: {n - 1} foreground classes, "
+                f"task {name!r} does not tile "
+                f"{_named(dataset)}: "
+                f"{n - 1} foreground classes, "
                 f"base {base}, then blocks of {inc} (known tasks: {', '.join(TASK_NAMES.get(dataset, ())) or 'none'}; "
                 f"or give steps explicitly, e.g. '0-{n // 2},{n // 2 + 1}-{n - 1}')"
             )
@@ -137,7 +144,7 @@ def _check_task(task, dataset: str | None = None) -> None:
         raise ValueError(f"task {task!r}: steps must list classes 0..K contiguously, in label order")
     if dataset is not None and len(flat) > num_classes(dataset):
         raise ValueError(
-            f"task {task!r} has {len(flat)} classes but dataset {dataset!r} has {num_classes(dataset)}"
+            f"task {task!r} has {len(flat)} classes but {_named(dataset)} has {num_classes(dataset)}"
         )
 
 

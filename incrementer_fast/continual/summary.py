@@ -2,11 +2,12 @@
 
 ``summarize_runs(run_dirs)`` reads each run directory's ``config.json`` and ``metrics.json``, checks that the
 runs are the same task — every ``TrainConfig`` field agrees except the ``seed``, the ``class_order`` and the
-fields that change only where or how fast a run goes (``config.RUNTIME_FIELDS``) — and that they finished
-the same steps, then gives per step the mean and the sample standard deviation (n − 1; ``None`` for one
-run) of ``miou_old``, ``miou_new`` and ``miou_all`` (the papers' columns: old = the step-0 classes, new =
-the classes added after step 0). ``write_summary`` writes it as ``summary.json`` and ``summary.csv`` and
-draws ``summary.png``: one panel per column, the mean with a ±1 std band and each run as a thin line.
+fields that change only where or how fast a run goes (``config.RUNTIME_FIELDS``) — that they finished the
+same steps and that no two have the same seed and class order, then gives per step the mean and the sample
+standard deviation (n − 1; ``None`` for one run) of ``miou_old``, ``miou_new`` and ``miou_all`` (the papers'
+columns: old = the step-0 classes, new = the classes added after step 0). ``write_summary`` writes it as
+``summary.json`` and ``summary.csv`` and draws ``summary.png``: one panel per column, the mean with a ±1 std
+band and each run as a thin line.
 The command is ``incrementer-fast summary RUN_DIR... [--out DIR]``.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ def summarize_runs(run_dirs) -> dict:
     """The summary of ``run_dirs`` (see the module docstring): ``{"runs", "dataset", "task", "setting",
     "method", "seeds", "class_orders", "steps": [{"step", "runs", "miou_old": {"mean", "std", "values"},
     ...}]}``. ``InputError`` naming the run for a folder without a finished run, and naming the fields for
-    runs of different tasks or different finished steps."""
+    runs of different tasks or different finished steps, and naming both runs of the same seed and class
+    order."""
     from .run import read_records, read_run_file
 
     run_dirs = [Path(d) for d in run_dirs]
@@ -63,6 +65,16 @@ def summarize_runs(run_dirs) -> dict:
         if differing:
             raise InputError(f"{run_dir} is not the same task as {run_dirs[0]} ({'; '.join(differing)}); summarise "
                              "runs that differ only in seed or class order")
+    seen = {}
+    for run_dir, config in zip(run_dirs, configs):
+        # Same task, seed and order: the same run configuration (a copy, or one folder given twice), whose
+        # duplicate would shrink the spread (std 0 for two copies) of what reads as independent runs.
+        key = (config.get("seed"), config.get("class_order"))
+        if key in seen:
+            raise InputError(f"{seen[key]} and {run_dir} are the same run configuration (seed {key[0]}, class "
+                             f"order {key[1]}): a summary needs runs of different seeds or class orders; leave "
+                             "one out")
+        seen[key] = run_dir
     for run_dir, evaluation in zip(run_dirs[1:], evaluations[1:]):
         # The validation split's fingerprint (evaluation_set.split_fingerprint; absent in older runs): the same
         # options on another folder of data are another task.

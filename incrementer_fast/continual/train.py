@@ -524,11 +524,6 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
             summary = dict(zip(LossTerms.NAMES, means))
             summary.update(epoch=epoch + 1, lr=lr, seconds=time.perf_counter() - epoch_start)
             summaries.append(summary)
-            if env.is_main:
-                terms_text = " ".join(f"{n} {summary[n]:.4f}" for n in LossTerms.NAMES if n == "total" or
-                                      (distill or n == "ce"))
-                logger.info("step %d epoch %d/%d: %s lr %.2e (%.1f s)", step, epoch + 1, epochs, terms_text, lr,
-                            summary["seconds"])
             if on_epoch is not None:
                 on_epoch(summary)
             if on_epoch_state is not None:
@@ -536,6 +531,11 @@ def train_step(model, teacher, train_set, *, config: TrainConfig, task, step: in
                                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                                     scaler=scaler.state_dict(), rng=rng_states(),
                                     thresholds=None if pseudo_labeler is None else pseudo_labeler.thresholds))
+            if env.is_main:  # after the epoch's state is saved: a logged epoch is one a resume continues after
+                terms_text = " ".join(f"{n} {summary[n]:.4f}" for n in LossTerms.NAMES if n == "total" or
+                                      (distill or n == "ce"))
+                logger.info("step %d epoch %d/%d: %s lr %.2e (%.1f s)", step, epoch + 1, epochs, terms_text, lr,
+                            summary["seconds"])
     if block_hooks is not None:
         for hooks in block_hooks:
             hooks.remove()
