@@ -33,6 +33,8 @@ else a kernel chooses to move are not counted, so ``bytes / time`` is a lower bo
 * pseudo_label  fwd: teacher masks B·K_old·h·w + labels + thresholds K_old + pseudo-labels B·H·W (int64)
                 + image factor B. No backward.
 * loss_stage    pseudo_label forward, then seg_head_loss (forward, backward) on its pseudo-labels.
+* mib_head_loss fwd: masks B·K·h·w + teacher masks B·K_old·h·w + labels B·H·W; bwd: the same + grad masks
+                (MiB's unbiased CE + unbiased KD, timed as their sum, as --method mib trains with).
 
 Which bound applies
 -------------------
@@ -40,6 +42,7 @@ Which bound applies
 special-function units retire ~4·10¹² exp/s, ≥ 1 exp per byte of HBM traffic). ``roofline``: cosine_mask
 is a batched matrix product whose arithmetic intensity (FLOPs / bytes above) is compared with the ridge
 point of the device measured in the same run (matmul peak / copy bandwidth). ``compute``: the seg-head ops
+(and mib_head_loss, the same walk)
 read only the labels and the small patch-resolution masks but interpolate and exponentiate K values per
 pixel (~15·K FLOPs + K exp per pixel against 8 bytes of label): bound by arithmetic, not by memory.
 The bandwidth target applies to memory-bound rows only.
@@ -279,6 +282,29 @@ def _stage_bytes(d, dtype, mode):
     return pseudo + seg
 
 
+# --------------------------------------------------------------------------------- mib_head_loss
+def _mib_call(ns, masks, teacher_masks, labels):
+    unce, unkd = ns.mib_head_loss(masks, labels, teacher_masks.shape[1], teacher_masks, 1.0, IGNORE_INDEX)
+    return unce + unkd
+
+
+def _mib_make(d, device, dtype, g):
+    b, k, h, w, height, width = d["B"], d["K"], d["h"], d["w"], d["H"], d["W"]
+    k_old = NUM_OLD[k]
+    masks = _randn((b, k, h, w), device, dtype, g, std=3.0, requires_grad=True)
+    teacher = _randn((b, k_old, h, w), device, dtype, g, std=3.0)
+    labels = _training_labels((b, height, width), k_old, k, device, g)
+    return Inputs((masks, teacher, labels), (masks,))
+
+
+def _mib_bytes(d, dtype, mode):
+    s = _size(dtype)
+    b, k, h, w, height, width = d["B"], d["K"], d["h"], d["w"], d["H"], d["W"]
+    fwd = b * (k + NUM_OLD[k]) * h * w * s + b * height * width * LABEL_BYTES
+    bwd = fwd + b * k * h * w * s
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
+
+
 OPS: dict[str, OpSpec] = {
     "cosine_mask": OpSpec("cosine_mask", _cosine_mask_call, _cosine_mask_make, _cosine_mask_bytes, "roofline",
                           flops=_cosine_mask_flops),
@@ -290,6 +316,8 @@ OPS: dict[str, OpSpec] = {
                            modes=("forward",), compare="mismatch"),
     "loss_stage": OpSpec("loss_stage", _stage_call, _stage_make, _stage_bytes, "compute",
                          targets=("memory_20x",)),
+    "mib_head_loss": OpSpec("mib_head_loss", _mib_call, _mib_make, _mib_bytes, "compute",
+                            targets=("memory_20x",)),
 }
 
 # Ops whose paper cases no exact extrapolation covers and which take too long to interpret in full. The
@@ -301,7 +329,7 @@ OPS: dict[str, OpSpec] = {
 # at random with a seed, and scales the counts to the grid: an estimate (the programs of a launch differ
 # only at the edges), recorded per launch as ``sampled_programs``. The dice's last-program reduction then
 # never runs (a few hundred additions, not counted).
-PROGRAM_SAMPLED_OPS = ("seg_head_loss", "pseudo_label", "loss_stage", "cds_dice_loss")
+PROGRAM_SAMPLED_OPS = ("seg_head_loss", "pseudo_label", "loss_stage", "mib_head_loss", "cds_dice_loss")
 PROGRAM_SAMPLE = 4
 
 
@@ -328,6 +356,7 @@ def cases(size: str) -> list[Case]:
             _case("seg_head_loss", size, "masks 32² → 512² b8 K=151", K=151, **seg),
             _case("loss_stage", size, "pseudo-labels + seg head, 512² b8 K=151", K=151, **seg),
             _case("pseudo_label", size, "teacher 32² → 512² b8 K_old=101", K_old=101, **seg),
+            _case("mib_head_loss", size, "masks 32² → 512² b8 K=151, teacher K_old=101", K=151, **seg),
             _case("cosine_mask", size, "ViT-B/16 512² b8 K=21", **vit, K=21),
             _case("cds_dice_loss", size, "logits 512² b8 K=21", **img, K=21),
             _case("seg_head_loss", size, "masks 32² → 512² b8 K=21", K=21, **seg),
@@ -340,6 +369,7 @@ def cases(size: str) -> list[Case]:
             _case("seg_head_loss", size, "small K=21", K=21, B=2, h=8, w=8, H=128, W=128),
             _case("pseudo_label", size, "small K_old=16", K_old=16, B=2, h=8, w=8, H=128, W=128),
             _case("loss_stage", size, "small K=21", K=21, B=2, h=8, w=8, H=128, W=128),
+            _case("mib_head_loss", size, "small K=21", K=21, B=2, h=8, w=8, H=128, W=128),
         ]
     if size == "tiny":
         return [
@@ -349,6 +379,7 @@ def cases(size: str) -> list[Case]:
             _case("seg_head_loss", size, "tiny K=5", K=5, B=2, h=4, w=4, H=32, W=32),
             _case("pseudo_label", size, "tiny K_old=3", K_old=3, B=2, h=4, w=4, H=32, W=32),
             _case("loss_stage", size, "tiny K=5", K=5, B=2, h=4, w=4, H=32, W=32),
+            _case("mib_head_loss", size, "tiny K=5", K=5, B=2, h=4, w=4, H=32, W=32),
         ]
     raise ValueError(f"size must be paper, small or tiny, got {size!r}")
 

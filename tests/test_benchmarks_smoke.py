@@ -22,6 +22,7 @@ OPS_MODES = {
     "seg_head_loss": ("forward", "backward", "forward+backward"),
     "pseudo_label": ("forward",),
     "loss_stage": ("forward", "backward", "forward+backward"),
+    "mib_head_loss": ("forward", "backward", "forward+backward"),
 }
 
 

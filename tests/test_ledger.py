@@ -21,6 +21,7 @@ OPS_MODES = {
     "seg_head_loss": ("forward", "backward", "forward+backward"),
     "pseudo_label": ("forward",),
     "loss_stage": ("forward", "backward", "forward+backward"),
+    "mib_head_loss": ("forward", "backward", "forward+backward"),
 }
 FIELDS = ("op", "case", "dtype", "mode", "provider", "shapes", "bytes_read", "bytes_written", "min_bytes", "flops",
           "useful_flops", "lane_ops", "transcendental_ops", "launches", "max_grid", "peak_bytes", "predicted_ms")
