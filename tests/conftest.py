@@ -1,7 +1,7 @@
 """Shared test configuration: hypothesis profiles and the relative-norm error used by parity tests.
 
 Profiles: `ci` (default; derandomised, few examples, so the suite is reproducible and fits the 8-minute
-budget on 2 cores), `light` (4 examples: tests/run.sh's interpreter-plan pass), `gpu` (3 examples:
+budget on 2 cores), `light` (2 examples: tests/run.sh's interpreter-plan pass), `gpu` (3 examples:
 benchmarks/gpu_check.sh's CUDA stage) and `thorough` (random, many examples) for local runs:
     HYPOTHESIS_PROFILE=thorough pytest tests
 """
@@ -31,7 +31,7 @@ settings.register_profile(
 # (the explicit @example cases, which reach the multi-tile edges, always run).
 settings.register_profile(
     "light",
-    max_examples=4,
+    max_examples=2,
     derandomize=True,
     deadline=None,
     print_blob=True,

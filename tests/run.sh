@@ -10,7 +10,7 @@
 #       tests/kernel_coverage.py fails the run if a line of a @triton.jit function did not execute;
 #    b. with the interpreter's own launch plan (the default off a GPU), without the tests marked
 #       plan_independent (torch.compile's graph, the dispatch: what no launch plan changes; pass a runs them),
-#       drawing the hypothesis profile "light" (4 examples per property, the explicit examples included)
+#       drawing the hypothesis profile "light" (2 examples per property, the explicit examples included)
 #       unless HYPOTHESIS_PROFILE is set.
 #    (The H200 plan launches exactly what the H100 plan does: tests/test_cuda_codegen.py checks it.)
 # HYPOTHESIS_PROFILE=thorough bash tests/run.sh draws many more examples (much longer).

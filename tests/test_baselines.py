@@ -20,7 +20,7 @@ from incrementer_fast.model import IncrementerOutput
 def plop_local_pod_transcribed(x, spp_scales=(1, 2, 4)):
     """PLOP's ``_local_pod`` with ``normalize=False, normalize_per_scale=False``: per scale the side is the
     width over the scale, each square region yields its per-row and per-column means."""
-    b, w = x.shape[0], x.shape[-1]
+    w = x.shape[-1]
     parts = []
     for scale in spp_scales:
         k = w // scale

@@ -14,7 +14,6 @@ the difference is the dropout masks, not the computation (docs/datasets.md#compi
 import dataclasses
 import functools
 
-import pytest
 import torch
 
 from incrementer_fast.continual.config import TrainConfig

@@ -5,7 +5,6 @@ The datasets are a few 32² JPEG/PNG images written by PIL (tests/folder_data.py
 """
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -6,7 +6,6 @@ two-process orchestration and figures, and — on a small fixed-seed run of the 
 segments after step 0 and ``incrementer`` keeps old classes and learns new ones where ``finetune`` forgets.
 """
 import csv
-import dataclasses
 import json
 import logging
 import math

@@ -11,23 +11,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rel
-from hypothesis import given, settings
+from helpers import assert_close_rel, fewer_examples_interpreted
+from hypothesis import given
 from hypothesis import strategies as st
 
 import incrementer_fast as inc
 from incrementer_fast import reference
-from incrementer_fast._dispatch import INTERPRET
 from incrementer_fast.reference.seg_head import teacher_prediction
-from conftest import DEVICES, KERNEL_DEVICES
+from conftest import DEVICES
 FLOATS = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "transposed", "strided"]
 IGNORE = 255
 
 
 # Under the interpreter every example walks each cell of its masks through Triton's interpreter (tens of ms a
-# cell): the kernels' parity runs on at most 6 examples there (the profile's count on CUDA and the reference).
-FEWER_EXAMPLES_INTERPRETED = settings(max_examples=min(6, settings.default.max_examples)) if INTERPRET else settings()
+# cell).
+FEWER_EXAMPLES_INTERPRETED = fewer_examples_interpreted()
 
 
 def make_masks(shape, dtype, device, layout, scale, generator):
