@@ -68,6 +68,17 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KERNEL_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny training runs (``pytestmark = pytest.mark.usefixtures
+    ("one_thread")``): as fast as several contending threads on a shared 2-core machine, and it keeps float
+    results independent of the core count. The previous setting is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_addoption(parser):
     parser.addoption("--kernel-lines", metavar="FILE", default=None,
                      help="with TRITON_INTERPRET=1: record which lines of @triton.jit functions ran and write "

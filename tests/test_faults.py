@@ -42,13 +42,7 @@ TINY = ["--dataset", "synthetic", "--synthetic-train-images", "8", "--synthetic-
         "--batch-size", "4", "--eval-batch-size", "4", "--num-visualised", "1", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny runs: one intra-op thread is as fast as two contending ones. The previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

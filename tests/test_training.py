@@ -39,14 +39,7 @@ def metrics_only(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These runs are tiny: one intra-op thread is as fast as several contending ones, and it keeps the float
-    results independent of the machine's core count. The previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
