@@ -200,17 +200,20 @@ def _check_masks_labels(masks_name: str, masks, labels) -> None:
     check_same_device(**{masks_name: masks, "labels": labels})
 
 
+def _check_num_old(num_old, masks) -> None:
+    """``num_old`` of the seg-head ops: an int in [1, K) for masks (B, K, h, w)."""
+    _check_int("num_old", num_old)
+    if not 1 <= num_old < masks.shape[1]:
+        raise ValueError(
+            f"num_old must be an int in [1, K) with K = {masks.shape[1]} (masks {_shape(masks)}), got {num_old!r}"
+        )
+
 def check_seg_head_loss_args(
     masks, labels, num_old, new_class_weight, ignore_index, smooth, image_weight, dice_labels=None
 ) -> None:
     """Shape/dtype/argument validation of ``seg_head_loss`` (no host synchronisation)."""
     _check_masks_labels("masks", masks, labels)
-    num_classes = masks.shape[1]
-    _check_int("num_old", num_old)
-    if not 1 <= num_old < num_classes:
-        raise ValueError(
-            f"num_old must be an int in [1, K) with K = {num_classes} (masks {_shape(masks)}), got {num_old!r}"
-        )
+    _check_num_old(num_old, masks)
     _check_non_negative("new_class_weight", new_class_weight)
     check_ignore_index(labels, ignore_index)
     _check_non_negative("smooth", smooth)
@@ -319,3 +322,23 @@ def check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int = 255
         f"labels {_shape(labels)} hold {sum(counts)} values outside [0, {num_classes}) that are not "
         f"ignore_index={ignore_index}: {listed}{more}"
     )
+
+
+def check_mib_head_loss_args(masks, labels, num_old, teacher_masks, kd_alpha, ignore_index) -> None:
+    """Shapes, dtypes and arguments of ``mib_head_loss``; errors name the argument and what to pass."""
+    _check_masks_labels("masks", masks, labels)
+    _check_num_old(num_old, masks)
+    check_ignore_index(labels, ignore_index)
+    _check_number("kd_alpha", kd_alpha)
+    if not math.isfinite(kd_alpha):
+        raise ValueError(f"kd_alpha must be a finite float (MiB's alpha, 1.0 by default), got {kd_alpha!r}")
+    if teacher_masks is not None:
+        check_float("teacher_masks", teacher_masks)
+        batch, _, h, w = masks.shape
+        if tuple(teacher_masks.shape) != (batch, num_old, h, w):
+            raise ValueError(
+                f"teacher_masks must have shape (B, num_old, h, w) = {(batch, num_old, h, w)} for masks "
+                f"(B, K, h, w) = {_shape(masks)} and num_old = {num_old}: the previous step's model's masks at "
+                f"the same patch resolution, got {_shape(teacher_masks)}"
+            )
+        check_same_device(masks=masks, teacher_masks=teacher_masks)

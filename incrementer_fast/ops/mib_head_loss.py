@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .._dispatch import HAS_TRITON, backend, check_kernels_run
-from .._mib_checks import check_mib_head_loss_args
+from .._checks import check_mib_head_loss_args
 from ..reference import mib_head as reference
 from ..reference.core import compute_dtype
 

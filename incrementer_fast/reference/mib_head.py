@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from .._mib_checks import check_mib_head_loss_args
+from .._checks import check_mib_head_loss_args
 from .seg_head import labels_in_range, upsample_logits
 
 
