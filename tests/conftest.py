@@ -11,42 +11,23 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "ci",
-    max_examples=12,
-    derandomize=True,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=300,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+
+def _register_profile(name: str, max_examples: int, derandomize: bool = True) -> None:
+    """A hypothesis profile: no deadline (interpreted kernels are slow), the failing blob printed."""
+    settings.register_profile(name, max_examples=max_examples, derandomize=derandomize, deadline=None,
+                              print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+_register_profile("ci", 12)
+_register_profile("thorough", 300, derandomize=False)
 # `light`: the interpreter-plan pass of tests/run.sh — the same tests as the H100-plan pass, which draws the
 # `ci` examples and records kernel lines; this second plan checks its own tiles and grids on fewer draws
 # (the explicit @example cases, which reach the multi-tile edges, always run).
-settings.register_profile(
-    "light",
-    max_examples=2,
-    derandomize=True,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+_register_profile("light", 2)
 # `gpu`: the light profile of benchmarks/gpu_check.sh — a few derandomised examples, since on a GPU every new
 # shape or dtype compiles new kernels (seconds each) and the whole CUDA test stage has ~2 minutes.
-settings.register_profile(
-    "gpu",
-    max_examples=3,
-    derandomize=True,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+_register_profile("gpu", 3)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
