@@ -17,10 +17,12 @@ counted at two small sizes of that dimension and every count extrapolated linear
 does, the call runs once before the counted call (so a gradient that is not reset accumulates), and the
 tensors of ``grad_to_none`` lose their gradient before it.
 
-* speed: ``ledger_model.CalibratedModel`` — the launches in issue order, a host that issues them and a GPU
-  that runs them, after ``do_bench``'s L2 flush (see its docstring); ``--fit`` refits its global parameters
-  on the file's speed rows (least absolute log error) and prints them; without it the documented fitted
-  values are used.
+* speed: ``ledger_model.CalibratedModel`` — the launches in issue order (views and allocations kept as
+  ``host`` launches: host time only), a host that issues them and a GPU that runs them, after
+  ``do_bench``'s L2 flush (see its docstring). Each Triton launch is compiled for the row's GPU
+  architecture (``ledger_compile``: registers, spills, shared memory). ``--fit`` refits the global
+  parameters on the file's speed rows (least absolute log error of each time and of each liger-over-
+  huggingface speedup) and prints them; without it the documented fitted values are used.
 * memory: the peak of the live bytes of every tensor of the script (inputs, parameters, gradients,
   saved activations, the call's temporaries), during the second call of ``full`` as ``_test_memory``
   measures it (``max_memory_allocated`` after ``reset_peak_memory_stats``), each allocation rounded to
@@ -28,7 +30,8 @@ tensors of ``grad_to_none`` lose their gradient before it.
   the autograd engine's).
 * torchcompile: the eager launches regrouped by a fusion model (``fuse``): every maximal run of
   non-matmul aten launches of one phase is one kernel that reads what it did not produce and writes
-  what outlives it; its memory peak leaves out the tensors such a kernel keeps in registers.
+  what outlives it, except what AOTAutograd recomputes in the backward and the ``.grad`` accumulation,
+  which runs outside the graph; its memory peak leaves out the tensors such a kernel keeps in registers.
 """
 from __future__ import annotations
 
@@ -121,24 +124,34 @@ def count_workload(row, scale: int, mode: str, liger: dict | None) -> dict:
         state: dict = {}
         timed = "full" if mode == "memory" else mode
         bench.call(timed, phase, state)  # do_bench's (and _test_memory's first) call
+        state.pop("output", None)  # not kept alive: the script drops it
         if mode != "memory":
             for tensor in bench.grad_to_none:
                 tensor.grad = None
         gc.collect()
         start_launch, start_snapshot = len(aten.launches), len(aten.snapshots)
         aten.snapshot()
+        preexisting = set(aten.snapshots[-1])
         result = bench.call(timed, phase, state)
         aten.snapshot()
         alive_after = set(aten.snapshots[-1])
+        outputs = {t.untyped_storage()._cdata for t in _output_tensors(state.get("output"))}
         del result
+        state.pop("output", None)
         launches = [launch for launch in aten.launches[start_launch:] if launch.phase != "setup"]
         snapshots = aten.snapshots[start_snapshot:]
         del bench, state
     out = {"liger" if row.provider == "liger" else "huggingface": _flavour(launches, snapshots, None)}
     if row.provider != "liger":
-        groups = fuse(launches, alive_after)
+        groups = fuse(launches, alive_after, outputs, preexisting)
         out["torchcompile"] = _flavour(groups["launches"], snapshots, groups["internal"])
     return out
+
+
+def _output_tensors(value) -> list:
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _output_tensors(item)]
+    return [value] if hasattr(value, "untyped_storage") else []
 
 
 def _flavour(launches, snapshots, internal) -> dict:
@@ -157,7 +170,9 @@ def _numbers(launch) -> dict:
     return {"kind": launch.kind, "name": launch.name, "phase": launch.phase, "bytes_read": launch.bytes_read,
             "bytes_written": launch.bytes_written, "dot_flops": dict(launch.dot_flops),
             "lane_ops": dict(launch.lane_ops), "transcendental_ops": launch.transcendental_ops,
-            "grid": launch.grid, "load_calls": launch.load_calls, "num_warps": launch.config.get("num_warps", 4),
+            "grid": launch.grid, "load_calls": launch.load_calls, "load_sites": dict(launch.load_sites),
+            "num_args": launch.num_args, "num_warps": launch.config.get("num_warps", 4),
+            "compile_request": getattr(launch, "compile_request", None), "op_class": launch.op_class,
             "tensor_traffic": getattr(launch, "tensor_traffic", [])}
 
 
@@ -175,7 +190,7 @@ class _TraceCounter:
 
         class TraceCounter(AtenCounter):
             def __init__(self, kernels):
-                super().__init__(kernels, open_namespaces=())
+                super().__init__(kernels, open_namespaces=(), record_host_ops=True)
                 self.snapshots: list[dict] = []
 
             def snapshot(self):
@@ -207,23 +222,52 @@ class _TraceCounter:
 # A launch of these stays its own kernel under torch.compile (a library call, a random draw, a host sync).
 EXTERN = ("mm", "addmm", "bmm", "matmul", "linear", "normal_", "randn", "randn_like", "randint", "random_", "uniform_",
           "_local_scalar_dense")
+# A forward intermediate that only the backward reads is recomputed there from the forward's inputs (AOTAutograd's
+# min-cut partitioner saves inputs and small tensors, such as a norm's per-row statistics) unless it is smaller
+# than this share of the largest tensor its kernel reads.
+SAVED_SHARE = 1 / 16
+# A softmax over rows too long for one pass (ledger_count._long_softmax_rows) is a looped reduction in
+# inductor's kernel: one loop for the maximum, one for the sum of exponentials, each reading the row.
+INDUCTOR_SOFTMAX_PASSES = 2
 
 
-def fuse(launches, alive_after: set) -> dict:
-    """The fusion model of ``torchcompile``: each maximal run of aten launches of one phase that are not
-    EXTERN becomes one kernel; it reads the storages it reads and did not write, and writes the storages
-    it wrote that a later launch reads or that are alive after the call. ``internal``: storages a fused
-    kernel produced and kept (never materialised, so left out of the memory peak)."""
+def fuse(launches, alive_after: set, outputs: set = frozenset(), preexisting: set = frozenset()) -> dict:
+    """The fusion model of ``torchcompile``.
+
+    * Each maximal run of aten launches of one phase that are not EXTERN becomes one kernel; it reads the
+      storages it reads and did not write, and writes the storages it wrote that a later launch reads or
+      that are alive after the call. Host-only launches (views, allocations) vanish into the graph.
+    * A backward in-place update of a storage that existed before the call (``preexisting``: a leaf's
+      ``.grad`` accumulated by the autograd engine's AccumulateGrad) runs outside the compiled graph.
+    * A forward softmax over long rows reads them ``INDUCTOR_SOFTMAX_PASSES`` times.
+    * A forward kernel does not write a large intermediate that only the backward would read (it is not one
+      of the call's ``outputs``): the backward kernel that needs it recomputes it from the forward kernel's
+      inputs, which it reads instead.
+
+    ``internal``: storages a fused kernel produced and kept (never materialised, so left out of the memory
+    peak)."""
+    launches = [launch for launch in launches if launch.kind != "host"]
     fused, internal = [], set()
     read_later: list[set] = [set() for _ in launches]
+    read_later_forward: list[set] = [set() for _ in launches]
     seen: set = set()
+    seen_forward: set = set()
     for i in range(len(launches) - 1, -1, -1):
-        read_later[i] = set(seen)
-        seen |= set(getattr(launches[i], "storages_read", {}))
+        read_later[i], read_later_forward[i] = set(seen), set(seen_forward)
+        storages = set(getattr(launches[i], "storages_read", {}))
+        seen |= storages
+        if launches[i].phase == "forward":
+            seen_forward |= storages
+
+    def accumulates(launch):
+        return launch.phase == "backward" and launch.name.split(".")[1].endswith("_") and any(
+            key in preexisting for key in launch.storages_written)
 
     def extern(launch):
-        return launch.kind != "aten" or launch.name.split(".")[1] in EXTERN or sum(launch.dot_flops.values()) > 0
+        return (launch.kind != "aten" or launch.name.split(".")[1] in EXTERN or sum(launch.dot_flops.values()) > 0
+                or accumulates(launch))
 
+    recomputed: dict = {}  # storage -> the inputs of the forward kernel that would have written it
     i = 0
     while i < len(launches):
         if extern(launches[i]):
@@ -236,21 +280,37 @@ def fuse(launches, alive_after: set) -> dict:
         group = launches[i:j]
         written: dict = {}
         read: dict = {}
+        passes: dict = {}
         for launch in group:
+            if launch.phase == "forward" and getattr(launch, "long_rows", False):
+                for key in launch.storages_read:
+                    passes[key] = INDUCTOR_SOFTMAX_PASSES
             for key, nbytes in launch.storages_read.items():
-                if key not in written:
+                if key in recomputed:
+                    for source, source_bytes in recomputed[key].items():
+                        if source not in written:
+                            read[source] = max(read.get(source, 0), source_bytes)
+                elif key not in written:
                     read[key] = max(read.get(key, 0), nbytes)
             for key, nbytes in launch.storages_written.items():
                 written[key] = max(written.get(key, 0), nbytes)
         after = read_later[j - 1] | alive_after
         kept = {key: b for key, b in written.items() if key in after}
+        if group[0].phase == "forward":
+            largest = max(read.values(), default=0)
+            for key, nbytes in list(kept.items()):
+                needed_forward = key in read_later_forward[j - 1] or key in outputs
+                if not needed_forward and nbytes >= SAVED_SHARE * largest:
+                    recomputed[key] = dict(read)
+                    del kept[key]
         internal |= set(written) - set(kept)
         lanes: dict = defaultdict(int)
         for launch in group:
             for kind, n in launch.lane_ops.items():
                 lanes[kind] += n
         fused.append({"kind": "fused", "name": "+".join(l.name.split(".")[1] for l in group),
-                      "phase": group[0].phase, "bytes_read": sum(read.values()), "bytes_written": sum(kept.values()),
+                      "phase": group[0].phase, "bytes_read": sum(b * passes.get(k, 1) for k, b in read.items()),
+                      "bytes_written": sum(kept.values()),
                       "dot_flops": {}, "lane_ops": dict(lanes),
                       "transcendental_ops": sum(l.transcendental_ops for l in group), "grid": 1, "load_calls": 0})
         i = j
@@ -272,12 +332,17 @@ def extrapolate(a: dict, b: dict, s1: int, s2: int, target: int) -> dict:
         out = dict(x)
         for key in ("bytes_read", "bytes_written", "transcendental_ops", "grid", "load_calls"):
             out[key] = max(0.0, lin(x.get(key, 0), y.get(key, 0)))
-        for key in ("dot_flops", "lane_ops"):
-            out[key] = {k: max(0.0, lin(x[key].get(k, 0), y[key].get(k, 0))) for k in set(x[key]) | set(y[key])}
+        for key in ("dot_flops", "lane_ops", "load_sites"):
+            xs, ys = x.get(key, {}), y.get(key, {})
+            out[key] = {k: max(0.0, lin(xs.get(k, 0), ys.get(k, 0))) for k in set(xs) | set(ys)}
+        # per site, then the busiest: the site that dominates can change with the size (a weight loaded once
+        # per program against a row loaded once per row)
+        out["load_rounds"] = max(out["load_sites"].values(), default=0.0)
         tx, ty = x.get("tensor_traffic", []), y.get("tensor_traffic", [])
         if len(tx) != len(ty):
             raise ValueError(f"{x['name']}: its tensor arguments change with the scaled size: not extrapolable")
         out["tensor_traffic"] = [[max(0.0, lin(a, b)) for a, b in zip(ta, tb)] for ta, tb in zip(tx, ty)]
+        out["compile_request"] = y.get("compile_request")  # the larger sample's constexprs (loop trip counts)
         launches.append(out)
     return {"launches": launches, "peak_bytes": lin(a["peak_bytes"], b["peak_bytes"])}
 
@@ -331,7 +396,34 @@ def rebuild(rows: list[dict], log=print) -> list[dict]:
         result["counts"] = extrapolate(counted[0][flavour], counted[1][flavour], s1, s2, spec.full_scale())
         result["gpu"] = gpu
         result["uses_matmul"] = spec.kernel in ("swiglu", "geglu", "rope")
+    attach_resource_usage(results, log)
     return results
+
+
+def attach_resource_usage(results: list[dict], log=print) -> None:
+    """Compile every Triton launch for its row's GPU (``ledger_compile``) and record its registers, spills and
+    shared memory on the launch (``registers``, ``spill_bytes``, ``shared_bytes``; absent where it failed)."""
+    import ledger_compile
+
+    by_arch: dict = defaultdict(list)
+    for result in results:
+        if "counts" in result:
+            for launch in result["counts"]["launches"]:
+                if launch.get("compile_request"):
+                    by_arch[result["gpu"].compute_capability].append(launch)
+    for arch, launches in by_arch.items():
+        start = time.perf_counter()
+        usage = ledger_compile.resource_usage([launch["compile_request"] for launch in launches], arch)
+        failed = set()
+        for launch in launches:
+            found = usage.get(ledger_compile.request_key(launch["compile_request"]), {})
+            if "error" in found:
+                failed.add(f"{launch['name']}: {found['error']}")
+            for key in ("registers", "spill_bytes", "shared_bytes"):
+                if key in found:
+                    launch[key] = found[key]
+        log(f"[calibrate] compiled {len(usage)} Triton launch configurations for sm_{arch} "
+            f"({time.perf_counter() - start:.1f} s)" + (f"; failed: {'; '.join(sorted(failed))}" if failed else ""))
 
 
 def save_counts(path: Path, results: list[dict]) -> None:
@@ -379,14 +471,18 @@ def _percentile_abs(values, q: float) -> float:
     return ordered[index]
 
 
+def _pair_key(row: dict) -> tuple:
+    return (row["kernel_name"], row["extra_benchmark_config_str"], row["kernel_operation_mode"], row["x_value"],
+            row["kernel_provider"])
+
+
 def speedups(results: list[dict]) -> list[dict]:
     """Predicted and measured time of huggingface over liger, per (kernel, config, mode, x)."""
     by_key = {}
     for r in results:
         row = r["row"]
         if row["metric_name"] == "speed" and "predicted" in r:
-            by_key[(row["kernel_name"], row["extra_benchmark_config_str"], row["kernel_operation_mode"],
-                    row["x_value"], row["kernel_provider"])] = r
+            by_key[_pair_key(row)] = r
     out = []
     for (kernel, config, mode, x, provider), r in by_key.items():
         if provider != "liger" or (kernel, config, mode, x, "huggingface") not in by_key:
@@ -461,12 +557,17 @@ def fit_and_score(results: list[dict], fit: bool, log=print) -> tuple[dict, dict
         return [(r["counts"]["launches"], r["gpu"], r["row"]["kernel_provider"], float(r["row"]["y_value_50"]))
                 for r in rs]
 
-    params = model.fit_params(cases(speed), params)
+    def pairs(rs):
+        index = {_pair_key(r["row"]): i for i, r in enumerate(rs)}
+        return [(index[key], index[key[:-1] + ("huggingface",)]) for key in index
+                if key[-1] == "liger" and key[:-1] + ("huggingface",) in index]
+
+    params = model.fit_params(cases(speed), dict(model.START_PARAMS), pairs=pairs(speed))
     loko = {}
     for kernel in sorted({r["row"]["kernel_name"] for r in speed}):
         train = [r for r in speed if r["row"]["kernel_name"] != kernel]
         test = [r for r in speed if r["row"]["kernel_name"] == kernel]
-        held = model.fit_params(cases(train), params, iterations=600)
+        held = model.fit_params(cases(train), dict(model.START_PARAMS), pairs=pairs(train))
         errs = [model.CalibratedModel(held).call_ms(r["counts"]["launches"], r["gpu"], r["row"]["kernel_provider"])
                 / float(r["row"]["y_value_50"]) - 1 for r in test]
         ins = [model.CalibratedModel(params).call_ms(r["counts"]["launches"], r["gpu"], r["row"]["kernel_provider"])
@@ -507,7 +608,46 @@ def ledger_markdown(ledger: dict, params: dict, s: dict) -> str:
         lines.append(f"| {op} | {case} | {dtype} | {mode} | {times['h100_sxm']:.3g} / {eager['h100_sxm']:.3g} | "
                      f"{up['h100_sxm']:.2f} | {times['h200_sxm']:.3g} / {eager['h200_sxm']:.3g} | {up['h200_sxm']:.2f} | "
                      f"{old:.2f} | {100 * (up['h100_sxm'] / old - 1):+.0f} % |")
+    lines.extend(step_markdown(ledger, params, s))
     return "\n".join(lines) + "\n"
+
+
+def step_markdown(ledger: dict, params: dict, s: dict) -> list[str]:
+    """The training step's modelled time, fused vs reference ops (``ledger_step.step_time``), per dtype and GPU,
+    with its modelled peak memory; [] when the ledger has no step timelines."""
+    import ledger_step
+
+    step = ledger.get("step") or {}
+    variants = {(v["dtype"], v["title"]): v for v in step.get("variants", []) if "timeline" in v}
+    if not variants:
+        return []
+    band = 100 * s["speed"]["median_abs_error"]
+    lines = ["", f"**Training step** ({step['title']}), modelled, not measured (time: calibrated model, error "
+                 f"±{band:.0f} % median on the published rows; peak: live tensor bytes on fake tensors):", "",
+             "| dtype | H100 SXM ms fused / reference | × reference H100 | H200 SXM ms fused / reference "
+             "| × reference H200 | our ops' GPU ms in the fused step (H100) | peak MB fused / reference |",
+             "|---|---|---|---|---|---|---|"]
+    priced = []
+    for dtype in ("fp32", "bf16"):
+        fused, reference = variants.get((dtype, "fused ops")), variants.get((dtype, "reference ops"))
+        if not fused or not reference:
+            continue
+        times = {}
+        for key in ("h100_sxm", "h200_sxm"):
+            gpu = model.GPUS[key]
+            times[key] = (ledger_step.step_time(fused, ledger["rows"], gpu, params),
+                          ledger_step.step_time(reference, ledger["rows"], gpu, params))
+        f100, r100 = times["h100_sxm"]
+        f200, r200 = times["h200_sxm"]
+        share = 100 * f100["fused_ops_gpu_ms"] / f100["ms"]
+        lines.append(f"| {dtype} | {f100['ms']:.1f} / {r100['ms']:.1f} | {r100['ms'] / f100['ms']:.2f} | "
+                     f"{f200['ms']:.1f} / {r200['ms']:.1f} | {r200['ms'] / f200['ms']:.2f} | "
+                     f"{f100['fused_ops_gpu_ms']:.2f} ({share:.1f} % of the step) | "
+                     f"{fused['peak_bytes'] / 1e6:,.0f} / {reference['peak_bytes'] / 1e6:,.0f} |")
+        priced = f100["priced"]
+    if priced:
+        lines += ["", "How the fused step's custom ops were priced: " + "; ".join(priced) + "."]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,10 +186,12 @@ class Bench:
     keep: dict = field(default_factory=dict)  # the script's other live objects (modules of other providers)
 
     def call(self, mode: str, phase: Callable[[str], None], state: dict):
-        """Run ``mode`` once as the timed lambda does (``state`` holds the backward mode's output)."""
+        """Run ``mode`` once as the timed lambda does (``state`` holds the backward mode's output; its
+        ``output``: the forward's output of this call, for the fusion model)."""
         if mode == "forward":
             phase("forward")
-            return self.forward()
+            state["output"] = self.forward()
+            return state["output"]
         if mode == "backward":
             if "y" not in state:
                 phase("setup")
@@ -197,7 +199,7 @@ class Bench:
             phase("backward")
             return self.backward(state["y"])
         phase("forward")
-        y = self.forward()
+        y = state["output"] = self.forward()
         phase("backward")
         self.backward(y)
         return None

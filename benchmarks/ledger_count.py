@@ -21,13 +21,19 @@ Two instruments, used together (``benchmarks/ledger.py`` drives them):
     the result of every elementwise builder call (masked lanes included: SIMT lanes compute them too),
     reductions one per element reduced; ``transcendental_ops`` (exp, exp2, log, log2, sqrt, rsqrt, sin,
     cos, erf and floating division) apart, not in ``lane_ops``.
-  - the grid (programs), the constexpr arguments (the tile sizes that were counted) and num_warps.
+  - ``load_calls``: ``tl.load`` calls of all programs; ``load_sites``: the same per load site (a source line
+    of the kernel or of a helper), whose largest value (``load_rounds``) counts the dependent memory round
+    trips when the independent loads of one loop iteration are in flight together.
+  - the grid (programs), the constexpr arguments (the tile sizes that were counted), num_warps, and
+    ``num_args`` (the arguments the launch binds, constexprs included: host work per launch).
   - ``uncounted``: builder calls the instrument does not classify (new Triton features), by name, so a
     gap shows instead of hiding.
 
 * ``AtenCounter`` — a ``TorchDispatchMode``: every aten op outside a Triton launch is a launch that reads
   its tensor inputs and writes its outputs (their distinct bytes: a stride-0 expanded dimension counts
-  once); views, allocations (``empty``) and metadata ops are free. FLOPs of matrix products come from
+  once; an argument passed twice, ``x.add_(x)``, is read once; the ops of ``GATHER_READS`` read only the
+  elements they pick); views, allocations (``empty``) and metadata ops are free on the GPU
+  (``record_host_ops``: kept as ``host`` launches, which cost host time only). FLOPs of matrix products come from
   ``torch.utils.flop_counter``'s formulas (``FlopCounterMode``'s registry); elementwise lane operations of
   aten ops are an estimate from the op's tags (pointwise: one per output element; reductions: one per
   input element; exp/log/div/softmax-like: transcendental). The fused ops' custom ops
@@ -43,8 +49,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
 import inspect
+import os
 import random
+import sys
 import time
 import types
 from collections import Counter
@@ -57,6 +66,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+from ledger_compile import compile_request
 
 # ----------------------------------------------------------------------------- builder call classes
 # Kinds of lane operations; transcendentals are kept apart (they run on the SFU, at a lower rate).
@@ -126,7 +137,11 @@ class Launch:
     dot_shapes: Counter = field(default_factory=Counter)  # "MxNxK" -> number of tl.dot calls
     lane_ops: Counter = field(default_factory=Counter)  # kind -> lane operations
     transcendental_ops: int = 0
-    load_calls: int = 0  # tl.load calls issued (all programs): memory round trips, for a latency model
+    load_calls: int = 0  # tl.load calls issued (all programs)
+    load_sites: Counter = field(default_factory=Counter)  # "file:line" -> tl.load calls (all programs)
+    num_args: int = 0  # arguments bound by the launch (constexprs included)
+    compile_request: dict | None = None  # ledger_compile's description of the launch (not in the JSON record)
+    op_class: str = ""  # aten launches: "pointwise" (dense TensorIterator), "strided" (one operand is not), else ""
     uncounted: Counter = field(default_factory=Counter)  # builder calls the ledger does not classify
     interpreter_s: float = 0.0  # CPU seconds the interpreter spent in this launch (harness cost, not GPU time)
     # Programs actually interpreted, when only a sample of the grid ran (``KernelCounter(sample_programs=)``):
@@ -134,13 +149,21 @@ class Launch:
     sampled_programs: int = 0
 
     @property
+    def load_rounds(self) -> int:
+        """The busiest load site's calls (all programs): one round trip per loop iteration that loads."""
+        return max(self.load_sites.values(), default=0)
+
+    @property
     def flops(self) -> int:
         return sum(self.dot_flops.values())
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
-        for key in ("dot_flops", "dot_shapes", "lane_ops", "uncounted"):
+        if out["compile_request"] is None:
+            del out["compile_request"]
+        for key in ("dot_flops", "dot_shapes", "lane_ops", "uncounted", "load_sites"):
             out[key] = dict(getattr(self, key))
+        out["load_rounds"] = self.load_rounds
         return out
 
 
@@ -272,6 +295,7 @@ class KernelCounter:
                 if count:
                     self._access(ptrs, args[0] if name == "create_masked_load" else None, write=False)
                     self.current.load_calls += 1
+                    self.current.load_sites[_kernel_site()] += 1
                 return result
 
         return wrapper
@@ -445,10 +469,13 @@ class KernelCounter:
 
         def wrapper(executor, *args, **kwargs):
             record = Launch("triton", executor.fn.__name__, counter.phase, config=_launch_config(executor, args, kwargs))
+            # what the GPU compiler would be given (ledger_compile prices registers and spills from it)
+            record.compile_request = compile_request(executor.fn, args, kwargs)
             if counter.dry:
                 record.grid = _grid_size(executor, args, kwargs)
                 counter.launches.append(record)
                 return None
+            record.num_args = len(args) + sum(1 for k in kwargs if k not in LAUNCH_OPTIONS)
             counter.current, counter._addresses = record, Counter()
             counter._begin_tensors(args, kwargs)
             grid = _grid_size(executor, args, kwargs) if counter.sample_programs else 0
@@ -503,7 +530,7 @@ def _scale_counts(record: Launch, counter: "KernelCounter", factor: Fraction) ->
 
     for name in ("bytes_read", "bytes_written", "atomic_lanes", "useful_dot_flops", "transcendental_ops", "load_calls"):
         setattr(record, name, scaled(getattr(record, name)))
-    for name in ("dot_flops", "dot_shapes", "lane_ops", "uncounted"):
+    for name in ("dot_flops", "dot_shapes", "lane_ops", "uncounted", "load_sites"):
         counts = getattr(record, name)
         for key in counts:
             counts[key] = scaled(counts[key])
@@ -538,6 +565,21 @@ class _Outermost:
     def __exit__(self, *exc) -> bool:
         self.counter._depth -= 1
         return False
+
+
+# Frames inside the triton package (the interpreter, triton.language) are not kernel source lines. Found
+# without importing triton (which must be imported after TRITON_INTERPRET is set).
+_TRITON_DIR = os.path.dirname(importlib.util.find_spec("triton").origin) + os.sep
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "grid", "warmup", "enable_fp_fusion")
+
+
+def _kernel_site() -> tuple:
+    """The kernel source line ("file:line") that issued the current builder call: the innermost frame
+    outside the triton package (the kernel's body or a ``@triton.jit`` helper's)."""
+    frame = sys._getframe(2)
+    while frame is not None and _TRITON_DIR in frame.f_code.co_filename:
+        frame = frame.f_back
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}" if frame is not None else "?"
 
 
 def _launch_config(executor, args, kwargs) -> dict:
@@ -612,6 +654,18 @@ FREE_ATEN = {
     "is_same_size", "_has_compatible_shallow_copy_type", "record_stream",
     "_unsafe_view",  # a view that autograd does not track as one (matmul's reshapes): no kernel
 }
+# Ops that read one argument only where another picks (argument read → the tensor whose elements count the
+# picked elements, "out" for the output, None: not read at all, only its shape is used).
+GATHER_READS = {
+    "nll_loss_forward": ("self", "target"), "nll_loss2d_forward": ("self", "target"),
+    "nll_loss_backward": ("self", None), "nll_loss2d_backward": ("self", None),
+    "gather": ("self", "index"), "index_select": ("self", "out"), "embedding": ("weight", "out"),
+}
+# Copies that run as TensorIterator kernels like the pointwise ops (their class: dense or strided operands).
+COPY_LIKE_ATEN = {"_to_copy", "copy", "clone", "cat", "stack", "where", "masked_fill", "fill", "zero", "zeros_like",
+                  "ones_like", "full_like"}
+SOFTMAX_OPS = ("_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data")
+SOFTMAX_SMEM_BYTES = 48 * 1024  # the default dynamic shared memory a block gets without opting in
 # Ops that write their first argument without reading it.
 WRITE_ONLY_FIRST = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_"}
 TRANSCENDENTAL_ATEN = {
@@ -662,9 +716,12 @@ class AtenCounter(TorchDispatchMode):
     """
 
     def __init__(self, kernels: KernelCounter | None = None, open_namespaces=("incrementer_fast",),
-                 open_fake: bool = False):
+                 open_fake: bool = False, record_host_ops: bool = False):
         super().__init__()
         self.kernels = kernels
+        # record_host_ops: the free ops (views, allocations, metadata) become ``host`` launches, which a
+        # model of host time can price (they run no kernel but cost dispatcher time)
+        self.record_host_ops = record_host_ops
         # open_fake: run the custom ops' CPU implementation on fake tensors too (with a dry KernelCounter:
         # the launchers' host code on shapes alone, for the launch plan of a large shape)
         self.open_fake = open_fake
@@ -708,17 +765,24 @@ class AtenCounter(TorchDispatchMode):
         free = name in FREE_ATEN or getattr(func, "is_view", False)
         if not free:
             self.launches.append(self._launch(func, name, args, kwargs, out))
+        elif self.record_host_ops:
+            self.launches.append(Launch("host", str(func), self.phase))
         self._track_outputs(args, kwargs, out)
         self.live.sample()
 
     def _launch(self, func, name, args, kwargs, out) -> Launch:
         schema_args = func._schema.arguments
         mutated, read = [], []
+        gathered = GATHER_READS.get(name)
+        picks = {}
         for i, arg in enumerate(schema_args):
             value = args[i] if i < len(args) else kwargs.get(arg.name)
+            picks[arg.name] = value
             tensors = _tensors(value)
             if not tensors:
                 continue
+            if gathered and arg.name == gathered[0]:
+                continue  # read only at the picked elements: added below
             writes = arg.alias_info is not None and arg.alias_info.is_write
             if writes:
                 mutated.extend(tensors)
@@ -729,12 +793,24 @@ class AtenCounter(TorchDispatchMode):
         # An in-place or out= op returns its mutated arguments: they are written once.
         mutated_storages = {t.untyped_storage()._cdata for t in mutated}
         outputs = [t for t in _tensors(out) if t.untyped_storage()._cdata not in mutated_storages]
+        read = list({_view_key(t): t for t in read}.values())  # the same view passed twice is read once
         launch = Launch("aten", str(func), self.phase)
         launch.bytes_read = launch.distinct_bytes_read = sum(_footprint(t) for t in read)
+        picked_bytes = 0
+        if gathered:
+            source, counter_arg = gathered
+            source = picks.get(source)
+            if isinstance(source, torch.Tensor) and counter_arg is not None:
+                by = _tensors(out)[0] if counter_arg == "out" else picks.get(counter_arg)
+                picked_bytes = by.numel() * source.element_size() if isinstance(by, torch.Tensor) else 0
+            launch.bytes_read += picked_bytes
+            launch.distinct_bytes_read += picked_bytes
         launch.bytes_written = launch.distinct_bytes_written = sum(_footprint(t) for t in mutated + outputs)
         # Which storages it read and wrote (storage key -> bytes), for a model that regroups aten launches into
         # fused kernels (benchmarks/calibrate.py); not part of the launch's JSON record.
         launch.storages_read = {t.untyped_storage()._cdata: _footprint(t) for t in read}
+        if picked_bytes:
+            launch.storages_read[picks[gathered[0]].untyped_storage()._cdata] = picked_bytes
         launch.storages_written = {t.untyped_storage()._cdata: _footprint(t) for t in mutated + outputs}
         packet = func.overloadpacket
         if packet in flop_registry:
@@ -751,7 +827,50 @@ class AtenCounter(TorchDispatchMode):
             launch.lane_ops["float"] += elements
         if base in TRANSCENDENTAL_ATEN:
             launch.transcendental_ops += elements if base not in REDUCTIONS_ATEN else sum(t.numel() for t in read)
+        if torch.Tag.pointwise in func.tags or base in COPY_LIKE_ATEN:
+            operands = read + mutated + outputs
+            shape, order = (result[0].shape, _dim_order(result[0])) if result else (None, None)
+            aligned = all(_dense(t) and (t.shape != shape or _dim_order(t) == order) for t in operands)
+            launch.op_class = "pointwise" if aligned else "strided"
+        # PyTorch's kernel re-reads a long row once per pass, but from L2 (Liger's published eager
+        # cross-entropy times match one HBM pass): counted once; a model of generated code needs to know
+        launch.long_rows = _long_softmax_rows(base, args)
         return launch
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous in some dimension order once its broadcast (stride-0) dimensions are dropped. TensorIterator
+    vectorises an op whose operands are all dense and laid out in the output's order ("pointwise"); a
+    slice, a gap or a transposed operand makes it index element by element ("strided")."""
+    kept = [(size, stride) for size, stride in zip(t.shape, t.stride()) if stride != 0 and size != 1]
+    expected = 1
+    for size, stride in sorted(kept, key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dim_order(t: torch.Tensor) -> tuple:
+    """The dimensions from the outermost in memory to the innermost (size-1 dimensions left out)."""
+    return tuple(sorted((d for d in range(t.dim()) if t.shape[d] != 1), key=lambda d: -t.stride(d)))
+
+
+def _long_softmax_rows(base: str, args) -> bool:
+    """A softmax (forward or backward) whose rows do not fit the shared-memory cache of PyTorch's CUDA
+    kernels (``SOFTMAX_SMEM_BYTES``): they take one pass per step over each row (forward: max, sum, write;
+    backward: sum, write) — aten/src/ATen/native/cuda/SoftMax.cu."""
+    if base not in SOFTMAX_OPS:
+        return False
+    x = args[0]
+    dim = args[1] if len(args) > 1 and isinstance(args[1], int) else -1
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return False
+    return x.shape[dim] * x.element_size() > SOFTMAX_SMEM_BYTES
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
 
 def _aten_matmul_precision(args) -> str:

@@ -46,9 +46,29 @@ Calibrated model (second half of this file)
 ``GPUS`` / ``GPU_NAMES``: datasheet figures of A100 (SXM4 / PCIe, 40 / 80 GB), H100 (SXM5 / PCIe / NVL) and
 H200 (SXM / NVL), each with its source. ``CalibratedModel``: a host + GPU timeline of one ``do_bench`` call
 (L2 flush, host issue costs, per-launch roofline with fitted achievable fractions, an L2 rule for repeated
-accesses, a memory-latency bound, a per-kernel floor); ``CALIBRATED_PARAMS`` fitted on Liger-Kernel's
-published H100 NVL rows by ``benchmarks/calibrate.py --fit`` (the fit and its errors beside them). The
-ledger's rows carry its time as ``predicted_ms_calibrated``; the roofline above stays as it was.
+accesses, a memory-latency bound, register-limited occupancy and spill traffic from an offline compile for
+the GPU's architecture, a per-kernel floor); ``CALIBRATED_PARAMS`` fitted on Liger-Kernel's published H100
+NVL rows by ``benchmarks/calibrate.py --fit`` (the fit and its errors beside them). The ledger's rows carry
+its time as ``predicted_ms_calibrated``; the roofline above stays as it was.
+
+Why the calibrated model has the terms it has (each found on a published row the plain roofline missed):
+
+* host time shows when it is longer than do_bench's L2 flush: Liger's rms_norm ``full`` is flat at 0.21 ms
+  from H = 1024 to 16384, far above its kernels' time — a Triton launch through an ``autograd.Function``
+  costs tens of µs of Python (``triton_us`` + ``triton_arg_us`` per bound argument), entering the autograd
+  engine ``backward_us``; eager ops cost ``aten_us`` (kernel) or ``host_op_us`` (a view, an allocation);
+* achievable bandwidth depends on the code generator and the access: Triton kernels ``hbm_fraction``,
+  PyTorch's dense pointwise kernels ``aten_pointwise_fraction``, pointwise kernels with a strided operand
+  (not vectorised: eager rope's halves and transposes) ``aten_strided_fraction``, its reductions, norms,
+  softmax and losses ``aten_hbm_fraction``;
+* a loop that waits for its loads is latency-bound: Liger's norm backwards (one program per SM looping over
+  rows) take ~0.07 ms whatever H; ``load_latency_us`` per dependent round (the busiest load site's calls);
+* registers decide occupancy and spills: Liger's rms_norm backward at H = 32768 (32 warps: 64 registers a
+  thread) spills and runs 6× slower than at 16384; ptxas says so (``ledger_compile``), and the spilled
+  bytes are priced at ``spill_fraction`` × HBM bandwidth; registers and shared memory bound the resident
+  programs used by the L2 and latency terms;
+* repeated accesses hit L2 in the share it can hold of what the resident programs share (Liger's
+  cross-entropy reads each row twice; the second read is free at V = 32768 and not at 131072).
 
 What the model leaves out (so "modelled" can be far from "measured")
 -------------------------------------------------------------------
@@ -212,6 +232,17 @@ class GPU:
         return self.sms * self.fp32_lanes_per_sm * self.boost_clock_hz
 
     @property
+    def compute_capability(self) -> int:
+        """8.0 (A100) or 9.0 (H100, H200), as ``ledger_compile`` targets: 80 or 90."""
+        return 80 if self.key.startswith("a100") else 90
+
+    @property
+    def shared_bytes_per_sm(self) -> int:
+        """Shared memory a block can use per SM: 228 KB on Hopper, 164 KB on A100 (CUDA C++ Programming
+        Guide, compute capabilities table)."""
+        return (228 if self.compute_capability == 90 else 164) * 1024
+
+    @property
     def sfu_rate(self) -> float:
         return self.sms * SFU_PER_SM_CLOCK * self.boost_clock_hz
 
@@ -278,17 +309,31 @@ def gpu_for_name(gpu_name: str) -> GPU:
 # other GPUs the same fractions and host costs are assumed.
 CALIBRATED_PARAMS = {
     "hbm_fraction": 0.7924,  # achievable share of the datasheet HBM bandwidth (read + write), Triton kernels
-    "aten_hbm_fraction": 0.5864,  # the same for PyTorch's eager (TensorIterator, reduction, norm) kernels
-    "tensor_fraction": 0.5842,  # achievable share of the dense tensor-core peak (cuBLAS at these shapes)
+    "aten_hbm_fraction": 0.5864,  # the same for PyTorch's eager reduction, norm, softmax, loss kernels
+    "aten_pointwise_fraction": 0.8,  # ... its pointwise and copy kernels on dense operands (vectorised)
+    "aten_strided_fraction": 0.4,  # ... its pointwise and copy kernels with a strided operand (not vectorised)
+    "tensor_fraction": 0.5842,
+    "spill_fraction": 1.0,  # local-memory (spill) traffic served at this multiple of the HBM bandwidth (L1/L2)  # achievable share of the dense tensor-core peak (cuBLAS at these shapes)
     "load_latency_us": 1.054,  # one dependent HBM round trip of a program (a tl.load in a serial loop)
     "kernel_floor_us": 6.486,  # GPU time of an empty kernel plus the gap between two kernels
     "call_us": 15.45,  # host: the timed Python call itself (and the CUDA event record)
     "aten_us": 2.882,  # host: one eager aten op launching a kernel (dispatcher, allocator, launch)
-    "triton_us": 1.976,  # host: one Triton JIT launch from Python (argument binding, specialisation key)
+    "triton_us": 1.976,  # host: one Triton JIT launch from Python (the launcher's fixed part)
+    "triton_arg_us": 0.5,  # host: per argument of a Triton launch (binding, the specialisation key)
+    "host_op_us": 1.0,  # host: an aten op that launches no kernel (a view, an allocation) through the dispatcher
     "backward_us": 37.72,  # host: entering the autograd engine (.backward / autograd.grad)
     "fused_us": 4.089,  # host: one kernel of a torch.compile'd graph (inductor's generated launcher)
     "graph_us": 104.9,  # host: entering the compiled forward graph (guards, the AOTAutograd wrapper)
     "compiled_backward_us": 151.5,  # host: entering the compiled backward graph (from the autograd engine)
+}
+# Where every fit starts (``calibrate.py --fit`` and each leave-one-kernel-out refit): hand-set guesses of
+# the same quantities, not fitted, so that a held-out kernel's rows cannot reach its refit through the
+# starting point.
+START_PARAMS = {
+    "hbm_fraction": 0.8, "aten_hbm_fraction": 0.6, "aten_pointwise_fraction": 0.8, "aten_strided_fraction": 0.4,
+    "tensor_fraction": 0.6, "spill_fraction": 1.0, "load_latency_us": 1.0, "kernel_floor_us": 5.0, "call_us": 15.0,
+    "aten_us": 5.0, "triton_us": 20.0, "triton_arg_us": 0.5, "host_op_us": 1.0, "backward_us": 30.0, "fused_us": 5.0,
+    "graph_us": 100.0, "compiled_backward_us": 100.0,
 }
 FLUSH_BYTES = 256 * 2**20  # triton.testing.do_bench zeroes a 256 MB buffer before every timed call
 
@@ -301,18 +346,66 @@ def cublas_workspace_bytes(gpu: GPU) -> int:
     return 8 * 4096 * 1024 if hopper else 2 * 4096 * 1024 + 8 * 16 * 1024
 
 
+# What CalibratedModel reads of a launch record (``Launch.to_json()`` or calibrate's counts): a ledger row's
+# ``timeline`` keeps these, so a refitted model can re-price it (calibrate.py --ledger).
+TIMELINE_FIELDS = ("kind", "name", "phase", "bytes_read", "bytes_written", "dot_flops", "lane_ops", "transcendental_ops",
+                   "grid", "load_calls", "load_rounds", "num_args", "registers", "spill_bytes", "shared_bytes",
+                   "op_class")
+
+
+def timeline_entry(launch: dict) -> dict:
+    """The fields of ``TIMELINE_FIELDS`` a launch record has, and its num_warps."""
+    entry = {k: launch[k] for k in TIMELINE_FIELDS if launch.get(k) is not None}
+    entry["num_warps"] = launch.get("num_warps", launch.get("config", {}).get("num_warps", 4))
+    return entry
+
+
 def _num_warps(launch: dict) -> int:
     return int(launch.get("num_warps", launch.get("config", {}).get("num_warps", 4)))
+
+
+REGISTERS_PER_SM = 65536  # 32-bit registers per SM on compute capability 8.0 and 9.0
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+
+
+def resident_programs(launch: dict, gpu: GPU) -> float:
+    """Programs of a Triton launch that run at once: per SM the fewest that warps (64 per SM), registers
+    (65,536 per SM, allocated per warp in multiples of 8 per thread) and shared memory allow, where the
+    launch carries its compiled usage (``ledger_compile``); else the warp limit only."""
+    warps = _num_warps(launch)
+    per_sm = min(MAX_BLOCKS_PER_SM, max(1, MAX_WARPS_PER_SM // warps))
+    registers = launch.get("registers")
+    if registers:
+        per_sm = min(per_sm, max(1, REGISTERS_PER_SM // (-(-registers // 8) * 8 * 32 * warps)))
+    shared = launch.get("shared_bytes")
+    if shared:
+        per_sm = min(per_sm, max(1, gpu.shared_bytes_per_sm // shared))
+    return min(max(1.0, launch.get("grid", 1)), gpu.sms * per_sm)
+
+
+def spill_traffic(launch: dict) -> float:
+    """Local-memory bytes a Triton launch's spills move: the spill stores and loads per thread in its code
+    (ptxas), for every thread, once per round of its busiest loop (``load_rounds`` per program, at least 1)."""
+    spill = launch.get("spill_bytes") or 0
+    if not spill:
+        return 0.0
+    grid = max(1.0, launch.get("grid", 1))
+    rounds = max(1.0, launch.get("load_rounds", 0) / grid)
+    return spill * 32 * _num_warps(launch) * grid * rounds
 
 
 class CalibratedModel:
     """Time of one timed call (``do_bench``'s ``fn``) from its launches in issue order.
 
-    GPU per launch: ``max(bytes / (hbm_fraction · HBM), dot FLOPs / (tensor_fraction · peak), lane ops /
-    lane rate, transcendentals / SFU rate) + kernel_floor``. Host: the call costs ``call_us``, each launch
-    its issue cost (``aten_us``, ``triton_us``, ``fused_us``), entering backward ``backward_us``, a compiled
-    graph ``graph_us`` per phase; a ``sync`` launch (``.item()``) waits for the GPU. A launch starts on the
-    GPU when the host has issued it and the previous one has finished. The clock starts when the GPU has
+    GPU per launch: ``max(HBM bytes / (fraction · HBM) + spill bytes / (spill_fraction · HBM), dot FLOPs /
+    (tensor_fraction · peak), lane ops / lane rate, transcendentals / SFU rate, memory latency) +
+    kernel_floor`` (the fraction by code generator: ``dram_bytes``, ``spill_traffic``, ``latency_seconds``).
+    Host: the call costs ``call_us``, each launch its issue cost (``aten_us``; ``triton_us`` +
+    ``triton_arg_us`` per argument; ``fused_us``; ``host_op_us`` for a launch of kind ``host``, which runs
+    nothing on the GPU), entering backward ``backward_us``, a compiled graph ``graph_us`` /
+    ``compiled_backward_us`` per phase; a ``sync`` launch (``.item()``) waits for the GPU. A launch starts on
+    the GPU when the host has issued it and the previous one has finished. The clock starts when the GPU has
     finished do_bench's L2 flush (``FLUSH_BYTES`` written), which the host overlaps with issuing the call:
     host work shorter than the flush is hidden, longer host work shows (the ~0.2 ms floor of Liger's
     rms_norm ``full``). Returns milliseconds.
@@ -325,14 +418,15 @@ class CalibratedModel:
     def dram_bytes(launch: dict, gpu: GPU) -> float:
         """A launch's HBM traffic. Aten launches: their counted bytes (each op reads its inputs and writes its
         outputs once). Triton launches, per tensor argument: its first touch of each byte from HBM, and
-        repeated accesses from L2 when the tensor's part that the resident programs share (its size × resident
-        programs / grid, at most its size; a tensor every program reads, such as a norm's weight, stays whole)
-        fits in L2, else from HBM again. Resident programs: grid or SMs × 64 warps / num_warps."""
+        repeated accesses from L2 in the share ``min(1, L2 / part)`` where ``part`` is the tensor's part that
+        the resident programs share (its size × resident programs / grid, at most its size; a tensor every
+        program reads, such as a norm's weight, stays whole), the rest from HBM again. Resident programs:
+        grid or SMs × 64 warps / num_warps."""
         traffic = launch.get("tensor_traffic")
         if not traffic:
             return launch["bytes_read"] + launch["bytes_written"]
         grid = max(1.0, launch.get("grid", 1))
-        resident = min(grid, gpu.sms * max(1, 64 // _num_warps(launch)))
+        resident = resident_programs(launch, gpu)
         total = 0.0
         for size, read, written in traffic:
             for accessed in (read, written):
@@ -340,14 +434,20 @@ class CalibratedModel:
                     total += accessed
                     continue
                 first = min(accessed, size)
-                cached = size * min(1.0, resident / grid) <= gpu.l2_bytes
-                total += first + (0.0 if cached else accessed - first)
+                shared = size * min(1.0, resident / grid)
+                hit = min(1.0, gpu.l2_bytes / shared)
+                total += first + (1.0 - hit) * (accessed - first)
         return total
 
     def gpu_seconds(self, launch: dict, gpu: GPU) -> float:
         p = self.p
-        fraction = p["hbm_fraction"] if launch["kind"] != "aten" else p["aten_hbm_fraction"]
-        memory = self.dram_bytes(launch, gpu) / (fraction * gpu.hbm_bandwidth)
+        if launch["kind"] != "aten":
+            fraction = p["hbm_fraction"]
+        else:
+            fraction = p[{"pointwise": "aten_pointwise_fraction", "strided": "aten_strided_fraction"}.get(
+                launch.get("op_class"), "aten_hbm_fraction")]
+        memory = (self.dram_bytes(launch, gpu) / (fraction * gpu.hbm_bandwidth)
+                  + spill_traffic(launch) / (p["spill_fraction"] * gpu.hbm_bandwidth))
         tensor = cuda = 0.0
         for precision, flops in launch["dot_flops"].items():
             if precision == "fp32_ieee":
@@ -360,16 +460,18 @@ class CalibratedModel:
         return max(memory, tensor, cuda, sfu, self.latency_seconds(launch, gpu)) + p["kernel_floor_us"] * 1e-6
 
     def latency_seconds(self, launch: dict, gpu: GPU) -> float:
-        """A Triton launch's memory latency bound: each program's loads are served one round trip after the
-        other (``load_latency_us`` each: a loop over rows, as Liger's norm backwards do with a grid of one
-        program per SM, waits for every row), for each wave of resident programs."""
-        loads = launch.get("load_calls", 0)
-        if not loads or launch["kind"] != "triton":
+        """A Triton launch's memory latency bound: a program's dependent round trips (``load_rounds``: the
+        most times one of its load sites ran — one per iteration of a loop that waits for its loads, as
+        Liger's norm backwards do with a grid of one program per SM) are served one after the other
+        (``load_latency_us`` each), for each wave of resident programs; the independent loads of one
+        iteration are in flight together. Timelines without ``load_rounds`` (older ledgers) use every load."""
+        rounds = launch.get("load_rounds", launch.get("load_calls", 0))
+        if not rounds or launch["kind"] != "triton":
             return 0.0
         grid = max(1.0, launch.get("grid", 1))
-        resident = min(grid, gpu.sms * max(1, 64 // _num_warps(launch)))
+        resident = resident_programs(launch, gpu)
         waves = -(-grid // resident)
-        return waves * (loads / grid) * self.p["load_latency_us"] * 1e-6
+        return waves * (rounds / grid) * self.p["load_latency_us"] * 1e-6
 
     def call_ms(self, launches: list[dict], gpu: GPU, provider: str) -> float:
         p = self.p
@@ -388,32 +490,58 @@ class CalibratedModel:
             if kind == "sync":
                 host = max(host, gpu_free)
                 continue
-            host += {"aten": p["aten_us"], "triton": p["triton_us"], "fused": p["fused_us"]}[kind] * us
+            if kind == "host":
+                host += p["host_op_us"] * us
+                continue
+            if kind == "triton":
+                host += (p["triton_us"] + p["triton_arg_us"] * launch.get("num_args", 0)) * us
+            else:
+                host += {"aten": p["aten_us"], "fused": p["fused_us"]}[kind] * us
             gpu_free = max(host, gpu_free) + self.gpu_seconds(launch, gpu)
         return (max(gpu_free, host) - flush) * 1e3
 
 
-def fit_params(cases: list[tuple], start: dict, iterations: int = 1500) -> dict:
+def fit_params(cases: list[tuple], start: dict, iterations: int = 1500, pairs: list[tuple] = (),
+               restarts: int = 3) -> dict:
     """Parameters minimising the mean |log(predicted / measured)| over ``cases`` (launches, gpu, provider,
-    measured ms): Nelder–Mead on the logarithms of the parameters (all positive; fractions capped at 1)."""
+    measured ms) plus, over ``pairs`` (index of a liger case, index of its huggingface case), the mean
+    |log(predicted speedup / measured speedup)|: Nelder–Mead on the logarithms of the parameters (all
+    positive; fractions capped at 1), restarted ``restarts`` times from a fresh simplex around the best
+    point (a simplex in 15 dimensions collapses before it has explored)."""
     import numpy as np
 
     names = list(start)
     x0 = np.log([start[n] for n in names])
     log_measured = np.log([c[3] for c in cases])
+    pairs = list(pairs)
+    liger_index = np.array([a for a, _ in pairs], dtype=int)
+    hf_index = np.array([b for _, b in pairs], dtype=int)
 
     def params_of(x):
         values = dict(zip(names, np.exp(x)))
-        for name in ("hbm_fraction", "aten_hbm_fraction", "tensor_fraction"):
+        for name in ("hbm_fraction", "aten_hbm_fraction", "aten_pointwise_fraction", "aten_strided_fraction",
+                     "tensor_fraction"):
             values[name] = min(values[name], 1.0)
         return values
 
     def loss(x):
         model = CalibratedModel(params_of(x))
-        predicted = np.log([max(model.call_ms(c[0], c[1], c[2]), 1e-9) for c in cases])
-        return float(np.mean(np.abs(predicted - log_measured)))
+        error = np.log([max(model.call_ms(c[0], c[1], c[2]), 1e-9) for c in cases]) - log_measured
+        total = float(np.mean(np.abs(error)))
+        if pairs:
+            total += float(np.mean(np.abs(error[hf_index] - error[liger_index])))
+        return total
 
-    simplex = [x0] + [x0 + np.eye(len(x0))[i] * 0.3 for i in range(len(x0))]
+    best = x0
+    for _ in range(max(1, restarts)):
+        best = _nelder_mead(loss, best, iterations)
+    return {k: float(v) for k, v in params_of(best).items()}
+
+
+def _nelder_mead(loss, x0, iterations: int, step: float = 0.3):
+    import numpy as np
+
+    simplex = [x0] + [x0 + np.eye(len(x0))[i] * step for i in range(len(x0))]
     values = [loss(x) for x in simplex]
     for _ in range(iterations):
         order = np.argsort(values)
@@ -437,5 +565,4 @@ def fit_params(cases: list[tuple], start: dict, iterations: int = 1500) -> dict:
                 values = [values[0]] + [loss(s) for s in simplex[1:]]
         if max(values) - min(values) < 1e-7:
             break
-    best = simplex[int(np.argmin(values))]
-    return {k: float(v) for k, v in params_of(best).items()}
+    return simplex[int(np.argmin(values))]

@@ -33,8 +33,6 @@ PROVIDERS = ("fused", "eager")
 MODE_PHASES = {"forward": ("forward",), "backward": ("backward",), "forward+backward": ("forward", "backward")}
 SCHEMA_VERSION = 1
 CALIBRATED_GPUS = ("h100_sxm", "h200_sxm")
-TIMELINE_FIELDS = ("kind", "phase", "bytes_read", "bytes_written", "dot_flops", "lane_ops", "transcendental_ops", "grid",
-                   "load_calls")
 
 
 # --------------------------------------------------------------------------------------- cases
@@ -108,7 +106,8 @@ def launch_plan(case: W.Case, dtype: torch.dtype) -> dict:
 
 def _count(spec, namespace, inputs: W.Inputs, has_backward: bool, dry: bool = False,
            sample_programs: int = 0) -> dict:
-    with KernelCounter(dry=dry, sample_programs=sample_programs) as kernels, AtenCounter(kernels, open_fake=dry) as aten:
+    with KernelCounter(dry=dry, sample_programs=sample_programs) as kernels, \
+            AtenCounter(kernels, open_fake=dry, record_host_ops=True) as aten:
         output = spec.call(namespace, *inputs.args)
         forward_peak = aten.live.peak
         peaks = {"forward": forward_peak}
@@ -121,6 +120,7 @@ def _count(spec, namespace, inputs: W.Inputs, has_backward: bool, dry: bool = Fa
             del grads
         del output
     launches = sorted(kernels.launches + aten.launches, key=lambda launch: launch.phase != "forward")
+    # (host launches — views, allocations — are priced by the calibrated model's host timeline only)
     return {"launches": [launch.to_json() for launch in launches], "peaks": peaks,
             "interpreter_s": sum(launch.interpreter_s for launch in kernels.launches),
             "syncs": aten.syncs, "custom_ops": dict(aten.custom_ops)}
@@ -168,6 +168,26 @@ def plain_interpreter_seconds(case: W.Case, dtype: torch.dtype) -> float:
         if "backward" in spec.modes and inputs.differentiable:
             torch.autograd.grad(output, inputs.differentiable, inputs.grad_output)
     return time.perf_counter() - start
+
+
+def attach_resource_usage(launches: list[dict]) -> dict:
+    """Registers, spills and shared memory of each Triton launch compiled for sm_90 (``ledger_compile``; H100
+    and H200 are both compute capability 9.0), recorded on the launch for the calibrated model. Returns what
+    was compiled and what failed."""
+    import ledger_compile
+
+    triton = [launch for launch in launches if launch["kind"] == "triton" and launch.get("compile_request")]
+    start = time.perf_counter()
+    usage = ledger_compile.resource_usage([launch["compile_request"] for launch in triton], 90)
+    failed = []
+    for launch in triton:
+        found = usage.get(ledger_compile.request_key(launch.pop("compile_request")), {})
+        if "error" in found:
+            failed.append(f"{launch['name']}: {found['error']}")
+        for key in ("registers", "spill_bytes", "shared_bytes"):
+            if key in found:
+                launch[key] = found[key]
+    return {"configurations": len(usage), "seconds": time.perf_counter() - start, "failed": sorted(set(failed))}
 
 
 def totals(launches: list[dict]) -> dict:
@@ -227,7 +247,8 @@ def rows_for(case: W.Case, dtype_name: str, provider: str, counted: dict) -> lis
     modes = [m for m in spec.modes if m in counted["peaks"]]  # no backward rows for an op without gradients
     rows = []
     for mode in modes:
-        launches = [launch for launch in counted["launches"] if launch["phase"] in MODE_PHASES[mode]]
+        timeline = [launch for launch in counted["launches"] if launch["phase"] in MODE_PHASES[mode]]
+        launches = [launch for launch in timeline if launch["kind"] != "host"]  # the GPU's launches
         t = totals(launches)
         predictions = {name: model.predict(launches, device) for name, device in model.DEVICES.items()}
         cached = {name: model.predict(launches, device, perfect_cache=True) for name, device in model.DEVICES.items()}
@@ -248,12 +269,11 @@ def rows_for(case: W.Case, dtype_name: str, provider: str, counted: dict) -> lis
             "predicted_ms_perfect_cache": {name: p["ms"] for name, p in cached.items()},
             # the model calibrated on published GPU measurements (benchmarks/calibrate.py), one timed call
             "predicted_ms_calibrated": {key: model.CalibratedModel().call_ms(
-                launches, model.GPUS[key], "liger" if provider == "fused" else "huggingface")
+                timeline, model.GPUS[key], "liger" if provider == "fused" else "huggingface")
                 for key in CALIBRATED_GPUS},
-            # what that model reads of each launch, in issue order within a phase (for re-pricing with
-            # refitted parameters: calibrate.py --ledger)
-            "timeline": [{k: launch.get(k) for k in TIMELINE_FIELDS} | {"num_warps": launch["config"].get("num_warps", 4)}
-                         for launch in launches],
+            # what that model reads of each launch (host-only launches included), in issue order within a
+            # phase (for re-pricing with refitted parameters: calibrate.py --ledger)
+            "timeline": [model.timeline_entry(launch) for launch in timeline],
             "dot_flops_by_precision": t["dot_flops_by_precision"], "lane_ops_by_kind": t["lane_ops_by_kind"],
             "atomic_lanes": t["atomic_lanes"], "atomic_max_per_address": t["atomic_max_per_address"],
             "triton_launches": len(triton), "syncs": counted["syncs"],
@@ -327,6 +347,7 @@ def run(args, argv) -> dict:
               "model": {"launch_us": model.LAUNCH_US, "int_divmod_cost": model.INT_DIVMOD_COST,
                         "doc": model.__doc__},
               "rows": [], "runs": [], "step": None}
+    counted_cases = []
     for case in cases:
         for dtype_name in dtypes:
             for provider in providers:
@@ -343,9 +364,14 @@ def run(args, argv) -> dict:
                     run_info["overhead"] = {"case": timed.shape_text, "instrumented_s": instrumented_s,
                                             "plain_s": plain_interpreter_seconds(timed, DTYPES[dtype_name])}
                 ledger["runs"].append(run_info)
-                ledger["rows"].extend(rows_for(case, dtype_name, provider, counted))
+                counted_cases.append((case, dtype_name, provider, counted))
                 print(f"[ledger] {case.op} [{case.title}] {dtype_name} {provider}: {counted['wall_s']:.1f} s",
                       flush=True)
+    # one compiler process for every fused launch of the run (its start-up costs seconds)
+    ledger["compile"] = attach_resource_usage([launch for _, _, provider, counted in counted_cases
+                                               if provider == "fused" for launch in counted["launches"]])
+    for case, dtype_name, provider, counted in counted_cases:
+        ledger["rows"].extend(rows_for(case, dtype_name, provider, counted))
     if not args.no_step and not args.case:
         import ledger_step
 

@@ -40,8 +40,8 @@ from typing import Callable
 import workloads as W
 
 ADDITIVE_FIELDS = ("grid", "bytes_read", "bytes_written", "distinct_bytes_read", "distinct_bytes_written",
-                   "atomic_lanes", "atomic_max_per_address", "useful_dot_flops", "transcendental_ops")
-COUNTER_FIELDS = ("dot_flops", "dot_shapes", "lane_ops")
+                   "atomic_lanes", "atomic_max_per_address", "useful_dot_flops", "transcendental_ops", "load_calls")
+COUNTER_FIELDS = ("dot_flops", "dot_shapes", "lane_ops", "load_sites")
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,11 @@ def extrapolate(choice: Choice, samples: list[dict], target_plan: dict) -> dict:
             keys = sorted({k for g in group for k in g[field]})
             values = {k: combine([g[field].get(k, 0) for g in group], f"{where}.{field}.{k}") for k in keys}
             launch[field] = {k: v for k, v in values.items() if v}
+        launch["load_rounds"] = max(launch["load_sites"].values(), default=0)
+        # the target's own arguments: what the compiler is given at that shape (ledger_compile)
+        launch["num_args"] = planned.get("num_args", 0)
+        if planned.get("compile_request"):
+            launch["compile_request"] = planned["compile_request"]
         launch["uncounted"] = dict(group[0]["uncounted"])
         launch["interpreter_s"] = sum(g["interpreter_s"] for g in group)  # spent on the samples
         launches.append(launch)

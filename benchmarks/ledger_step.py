@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 
 import incrementer_fast as inc
+import ledger_model
 import workloads as W
 from ledger_count import AtenCounter
 
@@ -90,7 +91,7 @@ def _run_step(case, fused, dtype, config, compute_losses, make_pseudo_labeler) -
     pseudo_labeler = make_pseudo_labeler(config, case.num_old + case.num_new, thresholds)
     context = inc.use_backend("auto" if fused else "reference")  # as workloads.TrainingStep
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-    with context, MemoryEfficientAttention(), AtenCounter(open_namespaces=()) as aten:
+    with context, MemoryEfficientAttention(), AtenCounter(open_namespaces=(), record_host_ops=True) as aten:
         with torch.no_grad(), autocast:
             teacher_out = teacher(images)
         with autocast:
@@ -100,10 +101,80 @@ def _run_step(case, fused, dtype, config, compute_losses, make_pseudo_labeler) -
         terms = compute_losses(config, student_out, labels, num_old=case.num_old, patch_size=model.patch_size,
                                teacher=teacher_out, pseudo_labeler=pseudo_labeler)
         loss_peak = aten.live.peak - base
+        aten.phase = "backward"
         terms.total.backward()
         peak = max(forward_peak, aten.live.peak)
+    gpu_ops = [launch for launch in aten.launches if launch.kind != "host"]
     return {"title": "fused ops" if fused else "reference ops", "dtype": dtype, "peak_bytes": peak,
-            "forward_peak_bytes": forward_peak, "loss_peak_bytes": loss_peak, "ops": len(aten.launches)}
+            "forward_peak_bytes": forward_peak, "loss_peak_bytes": loss_peak, "ops": len(gpu_ops),
+            # every op in issue order (the fused custom ops as one record each, priced by step_time)
+            "timeline": [ledger_model.timeline_entry(launch.to_json()) for launch in aten.launches]}
+
+
+# A fused op of the step → the ledger op whose paper-size fused row prices it, by the custom op's name.
+CUSTOM_OPS = {"cosine_mask": "cosine_mask", "cosine_mask_backward": "cosine_mask",
+              "plop_pseudo_label": "pseudo_label", "seg_head_loss_sums": "seg_head_loss",
+              "seg_head_loss_sums_backward": "seg_head_loss", "fod_loss": "fod_loss", "fod_loss_backward": "fod_loss",
+              "cds_dice_loss": "cds_dice_loss", "cds_dice_loss_backward": "cds_dice_loss",
+              "mib_head_loss": "mib_head_loss", "mib_head_loss_backward": "mib_head_loss"}
+
+
+def step_time(variant: dict, ledger_rows: list[dict], gpu, params: dict | None = None) -> dict:
+    """Modelled time of one training step (``run_step``'s timeline) with ``ledger_model.CalibratedModel``.
+
+    The aten ops are priced as they are. Each fused custom op is replaced by the launches of the ledger's
+    paper-size fused row of its op (same dtype; forward ops by its forward launches, ``*_backward`` ops by
+    its backward launches) when the call reads at least a quarter of the row's input bytes (the call is the
+    row's case: the step's shapes are the ledger's paper shapes); a smaller call (FOD on
+    the old class embeddings; the teacher's cosine mask with K_old classes is priced as the row's K, an
+    upper bound) is priced as one Triton launch moving its own inputs and outputs once. Returns the time
+    in ms, the share spent in the fused ops' launches and how each custom op was priced."""
+    rows = {}
+    for row in ledger_rows:
+        if row["provider"] == "fused" and row["dtype"] == variant["dtype"] and row["mode"] in ("forward+backward",
+                                                                                              "forward"):
+            key = row["op"]
+            if key not in rows or _row_input_bytes(row) > _row_input_bytes(rows[key]):
+                rows[key] = row  # the largest case of the op: the paper step's (K = 151 against K = 21)
+    timeline, priced, fused_marks = [], [], []
+    for launch in variant["timeline"]:
+        name = launch.get("name", "")
+        op = name.split(".")[1] if name.startswith("incrementer_fast.") else None
+        if op is None:
+            timeline.append(launch)
+            continue
+        ledger_op = CUSTOM_OPS.get(op)
+        phase = "backward" if op.endswith("_backward") else "forward"
+        row = rows.get(ledger_op)
+        own_bytes = launch["bytes_read"] + launch["bytes_written"]
+        start = len(timeline)
+        if row is not None and launch["bytes_read"] >= 0.25 * _row_input_bytes(row):
+            timeline.extend(dict(l, phase=launch["phase"]) for l in row["timeline"] if l["phase"] == phase)
+            priced.append(f"{op}: ledger row {row['op']} [{row['case']}] {phase}")
+        else:
+            timeline.append({"kind": "triton", "phase": launch["phase"], "bytes_read": launch["bytes_read"],
+                             "bytes_written": launch["bytes_written"], "dot_flops": {}, "lane_ops": {},
+                             "transcendental_ops": 0, "grid": 1024, "num_warps": 4})
+            priced.append(f"{op}: its own bytes ({own_bytes / 1e6:.1f} MB, one launch)")
+        fused_marks.extend(range(start, len(timeline)))
+    calibrated = ledger_model.CalibratedModel(params)
+    total = calibrated.call_ms(timeline, gpu, "liger")
+    marked = set(fused_marks)
+    ours = sum(calibrated.gpu_seconds(l, gpu) for i, l in enumerate(timeline)
+               if i in marked and l["kind"] not in ("host", "sync")) * 1e3
+    return {"ms": total, "fused_ops_gpu_ms": ours, "priced": priced}
+
+
+def _row_input_bytes(row: dict) -> float:
+    """The bytes of the row's inputs (its ``shapes``, at the row's dtype)."""
+    element = 2 if row["dtype"] == "bf16" else 4
+    total = 0
+    for shape in row["shapes"].values():
+        n = 1
+        for size in shape:
+            n *= size
+        total += n * element
+    return total
 
 
 def step_memory(size: str) -> dict:

@@ -84,7 +84,7 @@ for provider in ("liger", "huggingface"):
     predicted = C.extrapolate(counts[2], counts[4], 2, 4, 8)
     for got, want in zip(predicted["launches"], counts[8]["launches"]):
         assert got["name"] == want["name"], (got["name"], want["name"])
-        for key in ("bytes_read", "bytes_written", "transcendental_ops"):
+        for key in ("bytes_read", "bytes_written", "transcendental_ops", "load_calls", "load_rounds"):
             assert abs(got[key] - want[key]) < 1e-6, (provider, got["name"], key, got[key], want[key])
     assert len(predicted["launches"]) == len(counts[8]["launches"])
     assert abs(predicted["peak_bytes"] - counts[8]["peak_bytes"]) <= 512 * 8, (predicted["peak_bytes"], counts[8]["peak_bytes"])
@@ -93,3 +93,47 @@ print("linear")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "linear" in done.stdout, done.stderr[-3000:]
+
+
+def test_busiest_load_site_and_fusion_rules():
+    """Extrapolation takes the busiest load site at the target size (a weight loaded once per program
+    dominates a few rows, the rows dominate many); the fusion model keeps AccumulateGrad's update out of the
+    compiled graph and recomputes a large forward intermediate that only the backward reads."""
+    code = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, "benchmarks")
+import calibrate as C
+from ledger_count import Launch
+
+def launch(sites):
+    return {"name": "k", "kind": "triton", "phase": "backward", "bytes_read": 0, "bytes_written": 0,
+            "transcendental_ops": 0, "grid": 132, "load_calls": sum(sites.values()), "load_sites": sites,
+            "dot_flops": {}, "lane_ops": {}, "tensor_traffic": []}
+at2 = {"launches": [launch({"w": 132, "row": 2})], "peak_bytes": 0}
+at4 = {"launches": [launch({"w": 132, "row": 4})], "peak_bytes": 0}
+assert C.extrapolate(at2, at4, 2, 4, 2048)["launches"][0]["load_rounds"] == 2048
+
+def aten(name, phase, reads, writes):
+    l = Launch("aten", "aten." + name + ".default", phase)
+    l.storages_read, l.storages_written = dict(reads), dict(writes)
+    l.bytes_read, l.bytes_written = sum(reads.values()), sum(writes.values())
+    return l
+
+MB = 2**20
+x, h, y, stat, dy, dx, grad = "x", "h", "y", "stat", "dy", "dx", "grad"
+launches = [aten("mul", "forward", {x: MB}, {h: MB}),            # h: only the backward reads it
+            aten("sum", "forward", {h: MB}, {stat: 64}),          # stat: small, saved
+            aten("mul", "forward", {h: MB, stat: 64}, {y: MB}),   # y: the output
+            aten("mul", "backward", {dy: MB, h: MB, stat: 64}, {dx: MB}),
+            aten("add_", "backward", {grad: MB, dx: MB}, {grad: MB})]  # x.grad += dx
+fused = C.fuse(launches, alive_after={y, grad, h, stat}, outputs={y}, preexisting={x, grad, dy})["launches"]
+forward, backward, accumulate = fused
+assert forward["bytes_written"] == MB + 64, forward  # y and stat, not h
+assert backward["bytes_read"] == 2 * MB + 64, backward  # dy, x (recomputing h) and stat
+assert accumulate.name == "aten.add_.default"  # its own kernel, outside the graph
+print("rules")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "rules" in done.stdout, done.stderr[-3000:]

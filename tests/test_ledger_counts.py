@@ -62,6 +62,18 @@ if INTERPRET:
         tl.atomic_add(hist_ptr + bins, tl.full((BLOCK,), 1, tl.int32), mask=valid)
 
 
+    @triton.jit
+    def _weighted_rows_kernel(x_ptr, w_ptr, out_ptr, rows_per_program, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + cols, mask=cols < n, other=0.0)  # once per program
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for r in range(rows_per_program):  # one load per row: a dependent round trip each
+            x = tl.load(x_ptr + (pid * rows_per_program + r) * n + cols, mask=cols < n, other=0.0)
+            acc += x * w
+        tl.store(out_ptr + pid * BLOCK + cols, acc)
+
+
 def _only_launch(counter):
     assert len(counter.launches) == 1, [launch.name for launch in counter.launches]
     return counter.launches[0]
@@ -222,6 +234,46 @@ def test_scaled_counts_equal_a_direct_count(text):
     assert scaled["peaks"] == direct["peaks"]
 
 
+@needs_interpreter
+def test_load_rounds_are_the_busiest_load_site_and_arguments_are_counted():
+    programs, rows, n, block = 3, 5, 24, 32
+    x = torch.randn(programs * rows, n)
+    w = torch.randn(n)
+    out = torch.empty(programs, block)
+    with KernelCounter() as counter:
+        _weighted_rows_kernel[(programs,)](x, w, out, rows, n, BLOCK=block)
+    launch = _only_launch(counter)
+    assert launch.load_calls == programs * (1 + rows)
+    assert sorted(launch.load_sites.values()) == [programs, programs * rows]  # the weight's site, the rows'
+    assert launch.load_rounds == programs * rows
+    assert launch.num_args == 6  # x, w, out, rows_per_program, n and the constexpr BLOCK
+    assert launch.compile_request["name"] == "_weighted_rows_kernel"
+    assert launch.compile_request["args"][0] == {"tensor": "float32", "aligned": True}
+    assert launch.compile_request["kwargs"]["BLOCK"] == {"value": block}
+
+
+def test_aten_counter_aliases_gathers_classes_and_host_ops():
+    from ledger_count import AtenCounter
+
+    x = torch.randn(64, 32)
+    logits = torch.randn(16, 1000)
+    target = torch.randint(0, 1000, (16,))
+    with AtenCounter(record_host_ops=True) as counter:
+        x.add_(x)  # the same tensor twice: read once
+        x.t().contiguous()  # a transposed operand: the copy is strided
+        x * 2.0  # dense
+        torch.nn.functional.nll_loss(logits, target)  # reads one logit per target, not the 64 KB of logits
+        x.view(32, 64)  # a view: a host launch, no GPU work
+        torch.equal(x, x)  # no tensor result (a Python bool): still classified
+    kinds = [(launch.kind, launch.name.split(".")[1]) for launch in counter.launches]
+    add, copy, mul, nll, _ = [launch for launch in counter.launches if launch.kind == "aten"]
+    assert (add.bytes_read, add.bytes_written) == (64 * 32 * 4, 64 * 32 * 4)
+    assert (add.op_class, copy.op_class, mul.op_class) == ("pointwise", "strided", "pointwise")
+    assert nll.bytes_read == 16 * 8 + 16 * 4  # the targets (int64) and the 16 picked fp32 logits
+    assert ("host", "view") in kinds
+    assert all(launch.bytes_read == launch.bytes_written == 0 for launch in counter.launches if launch.kind == "host")
+
+
 def test_aten_counter_bytes_flops_and_live_memory():
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -258,4 +310,4 @@ def test_counts_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "8 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]  # everything ran but this test
+    assert "10 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]  # everything ran but this test
