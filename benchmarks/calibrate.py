@@ -4,7 +4,8 @@ Liger-Kernel's benchmark format, count its work on the CPU, predict its time or 
     python benchmarks/calibrate.py --measurements FILE.csv [--out DIR] [--rows N] [--fit]
 
 writes ``DIR/calibration.json`` (one object per input row: the row's columns, ``predicted`` in the row's
-unit (ms or MB), ``supported``, ``reason`` where not) and prints a summary: per kernel × provider × mode ×
+unit (ms or MB), ``supported``, ``reason`` where not), ``DIR/summary.json`` and ``DIR/calibration.md``
+(the summary as RESULTS.md quotes it) and prints a summary: per kernel × provider × mode ×
 metric the median and worst |predicted / measured − 1|, the predicted and measured liger-over-huggingface
 speedups, and the leave-one-kernel-out medians (the time model refitted without a kernel's rows, then
 predicting them). Everything printed is **modelled** from CPU counts; the measurements are the CSV's.
@@ -171,6 +172,7 @@ def _numbers(launch) -> dict:
             "bytes_written": launch.bytes_written, "dot_flops": dict(launch.dot_flops),
             "lane_ops": dict(launch.lane_ops), "transcendental_ops": launch.transcendental_ops,
             "grid": launch.grid, "load_calls": launch.load_calls, "load_sites": dict(launch.load_sites),
+            "load_rounds": launch.load_rounds, "reduce_calls": launch.reduce_calls,
             "num_args": launch.num_args, "num_warps": launch.config.get("num_warps", 4),
             "compile_request": getattr(launch, "compile_request", None), "op_class": launch.op_class,
             "tensor_traffic": getattr(launch, "tensor_traffic", [])}
@@ -330,7 +332,7 @@ def extrapolate(a: dict, b: dict, s1: int, s2: int, target: int) -> dict:
     launches = []
     for x, y in zip(la, lb):
         out = dict(x)
-        for key in ("bytes_read", "bytes_written", "transcendental_ops", "grid", "load_calls"):
+        for key in ("bytes_read", "bytes_written", "transcendental_ops", "grid", "load_calls", "reduce_calls"):
             out[key] = max(0.0, lin(x.get(key, 0), y.get(key, 0)))
         for key in ("dot_flops", "lane_ops", "load_sites"):
             xs, ys = x.get(key, {}), y.get(key, {})
@@ -419,7 +421,7 @@ def attach_resource_usage(results: list[dict], log=print) -> None:
             found = usage.get(ledger_compile.request_key(launch["compile_request"]), {})
             if "error" in found:
                 failed.add(f"{launch['name']}: {found['error']}")
-            for key in ("registers", "spill_bytes", "shared_bytes"):
+            for key in ledger_compile.USAGE_FIELDS:
                 if key in found:
                     launch[key] = found[key]
         log(f"[calibrate] compiled {len(usage)} Triton launch configurations for sm_{arch} "
@@ -546,8 +548,40 @@ def summary_text(s: dict, params: dict) -> str:
     return "\n".join(lines)
 
 
-def fit_and_score(results: list[dict], fit: bool, log=print) -> tuple[dict, dict | None]:
-    """The parameters (refitted on the speed rows with ``fit``) and, with ``fit``, leave-one-kernel-out."""
+def summary_markdown(s: dict, params: dict) -> str:
+    """The summary as the Markdown RESULTS.md quotes (``DIR/calibration.md``): targets, the per-group table, the
+    leave-one-kernel-out medians and the parameters."""
+    def pct(value, digits=1):
+        return f"{100 * value:.{digits}f} %"
+
+    speed, memory, ups = s["speed"], s["memory"], s["speedup_liger_over_huggingface"]
+    lines = [f"- rows rebuilt: **{s['supported']} / {s['rows']}** ({100 * s['supported'] / max(1, s['rows']):.0f} %)",
+             f"- speed rows ({speed['rows']}): median |predicted / measured − 1| "
+             f"**{pct(speed['median_abs_error'])}**, 90th percentile **{pct(speed['p90_abs_error'])}** "
+             "(targets 15 % / 40 %)",
+             f"- liger-over-huggingface speedup ({ups['pairs']} pairs): median error "
+             f"**{pct(ups['median_abs_error'])}** (target 15 %)",
+             f"- memory rows ({memory['rows']}): median **{pct(memory['median_abs_error'], 2)}**, 90th percentile "
+             f"{pct(memory['p90_abs_error'])} (target 5 % median)"]
+    if s["leave_one_kernel_out"]:
+        loko = s["leave_one_kernel_out"]
+        lines.append("- leave-one-kernel-out (refitted from the same start on the other five kernels' speed rows, "
+                     "predicting the sixth; target ≤ 25 %): " + ", ".join(
+                         f"{k} {pct(v['median_abs_error'])}" for k, v in loko.items()))
+    lines.append("- parameters: " + ", ".join(f"{k} = {v:.4g}" for k, v in params.items()))
+    lines += ["", "| kernel | provider | mode | metric | rows | median error | worst error |",
+              "|---|---|---|---|---|---|---|"]
+    for g in s["groups"]:
+        lines.append(f"| {g['kernel']} | {g['provider']} | {g['mode']} | {g['metric']} | {g['rows']} | "
+                     f"{pct(g['median_abs_error'])} | {pct(g['worst_abs_error'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def fit_and_score(results: list[dict], fit: bool, log=print, fixed: dict | None = None) -> tuple[dict, dict | None]:
+    """The parameters (refitted on the speed rows with ``fit``) and, with ``fit``, leave-one-kernel-out.
+    ``fixed``: parameters held at the given values in every fit (a sensitivity check)."""
+    fixed = dict(fixed or {})
+    start = {**model.START_PARAMS, **fixed}
     speed = [r for r in results if "counts" in r and r["row"]["metric_name"] == "speed"]
     params = dict(model.CALIBRATED_PARAMS)
     if not fit or not speed:
@@ -562,12 +596,12 @@ def fit_and_score(results: list[dict], fit: bool, log=print) -> tuple[dict, dict
         return [(index[key], index[key[:-1] + ("huggingface",)]) for key in index
                 if key[-1] == "liger" and key[:-1] + ("huggingface",) in index]
 
-    params = model.fit_params(cases(speed), dict(model.START_PARAMS), pairs=pairs(speed))
+    params = model.fit_params(cases(speed), dict(start), pairs=pairs(speed), fixed=frozenset(fixed))
     loko = {}
     for kernel in sorted({r["row"]["kernel_name"] for r in speed}):
         train = [r for r in speed if r["row"]["kernel_name"] != kernel]
         test = [r for r in speed if r["row"]["kernel_name"] == kernel]
-        held = model.fit_params(cases(train), dict(model.START_PARAMS), pairs=pairs(train))
+        held = model.fit_params(cases(train), dict(start), pairs=pairs(train), fixed=frozenset(fixed))
         errs = [model.CalibratedModel(held).call_ms(r["counts"]["launches"], r["gpu"], r["row"]["kernel_provider"])
                 / float(r["row"]["y_value_50"]) - 1 for r in test]
         ins = [model.CalibratedModel(params).call_ms(r["counts"]["launches"], r["gpu"], r["row"]["kernel_provider"])
@@ -602,6 +636,8 @@ def ledger_markdown(ledger: dict, params: dict, s: dict) -> str:
     for (op, case, dtype, mode, provider), (row, times) in rows.items():
         if provider != "fused" or (op, case, dtype, mode, "eager") not in rows:
             continue
+        if mode != "forward+backward" and (op, case, dtype, "forward+backward", provider) in rows:
+            continue  # the table quotes the whole op; the ledger.json rows have each phase too
         eager_row, eager = rows[(op, case, dtype, mode, "eager")]
         up = {k: eager[k] / times[k] for k in times}
         old = eager_row["predicted_ms"]["h100"] / row["predicted_ms"]["h100"]
@@ -643,7 +679,7 @@ def step_markdown(ledger: dict, params: dict, s: dict) -> list[str]:
         lines.append(f"| {dtype} | {f100['ms']:.1f} / {r100['ms']:.1f} | {r100['ms'] / f100['ms']:.2f} | "
                      f"{f200['ms']:.1f} / {r200['ms']:.1f} | {r200['ms'] / f200['ms']:.2f} | "
                      f"{f100['fused_ops_gpu_ms']:.2f} ({share:.1f} % of the step) | "
-                     f"{fused['peak_bytes'] / 1e6:,.0f} / {reference['peak_bytes'] / 1e6:,.0f} |")
+                     f"{fused['peak_bytes'] / 2**20:,.0f} / {reference['peak_bytes'] / 2**20:,.0f} |")
         priced = f100["priced"]
     if priced:
         lines += ["", "How the fused step's custom ops were priced: " + "; ".join(priced) + "."]
@@ -660,12 +696,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-counts", metavar="COUNTS_JSON",
                         help="reuse the counts of an earlier run (its DIR/counts.json, same --measurements): "
                              "refit and re-predict without counting")
+    parser.add_argument("--fix", action="append", default=[], metavar="PARAM=VALUE",
+                        help="with --fit: hold a parameter of START_PARAMS at VALUE in every fit (repeatable), "
+                             "to see what the rows leave undetermined")
     parser.add_argument("--ledger", metavar="LEDGER_JSON",
                         help="also re-price a benchmarks/ledger.py run's rows with the calibrated model "
                              "(DIR/ledger_calibrated.md)")
     args = parser.parse_args(argv)
     if args.ledger and not Path(args.ledger).is_file():
         raise SystemExit(f"--ledger: no file {args.ledger}")
+    fixed = {}
+    for text in args.fix:
+        name, _, value = text.partition("=")
+        if name not in model.START_PARAMS:
+            raise SystemExit(f"--fix {text}: unknown parameter {name!r} (one of {', '.join(model.START_PARAMS)})")
+        try:
+            fixed[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"--fix {text}: VALUE must be a number") from None
+    if fixed and not args.fit:
+        raise SystemExit("--fix holds a parameter during the fit: add --fit")
     rows = read_measurements(Path(args.measurements))
     if args.rows:
         rows = rows[: args.rows]
@@ -673,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         results = load_counts(Path(args.from_counts), rows)
     else:
         results = rebuild(rows)
-    params, loko = fit_and_score(results, args.fit)
+    params, loko = fit_and_score(results, args.fit, fixed=fixed)
     for r in results:
         if "counts" in r:
             r["predicted"] = predict(r, params)
@@ -692,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     save_counts(out / "counts.json", results)
     (out / "calibration.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps({"summary": s, "params": params}, indent=1) + "\n", encoding="utf-8")
+    (out / "calibration.md").write_text(summary_markdown(s, params), encoding="utf-8")
     print(summary_text(s, params))
     if args.ledger:
         table = ledger_markdown(json.loads(Path(args.ledger).read_text(encoding="utf-8")), params, s)

@@ -13,7 +13,9 @@ ptxas, and ``cuobjdump --dump-resource-usage`` reads the cubin's resource table.
 * ``resource_usage(requests, arch)``: compiles each distinct request for compute capability ``arch`` (90:
   Hopper, 80: Ampere) in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces
   ``triton.jit``), and returns per request ``{"registers", "spill_bytes", "shared_bytes"}`` or
-  ``{"error"}``. ``spill_bytes``: spill stores + spill loads per thread in the code (static, from ptxas).
+  ``{"error"}``. ``spill_bytes``: spill stores + spill loads per thread in the code (static, from ptxas);
+  ``pipelined_loads``: loads the software pipeliner made asynchronous (issued ``num_stages`` − 1 iterations
+  ahead of their use).
 
 Run as ``python benchmarks/ledger_compile.py < requests.json`` it prints the usage as JSON (that is what
 ``resource_usage`` does). The compiler is this environment's Triton and ptxas, not the one a published
@@ -27,6 +29,10 @@ import subprocess
 import sys
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# What a launch record takes from a compiled kernel (see _compile_one)
+USAGE_FIELDS = ("registers", "spill_bytes", "shared_bytes", "num_stages", "pipelined_loads")
+# TritonGPU IR ops of a software-pipelined load (cp.async into shared memory; TMA on Hopper)
+PIPELINED_LOAD_OPS = ("ttg.async_copy_global_to_local", "ttng.async_tma_copy_global_to_local")
 
 
 # ----------------------------------------------------------------------------- in the counting process
@@ -75,8 +81,9 @@ def resource_usage(requests: list[dict], arch: int, timeout: float = 1800) -> di
         return {}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), str(arch)], input=json.dumps(list(unique.values())),
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), str(arch)],
+                          input=json.dumps(list(unique.values())), capture_output=True, text=True, env=env,
+                          timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"ledger_compile failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
     usage = json.loads(done.stdout)
@@ -188,8 +195,12 @@ def _compile_one(request: dict, arch: int) -> dict:
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     compiled = compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
     usage = _usage_of_cubin(compiled.asm["cubin"])
+    ttgir = compiled.asm["ttgir"]
     return {"registers": usage["registers"], "spill_bytes": _spills(compiled.asm["ptx"], arch),
-            "shared_bytes": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps)}
+            "shared_bytes": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps),
+            "num_stages": int(compiled.metadata.num_stages),
+            # loads the software pipeliner turned into asynchronous copies issued ahead of their iteration
+            "pipelined_loads": sum(ttgir.count(op) for op in PIPELINED_LOAD_OPS)}
 
 
 def _main() -> int:

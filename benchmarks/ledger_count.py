@@ -139,6 +139,7 @@ class Launch:
     transcendental_ops: int = 0
     load_calls: int = 0  # tl.load calls issued (all programs)
     load_sites: Counter = field(default_factory=Counter)  # "file:line" -> tl.load calls (all programs)
+    reduce_calls: int = 0  # tl.reduce / tl.sum / scans issued (all programs): each a cross-thread step
     num_args: int = 0  # arguments bound by the launch (constexprs included)
     compile_request: dict | None = None  # ledger_compile's description of the launch (not in the JSON record)
     op_class: str = ""  # aten launches: "pointwise" (dense TensorIterator), "strided" (one operand is not), else ""
@@ -460,6 +461,7 @@ class KernelCounter:
                 if count:
                     lanes = sum(int(np.size(t.handle.data)) for t in inputs)
                     self.current.lane_ops["reduce"] += lanes
+                    self.current.reduce_calls += 1
                 return result
 
         return wrapper
@@ -528,7 +530,8 @@ def _scale_counts(record: Launch, counter: "KernelCounter", factor: Fraction) ->
     def scaled(value: int) -> int:
         return int(round(value * factor))
 
-    for name in ("bytes_read", "bytes_written", "atomic_lanes", "useful_dot_flops", "transcendental_ops", "load_calls"):
+    for name in ("bytes_read", "bytes_written", "atomic_lanes", "useful_dot_flops", "transcendental_ops", "load_calls",
+                 "reduce_calls"):
         setattr(record, name, scaled(getattr(record, name)))
     for name in ("dot_flops", "dot_shapes", "lane_ops", "uncounted", "load_sites"):
         counts = getattr(record, name)
@@ -874,8 +877,14 @@ def _view_key(t: torch.Tensor) -> tuple:
 
 
 def _aten_matmul_precision(args) -> str:
-    """Precision a cuBLAS/cuDNN product of these inputs runs in under PyTorch's defaults (no TF32)."""
-    tensors = _tensors(args)
-    dtype = tensors[0].dtype if tensors else torch.float32
+    """Precision a cuBLAS/cuDNN product of these inputs runs in under PyTorch's defaults (no TF32): the dtype
+    of its first floating-point argument in argument order (attention's backward also takes int64 seeds)."""
+    dtype = torch.float32
+    for arg in args:
+        found = [t for t in (arg if isinstance(arg, (list, tuple)) else [arg])
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if found:
+            dtype = found[0].dtype
+            break
     return {torch.float32: "fp32_ieee", torch.bfloat16: "bf16", torch.float16: "fp16",
             torch.float64: "fp64"}.get(dtype, str(dtype))

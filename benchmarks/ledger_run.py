@@ -184,7 +184,7 @@ def attach_resource_usage(launches: list[dict]) -> dict:
         found = usage.get(ledger_compile.request_key(launch.pop("compile_request")), {})
         if "error" in found:
             failed.append(f"{launch['name']}: {found['error']}")
-        for key in ("registers", "spill_bytes", "shared_bytes"):
+        for key in ledger_compile.USAGE_FIELDS:
             if key in found:
                 launch[key] = found[key]
     return {"configurations": len(usage), "seconds": time.perf_counter() - start, "failed": sorted(set(failed))}

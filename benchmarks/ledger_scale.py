@@ -40,7 +40,8 @@ from typing import Callable
 import workloads as W
 
 ADDITIVE_FIELDS = ("grid", "bytes_read", "bytes_written", "distinct_bytes_read", "distinct_bytes_written",
-                   "atomic_lanes", "atomic_max_per_address", "useful_dot_flops", "transcendental_ops", "load_calls")
+                   "atomic_lanes", "atomic_max_per_address", "useful_dot_flops", "transcendental_ops", "load_calls",
+                   "reduce_calls")
 COUNTER_FIELDS = ("dot_flops", "dot_shapes", "lane_ops", "load_sites")
 
 

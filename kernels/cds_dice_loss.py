@@ -97,7 +97,10 @@ TILE_ELEMENTS = 8192
 NUM_STATS = 6  # I_new, Q_new, T_new, I_old, Q_old, T_old (see the module docstring)
 
 
-@triton.jit
+# n_chunks is not specialised: with tt.divisibility = 16 on it (64 chunks at 512², batch 8) Triton 3.8's
+# TritonGPUOptimizeThreadLocality pass fails on this kernel ("PassManager::run failed"; found by
+# tests/test_cuda_codegen.py compiling with the JIT's specialisation). It only indexes the partials.
+@triton.jit(do_not_specialize=["n_chunks"])
 def _cds_dice_loss_fwd_kernel(
     logits_ptr,  # (B, C, S_outer, S_inner) via the four strides below, any float dtype
     labels_ptr,  # (B, S_outer, S_inner) via the three strides below, any integer dtype

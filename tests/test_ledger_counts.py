@@ -270,6 +270,10 @@ def test_aten_counter_aliases_gathers_classes_and_host_ops():
     assert (add.bytes_read, add.bytes_written) == (64 * 32 * 4, 64 * 32 * 4)
     assert (add.op_class, copy.op_class, mul.op_class) == ("pointwise", "strided", "pointwise")
     assert nll.bytes_read == 16 * 8 + 16 * 4  # the targets (int64) and the 16 picked fp32 logits
+    from ledger_count import _aten_matmul_precision
+
+    seed = torch.zeros(2, dtype=torch.int64)  # attention's backward takes its philox seed and offset last
+    assert _aten_matmul_precision((torch.ones(2, dtype=torch.bfloat16), seed, seed)) == "bf16"
     assert ("host", "view") in kinds
     assert all(launch.bytes_read == launch.bytes_written == 0 for launch in counter.launches if launch.kind == "host")
 
