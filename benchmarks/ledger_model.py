@@ -406,7 +406,8 @@ class CalibratedModel:
 
     GPU per launch: ``max(HBM bytes / (fraction · HBM) + spill bytes / (spill_fraction · HBM), dot FLOPs /
     (tensor_fraction · peak), lane ops / lane rate, transcendentals / SFU rate, memory latency) +
-    kernel_floor`` (the fraction by code generator: ``dram_bytes``, ``spill_traffic``, ``latency_seconds``).
+    kernel_floor``, the fraction by code generator and access kind (see ``dram_bytes``, ``spill_traffic``,
+    ``latency_seconds``).
     Host: the call costs ``call_us``, each launch its issue cost (``aten_us``; ``triton_us`` +
     ``triton_arg_us`` per argument; ``fused_us``; ``host_op_us`` for a launch of kind ``host``, which runs
     nothing on the GPU), entering backward ``backward_us``, a compiled graph ``graph_us`` /

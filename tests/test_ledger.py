@@ -133,6 +133,26 @@ def test_training_step_peak_memory(tiny):
     assert variants["reference ops"]["loss_peak_bytes"] > variants["fused ops"]["loss_peak_bytes"]
 
 
+def test_training_step_time_prices_every_fused_op_and_the_compiler_saw_every_launch(tiny):
+    """The step's modelled time (``ledger_step.step_time``): each fused custom op of the fused step is priced
+    (by a ledger row or by its own bytes), the reference step has none; the run compiled every Triton launch."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ledger_model
+    import ledger_step
+
+    _, ledger = tiny
+    assert ledger["compile"]["configurations"] > 0 and ledger["compile"]["failed"] == []
+    fused_rows = [r for r in ledger["rows"] if r["provider"] == "fused"]
+    assert all(launch.get("registers") for r in fused_rows for launch in r["timeline"] if launch["kind"] == "triton")
+    gpu = ledger_model.GPUS["h100_sxm"]
+    for variant in ledger["step"]["variants"]:
+        custom = [l["name"] for l in variant["timeline"] if l.get("name", "").startswith("incrementer_fast.")]
+        timed = ledger_step.step_time(variant, ledger["rows"], gpu)
+        assert timed["ms"] > timed["fused_ops_gpu_ms"] >= 0
+        assert len(timed["priced"]) == len(custom)
+        assert bool(custom) == (variant["title"] == "fused ops")
+
+
 def test_gpu_plan_counts_what_a_gpu_would_issue(tmp_path):
     """--plan h100: the H100's tiles and grids, and 16-bit tl.dot operands as a GPU issues them."""
     _run(["--plan", "h100", "--case", "cosine_mask:B=1,N=64,D=32,K=5", "--dtype", "bf16", "--providers", "fused",
