@@ -1,4 +1,5 @@
-"""What the GPU compiler makes of a Triton launch, without a GPU: registers, spills and shared memory.
+"""What the GPU compiler makes of a Triton launch, without a GPU: registers, spills, shared memory and
+whether its loads are software-pipelined.
 
 The interpreter runs a kernel's Python, not its machine code, so it cannot see what ptxas does with a
 tile: how many registers a thread needs, whether some spill to local memory (Liger's rms_norm backward at
@@ -12,8 +13,8 @@ ptxas, and ``cuobjdump --dump-resource-usage`` reads the cubin's resource table.
   value, constexprs, ``num_warps`` / ``num_stages``), recorded by ``ledger_count.KernelCounter``.
 * ``resource_usage(requests, arch)``: compiles each distinct request for compute capability ``arch`` (90:
   Hopper, 80: Ampere) in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces
-  ``triton.jit``), and returns per request ``{"registers", "spill_bytes", "shared_bytes"}`` or
-  ``{"error"}``. ``spill_bytes``: spill stores + spill loads per thread in the code (static, from ptxas);
+  ``triton.jit``), and returns per request ``{"registers", "spill_bytes", "shared_bytes", "num_warps",
+  "num_stages", "pipelined_loads"}`` or ``{"error"}``. ``spill_bytes``: spill stores + spill loads per thread in the code (static, from ptxas);
   ``pipelined_loads``: loads the software pipeliner made asynchronous (issued ``num_stages`` − 1 iterations
   ahead of their use).
 
@@ -28,7 +29,6 @@ import os
 import subprocess
 import sys
 
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # What a launch record takes from a compiled kernel (see _compile_one)
 USAGE_FIELDS = ("registers", "spill_bytes", "shared_bytes", "num_stages", "pipelined_loads")
 # TritonGPU IR ops of a software-pipelined load (cp.async into shared memory; TMA on Hopper)

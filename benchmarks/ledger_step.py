@@ -127,8 +127,9 @@ def step_time(variant: dict, ledger_rows: list[dict], gpu, params: dict | None =
     its backward launches) when the call reads at least a quarter of the row's input bytes (the call is the
     row's case: the step's shapes are the ledger's paper shapes); a smaller call (FOD on
     the old class embeddings; the teacher's cosine mask with K_old classes is priced as the row's K, an
-    upper bound) is priced as one Triton launch moving its own inputs and outputs once. Returns the time
-    in ms, the share spent in the fused ops' launches and how each custom op was priced."""
+    upper bound) is priced as one Triton launch moving its own inputs and outputs once. The host is priced as
+    an eager call's (no compiled graph). Returns the step's ms, the GPU ms of the fused ops' launches in it
+    and how each custom op was priced."""
     rows = {}
     for row in ledger_rows:
         if row["provider"] == "fused" and row["dtype"] == variant["dtype"] and row["mode"] in ("forward+backward",
