@@ -403,29 +403,18 @@ def rebuild(rows: list[dict], log=print) -> list[dict]:
 
 
 def attach_resource_usage(results: list[dict], log=print) -> None:
-    """Compile every Triton launch for its row's GPU (``ledger_compile``) and record its registers, spills and
-    shared memory on the launch (``registers``, ``spill_bytes``, ``shared_bytes``; absent where it failed)."""
+    """Compile every Triton launch for its row's GPU (``ledger_compile``) and record its registers, spills,
+    shared memory and pipelining on the launch (absent where it failed)."""
     import ledger_compile
 
     by_arch: dict = defaultdict(list)
     for result in results:
         if "counts" in result:
-            for launch in result["counts"]["launches"]:
-                if launch.get("compile_request"):
-                    by_arch[result["gpu"].compute_capability].append(launch)
+            by_arch[result["gpu"].compute_capability].extend(result["counts"]["launches"])
     for arch, launches in by_arch.items():
-        start = time.perf_counter()
-        usage = ledger_compile.resource_usage([launch["compile_request"] for launch in launches], arch)
-        failed = set()
-        for launch in launches:
-            found = usage.get(ledger_compile.request_key(launch["compile_request"]), {})
-            if "error" in found:
-                failed.add(f"{launch['name']}: {found['error']}")
-            for key in ledger_compile.USAGE_FIELDS:
-                if key in found:
-                    launch[key] = found[key]
-        log(f"[calibrate] compiled {len(usage)} Triton launch configurations for sm_{arch} "
-            f"({time.perf_counter() - start:.1f} s)" + (f"; failed: {'; '.join(sorted(failed))}" if failed else ""))
+        done = ledger_compile.attach_usage(launches, arch)
+        log(f"[calibrate] compiled {done['configurations']} Triton launch configurations for sm_{arch} "
+            f"({done['seconds']:.1f} s)" + (f"; failed: {'; '.join(done['failed'])}" if done["failed"] else ""))
 
 
 def save_counts(path: Path, results: list[dict]) -> None:

@@ -74,6 +74,24 @@ def request_key(request: dict) -> str:
     return json.dumps(request, sort_keys=True)
 
 
+def attach_usage(launches: list[dict], arch: int) -> dict:
+    """Compile the Triton launches (records with a ``compile_request``, which is removed) for compute
+    capability ``arch`` and record ``USAGE_FIELDS`` on each. Returns how many configurations were compiled,
+    the seconds it took and the failures ("kernel: error"; those launches are priced without the fields)."""
+    import time
+
+    triton = [launch for launch in launches if launch.get("compile_request")]
+    start = time.perf_counter()
+    usage = resource_usage([launch["compile_request"] for launch in triton], arch)
+    failed = set()
+    for launch in triton:
+        found = usage.get(request_key(launch.pop("compile_request")), {})
+        if "error" in found:
+            failed.add(f"{launch['name']}: {found['error']}")
+        launch.update({key: found[key] for key in USAGE_FIELDS if key in found})
+    return {"configurations": len(usage), "seconds": time.perf_counter() - start, "failed": sorted(failed)}
+
+
 def resource_usage(requests: list[dict], arch: int, timeout: float = 1800) -> dict:
     """Per ``request_key``: the compiled kernel's resource usage on compute capability ``arch``."""
     unique = {request_key(r): r for r in requests if r}

@@ -18,6 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import incrementer_fast as inc
 from incrementer_fast.testing import speed_up_interpreter
+import ledger_compile
 import ledger_model as model
 import ledger_scale as scale
 import workloads as W
@@ -168,26 +169,6 @@ def plain_interpreter_seconds(case: W.Case, dtype: torch.dtype) -> float:
         if "backward" in spec.modes and inputs.differentiable:
             torch.autograd.grad(output, inputs.differentiable, inputs.grad_output)
     return time.perf_counter() - start
-
-
-def attach_resource_usage(launches: list[dict]) -> dict:
-    """Registers, spills and shared memory of each Triton launch compiled for sm_90 (``ledger_compile``; H100
-    and H200 are both compute capability 9.0), recorded on the launch for the calibrated model. Returns what
-    was compiled and what failed."""
-    import ledger_compile
-
-    triton = [launch for launch in launches if launch["kind"] == "triton" and launch.get("compile_request")]
-    start = time.perf_counter()
-    usage = ledger_compile.resource_usage([launch["compile_request"] for launch in triton], 90)
-    failed = []
-    for launch in triton:
-        found = usage.get(ledger_compile.request_key(launch.pop("compile_request")), {})
-        if "error" in found:
-            failed.append(f"{launch['name']}: {found['error']}")
-        for key in ledger_compile.USAGE_FIELDS:
-            if key in found:
-                launch[key] = found[key]
-    return {"configurations": len(usage), "seconds": time.perf_counter() - start, "failed": sorted(set(failed))}
 
 
 def totals(launches: list[dict]) -> dict:
@@ -367,9 +348,10 @@ def run(args, argv) -> dict:
                 counted_cases.append((case, dtype_name, provider, counted))
                 print(f"[ledger] {case.op} [{case.title}] {dtype_name} {provider}: {counted['wall_s']:.1f} s",
                       flush=True)
-    # one compiler process for every fused launch of the run (its start-up costs seconds)
-    ledger["compile"] = attach_resource_usage([launch for _, _, provider, counted in counted_cases
-                                               if provider == "fused" for launch in counted["launches"]])
+    # one compiler process for every fused launch of the run (its start-up costs seconds); H100 and H200
+    # are both compute capability 9.0
+    ledger["compile"] = ledger_compile.attach_usage([launch for _, _, provider, counted in counted_cases
+                                                     if provider == "fused" for launch in counted["launches"]], 90)
     for case, dtype_name, provider, counted in counted_cases:
         ledger["rows"].extend(rows_for(case, dtype_name, provider, counted))
     if not args.no_step and not args.case:

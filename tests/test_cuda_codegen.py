@@ -29,33 +29,6 @@ pytestmark = pytest.mark.skipif(_dispatch.INTERPRET, reason="compiles with Trito
 H100 = GPUTarget("cuda", 90, 32)
 _BACKEND = make_backend(H100)
 
-_POINTER_TYPES = {
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-    torch.float32: "*fp32",
-    torch.float64: "*fp64",
-    torch.int64: "*i64",
-    torch.int32: "*i32",
-    torch.int16: "*i16",
-    torch.int8: "*i8",
-    torch.uint8: "*u8",
-    torch.bool: "*i1",
-}
-
-
-def _arg_type(value) -> str:
-    """The signature type Triton's launcher would give this runtime argument."""
-    if isinstance(value, torch.Tensor):
-        return _POINTER_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument of type {type(value).__name__}")
-
-
 class _LaunchRecorder:
     """Replaces `kernel[grid](...)` by a record of (kernel, signature, constexprs, compile options, grid)."""
 
